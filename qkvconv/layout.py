@@ -1,0 +1,136 @@
+"""The layout algebra of fused QKV weights: pure index arithmetic, no I/O.
+
+A fused QKV matrix has (H + 2G) * hs rows. Every fused order is a labelling of those rows
+with (projection, head, dim); converting between two orders is one row permutation.
+We describe each order by its *canonical index*: for every row position, the index that
+row has in sequential order (all Q heads, then all K heads, then all V heads). Two orders
+are then related by `permutation(src, dst, heads)`, which satisfies
+``dst_rows = src_rows[permutation(src, dst, heads)]``. Biases and LoRA-B rows use the same
+index because they follow the weight rows exactly (see ../shared/LAYOUTS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+
+class LayoutError(ValueError):
+    """An order or head configuration that cannot exist (e.g. per-head order with GQA)."""
+
+
+class QKVOrder(str, Enum):
+    """Row orders of a fused QKV weight (SPLIT: three separate tensors, rows as SEQUENTIAL)."""
+
+    SEQUENTIAL = "sequential"  # Q heads, K heads, V heads (litgpt >= 0.5.5 `attn.qkv`)
+    GROUPED = "grouped"  # per KV group: its Q heads, then K_g, V_g (litgpt <= 0.5.4 `attn.attn`)
+    PER_HEAD = "per-head"  # per head: q_h, k_h, v_h (GPT-NeoX, Bloom); MHA only
+    SPLIT = "split"  # separate q/k/v tensors (HF Llama); concatenated they are sequential
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Head counts of one attention layer: H query heads, G key/value heads, head size hs."""
+
+    n_head: int
+    n_query_groups: int
+    head_size: int
+
+    def __post_init__(self) -> None:
+        if min(self.n_head, self.n_query_groups, self.head_size) < 1:
+            raise LayoutError(f"head counts must be positive, got {self}")
+        if self.n_head % self.n_query_groups:
+            raise LayoutError(
+                f"n_head={self.n_head} is not a multiple of n_query_groups={self.n_query_groups}"
+            )
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.n_head // self.n_query_groups
+
+    @property
+    def q_rows(self) -> int:
+        return self.n_head * self.head_size
+
+    @property
+    def kv_rows(self) -> int:
+        return self.n_query_groups * self.head_size
+
+    @property
+    def rows(self) -> int:
+        """Rows of the fused matrix: (H + 2G) * hs."""
+        return self.q_rows + 2 * self.kv_rows
+
+    @property
+    def attention(self) -> str:
+        """MHA (G = H), MQA (G = 1 < H) or GQA (1 < G < H)."""
+        if self.n_query_groups == self.n_head:
+            return "MHA"
+        if self.n_query_groups == 1:
+            return "MQA"
+        return "GQA"
+
+
+def canonical_index(order: QKVOrder, heads: HeadLayout) -> torch.Tensor:
+    """For each row position in `order`, the index of that row in sequential order."""
+    H, G, hs = heads.n_head, heads.n_query_groups, heads.head_size
+    pos = torch.arange(heads.rows)
+    if order in (QKVOrder.SEQUENTIAL, QKVOrder.SPLIT):
+        return pos
+    if order is QKVOrder.PER_HEAD and G != H:
+        raise LayoutError(
+            f"per-head order exists only for MHA (n_head == n_query_groups), got H={H}, G={G}"
+        )
+    # GROUPED, and PER_HEAD which is GROUPED with G == H: blocks of (q_per_kv + 2) heads.
+    q = heads.q_per_kv
+    slot_head, dim = pos // hs, pos % hs
+    group, slot = slot_head // (q + 2), slot_head % (q + 2)
+    q_row = (group * q + slot) * hs + dim
+    k_row = H * hs + group * hs + dim
+    v_row = (H + G) * hs + group * hs + dim
+    return torch.where(slot < q, q_row, torch.where(slot == q, k_row, v_row))
+
+
+def _inverse(index: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.numel())
+    return inverse
+
+
+def permutation(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> torch.Tensor:
+    """Row index `p` with ``dst_rows = src_rows[p]`` for any two orders."""
+    position_in_src = _inverse(canonical_index(src, heads))  # canonical -> src position
+    return position_in_src[canonical_index(dst, heads)]
+
+
+def reorder(tensor: torch.Tensor, src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> torch.Tensor:
+    """Re-order the rows (dim 0) of a fused weight, bias or LoRA-B from `src` to `dst`."""
+    if tensor.shape[0] != heads.rows:
+        raise LayoutError(
+            f"expected {heads.rows} rows for H={heads.n_head}, G={heads.n_query_groups}, "
+            f"hs={heads.head_size}, got shape {tuple(tensor.shape)}"
+        )
+    if QKVOrder.PER_HEAD in (src, dst) and heads.n_query_groups != heads.n_head:
+        raise LayoutError(
+            f"per-head order exists only for MHA (n_head == n_query_groups), "
+            f"got H={heads.n_head}, G={heads.n_query_groups}"
+        )
+    if {src, dst} <= {QKVOrder.SEQUENTIAL, QKVOrder.SPLIT} or src == dst:
+        return tensor
+    return tensor.index_select(0, permutation(src, dst, heads))
+
+
+def split(tensor: torch.Tensor, order: QKVOrder, heads: HeadLayout) -> tuple[torch.Tensor, ...]:
+    """Fused rows in `order` -> separate (q, k, v) tensors."""
+    sequential = reorder(tensor, order, QKVOrder.SEQUENTIAL, heads)
+    return tuple(torch.split(sequential, [heads.q_rows, heads.kv_rows, heads.kv_rows], dim=0))
+
+
+def fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: QKVOrder, heads: HeadLayout) -> torch.Tensor:
+    """Separate (q, k, v) tensors -> one fused tensor with rows in `order`."""
+    for name, t, rows in (("q", q, heads.q_rows), ("k", k, heads.kv_rows), ("v", v, heads.kv_rows)):
+        if t.shape[0] != rows:
+            raise LayoutError(f"{name} has {t.shape[0]} rows, expected {rows}")
+    return reorder(torch.cat([q, k, v], dim=0), QKVOrder.SEQUENTIAL, order, heads)
