@@ -1,0 +1,436 @@
+"""A reference forward pass of litgpt-style decoder models, in plain torch.
+
+`qkvconv verify` uses it to decide, from the numbers alone, whether a converted checkpoint computes
+the same function as its source: shapes never tell a QKV row order (see LAYOUTS.md), logits do.
+It mirrors current litgpt's `litgpt.model.GPT` (0.5.13) operation for operation, so in float32 it
+matches litgpt to 1e-6 or better (bitwise where the op order is the same), yet it imports neither
+litgpt nor transformers, and it reads weights through a getter one layer at a time, so a caller can
+stream a checkpoint that does not fit in memory.
+
+    arch = Architecture.from_litgpt_config(yaml.safe_load(open("model_config.yaml")))
+    state = torch.load("lit_model.pth", mmap=True, weights_only=True)
+    for stage, h in forward(arch, state.__getitem__, tokens, dtype=torch.float32):
+        print(stage, h.shape)  # embed, layer 0, ..., layer {n_layer - 1}, logits
+
+`get(name)` returns a tensor by its current litgpt state-dict name (`transformer.h.3.attn.qkv.weight`,
+rows in sequential Q, K, V order) and raises KeyError when it is absent. Which optional tensors are
+asked for (biases) is decided by the config, as litgpt's strict load does: a bias the config
+promises but the checkpoint lacks surfaces as that KeyError instead of being read as zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qkvconv.errors import UnsupportedFamily
+
+Getter = Callable[[str], torch.Tensor]
+
+SUPPORTED_FAMILIES: tuple[str, ...] = (
+    "Pythia/GPT-NeoX",
+    "Llama 2",
+    "Llama 3",
+    "Mistral",
+    "TinyLlama",
+    "Qwen2",
+    "Falcon (7B, 40B)",
+    "Gemma",
+)
+
+# litgpt.Config's defaults for the fields read here, so a hand-written config dict that omits
+# a field means what it means to litgpt (a saved model_config.yaml holds every field).
+_LITGPT_DEFAULTS: dict[str, Any] = {
+    "name": "",
+    "n_layer": 16,
+    "n_embd": 4096,
+    "vocab_size": 50254,
+    "padding_multiple": 512,
+    "padded_vocab_size": None,
+    "norm_class_name": "LayerNorm",
+    "norm_eps": 1e-5,
+    "norm_qk": False,
+    "post_attention_norm": False,
+    "post_mlp_norm": False,
+    "parallel_residual": True,
+    "shared_attention_norm": False,
+    "n_head": 32,
+    "head_size": None,
+    "n_query_groups": None,
+    "attn_bias": False,
+    "attention_scores_scalar": None,
+    "sliding_window_size": None,
+    "sliding_window_indices": None,
+    "attention_logit_softcapping": None,
+    "rope_base": 10000,
+    "rotary_percentage": 0.25,
+    "rope_condense_ratio": 1,
+    "rope_adjustments": None,
+    "rope_interleave": False,
+    "bias": True,
+    "mlp_class_name": "GptNeoxMLP",
+    "gelu_approximate": "none",
+    "n_expert": 0,
+    "first_k_dense_replace": None,
+    "scale_embeddings": False,
+    "lm_head_bias": False,
+    "final_logit_softcapping": None,
+    "norm_1": True,
+    "norm_2": True,
+    "latent_attention": None,
+    "rope_local_base_freq": None,
+}
+
+
+def _refuse(name: str, feature: str) -> UnsupportedFamily:
+    """One line: what the config asks for, and what is covered instead."""
+    who = repr(name) if name else "this model"
+    return UnsupportedFamily(
+        f"{who} uses {feature}, which qkvconv's reference forward pass does not implement; "
+        f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
+    )
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything the forward pass needs, read once from a litgpt config (model_config.yaml)."""
+
+    name: str
+    n_layer: int
+    n_embd: int
+    n_head: int  # query heads
+    n_query_groups: int  # key/value heads
+    head_size: int
+    padded_vocab_size: int
+    norm_class_name: str  # "LayerNorm" | "RMSNorm"
+    norm_eps: float
+    norm_unit_offset: bool  # Gemma's RMSNorm scales by (1 + weight)
+    parallel_residual: bool
+    shared_attention_norm: bool  # parallel residual: MLP reuses norm_1's output (Falcon-7B)
+    mlp_class_name: str  # "GptNeoxMLP" | "LLaMAMLP" | "GemmaMLP"
+    gelu_approximate: str  # "none" | "tanh"
+    qkv_bias: bool
+    proj_bias: bool  # attn.proj and the MLP linears
+    lm_head_bias: bool
+    scale_embeddings: bool
+    attention_scale: float  # multiplies q @ k^T
+    rope_n_elem: int  # leading dims of each Q/K head that rotate
+    rope_base: float
+    rope_condense_ratio: float
+    rope_interleave: bool  # True: dims (2i, 2i+1) rotate together; False: (i, i + n/2)
+    rope_scaling: str  # "none" | "linear" | "llama3"
+    rope_factor: float
+    rope_low_freq_factor: float
+    rope_high_freq_factor: float
+    rope_original_max_seq_len: int
+    sliding_window_size: int | None
+    sliding_window_layers: tuple[bool, ...]  # per layer: does the window apply
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.n_head // self.n_query_groups
+
+    @classmethod
+    def from_litgpt_config(cls, cfg: Mapping[str, Any]) -> Architecture:
+        """Derive the architecture the way litgpt.Config.__post_init__ and GPT.__init__ do.
+
+        Raises UnsupportedFamily for any config feature this pass does not compute, so that
+        `verify` never reports a match or mismatch from a model it silently mis-computed.
+        """
+        c = {**_LITGPT_DEFAULTS, **{k: v for k, v in cfg.items() if k in _LITGPT_DEFAULTS}}
+        # A yaml `null` means the litgpt default as well.
+        c = {k: (_LITGPT_DEFAULTS[k] if v is None else v) for k, v in c.items()}
+        name: str = c["name"]
+
+        def refuse_if(condition: Any, feature: str) -> None:
+            if condition:
+                raise _refuse(name, feature)
+
+        refuse_if(c["latent_attention"], "multi-head latent attention (latent_attention, DeepSeek)")
+        refuse_if(
+            c["mlp_class_name"] == "LLaMAMoE" or c["n_expert"] or c["first_k_dense_replace"] is not None,
+            "a mixture-of-experts MLP (LLaMAMoE)",
+        )
+        refuse_if(
+            c["mlp_class_name"] not in ("GptNeoxMLP", "LLaMAMLP", "GemmaMLP"),
+            f"the MLP class {c['mlp_class_name']!r}",
+        )
+        refuse_if(c["norm_class_name"] not in ("LayerNorm", "RMSNorm"), f"the norm {c['norm_class_name']!r}")
+        # litgpt.Config.norm_class: OLMo's LayerNorm has no weight or bias.
+        refuse_if(c["norm_class_name"] == "LayerNorm" and "OLMo" in name, "a LayerNorm without weights (OLMo)")
+        refuse_if(c["norm_qk"], "query/key norms (norm_qk)")
+        refuse_if(
+            c["post_attention_norm"] or c["post_mlp_norm"],
+            "post-attention/post-MLP norms (post_attention_norm, post_mlp_norm)",
+        )
+        refuse_if(not c["norm_1"] or not c["norm_2"], "blocks without an input norm (norm_1/norm_2 = False)")
+        refuse_if(
+            c["attention_logit_softcapping"] is not None or c["final_logit_softcapping"] is not None,
+            "logit soft-capping (attention_logit_softcapping, final_logit_softcapping; Gemma-2)",
+        )
+        refuse_if(
+            c["rope_local_base_freq"] is not None, "separate local/global RoPE bases (rope_local_base_freq; Gemma-3)"
+        )
+        # litgpt's Block raises NotImplementedError on this combination itself.
+        refuse_if(
+            not c["parallel_residual"] and c["shared_attention_norm"],
+            "a shared attention norm without parallel residual",
+        )
+
+        n_head: int = c["n_head"]
+        head_size: int = c["head_size"] or c["n_embd"] // n_head
+        n_query_groups: int = c["n_query_groups"] or n_head
+        if n_head % n_query_groups:
+            raise _refuse(name, f"n_head={n_head} not divisible by n_query_groups={n_query_groups}")
+        rope_n_elem = int(c["rotary_percentage"] * head_size)
+        # litgpt's rotary for an odd n_elem concatenates halves of unequal size: no real model does it.
+        refuse_if(rope_n_elem % 2, f"an odd number of rotary dims ({rope_n_elem})")
+
+        rope_scaling, factor, low, high, original = _rope_scaling(name, c["rope_adjustments"])
+
+        padded_vocab_size = c["padded_vocab_size"]
+        if padded_vocab_size is None:
+            multiple = c["padding_multiple"]
+            padded_vocab_size = -(-c["vocab_size"] // multiple) * multiple
+
+        window = c["sliding_window_size"]
+        if window is None:
+            window_layers = (False,) * c["n_layer"]
+        else:
+            indices = c["sliding_window_indices"] or [1] * c["n_layer"]
+            if len(indices) < c["n_layer"]:
+                raise _refuse(name, f"sliding_window_indices shorter than n_layer ({len(indices)})")
+            window_layers = tuple(bool(i) for i in indices[: c["n_layer"]])
+
+        return cls(
+            name=name,
+            n_layer=c["n_layer"],
+            n_embd=c["n_embd"],
+            n_head=n_head,
+            n_query_groups=n_query_groups,
+            head_size=head_size,
+            padded_vocab_size=padded_vocab_size,
+            norm_class_name=c["norm_class_name"],
+            norm_eps=c["norm_eps"],
+            # litgpt.Config.norm_class decides this by name: partial(RMSNorm, add_unit_offset="Gemma" in name).
+            norm_unit_offset=c["norm_class_name"] == "RMSNorm" and "Gemma" in name,
+            parallel_residual=c["parallel_residual"],
+            shared_attention_norm=c["shared_attention_norm"],
+            mlp_class_name=c["mlp_class_name"],
+            gelu_approximate=c["gelu_approximate"],
+            qkv_bias=bool(c["bias"] or c["attn_bias"]),
+            proj_bias=bool(c["bias"]),
+            lm_head_bias=bool(c["lm_head_bias"]),
+            scale_embeddings=bool(c["scale_embeddings"]),
+            attention_scale=1.0 / math.sqrt(c["attention_scores_scalar"] or head_size),
+            rope_n_elem=rope_n_elem,
+            rope_base=c["rope_base"],
+            rope_condense_ratio=c["rope_condense_ratio"],
+            rope_interleave=bool(c["rope_interleave"]),
+            rope_scaling=rope_scaling,
+            rope_factor=factor,
+            rope_low_freq_factor=low,
+            rope_high_freq_factor=high,
+            rope_original_max_seq_len=original,
+            sliding_window_size=window,
+            sliding_window_layers=window_layers,
+        )
+
+
+def _rope_scaling(name: str, adj: Mapping[str, Any] | None) -> tuple[str, float, float, float, int]:
+    """Classify `rope_adjustments` the way litgpt's GPT.rope_cache does: Llama-3, linear, or none."""
+    if not adj:
+        return "none", 1.0, 0.0, 0.0, 0
+    if "beta_fast" in adj or "beta_slow" in adj:
+        raise _refuse(name, "YaRN RoPE scaling (rope_adjustments with beta_fast/beta_slow)")
+    if "low_freq_factor" in adj or "high_freq_factor" in adj:
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len") if k not in adj]
+        if missing:
+            raise _refuse(name, f"Llama-3 RoPE scaling without {', '.join(missing)}")
+        return (
+            "llama3",
+            float(adj["factor"]),
+            float(adj["low_freq_factor"]),
+            float(adj["high_freq_factor"]),
+            int(adj["original_max_seq_len"]),
+        )
+    if "factor" in adj:
+        return "linear", float(adj["factor"]), 0.0, 0.0, 0
+    return "none", 1.0, 0.0, 0.0, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+def _param(get: Getter, name: str, like: torch.Tensor) -> torch.Tensor:
+    """A weight in the caller's compute dtype and device: litgpt runs every op in the model dtype."""
+    return get(name).to(device=like.device, dtype=like.dtype)
+
+
+def _linear(get: Getter, prefix: str, x: torch.Tensor, bias: bool) -> torch.Tensor:
+    b = _param(get, f"{prefix}.bias", x) if bias else None
+    return F.linear(x, _param(get, f"{prefix}.weight", x), b)
+
+
+def _norm(arch: Architecture, get: Getter, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """torch.nn.LayerNorm, or litgpt's RMSNorm (which always computes in float32, then casts back)."""
+    weight = _param(get, f"{prefix}.weight", x)
+    if arch.norm_class_name == "LayerNorm":
+        return F.layer_norm(x, (x.size(-1),), weight, _param(get, f"{prefix}.bias", x), arch.norm_eps)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True) + arch.norm_eps)
+    if arch.norm_unit_offset:
+        weight = 1 + weight  # in the model dtype, as litgpt does it
+    return (x32 * weight.float()).to(dtype=x.dtype)
+
+
+def _rope_cache(arch: Architecture, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, rope_n_elem) in float32, as litgpt's build_rope_cache (first T rows)."""
+    n = arch.rope_n_elem
+    theta = 1.0 / (arch.rope_base ** (torch.arange(0, n, 2, device=device).float() / n))  # (n/2,)
+    if arch.rope_scaling == "llama3":
+        wavelen = 2 * torch.pi / theta
+        ratio = arch.rope_original_max_seq_len / wavelen
+        smooth = (ratio - arch.rope_low_freq_factor) / (arch.rope_high_freq_factor - arch.rope_low_freq_factor)
+        smooth = torch.clamp(smooth, min=0.0, max=1.0)
+        theta = (1 - smooth) * (theta / arch.rope_factor) + smooth * theta
+    elif arch.rope_scaling == "linear":
+        theta = theta / arch.rope_factor
+    positions = torch.arange(T, device=device).float() / arch.rope_condense_ratio  # (T,)
+    angles = torch.outer(positions, theta).repeat(1, 2)  # (T, n): frequency i at columns i and i + n/2
+    return torch.cos(angles), torch.sin(angles)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate the rotary dims of x (B, nh, T, n); cos/sin (T, n) in float32, result in x's dtype.
+
+    Half ("rotate_half", litgpt/NeoX/HF): dim i pairs with dim i + n/2.
+    Pairs (Meta's original Llama, GPT-J): dim 2i pairs with 2i + 1, both at frequency i; the output
+    stays in the input's dim order. litgpt's `apply_rope_interleave` instead leaves its output in
+    [even dims, odd dims] order; applied to Q and K alike, that reorder cancels in q @ k^T.
+    """
+    half = x.size(-1) // 2
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, nh, T, n/2) each
+        c, s = cos[:, :half], sin[:, :half]
+        roped = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)  # (B, nh, T, n/2, 2)
+        return roped.flatten(-2).to(dtype=x.dtype)  # (B, nh, T, n)
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)  # (B, nh, T, n)
+    return ((x * cos) + (rotated * sin)).to(dtype=x.dtype)
+
+
+def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch.Tensor:
+    """litgpt's CausalSelfAttention without KV cache: fused sequential QKV, RoPE, GQA, causal SDPA."""
+    B, T, _ = x.shape
+    H, G, hs, n = arch.n_head, arch.n_query_groups, arch.head_size, arch.rope_n_elem
+    prefix = f"transformer.h.{index}.attn"
+
+    qkv = _linear(get, f"{prefix}.qkv", x, arch.qkv_bias)  # (B, T, (H + 2G) * hs)
+    q, k, v = qkv.split((H * hs, G * hs, G * hs), dim=-1)
+    q = q.view(B, T, H, hs).transpose(1, 2)  # (B, nh_q, T, hs)
+    k = k.view(B, T, G, hs).transpose(1, 2)  # (B, nh_k, T, hs)
+    v = v.view(B, T, G, hs).transpose(1, 2)  # (B, nh_v, T, hs)
+
+    if n > 0:
+        cos, sin = _rope_cache(arch, T, x.device)
+        q = torch.cat((_apply_rope(q[..., :n], cos, sin, arch.rope_interleave), q[..., n:]), dim=-1)
+        k = torch.cat((_apply_rope(k[..., :n], cos, sin, arch.rope_interleave), k[..., n:]), dim=-1)
+
+    if G != H:
+        # Each K/V head serves q_per_kv consecutive query heads.
+        k = k.repeat_interleave(arch.q_per_kv, dim=1)  # (B, nh_q, T, hs)
+        v = v.repeat_interleave(arch.q_per_kv, dim=1)  # (B, nh_q, T, hs)
+
+    mask = None
+    window = arch.sliding_window_size
+    if window is not None and arch.sliding_window_layers[index] and window < T:
+        # Query i sees keys i - window + 1 .. i. A window of >= T is plain causal attention.
+        i = torch.arange(T, device=x.device)
+        offset = i[:, None] - i[None, :]  # (T, T): query position minus key position
+        mask = (offset >= 0) & (offset < window)  # (T, T), True = attend
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=0.0, scale=arch.attention_scale, is_causal=mask is None
+    )  # (B, nh_q, T, hs)
+    y = y.transpose(1, 2).reshape(B, T, H * hs)  # (B, T, nh_q * hs)
+    return _linear(get, f"{prefix}.proj", y, arch.proj_bias)  # (B, T, n_embd)
+
+
+def _mlp(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch.Tensor:
+    prefix = f"transformer.h.{index}.mlp"
+    if arch.mlp_class_name == "GptNeoxMLP":
+        h = F.gelu(_linear(get, f"{prefix}.fc", x, arch.proj_bias), approximate=arch.gelu_approximate)
+    else:
+        gate = _linear(get, f"{prefix}.fc_1", x, arch.proj_bias)  # (B, T, intermediate_size)
+        up = _linear(get, f"{prefix}.fc_2", x, arch.proj_bias)  # (B, T, intermediate_size)
+        if arch.mlp_class_name == "LLaMAMLP":
+            h = F.silu(gate) * up
+        else:  # GemmaMLP
+            h = F.gelu(gate, approximate=arch.gelu_approximate) * up
+    return _linear(get, f"{prefix}.proj", h, arch.proj_bias)  # (B, T, n_embd)
+
+
+# ---------------------------------------------------------------------------------------------
+# public API: one call per stage, so a caller can load, run and drop one layer at a time
+
+
+def embed(arch: Architecture, get: Getter, tokens: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, T) token ids -> (B, T, n_embd) on tokens' device, in `dtype` (default: the weight's dtype).
+
+    The dtype chosen here is the compute dtype of every later stage (they follow x).
+    """
+    weight = get("transformer.wte.weight")
+    x = F.embedding(tokens.to(weight.device), weight)  # (B, T, n_embd); gather first, then move
+    x = x.to(device=tokens.device, dtype=dtype or weight.dtype)
+    if arch.scale_embeddings:
+        # Gemma: scale by sqrt(n_embd) rounded to the compute dtype, as litgpt does.
+        x = x * torch.tensor(arch.n_embd**0.5, dtype=x.dtype, device=x.device)
+    return x
+
+
+def block(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch.Tensor:
+    """Transformer block `index` (B, T, n_embd) -> (B, T, n_embd); asks `get` for that layer only.
+
+    Sequential: x + attn(norm_1(x)), then + mlp(norm_2(.)). Parallel residual: x + attn(norm_1(x))
+    + mlp(n(x)) where n is norm_1 when shared_attention_norm (Falcon-7B) else norm_2 applied to the
+    same input x (NeoX, Falcon-40B).
+    """
+    prefix = f"transformer.h.{index}"
+    x_normed = _norm(arch, get, f"{prefix}.norm_1", x)
+    attention_output = _attention(arch, index, get, x_normed)
+    if arch.parallel_residual:
+        if not arch.shared_attention_norm:
+            x_normed = _norm(arch, get, f"{prefix}.norm_2", x)
+        x = attention_output + x
+    else:
+        x = attention_output + x
+        x_normed = _norm(arch, get, f"{prefix}.norm_2", x)
+    return _mlp(arch, index, get, x_normed) + x
+
+
+def head(arch: Architecture, get: Getter, x: torch.Tensor) -> torch.Tensor:
+    """Final norm and lm_head: (B, T, n_embd) -> (B, T, padded_vocab_size) logits."""
+    x = _norm(arch, get, "transformer.ln_f", x)
+    return _linear(get, "lm_head", x, arch.lm_head_bias)
+
+
+def forward(
+    arch: Architecture, get: Getter, tokens: torch.Tensor, *, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ("embed", h), ("layer 0", h), ..., (f"layer {n_layer - 1}", h), ("logits", logits).
+
+    A generator, so the caller can compare each stage against another model as it goes and stop at
+    the first one that differs.
+    """
+    x = embed(arch, get, tokens, dtype=dtype)
+    yield "embed", x
+    for index in range(arch.n_layer):
+        x = block(arch, index, get, x)
+        yield f"layer {index}", x
+    yield "logits", head(arch, get, x)
