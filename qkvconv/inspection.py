@@ -1,0 +1,133 @@
+"""What a checkpoint is: format, heads, QKV row order with the evidence for it, LoRA, dtypes, sizes.
+
+The report is a plain dict (stable keys, JSON-ready) so the CLI can render it as a table or as JSON.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from qkvconv.errors import CheckFailed
+from qkvconv.litgpt_format import (
+    CURRENT_NAMING,
+    LEGACY_NAMING,
+    LORA_WEIGHTS,
+    NAMING_ORDER,
+    LitgptCheckpoint,
+    check_full_shapes,
+    check_lora_shapes,
+    load_state_dict_file,
+    migrate_config,
+    open_litgpt,
+    qkv_naming,
+)
+from qkvconv.lora_layout import plan_reorder
+from qkvconv.transaction import JOURNAL_NAME, is_temporary
+
+# Report keys, in the order the table shows them; the JSON mode emits exactly these.
+FIELDS = (
+    "source", "format", "family", "legacy", "naming", "qkv_order", "evidence", "n_layer", "n_head",
+    "n_query_groups", "head_size", "n_embd", "attention", "lora", "dtype", "parameters", "files", "notes",
+)
+
+
+def _order_evidence(naming: str | None, ckpt: LitgptCheckpoint) -> list[str]:
+    heads = ckpt.shape.heads
+    if naming == LEGACY_NAMING:
+        ev = ["tensor names use `attn.attn`, which litgpt <= 0.5.4 wrote in grouped order (per KV group: its Q heads, then K, V)"]
+    elif naming == CURRENT_NAMING:
+        ev = ["tensor names use `attn.qkv`, which litgpt >= 0.5.5 writes in sequential order (all Q, all K, all V)"]
+    else:
+        return ["no fused QKV tensors found"]
+    if heads.n_query_groups == 1:
+        ev.append("n_query_groups = 1: grouped and sequential orders coincide, so the rows are the same either way")
+    elif heads.n_query_groups == heads.n_head and naming == LEGACY_NAMING:
+        ev.append("n_query_groups = n_head: the grouped order is also per-head (q, k, v of each head)")
+    return ev
+
+
+def inspect_litgpt(ckpt: LitgptCheckpoint) -> dict[str, Any]:
+    """Build the report for a litgpt directory; reads tensor metadata only (files are mmapped)."""
+    shape, heads = ckpt.shape, ckpt.shape.heads
+    namings: set[str] = set()
+    dtypes: Counter[str] = Counter()
+    parameters = 0
+    files = []
+    for path in ckpt.weight_files():
+        sd = load_state_dict_file(path)
+        if path.name == LORA_WEIGHTS:
+            assert ckpt.hyperparameters is not None
+            check_lora_shapes(sd, shape, ckpt.hyperparameters)
+        else:
+            check_full_shapes(sd, shape)
+        if (n := qkv_naming(sd.tensors, path)) is not None:
+            namings.add(n)
+        for t in sd.tensors.values():
+            dtypes[str(t.dtype).removeprefix("torch.")] += t.numel()
+            parameters += t.numel()
+    for p in sorted(ckpt.directory.iterdir()):
+        if p.is_file() and not is_temporary(p):
+            files.append({"name": p.name, "bytes": p.stat().st_size})
+    naming = namings.pop() if len(namings) == 1 else None
+    _, config_changes = migrate_config(ckpt.config)
+    notes = [f"model_config.yaml needs migrating for current litgpt: {c}" for c in config_changes]
+    if naming == LEGACY_NAMING and ckpt.lora_weights is None:
+        notes.append(
+            "current litgpt re-orders this file on every plain load, but cannot load it as the base of a LoRA "
+            "model (`litgpt finetune lora` would silently leave attn.qkv at random init): run `qkvconv upgrade`"
+        )
+    if (ckpt.directory / JOURNAL_NAME).exists():
+        notes.append("an interrupted upgrade is pending: run `qkvconv upgrade` on this directory to finish it")
+    lora = None
+    if ckpt.hyperparameters is not None:
+        h = ckpt.hyperparameters
+        s = h.settings
+        base = ckpt.find_base()
+        lora = {
+            "r": s.r, "alpha": s.alpha, "query": s.enable[0], "key": s.enable[1], "value": s.enable[2],
+            "projection": h.projection, "mlp": h.mlp, "head": h.head,
+            "base": str(base) if base else None, "checkpoint_dir": h.checkpoint_dir,
+        }
+        if naming == LEGACY_NAMING and any(s.enable):
+            plan = plan_reorder(s.enable, heads)
+            if plan.expand:
+                notes.append(
+                    f"legacy LoRA on all of q, k, v: rank {s.r} cannot express it in the current layout; "
+                    f"`upgrade` writes an exact rank-{s.r * plan.rank_factor} adapter (or merge with --lora-merge)"
+                )
+    report = {
+        "source": str(ckpt.directory),
+        "format": ckpt.format,
+        "family": shape.name,
+        "legacy": naming == LEGACY_NAMING or bool(config_changes),
+        "naming": naming,
+        "qkv_order": NAMING_ORDER[naming.split(".")[1]].value if naming else None,
+        "evidence": _order_evidence(naming, ckpt),
+        "n_layer": shape.n_layer,
+        "n_head": heads.n_head,
+        "n_query_groups": heads.n_query_groups,
+        "head_size": heads.head_size,
+        "n_embd": shape.n_embd,
+        "attention": heads.attention,
+        "lora": lora,
+        "dtype": next(iter(dtypes)) if len(dtypes) == 1 else {k: v for k, v in dtypes.most_common()},
+        "parameters": parameters,
+        "files": files,
+        "notes": notes,
+    }
+    return {k: report[k] for k in FIELDS}
+
+
+def inspect_path(source: Path) -> dict[str, Any]:
+    return inspect_litgpt(open_litgpt(source))
+
+
+def check_expectation(report: dict[str, Any], expect: str) -> None:
+    """`--expect current|legacy`: raise CheckFailed (exit 1) when the checkpoint is not as expected."""
+    is_legacy = report["legacy"]
+    if expect == "current" and is_legacy:
+        raise CheckFailed(f"{report['source']} is legacy ({report['naming']}); run `qkvconv upgrade {report['source']}`")
+    if expect == "legacy" and not is_legacy:
+        raise CheckFailed(f"{report['source']} is current ({report['naming']}), not legacy")

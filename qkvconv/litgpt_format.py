@@ -1,0 +1,275 @@
+"""Reading and writing litgpt checkpoint directories, without litgpt installed.
+
+A litgpt directory holds `model_config.yaml` and `lit_model.pth` (a full model, possibly wrapped as
+{"model": ...}), or, for a LoRA run, `lit_model.pth.lora` with `hyperparameters.yaml` that names the
+base checkpoint. Pickles are opened with weights_only=True (no code from a checkpoint ever runs)
+and mmap=True (tensors are paged in as they are used, not read up front).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from qkvconv.errors import QkvconvError
+from qkvconv.layout import HeadLayout, LayoutError, QKVOrder
+from qkvconv.lora_layout import LoraSettings, block_sizes
+
+WEIGHTS = "lit_model.pth"
+LORA_WEIGHTS = "lit_model.pth.lora"
+CONFIG = "model_config.yaml"
+HYPERPARAMETERS = "hyperparameters.yaml"
+
+# transformer.h.{i}.attn.{attn|qkv}.[linear.]{weight|bias|lora_A|lora_B}
+QKV_KEY = re.compile(r"^transformer\.h\.(\d+)\.attn\.(attn|qkv)\.((?:linear\.)?(?:weight|bias)|lora_A|lora_B)$")
+NAMING_ORDER = {"attn": QKVOrder.GROUPED, "qkv": QKVOrder.SEQUENTIAL}
+LEGACY_NAMING, CURRENT_NAMING = "attn.attn", "attn.qkv"
+
+# Config fields that litgpt >= 0.5.5 no longer accepts, and how each translates.
+LEGACY_CONFIG_FIELDS = ("sliding_window_layer_placing",)
+
+
+@dataclass
+class StateDictFile:
+    """The tensors of one .pth file and how they were wrapped, so they can be written back as found."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    wrapped: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # other top-level keys of a wrapped file
+
+    def payload(self, tensors: dict[str, torch.Tensor] | None = None) -> Any:
+        tensors = self.tensors if tensors is None else tensors
+        return {"model": tensors, **self.extra} if self.wrapped else tensors
+
+
+def load_state_dict_file(path: Path) -> StateDictFile:
+    """Open a litgpt .pth file safely and lazily; any failure is one clear QkvconvError."""
+    if not path.is_file():
+        raise QkvconvError(f"{path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).splitlines()[0] if str(e) else "unsupported object"
+        raise QkvconvError(
+            f"{path} holds more than tensors and was refused (weights_only=True; qkvconv never runs "
+            f"code from a checkpoint): {first}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise QkvconvError(f"cannot read {path}: the file is truncated or corrupt ({msg})") from None
+    wrapped, extra = False, {}
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        wrapped, extra = True, {k: v for k, v in obj.items() if k != "model"}
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise QkvconvError(f"{path} is not a state dict (expected a mapping of names to tensors)")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise QkvconvError(f"{path}: entry {bad[0]!r} is not a tensor; this is not a litgpt state dict")
+    return StateDictFile(path, dict(obj), wrapped, extra)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise QkvconvError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise QkvconvError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise QkvconvError(f"{path} does not hold a mapping of settings")
+    return data
+
+
+def write_yaml(data: dict[str, Any], path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention-relevant numbers of a litgpt config, with litgpt's own defaults applied."""
+
+    n_layer: int
+    n_embd: int
+    heads: HeadLayout
+    name: str | None
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], where: Path) -> "ModelShape":
+        try:
+            n_layer, n_embd, n_head = int(cfg["n_layer"]), int(cfg["n_embd"]), int(cfg["n_head"])
+            n_query_groups = int(cfg.get("n_query_groups") or n_head)
+            head_size = int(cfg.get("head_size") or n_embd // n_head)
+            heads = HeadLayout(n_head, n_query_groups, head_size)
+        except KeyError as e:
+            raise QkvconvError(f"{where} has no {e.args[0]!r}; it is not a litgpt model config") from None
+        except (TypeError, ValueError, ZeroDivisionError, LayoutError) as e:
+            raise QkvconvError(f"{where}: invalid head configuration: {e}") from None
+        return cls(n_layer, n_embd, heads, cfg.get("name"))
+
+
+def migrate_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Translate fields that current litgpt's Config rejects. Returns the new config and what changed."""
+    if not any(k in cfg for k in LEGACY_CONFIG_FIELDS):
+        return cfg, []
+    new = {k: v for k, v in cfg.items() if k not in LEGACY_CONFIG_FIELDS}
+    placing = cfg.get("sliding_window_layer_placing")
+    changes = ["dropped `sliding_window_layer_placing` (renamed in litgpt 0.5.5)"]
+    if cfg.get("sliding_window_size") is not None and placing is not None:
+        # litgpt <= 0.5.4 applied the window where block_idx % placing == 0 ("all" = 1, "interleaved" = 2)
+        step = {"all": 1, "interleaved": 2}.get(placing, placing)
+        new["sliding_window_indices"] = [1 if i % int(step) == 0 else 0 for i in range(int(cfg["n_layer"]))]
+        changes[0] = "translated `sliding_window_layer_placing` into `sliding_window_indices`"
+    return new, changes
+
+
+@dataclass
+class LoraHyperparameters:
+    """LoRA settings of a litgpt LoRA run, from hyperparameters.yaml."""
+
+    settings: LoraSettings
+    projection: bool
+    mlp: bool
+    head: bool
+    checkpoint_dir: str | None
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_yaml(cls, raw: dict[str, Any], where: Path) -> "LoraHyperparameters":
+        try:
+            r, alpha = int(raw["lora_r"]), raw["lora_alpha"]
+            enable = tuple(bool(raw.get(f"lora_{p}", False)) for p in ("query", "key", "value"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise QkvconvError(f"{where} has no valid lora_r / lora_alpha ({e}); is this a LoRA run?") from None
+        if r < 1:
+            raise QkvconvError(f"{where}: lora_r must be positive, got {r}")
+        return cls(
+            LoraSettings(r, alpha, enable),  # type: ignore[arg-type]
+            bool(raw.get("lora_projection", False)),
+            bool(raw.get("lora_mlp", False)),
+            bool(raw.get("lora_head", False)),
+            raw.get("checkpoint_dir"),
+            raw,
+        )
+
+
+def qkv_naming(tensors: dict[str, torch.Tensor], where: Path) -> str | None:
+    """`attn.attn` (legacy), `attn.qkv` (current) or None when the file has no QKV tensors."""
+    found = {m.group(2) for k in tensors if (m := QKV_KEY.match(k))}
+    if len(found) > 1:
+        raise QkvconvError(f"{where} mixes `attn.attn` and `attn.qkv` tensors; it is neither legacy nor current")
+    return f"attn.{found.pop()}" if found else None
+
+
+@dataclass
+class LitgptCheckpoint:
+    """A litgpt checkpoint directory: full model, LoRA run, or both."""
+
+    directory: Path
+    config: dict[str, Any]
+    shape: ModelShape
+    weights: Path | None
+    lora_weights: Path | None
+    hyperparameters: LoraHyperparameters | None
+
+    @property
+    def format(self) -> str:
+        return "litgpt-lora" if self.lora_weights else "litgpt"
+
+    def weight_files(self) -> list[Path]:
+        return [p for p in (self.weights, self.lora_weights) if p is not None]
+
+    def find_base(self, base: Path | None = None) -> Path | None:
+        """The base checkpoint directory of a LoRA run: `base` if given, else `checkpoint_dir`
+        from hyperparameters.yaml, tried as given, then relative to this directory and its parents."""
+        if base is not None:
+            if not (base / WEIGHTS).is_file():
+                raise QkvconvError(f"--base {base} has no {WEIGHTS}")
+            return base
+        name = self.hyperparameters.checkpoint_dir if self.hyperparameters else None
+        if not name:
+            return None
+        candidates = [Path(name)] + [d / name for d in (self.directory, *self.directory.parents[:3])]
+        for c in candidates:
+            if (c / WEIGHTS).is_file():
+                return c.resolve()
+        return None
+
+
+def open_litgpt(path: Path) -> LitgptCheckpoint:
+    """Open a litgpt checkpoint directory (or the directory of a given lit_model.pth)."""
+    directory = path.parent if path.is_file() else path
+    if not directory.is_dir():
+        raise QkvconvError(f"{path} does not exist")
+    weights = directory / WEIGHTS
+    lora = directory / LORA_WEIGHTS
+    has_weights, has_lora = weights.is_file(), lora.is_file()
+    if not (has_weights or has_lora):
+        raise QkvconvError(
+            f"no litgpt checkpoint in {directory}: expected {WEIGHTS} or {LORA_WEIGHTS} beside {CONFIG}"
+        )
+    config_path = directory / CONFIG
+    if not config_path.is_file():
+        raise QkvconvError(f"{directory} has no {CONFIG}; litgpt writes it beside {WEIGHTS}")
+    config = read_yaml(config_path)
+    hyper = None
+    if has_lora:
+        hp_path = directory / HYPERPARAMETERS
+        if not hp_path.is_file():
+            raise QkvconvError(f"{directory} has {LORA_WEIGHTS} but no {HYPERPARAMETERS} (LoRA rank and targets)")
+        hyper = LoraHyperparameters.from_yaml(read_yaml(hp_path), hp_path)
+    return LitgptCheckpoint(
+        directory, config, ModelShape.from_config(config, config_path),
+        weights if has_weights else None, lora if has_lora else None, hyper,
+    )
+
+
+def check_full_shapes(sd: StateDictFile, shape: ModelShape) -> None:
+    """Fail clearly when the config's head counts do not match the QKV tensors."""
+    heads, seen = shape.heads, set()
+    for name, t in sd.tensors.items():
+        m = QKV_KEY.match(name)
+        if not m or m.group(3).startswith("lora"):
+            continue
+        seen.add(int(m.group(1)))
+        expected = (heads.rows, shape.n_embd) if m.group(3).endswith("weight") else (heads.rows,)
+        if tuple(t.shape) != expected:
+            raise QkvconvError(
+                f"{sd.path}: {name} has shape {tuple(t.shape)}, but the config (n_head={heads.n_head}, "
+                f"n_query_groups={heads.n_query_groups}, head_size={heads.head_size}, n_embd={shape.n_embd}) "
+                f"needs {expected}; the config does not belong to these weights"
+            )
+    if seen and seen != set(range(shape.n_layer)):
+        raise QkvconvError(
+            f"{sd.path}: QKV tensors for layers {sorted(seen)}, but the config says n_layer={shape.n_layer}"
+        )
+
+
+def check_lora_shapes(sd: StateDictFile, shape: ModelShape, hyper: LoraHyperparameters) -> None:
+    """Fail clearly when hyperparameters.yaml does not match the adapter's tensors."""
+    s, heads = hyper.settings, shape.heads
+    expected_a = (s.r * s.n_enabled, shape.n_embd)
+    expected_b = (sum(block_sizes(s.enable, heads)), s.r)
+    qkv = {name: t for name, t in sd.tensors.items() if (m := QKV_KEY.match(name)) and m.group(3).startswith("lora")}
+    if qkv and not any(s.enable):
+        raise QkvconvError(f"{sd.path} has QKV LoRA tensors but hyperparameters.yaml enables none of q, k, v")
+    for name, t in qkv.items():
+        expected = expected_a if name.endswith("lora_A") else expected_b
+        if tuple(t.shape) != expected:
+            flags = "".join(p for p, on in zip("qkv", s.enable) if on)
+            raise QkvconvError(
+                f"{sd.path}: {name} has shape {tuple(t.shape)}, but hyperparameters.yaml (lora_r={s.r}, "
+                f"enabled={flags}) with the model config needs {expected}"
+            )
+    for name, t in sd.tensors.items():
+        if name.endswith("lora_A") and name not in qkv and t.shape[0] != s.r:
+            raise QkvconvError(f"{sd.path}: {name} has rank {t.shape[0]}, but hyperparameters.yaml says lora_r={s.r}")

@@ -1,0 +1,52 @@
+"""Rendering reports for people (Rich tables) and pipelines (JSON on stdout). No logic lives here."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def emit_json(data: Any) -> None:
+    """One JSON document on stdout, nothing else (progress and errors go to stderr)."""
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, list):
+        return "\n".join(_cell(v) for v in value) or "-"
+    if isinstance(value, dict):
+        if {"name", "bytes"} <= set(value):
+            return f"{value['name']} ({value['bytes']:,} bytes)"
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    return str(value)
+
+
+def report_table(report: dict[str, Any], title: str) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in report.items():
+        table.add_row(key, _cell(value))
+    out.print(table)
+
+
+def lines(header: str, items: list[str]) -> None:
+    out.print(header)
+    for item in items:
+        out.print(f"  - {item}")
+
+
+def error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)

@@ -1,0 +1,496 @@
+"""Legacy litgpt (grouped `attn.attn`, LoRA included) -> current litgpt (sequential `attn.qkv`).
+
+Every new file is written beside the original under a temporary name, read back and checked
+against the original (each re-ordered row accounted for; each LoRA update matrix equal under old
+and new semantics) and only then swapped in through a `Transaction`. With `out` the source is left
+untouched and a complete new directory appears at `out` in one rename.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from qkvconv.errors import CheckFailed, QkvconvError
+from qkvconv.layout import HeadLayout, QKVOrder, permutation, reorder
+from qkvconv.litgpt_format import (
+    CONFIG,
+    HYPERPARAMETERS,
+    LEGACY_NAMING,
+    LORA_WEIGHTS,
+    NAMING_ORDER,
+    QKV_KEY,
+    WEIGHTS,
+    LitgptCheckpoint,
+    LoraHyperparameters,
+    StateDictFile,
+    check_full_shapes,
+    check_lora_shapes,
+    load_state_dict_file,
+    migrate_config,
+    open_litgpt,
+    qkv_naming,
+    write_yaml,
+)
+from qkvconv.lora_layout import LoraSettings, apply_reorder, expand_rank, plan_reorder, qkv_delta
+from qkvconv.transaction import JOURNAL_NAME, DirectoryLock, Transaction, is_temporary, recover, staged_name
+
+
+@dataclass
+class UpgradeReport:
+    """What an upgrade did, for the CLI to print (or emit as JSON)."""
+
+    source: Path
+    destination: Path
+    changed: bool
+    actions: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+    lora_rank: tuple[int, int] | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "source": str(self.source),
+            "destination": str(self.destination),
+            "changed": self.changed,
+            "actions": self.actions,
+            "checks": self.checks,
+            "recovered": self.recovered,
+            "lora_rank": list(self.lora_rank) if self.lora_rank else None,
+        }
+
+
+# A forward-pass check (see verify.py): called with (original dir, staged dir or file map), raises CheckFailed.
+ForwardCheck = Callable[[LitgptCheckpoint, dict[str, Path]], str]
+
+
+def current_name(name: str) -> str:
+    """`...attn.attn.X` -> `...attn.qkv.X`; any other name unchanged."""
+    m = QKV_KEY.match(name)
+    if m and m.group(2) == "attn":
+        return f"transformer.h.{m.group(1)}.attn.qkv.{m.group(3)}"
+    return name
+
+
+def lora_plan_for(hyper: LoraHyperparameters | None, heads: HeadLayout):
+    if hyper is None or not any(hyper.settings.enable):
+        return None
+    return plan_reorder(hyper.settings.enable, heads)
+
+
+def upgrade_tensors(
+    sd: StateDictFile, heads: HeadLayout, hyper: LoraHyperparameters | None
+) -> tuple[dict[str, torch.Tensor], int]:
+    """New tensors for current litgpt (same key order) and the factor the LoRA rank grew by."""
+    plan = lora_plan_for(hyper, heads)
+    factor = plan.rank_factor if plan is not None else 1
+    to_sequential = permutation(QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
+    new: dict[str, torch.Tensor] = {}
+    for name, t in sd.tensors.items():
+        m = QKV_KEY.match(name)
+        if m and m.group(2) == "attn":
+            kind = m.group(3)
+            if kind == "lora_A":
+                continue  # handled with its lora_B, below
+            if kind == "lora_B":
+                a = sd.tensors[name[: -len("lora_B")] + "lora_A"]
+                assert plan is not None
+                new_a, new_b = apply_reorder(a, t, plan)
+                new[current_name(name[: -len("lora_B")] + "lora_A")] = new_a
+                new[current_name(name)] = new_b
+            else:  # weight / bias rows of the fused matrix
+                new[current_name(name)] = t.index_select(0, to_sequential)
+        elif name.endswith("lora_A") and factor > 1:
+            new[name], new[name[: -len("lora_A")] + "lora_B"] = expand_rank(
+                t, sd.tensors[name[: -len("lora_A")] + "lora_B"], factor
+            )
+        elif name.endswith("lora_B") and factor > 1:
+            continue  # written with its lora_A
+        else:
+            new[name] = t
+    # keep the original key order (lora_A before lora_B, as litgpt writes them)
+    ordered = {current_name(k): new[current_name(k)] for k in sd.tensors}
+    return ordered, factor
+
+
+def check_upgraded(
+    old: StateDictFile, new: dict[str, torch.Tensor], heads: HeadLayout,
+    hyper: LoraHyperparameters | None, factor: int,
+) -> list[str]:
+    """Check the upgraded tensors against the originals; raise CheckFailed on any difference."""
+    mapping = {k: current_name(k) for k in old.tensors}
+    if set(mapping.values()) != set(new):
+        missing, extra = set(mapping.values()) - set(new), set(new) - set(mapping.values())
+        raise CheckFailed(f"upgraded {old.path.name} has missing {sorted(missing)[:3]} / extra {sorted(extra)[:3]} tensors")
+    perm = permutation(QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
+    if not torch.equal(torch.sort(perm).values, torch.arange(heads.rows)):
+        raise CheckFailed("the row permutation is not a bijection")
+    n_reordered = n_same = n_lora = 0
+    for old_name, new_name in mapping.items():
+        a, b = old.tensors[old_name], new[new_name]
+        if a.dtype != b.dtype:
+            raise CheckFailed(f"{new_name}: dtype changed from {a.dtype} to {b.dtype}")
+        m = QKV_KEY.match(old_name)
+        if m and m.group(2) == "attn" and not m.group(3).startswith("lora"):
+            ok = b.shape == a.shape and torch.equal(b, a[perm])
+            n_reordered += 1
+        elif old_name.endswith("lora_A") or old_name.endswith("lora_B"):
+            ok = _lora_update_equal(old, new, old_name, new_name, heads, hyper, factor)
+            n_lora += 1
+        else:
+            ok = torch.equal(a, b)
+            n_same += 1
+        if not ok:
+            raise CheckFailed(f"{new_name} in the upgraded {old.path.name} does not match the original")
+    checks = []
+    if n_reordered:
+        checks.append(f"{old.path.name}: {n_reordered} QKV tensors re-ordered, every row accounted for; {n_same} other tensors bit-identical")
+    if n_lora:
+        checks.append(f"{old.path.name}: the update matrix of all {n_lora // 2} LoRA layers is equal under old and new semantics")
+    return checks
+
+
+def _lora_update_equal(
+    old: StateDictFile, new: dict[str, torch.Tensor], old_name: str, new_name: str,
+    heads: HeadLayout, hyper: LoraHyperparameters | None, factor: int,
+) -> bool:
+    if old_name.endswith("lora_B"):
+        return True  # compared with its lora_A
+    stem_old, stem_new = old_name[: -len("lora_A")], new_name[: -len("lora_A")]
+    a0, b0 = old.tensors[stem_old + "lora_A"], old.tensors[stem_old + "lora_B"]
+    a1, b1 = new[stem_new + "lora_A"], new[stem_new + "lora_B"]
+    m = QKV_KEY.match(old_name)
+    if m and m.group(2) == "attn":
+        assert hyper is not None
+        s = hyper.settings
+        before = reorder(qkv_delta(a0, b0, s, heads, legacy=True), QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
+        after = qkv_delta(a1, b1, LoraSettings(s.r * factor, s.alpha * factor, s.enable), heads, legacy=False)
+    else:
+        before = b0.double() @ a0.double()
+        after = b1.double() @ a1.double()
+    return torch.allclose(before, after, rtol=1e-12, atol=1e-12)
+
+
+@dataclass
+class _StagedFile:
+    target: str
+    original: StateDictFile
+    tensors: dict[str, torch.Tensor]
+    factor: int
+
+
+def _needs_upgrade(ckpt: LitgptCheckpoint) -> tuple[list[StateDictFile], bool]:
+    """The legacy weight files of a checkpoint and whether its config needs migrating."""
+    legacy: list[StateDictFile] = []
+    for path in ckpt.weight_files():
+        sd = load_state_dict_file(path)
+        if path.name == LORA_WEIGHTS:
+            assert ckpt.hyperparameters is not None
+            check_lora_shapes(sd, ckpt.shape, ckpt.hyperparameters)
+        else:
+            check_full_shapes(sd, ckpt.shape)
+        if qkv_naming(sd.tensors, path) == LEGACY_NAMING:
+            legacy.append(sd)
+    _, config_changes = migrate_config(ckpt.config)
+    return legacy, bool(config_changes)
+
+
+def _save(payload: object, path: Path) -> None:
+    try:
+        torch.save(payload, path)
+    except OSError as e:
+        raise QkvconvError(f"cannot write {path}: {e.strerror or e}") from None
+    except RuntimeError as e:  # torch wraps write failures (e.g. a full disk) in RuntimeError
+        raise QkvconvError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
+
+
+def _write_and_check(
+    staged: list[_StagedFile], paths: dict[str, Path], ckpt: LitgptCheckpoint, report: UpgradeReport
+) -> None:
+    for item in staged:
+        path = paths[item.target]
+        _save(item.original.payload(item.tensors), path)
+        written = load_state_dict_file(path)  # check what is on disk, not what is in memory
+        if written.wrapped != item.original.wrapped:
+            raise CheckFailed(f"{path.name}: wrapping changed")
+        report.checks += check_upgraded(item.original, written.tensors, ckpt.shape.heads, ckpt.hyperparameters, item.factor)
+
+
+def upgrade(
+    source: Path,
+    out: Path | None = None,
+    *,
+    lora_merge: bool = False,
+    base: Path | None = None,
+    forward_check: ForwardCheck | None = None,
+) -> UpgradeReport:
+    """Upgrade a legacy litgpt checkpoint (full or LoRA run) in place, or into `out`."""
+    directory = source.parent if source.is_file() else source
+    if not directory.is_dir():
+        raise QkvconvError(f"{source} does not exist")
+    if lora_merge:
+        if out is None:
+            raise QkvconvError("--lora-merge writes a full checkpoint: give it a new directory with --out")
+        return merge_lora(directory, out, base=base, forward_check=forward_check)
+    with DirectoryLock(directory):
+        if out is None:
+            recovered = recover(directory)
+        else:
+            if (directory / JOURNAL_NAME).exists():
+                raise QkvconvError(
+                    f"an interrupted in-place upgrade of {directory} is pending; run `qkvconv upgrade {directory}` first"
+                )
+            recovered = []
+        ckpt = open_litgpt(directory)
+        legacy_files, config_legacy = _needs_upgrade(ckpt)
+        report = UpgradeReport(directory, out or directory, changed=False, recovered=recovered)
+        if not legacy_files and not config_legacy:
+            if out is not None:
+                _copy_tree(directory, out, skip=set())
+                report.actions.append(f"already current; copied unchanged to {out}")
+            else:
+                report.actions.append("already current (attn.qkv, sequential order): nothing to do")
+            return report
+        staged: list[_StagedFile] = []
+        for sd in legacy_files:
+            tensors, factor = upgrade_tensors(sd, ckpt.shape.heads, ckpt.hyperparameters if sd.path.name == LORA_WEIGHTS else None)
+            staged.append(_StagedFile(sd.path.name, sd, tensors, factor))
+            report.actions.append(f"{sd.path.name}: attn.attn (grouped) -> attn.qkv (sequential)")
+        factor = max((s.factor for s in staged), default=1)
+        new_config, config_changes = migrate_config(ckpt.config)
+        report.actions += [f"{CONFIG}: {c}" for c in config_changes]
+        new_hyper = None
+        if ckpt.hyperparameters is not None:
+            new_hyper = dict(ckpt.hyperparameters.raw)
+            if factor > 1:
+                s = ckpt.hyperparameters.settings
+                new_hyper["lora_r"], new_hyper["lora_alpha"] = s.r * factor, s.alpha * factor
+                report.lora_rank = (s.r, s.r * factor)
+                report.actions.append(
+                    f"LoRA on all of q, k, v: exact adapter at rank {s.r * factor} (was {s.r}); "
+                    f"lora_alpha {s.alpha} -> {s.alpha * factor}, so alpha/r is unchanged"
+                )
+        report.actions += _legacy_base_warning(ckpt)
+        if out is None:
+            _upgrade_in_place(ckpt, staged, new_config if config_changes else None,
+                              new_hyper if factor > 1 else None, report, forward_check)
+        else:
+            _upgrade_into(ckpt, out, staged, new_config, new_hyper, factor, report, forward_check)
+        report.changed = True
+        return report
+
+
+def _legacy_base_warning(ckpt: LitgptCheckpoint) -> list[str]:
+    """Current litgpt cannot load a legacy base under a LoRA model (its `finetune lora` even leaves the
+    QKV weights at random init, loading with strict=False): say so when a LoRA run's base is legacy."""
+    base = ckpt.find_base() if ckpt.lora_weights is not None else None
+    if base is None:
+        return []
+    tensors = load_state_dict_file(base / WEIGHTS).tensors
+    if qkv_naming(tensors, base / WEIGHTS) != LEGACY_NAMING:
+        return []
+    return [f"the base checkpoint {base} is legacy too: current litgpt cannot load it under this adapter; "
+            f"run `qkvconv upgrade {base}`"]
+
+
+def _upgrade_in_place(
+    ckpt: LitgptCheckpoint, staged: list[_StagedFile], new_config: dict | None, new_hyper: dict | None,
+    report: UpgradeReport, forward_check: ForwardCheck | None,
+) -> None:
+    with Transaction(ckpt.directory) as tx:
+        paths = {s.target: tx.stage(s.target) for s in staged}
+        _write_and_check(staged, paths, ckpt, report)
+        if new_config is not None:
+            write_yaml(new_config, tx.stage(CONFIG))
+        if new_hyper is not None:
+            write_yaml(new_hyper, tx.stage(HYPERPARAMETERS))
+        if forward_check is not None:
+            files = {t.name: s for t, s in tx.staged.items()}
+            report.checks.append(forward_check(ckpt, files))
+        tx.commit()
+
+
+def _copy_tree(src: Path, dst: Path, skip: set[str]) -> None:
+    """Copy a checkpoint directory's other files (configs, tokenizer) into a fresh `dst`, atomically."""
+    tmp = _fresh_output(dst)
+    try:
+        _copy_files(src, tmp, skip)
+        _publish(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fresh_output(out: Path) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QkvconvError(f"{out} already exists and is not empty; choose a new --out directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staged_name(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _copy_files(src: Path, dst: Path, skip: set[str]) -> None:
+    for item in src.iterdir():
+        if item.name in skip or is_temporary(item):
+            continue
+        if item.is_symlink() or not item.is_file():
+            continue  # sub-directories and links are not part of a litgpt checkpoint
+        shutil.copy2(item, dst / item.name)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        out.rmdir()  # empty, checked by _fresh_output
+    os.rename(tmp, out)
+
+
+def _upgrade_into(
+    ckpt: LitgptCheckpoint, out: Path, staged: list[_StagedFile], new_config: dict, new_hyper: dict | None,
+    factor: int, report: UpgradeReport, forward_check: ForwardCheck | None,
+) -> None:
+    tmp = _fresh_output(out)
+    try:
+        rewritten = {s.target for s in staged} | {CONFIG} | ({HYPERPARAMETERS} if new_hyper is not None else set())
+        _copy_files(ckpt.directory, tmp, skip=rewritten)
+        paths = {s.target: tmp / s.target for s in staged}
+        _write_and_check(staged, paths, ckpt, report)
+        write_yaml(new_config, tmp / CONFIG)
+        if new_hyper is not None:
+            base = ckpt.find_base()
+            name = new_hyper.get("checkpoint_dir")
+            if base is not None and name and not Path(name).is_absolute():
+                new_hyper["checkpoint_dir"] = str(base)  # a relative path would not resolve from `out`
+                report.actions.append(f"{HYPERPARAMETERS}: checkpoint_dir made absolute ({base})")
+            write_yaml(new_hyper, tmp / HYPERPARAMETERS)
+        if forward_check is not None:
+            report.checks.append(forward_check(ckpt, {p.name: p for p in tmp.iterdir()}))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def merge_lora(directory: Path, out: Path, *, base: Path | None, forward_check: ForwardCheck | None) -> UpgradeReport:
+    """Merge a (legacy or current) LoRA run into its base weights: a current full checkpoint at `out`."""
+    ckpt = open_litgpt(directory)
+    if ckpt.lora_weights is None or ckpt.hyperparameters is None:
+        raise QkvconvError(f"--lora-merge needs a LoRA run directory ({LORA_WEIGHTS}); {directory} has none")
+    base_dir = ckpt.find_base(base)
+    if base_dir is None:
+        raise QkvconvError(
+            f"cannot find the base checkpoint of {directory} (hyperparameters.yaml checkpoint_dir="
+            f"{ckpt.hyperparameters.checkpoint_dir!r}); pass it with --base DIR"
+        )
+    base_ckpt = open_litgpt(base_dir)
+    if base_ckpt.shape != replace(ckpt.shape, name=base_ckpt.shape.name):
+        raise QkvconvError(f"the base {base_dir} has a different model config than the LoRA run {directory}")
+    adapter = load_state_dict_file(ckpt.lora_weights)
+    check_lora_shapes(adapter, ckpt.shape, ckpt.hyperparameters)
+    base_sd = load_state_dict_file(base_ckpt.weights)  # type: ignore[arg-type]
+    check_full_shapes(base_sd, base_ckpt.shape)
+    merged = merged_tensors(base_sd, adapter, ckpt.shape.heads, ckpt.hyperparameters.settings)
+    report = UpgradeReport(directory, out, changed=True)
+    report.actions.append(f"merged {len(adapter.tensors) // 2} LoRA updates into the weights of {base_dir / WEIGHTS}")
+    new_config, changes = migrate_config(ckpt.config)
+    report.actions += [f"{CONFIG}: {c}" for c in changes]
+    tmp = _fresh_output(out)
+    try:
+        _copy_files(ckpt.directory, tmp, skip={WEIGHTS, LORA_WEIGHTS, CONFIG})
+        _save(base_sd.payload(merged), tmp / WEIGHTS)
+        write_yaml(new_config, tmp / CONFIG)
+        written = load_state_dict_file(tmp / WEIGHTS)
+        report.checks.append(_check_merged(base_sd, adapter, written, ckpt.shape.heads, ckpt.hyperparameters.settings))
+        if forward_check is not None:
+            report.checks.append(forward_check(ckpt, {p.name: p for p in tmp.iterdir()}))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _lora_pairs(adapter: StateDictFile) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
+    """weight name (current naming) -> (lora_A, lora_B, is_fused_qkv_with_legacy_semantics)."""
+    pairs = {}
+    for name, a in adapter.tensors.items():
+        if not name.endswith("lora_A"):
+            continue
+        stem = name[: -len("lora_A")]
+        b = adapter.tensors[stem + "lora_B"]
+        m = QKV_KEY.match(name)
+        legacy = bool(m and m.group(2) == "attn")
+        pairs[current_name(stem + "weight")] = (a, b, legacy)
+    return pairs
+
+
+def merged_tensors(
+    base: StateDictFile, adapter: StateDictFile, heads: HeadLayout, settings: LoraSettings
+) -> dict[str, torch.Tensor]:
+    """Base tensors in current naming and order, with each LoRA update added (computed in float64)."""
+    pairs = _lora_pairs(adapter)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in base.tensors.items():
+        m = QKV_KEY.match(name)
+        target = current_name(name).replace(".linear.", ".")
+        if m and not m.group(3).startswith("lora"):
+            t = reorder(t, NAMING_ORDER[m.group(2)], QKVOrder.SEQUENTIAL, heads)
+        if target in pairs:
+            a, b, legacy = pairs.pop(target)
+            if QKV_KEY.match(target):
+                delta = qkv_delta(a, b, settings, heads, legacy=legacy)
+                if legacy:
+                    delta = reorder(delta, QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
+            else:
+                delta = (b.double() @ a.double()) * settings.scaling
+            t = (t.double() + delta).to(t.dtype)
+        out[target] = t
+    if pairs:
+        raise QkvconvError(f"LoRA tensors with no base weight to merge into: {sorted(pairs)[:3]}")
+    return out
+
+
+def _check_merged(
+    base: StateDictFile, adapter: StateDictFile, written: StateDictFile, heads: HeadLayout, settings: LoraSettings
+) -> str:
+    """Each merged tensor minus the (re-ordered) base equals the LoRA update, to float precision."""
+    pairs = _lora_pairs(adapter)
+    worst = 0.0
+    for name, t in base.tensors.items():
+        m = QKV_KEY.match(name)
+        target = current_name(name).replace(".linear.", ".")
+        got = written.tensors.get(target)
+        if got is None or got.dtype != t.dtype:
+            raise CheckFailed(f"merged checkpoint lacks {target} or changed its dtype")
+        if m and not m.group(3).startswith("lora"):
+            # compare in the base's own order: an independent path from the one that wrote it
+            got = reorder(got, QKVOrder.SEQUENTIAL, NAMING_ORDER[m.group(2)], heads)
+        diff = got.double() - t.double()
+        if target in pairs:
+            a, b, legacy = pairs[target]
+            if QKV_KEY.match(target):
+                delta = qkv_delta(a, b, settings, heads, legacy=legacy)
+                if not legacy and m and m.group(2) == "attn":
+                    delta = reorder(delta, QKVOrder.SEQUENTIAL, QKVOrder.GROUPED, heads)
+                elif legacy and m and m.group(2) == "qkv":
+                    delta = reorder(delta, QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
+            else:
+                delta = (b.double() @ a.double()) * settings.scaling
+            diff = diff - delta
+        if t.is_floating_point():
+            # rounding the float64 sum to the stored dtype costs at most half an ulp of the result
+            bound = torch.finfo(t.dtype).eps * got.double().abs() + torch.finfo(t.dtype).tiny
+            ok = bool((diff.abs() <= bound).all())
+        else:
+            ok = torch.equal(got, t)
+        if not ok:
+            raise CheckFailed(f"merged {target} differs from base + LoRA update beyond rounding")
+        worst = max(worst, float(diff.abs().max()) if diff.numel() else 0.0)
+    return f"{WEIGHTS}: every merged tensor equals base + LoRA update (max rounding {worst:.2g})"
