@@ -23,7 +23,10 @@ import typer
 
 from qkvconv import __version__
 from qkvconv.errors import QkvconvError
-from qkvconv import inspection, render, upgrade as upgrading
+from qkvconv import inspection, render
+from qkvconv import upgrade as upgrading
+from qkvconv import verify as verifying
+from qkvconv.weights import open_weights
 
 def reports_errors(command: Callable[..., None]) -> Callable[..., None]:
     """One line and an exit code for every failure a user can cause; no tracebacks.
@@ -65,6 +68,8 @@ app = typer.Typer(
 
 SourceArg = Annotated[Path, typer.Argument(help="Checkpoint directory (or its lit_model.pth).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
+DeviceOpt = Annotated[str, typer.Option(help="Where the forward pass runs: cpu, cuda or auto.")]
+BaseOpt = Annotated[Optional[Path], typer.Option(help="Base checkpoint of a LoRA run (default: hyperparameters.yaml).")]
 
 
 class Expect(str, enum.Enum):
@@ -99,11 +104,16 @@ def upgrade_cmd(
     lora_merge: Annotated[
         bool, typer.Option("--lora-merge", help="Merge a LoRA run into its base weights instead (needs --out).")
     ] = False,
-    base: Annotated[Optional[Path], typer.Option(help="Base checkpoint of a LoRA run (default: hyperparameters.yaml).")] = None,
+    base: BaseOpt = None,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Run a forward pass of old and new before replacing anything.")
+    ] = True,
+    device: DeviceOpt = "cpu",
     json: JsonOpt = False,
 ) -> None:
     """Legacy litgpt (grouped attn.attn, LoRA included) -> current litgpt (sequential attn.qkv)."""
-    report = upgrading.upgrade(source, out, lora_merge=lora_merge, base=base)
+    check = verifying.upgrade_check(device) if verify else None
+    report = upgrading.upgrade(source, out, lora_merge=lora_merge, base=base, forward_check=check)
     if json:
         render.emit_json(report.as_dict())
         return
@@ -112,6 +122,33 @@ def upgrade_cmd(
     render.lines(f"[bold]{'upgraded' if report.changed else 'unchanged'}:[/] {report.destination}", report.actions)
     if report.checks:
         render.lines("[bold green]checked before replacing anything:[/]", report.checks)
+
+
+@app.command("verify")
+@reports_errors
+def verify_cmd(
+    reference: Annotated[Path, typer.Argument(help="The checkpoint you trust.", show_default=False)],
+    candidate: Annotated[Path, typer.Argument(help="The checkpoint to check against it.", show_default=False)],
+    device: DeviceOpt = "cpu",
+    tokens: Annotated[int, typer.Option(help="Sequence length of the random input.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the random tokens.")] = 0,
+    atol: Annotated[Optional[float], typer.Option(help="Absolute tolerance (default: fits the dtype).")] = None,
+    rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default: fits the dtype).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Compute dtype (default: float32 on CPU, stored dtype on GPU).")] = None,
+    base: BaseOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Run the same random tokens through both; compare every layer and the logits. Exit 1 if they differ."""
+    report = verifying.verify(
+        open_weights(reference, base=base), open_weights(candidate, base=base),
+        device=device, tokens=tokens, seed=seed, atol=atol, rtol=rtol, dtype=dtype,
+    )
+    if json:
+        render.emit_json(report.as_dict())
+    else:
+        render.verify_table(report)
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 def version_callback(value: bool) -> None:

@@ -50,3 +50,28 @@ def lines(header: str, items: list[str]) -> None:
 
 def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+
+
+def verify_table(report) -> None:
+    """Per-stage differences, the first stage that differs in red, then a one-line verdict."""
+    out.print(f"[bold]qkvconv verify[/] on {report.device}, {report.dtype}, {report.tokens} tokens, seed {report.seed}")
+    table = Table()
+    table.add_column("stage")
+    table.add_column("max |diff|", justify="right")
+    table.add_column("max |reference|", justify="right")
+    table.add_column("", justify="left")
+    first = report.first_difference
+    for s in report.stages:
+        mark = "[green]ok[/]" if s.within else ("[bold red]differs (first)[/]" if s.name == first else "[red]differs[/]")
+        table.add_row(s.name, f"{s.max_abs_diff:.3g}", f"{s.scale:.3g}", mark)
+    out.print(table)
+    out.print(f"reference: {report.reference}\ncandidate: {report.candidate}")
+    memory = f"peak RSS {report.peak_rss_bytes / 2**20:,.0f} MiB"
+    if report.peak_gpu_bytes is not None:
+        memory += f", peak GPU {report.peak_gpu_bytes / 2**20:,.0f} MiB"
+    out.print(f"top-1 agreement {report.top1_agreement:.1%}; tolerance atol={report.atol:g} rtol={report.rtol:g}; "
+              f"{report.seconds:.2f} s, {memory}")
+    if report.passed:
+        out.print("[bold green]same function[/] within tolerance")
+    else:
+        out.print(f"[bold red]different[/]: they part at {first}")

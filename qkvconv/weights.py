@@ -1,0 +1,132 @@
+"""A model's weights under current litgpt names and order, whatever layout they are stored in.
+
+The reference forward pass (forward.py) asks for `transformer.h.{i}.attn.qkv.weight` with sequential
+rows; a `ModelWeights` answers from a legacy or current litgpt file, a LoRA run on top of its base
+(legacy or current LoRA semantics; the update is merged per tensor, in float64, when asked for), and
+so on. Tensors are read one at a time from mmapped files, so a caller that walks the layers in
+order holds about one layer at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qkvconv.errors import QkvconvError
+from qkvconv.layout import HeadLayout, QKVOrder, reorder
+from qkvconv.litgpt_format import (
+    CONFIG,
+    HYPERPARAMETERS,
+    LORA_WEIGHTS,
+    QKV_KEY,
+    WEIGHTS,
+    LitgptCheckpoint,
+    LoraHyperparameters,
+    ModelShape,
+    StateDictFile,
+    check_full_shapes,
+    check_lora_shapes,
+    load_state_dict_file,
+    migrate_config,
+    open_litgpt,
+    read_yaml,
+)
+from qkvconv.lora_layout import qkv_delta
+
+
+def _current_key(name: str) -> tuple[str, str | None]:
+    """(current name, 'attn'|'qkv'|None): the name under current litgpt and which naming it had."""
+    m = QKV_KEY.match(name)
+    if not m:
+        return name, None
+    kind = m.group(3).replace("linear.", "")
+    return f"transformer.h.{m.group(1)}.attn.qkv.{kind}", m.group(2)
+
+
+@dataclass
+class ModelWeights:
+    """Tensors by current litgpt name (sequential QKV rows), LoRA updates merged in on access."""
+
+    description: str
+    config: dict[str, Any]
+    heads: HeadLayout
+    base: StateDictFile
+    adapter: StateDictFile | None = None
+    lora: LoraHyperparameters | None = None
+
+    def __post_init__(self) -> None:
+        self._index: dict[str, tuple[str, str | None]] = {}
+        for key in self.base.tensors:
+            current, naming = _current_key(key)
+            self._index[current] = (key, naming)
+        self._lora: dict[str, tuple[str, bool]] = {}  # current weight name -> (adapter stem, legacy)
+        if self.adapter is not None:
+            for key in self.adapter.tensors:
+                if key.endswith("lora_A"):
+                    stem = key[: -len("lora_A")]
+                    current, naming = _current_key(stem + "weight")
+                    self._lora[current] = (stem, naming == "attn")
+            missing = [k for k in self._lora if k not in self._index]
+            if missing:
+                raise QkvconvError(f"{self.description}: LoRA tensors for {missing[0]} have no base weight")
+
+    def __call__(self, name: str) -> torch.Tensor:
+        key, naming = self._index[name]  # KeyError for an absent tensor, as forward.py expects
+        t = self.base.tensors[key]
+        if naming == "attn":
+            t = reorder(t, QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, self.heads)
+        if name in self._lora:
+            t = self._with_update(name, t)
+        return t
+
+    def _with_update(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        assert self.adapter is not None and self.lora is not None
+        stem, legacy = self._lora[name]
+        a, b = self.adapter.tensors[stem + "lora_A"], self.adapter.tensors[stem + "lora_B"]
+        s = self.lora.settings
+        if QKV_KEY.match(name):
+            delta = qkv_delta(a, b, s, self.heads, legacy=legacy)
+            if legacy:
+                delta = reorder(delta, QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, self.heads)
+        else:
+            delta = (b.double() @ a.double()) * s.scaling
+        # merged in float64, handed over in float32 (or the stored dtype if wider)
+        return (t.double() + delta).to(torch.promote_types(t.dtype, torch.float32))
+
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.base.tensors.values())).dtype
+
+
+def litgpt_weights(
+    ckpt: LitgptCheckpoint, *, base: Path | None = None, overrides: dict[str, Path] | None = None
+) -> ModelWeights:
+    """Weights of a litgpt checkpoint directory; `overrides` replaces files by name (a staged upgrade)."""
+    files = {n: ckpt.directory / n for n in (WEIGHTS, LORA_WEIGHTS, CONFIG, HYPERPARAMETERS)}
+    files.update(overrides or {})
+    config = read_yaml(files[CONFIG]) if files[CONFIG].is_file() else ckpt.config
+    config, _ = migrate_config(config)
+    shape = ModelShape.from_config(config, files[CONFIG])
+    if ckpt.lora_weights is None:
+        sd = load_state_dict_file(files[WEIGHTS])
+        check_full_shapes(sd, shape)
+        return ModelWeights(str(ckpt.directory), config, shape.heads, sd)
+    hyper = LoraHyperparameters.from_yaml(read_yaml(files[HYPERPARAMETERS]), files[HYPERPARAMETERS])
+    base_dir = ckpt.find_base(base)
+    if base_dir is None:
+        raise QkvconvError(
+            f"cannot find the base checkpoint of the LoRA run {ckpt.directory} (hyperparameters.yaml "
+            f"checkpoint_dir={ckpt.hyperparameters.checkpoint_dir if ckpt.hyperparameters else None!r}); pass --base DIR"
+        )
+    base_sd = load_state_dict_file(base_dir / WEIGHTS)
+    check_full_shapes(base_sd, shape)
+    adapter = load_state_dict_file(files[LORA_WEIGHTS])
+    check_lora_shapes(adapter, shape, hyper)
+    return ModelWeights(f"{ckpt.directory} (LoRA on {base_dir})", config, shape.heads, base_sd, adapter, hyper)
+
+
+def open_weights(source: Path, *, base: Path | None = None) -> ModelWeights:
+    """Any supported checkpoint directory, as ModelWeights."""
+    return litgpt_weights(open_litgpt(source), base=base)

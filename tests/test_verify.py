@@ -1,0 +1,151 @@
+"""`qkvconv verify` and the forward-pass check inside `upgrade`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import CASES, FULL_CASES, LORA_CASES, reference
+from qkvconv import forward
+from qkvconv.cli import app
+from qkvconv.layout import HeadLayout, QKVOrder, reorder
+from qkvconv.upgrade import upgrade
+from qkvconv.weights import open_weights
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("name", FULL_CASES + LORA_CASES)
+def test_our_forward_pass_reproduces_litgpt_054_logits_on_legacy_files(name: str, legacy) -> None:
+    """Reading legacy files directly (grouped rows, legacy LoRA semantics, adapter on top of its base),
+    our forward pass gives the logits litgpt 0.5.4 computed."""
+    directory = legacy(name)
+    weights = open_weights(directory)
+    ref = reference(directory)
+    arch = forward.Architecture.from_litgpt_config(weights.config)
+    logits = dict(forward.forward(arch, weights, ref["tokens"], dtype=torch.float32))["logits"]
+    assert (logits - ref["logits"]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", FULL_CASES + LORA_CASES)
+def test_verify_legacy_against_upgraded_passes(name: str, legacy, tmp_path: Path) -> None:
+    directory = legacy(name)
+    out = tmp_path / "upgraded"
+    assert cli("upgrade", directory, "--out", out).exit_code == 0
+    result = cli("verify", directory, out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["passed"] and report["top1_agreement"] == 1.0
+    assert [s["name"] for s in report["stages"]] == ["embed", "layer 0", "layer 1", "logits"]
+    # pure re-orderings (and exact LoRA rank expansion) are bitwise equal in float32 on CPU
+    assert all(s["max_abs_diff"] == 0.0 for s in report["stages"])
+
+
+@pytest.mark.parametrize("name", LORA_CASES)
+def test_verify_lora_run_against_its_merge(name: str, legacy, tmp_path: Path) -> None:
+    directory = legacy(name)
+    merged = tmp_path / "merged"
+    assert cli("upgrade", directory, "--lora-merge", "--out", merged).exit_code == 0
+    result = cli("verify", directory, merged, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["logits_max_abs_diff"] < 1e-5
+
+
+def _relabel_grouped_as_sequential(directory: Path) -> None:
+    """The silent error this tool exists for: legacy rows under the current name."""
+    sd = torch.load(directory / "lit_model.pth", weights_only=True)
+    cfg = CASES[directory.name]
+    heads = HeadLayout(cfg["n_head"], cfg["n_query_groups"], cfg["head_size"])
+    for k in [k for k in sd if ".attn.qkv." in k]:
+        sd[k] = reorder(sd[k], QKVOrder.SEQUENTIAL, QKVOrder.GROUPED, heads)
+    torch.save(sd, directory / "lit_model.pth")
+
+
+def test_verify_catches_mis_ordered_copy_at_the_first_layer(legacy, tmp_path: Path) -> None:
+    original = legacy("gqa_bias_oddhead")
+    wrong = tmp_path / "wrong" / "gqa_bias_oddhead"
+    assert cli("upgrade", original, "--out", wrong).exit_code == 0
+    _relabel_grouped_as_sequential(wrong)
+    assert cli("inspect", wrong, "--expect", "current").exit_code == 0  # names alone cannot tell
+    result = cli("verify", original, wrong, "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert not report["passed"] and report["first_difference"] == "layer 0"
+    assert report["stages"][0]["max_abs_diff"] == 0.0  # embeddings agree
+    table = cli("verify", original, wrong)
+    assert table.exit_code == 1
+    assert "differs (first)" in table.output and "they part at layer 0" in table.output
+
+
+def test_upgrade_refuses_to_replace_when_the_forward_pass_disagrees(legacy, monkeypatch) -> None:
+    """A re-ordering bug shared by the writer and the tensor-level check is still caught by the
+    forward pass, and the original stays in place."""
+    import qkvconv.upgrade as upgrading
+
+    directory = legacy("gqa_llama")
+    before = (directory / "lit_model.pth").read_bytes()
+    monkeypatch.setattr(upgrading, "permutation", lambda src, dst, heads: torch.arange(heads.rows))
+    result = cli("upgrade", directory)
+    assert result.exit_code == 1, result.output
+    assert "computes something else" in result.output and "nothing was replaced" in result.output
+    assert (directory / "lit_model.pth").read_bytes() == before
+    assert sorted(p.name for p in directory.iterdir()) == ["lit_model.pth", "model_config.yaml", "reference.pt"]
+
+
+def test_upgrade_reports_the_forward_check(legacy) -> None:
+    result = cli("upgrade", legacy("mqa_falcon"))
+    assert result.exit_code == 0
+    assert "forward pass on cpu" in result.output and "bitwise equal" in result.output
+    result = cli("upgrade", legacy("mha_neox"), "--no-verify")
+    assert result.exit_code == 0 and "forward pass" not in result.output
+
+
+def test_verify_different_architectures_exit_1(legacy) -> None:
+    result = cli("verify", legacy("gqa_llama"), legacy("mqa_falcon"))
+    assert result.exit_code == 1 and "different architectures" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_verify_cuda_without_gpu_is_bad_environment(legacy) -> None:
+    directory = legacy("gqa_llama")
+    result = cli("verify", directory, directory, "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA GPU" in result.output
+
+
+def test_verify_unsupported_family_names_the_supported_ones(legacy) -> None:
+    import yaml
+
+    directory = legacy("gqa_llama")
+    cfg = yaml.safe_load((directory / "model_config.yaml").read_text())
+    cfg["n_expert"] = 4
+    cfg["mlp_class_name"] = "LLaMAMoE"
+    (directory / "model_config.yaml").write_text(yaml.safe_dump(cfg))
+    result = cli("verify", directory, directory)
+    assert result.exit_code == 2
+    assert "Llama 2" in result.output and "Falcon" in result.output and "Traceback" not in result.output
+
+
+def test_verify_streams_one_layer_at_a_time(legacy) -> None:
+    """The forward pass asks for layer i's tensors only while running layer i."""
+    directory = legacy("gqa_llama")
+    weights = open_weights(directory)
+    asked: list[str] = []
+
+    def spy(name: str) -> torch.Tensor:
+        asked.append(name)
+        return weights(name)
+
+    arch = forward.Architecture.from_litgpt_config(weights.config)
+    layer_seen = []
+    for stage, _ in forward.forward(arch, spy, torch.zeros(1, 4, dtype=torch.long)):
+        layer_seen.append((stage, {n.split(".")[2] for n in asked if n.startswith("transformer.h.")}))
+        asked.clear()
+    assert layer_seen[1] == ("layer 0", {"0"}) and layer_seen[2] == ("layer 1", {"1"})
