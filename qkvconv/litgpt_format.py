@@ -21,6 +21,7 @@ import yaml
 from qkvconv.errors import QkvconvError
 from qkvconv.layout import HeadLayout, LayoutError, QKVOrder
 from qkvconv.lora_layout import LoraSettings, block_sizes
+from qkvconv.pages import MappedFile
 
 WEIGHTS = "lit_model.pth"
 LORA_WEIGHTS = "lit_model.pth.lora"
@@ -44,6 +45,12 @@ class StateDictFile:
     tensors: dict[str, torch.Tensor]
     wrapped: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # other top-level keys of a wrapped file
+    mapped: MappedFile | None = None
+
+    def release(self) -> None:
+        """Give the file's resident pages back (after a layer has been used); tensors stay valid."""
+        if self.mapped is not None:
+            self.mapped.release()
 
     def payload(self, tensors: dict[str, torch.Tensor] | None = None) -> Any:
         tensors = self.tensors if tensors is None else tensors
@@ -74,7 +81,7 @@ def load_state_dict_file(path: Path) -> StateDictFile:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise QkvconvError(f"{path}: entry {bad[0]!r} is not a tensor; this is not a litgpt state dict")
-    return StateDictFile(path, dict(obj), wrapped, extra)
+    return StateDictFile(path, dict(obj), wrapped, extra, MappedFile(path))
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

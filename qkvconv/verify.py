@@ -150,7 +150,9 @@ def verify(
         compare("embed", xa, xb)
         for i in range(arch_a.n_layer):
             xa = forward.block(arch_a, i, reference, xa)
+            reference.release()
             xb = forward.block(arch_b, i, candidate, xb)
+            candidate.release()
             compare(f"layer {i}", xa, xb)
         la, lb = forward.head(arch_a, reference, xa), forward.head(arch_b, candidate, xb)
         compare("logits", la, lb)

@@ -96,6 +96,12 @@ class ModelWeights:
         # merged in float64, handed over in float32 (or the stored dtype if wider)
         return (t.double() + delta).to(torch.promote_types(t.dtype, torch.float32))
 
+    def release(self) -> None:
+        """Drop the resident pages read so far: call between layers to hold about one layer."""
+        self.base.release()
+        if self.adapter is not None:
+            self.adapter.release()
+
     def dtype(self) -> torch.dtype:
         return next(iter(self.base.tensors.values())).dtype
 

@@ -149,3 +149,21 @@ def test_verify_streams_one_layer_at_a_time(legacy) -> None:
         layer_seen.append((stage, {n.split(".")[2] for n in asked if n.startswith("transformer.h.")}))
         asked.clear()
     assert layer_seen[1] == ("layer 0", {"0"}) and layer_seen[2] == ("layer 1", {"1"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run on the device machine)")
+@pytest.mark.parametrize("name", ["gqa_bias_oddhead", "lora_qkv_gqa", "mha_neox"])
+def test_verify_on_cuda(name: str, legacy, tmp_path: Path) -> None:
+    directory = legacy(name)
+    out = tmp_path / "upgraded"
+    assert cli("upgrade", directory, "--out", out, "--device", "cuda").exit_code == 0
+    result = cli("verify", directory, out, "--device", "cuda", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["device"].startswith("cuda") and report["peak_gpu_bytes"] > 0
+    weights = open_weights(directory)
+    arch = forward.Architecture.from_litgpt_config(weights.config)
+    ref = reference(directory)
+    logits = dict(forward.forward(arch, weights, ref["tokens"].cuda(), dtype=torch.float32))["logits"]
+    # TF32 may be on for GPU matmuls; litgpt 0.5.4's CPU logits agree to GPU float32 precision
+    assert (logits.cpu() - ref["logits"]).abs().max() < 1e-3
