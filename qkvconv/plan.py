@@ -1,0 +1,127 @@
+"""Conversion plans: which source tensors make which output tensor, and how. Pure data, no I/O.
+
+A `Recipe` names one output tensor, the source tensors it is made from and a short list of `Step`s
+(re-order rows, fuse q/k/v, take one part of a fused matrix, ...). Plans are built first and
+executed later by the streaming engine (engine.py), which reads each source tensor once, applies
+the steps and writes the result; `--dry-run` prints them. Anyone can also run a recipe in memory
+with `Recipe.apply`, which is what the tests of the mapping tables do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qkvconv.layout import HeadLayout, QKVOrder, fuse, reorder, split
+
+
+class Step:
+    """One transformation: a list of tensors in, a list of tensors out."""
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Reorder(Step):
+    """Permute the rows of a fused QKV weight, bias or LoRA-B from one order to another."""
+
+    src: QKVOrder
+    dst: QKVOrder
+    heads: HeadLayout
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        (t,) = tensors
+        return [reorder(t, self.src, self.dst, self.heads)]
+
+    def describe(self) -> str:
+        return f"reorder rows {self.src.value} -> {self.dst.value}"
+
+
+@dataclass(frozen=True)
+class Fuse(Step):
+    """Separate q, k, v (in that input order) -> one fused tensor with rows in `order`."""
+
+    order: QKVOrder
+    heads: HeadLayout
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        q, k, v = tensors
+        return [fuse(q, k, v, self.order, self.heads)]
+
+    def describe(self) -> str:
+        return f"fuse q, k, v -> {self.order.value}"
+
+
+@dataclass(frozen=True)
+class TakePart(Step):
+    """One of q, k, v out of a fused tensor whose rows are in `order`."""
+
+    part: str  # "q" | "k" | "v"
+    order: QKVOrder
+    heads: HeadLayout
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        (t,) = tensors
+        return [split(t, self.order, self.heads)["qkv".index(self.part)]]
+
+    def describe(self) -> str:
+        return f"take {self.part} from {self.order.value}"
+
+
+@dataclass(frozen=True)
+class Transpose(Step):
+    """Swap the two dims of a matrix (GPT-2's Conv1D stores weights transposed)."""
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        (t,) = tensors
+        return [t.t().contiguous()]
+
+    def describe(self) -> str:
+        return "transpose"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One output tensor made from `inputs` by `steps` (no steps: a plain copy of one input)."""
+
+    output: str
+    inputs: tuple[str, ...]
+    steps: tuple[Step, ...] = ()
+    dtype: torch.dtype | None = None  # cast at the end (None: keep the input dtype)
+
+    def apply(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if len(tensors) != len(self.inputs):
+            raise ValueError(f"{self.output}: expected {len(self.inputs)} inputs, got {len(tensors)}")
+        out = list(tensors)
+        for step in self.steps:
+            out = step.apply(out)
+        if len(out) != 1:
+            raise ValueError(f"{self.output}: steps left {len(out)} tensors, expected 1")
+        (t,) = out
+        return t if self.dtype is None else t.to(self.dtype)
+
+    def describe(self) -> str:
+        how = "; ".join(s.describe() for s in self.steps) or "copy"
+        return f"{self.output} <- {', '.join(self.inputs)} ({how})"
+
+
+def copy(name: str, output: str | None = None) -> Recipe:
+    return Recipe(output or name, (name,))
+
+
+@dataclass
+class Plan:
+    """Everything a conversion will write: recipes per output file, plus small text files."""
+
+    recipes: list[Recipe] = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)  # file name -> content (configs)
+    notes: list[str] = field(default_factory=list)
+
+    def apply_in_memory(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run every recipe on an in-memory state dict (small models, tests)."""
+        return {r.output: r.apply([tensors[i] for i in r.inputs]) for r in self.recipes}
