@@ -1,22 +1,32 @@
 """Replace files in a checkpoint directory so that a crash leaves the old checkpoint or the new one.
 
-Protocol: every new file is written and fsynced under a hidden temporary name beside its target
-(`stage`). `commit` then writes a journal that lists the renames, performs them, and removes the
-journal. A run that finds a journal finishes the renames (the staged files were complete and checked
-before the journal existed); a run that finds staged files without a journal deletes them. A lock
-on the directory keeps two qkvconv runs off it.
+`Replacement` builds the new version of the directory beside it (`.NAME.qkvconv-tmp`): the new
+files are written there, checked, and the unchanged files are hard-linked in; then one
+renameat2(RENAME_EXCHANGE) swaps the two directories atomically and the old version is deleted.
+At every instant the directory is either entirely old or entirely new; a run that finds a leftover
+sibling (a build that died, or an old version not yet deleted) removes it.
+
+Where the filesystem cannot exchange directories, `Transaction` is the fallback: new files are
+moved beside their targets under hidden temporary names, a journal lists the renames, the renames
+run, the journal goes. A run that finds a journal finishes the renames (the staged files were
+complete and checked before the journal existed); staged files without a journal are deleted.
+A lock on the directory keeps two qkvconv runs off it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from types import TracebackType
 
 from qkvconv.errors import QkvconvError
+from qkvconv.faults import crash_point
 
 TMP_SUFFIX = ".qkvconv-tmp"
 JOURNAL_NAME = ".qkvconv-journal.json"
@@ -77,9 +87,18 @@ class DirectoryLock:
             self._fd = None
 
 
+def sibling(directory: Path) -> Path:
+    """Where the new version of `directory` is built (and where the old one waits for deletion)."""
+    return directory.parent / f".{directory.name}{TMP_SUFFIX}"
+
+
 def recover(directory: Path) -> list[str]:
     """Finish an interrupted commit, or clean up an interrupted write. Returns what it did."""
     done: list[str] = []
+    leftover_build = sibling(directory.resolve())
+    if leftover_build.exists():
+        shutil.rmtree(leftover_build, ignore_errors=True)
+        done.append(f"removed an interrupted run's leftover {leftover_build.name}")
     journal = directory / JOURNAL_NAME
     if journal.exists():
         try:
@@ -123,6 +142,7 @@ class Transaction:
     def commit(self) -> None:
         for path in self.staged.values():
             fsync_file(path)
+        crash_point("before-journal")
         journal = self.directory / JOURNAL_NAME
         tmp_journal = staged_name(journal)
         renames = [[s.name, t.name] for t, s in self.staged.items()]
@@ -132,9 +152,12 @@ class Transaction:
             os.fsync(f.fileno())
         os.replace(tmp_journal, journal)
         fsync_dir(self.directory)
+        crash_point("after-journal")
         for target, path in self.staged.items():
             os.replace(path, target)
+            crash_point("mid-rename")
         fsync_dir(self.directory)
+        crash_point("before-journal-removal")
         journal.unlink()
         fsync_dir(self.directory)
         self.staged.clear()
@@ -146,6 +169,92 @@ class Transaction:
 
     def __enter__(self) -> "Transaction":
         return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories. False where the OS or filesystem cannot (then nothing moved)."""
+    if _libc is None or not hasattr(_libc, "renameat2"):
+        return False
+    if _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        dst.mkdir()
+        for child in src.iterdir():
+            _link_or_copy(child, dst / child.name)
+    else:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+class Replacement:
+    """New versions of some files of `directory`, all made visible in one atomic step."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory.resolve()
+        self.build = sibling(self.directory)
+        self.staged: dict[Path, Path] = {}  # target in directory -> new file in the build
+
+    def __enter__(self) -> "Replacement":
+        if self.build.exists():
+            shutil.rmtree(self.build)
+        try:
+            self.build.mkdir()
+        except OSError as e:
+            raise QkvconvError(f"cannot write beside {self.directory} ({e.strerror}): the parent directory must be writable") from None
+        return self
+
+    def stage(self, target_name: str) -> Path:
+        path = self.build / target_name
+        self.staged[self.directory / target_name] = path
+        return path
+
+    def commit(self) -> None:
+        names = {t.name for t in self.staged}
+        for item in self.directory.iterdir():
+            if item.name not in names and not is_temporary(item):
+                _link_or_copy(item, self.build / item.name)
+        for path in self.staged.values():
+            fsync_file(path)
+        fsync_dir(self.build)
+        crash_point("before-exchange")
+        if exchange(self.directory, self.build):
+            fsync_dir(self.directory.parent)
+            crash_point("after-exchange")
+            shutil.rmtree(self.build, ignore_errors=True)  # the old version now lives there
+        else:
+            self._commit_by_journal()
+        self.staged.clear()
+
+    def _commit_by_journal(self) -> None:
+        tx = Transaction(self.directory)
+        for target, path in self.staged.items():
+            os.replace(path, tx.stage(target.name))
+        tx.commit()
+        shutil.rmtree(self.build, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.build, ignore_errors=True)
+        self.staged.clear()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is not None:

@@ -38,7 +38,7 @@ from qkvconv.litgpt_format import (
     write_yaml,
 )
 from qkvconv.lora_layout import LoraSettings, apply_reorder, expand_rank, plan_reorder, qkv_delta
-from qkvconv.transaction import JOURNAL_NAME, DirectoryLock, Transaction, is_temporary, recover, staged_name
+from qkvconv.transaction import JOURNAL_NAME, DirectoryLock, Replacement, is_temporary, recover, staged_name
 
 
 @dataclass
@@ -302,7 +302,7 @@ def _upgrade_in_place(
     ckpt: LitgptCheckpoint, staged: list[_StagedFile], new_config: dict | None, new_hyper: dict | None,
     report: UpgradeReport, forward_check: ForwardCheck | None,
 ) -> None:
-    with Transaction(ckpt.directory) as tx:
+    with Replacement(ckpt.directory) as tx:
         paths = {s.target: tx.stage(s.target) for s in staged}
         _write_and_check(staged, paths, ckpt, report)
         if new_config is not None:
