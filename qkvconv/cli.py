@@ -41,6 +41,10 @@ def reports_errors(command: Callable[..., None]) -> Callable[..., None]:
         except QkvconvError as e:
             render.error(str(e))
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # the environment said no: permissions, a full disk, a vanished file
+            where = f" ({e.filename})" if e.filename else ""
+            render.error(f"{e.strerror or e}{where}")
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             render.error("interrupted; nothing was replaced")
             raise typer.Exit(130) from None

@@ -207,28 +207,37 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 class Replacement:
-    """New versions of some files of `directory`, all made visible in one atomic step."""
+    """New versions of some files of `directory`, all made visible in one atomic step.
+
+    Builds beside the directory and swaps; where the parent is not writable, or the filesystem cannot
+    exchange directories, it stages inside the directory and commits through the journal instead.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory.resolve()
-        self.build = sibling(self.directory)
-        self.staged: dict[Path, Path] = {}  # target in directory -> new file in the build
+        self.build: Path | None = sibling(self.directory)
+        self.staged: dict[Path, Path] = {}  # target in directory -> its new version
 
     def __enter__(self) -> "Replacement":
+        assert self.build is not None
         if self.build.exists():
             shutil.rmtree(self.build)
         try:
             self.build.mkdir()
-        except OSError as e:
-            raise QkvconvError(f"cannot write beside {self.directory} ({e.strerror}): the parent directory must be writable") from None
+        except OSError:
+            self.build = None  # parent not writable: stage inside the directory (journal mode)
         return self
 
     def stage(self, target_name: str) -> Path:
-        path = self.build / target_name
-        self.staged[self.directory / target_name] = path
+        target = self.directory / target_name
+        path = self.build / target_name if self.build is not None else staged_name(target)
+        self.staged[target] = path
         return path
 
     def commit(self) -> None:
+        if self.build is None:
+            self._commit_by_journal()
+            return
         names = {t.name for t in self.staged}
         for item in self.directory.iterdir():
             if item.name not in names and not is_temporary(item):
@@ -248,12 +257,19 @@ class Replacement:
     def _commit_by_journal(self) -> None:
         tx = Transaction(self.directory)
         for target, path in self.staged.items():
-            os.replace(path, tx.stage(target.name))
+            staged = tx.stage(target.name)
+            if path != staged:
+                os.replace(path, staged)
         tx.commit()
-        shutil.rmtree(self.build, ignore_errors=True)
+        if self.build is not None:
+            shutil.rmtree(self.build, ignore_errors=True)
+        self.staged.clear()
 
     def abort(self) -> None:
-        shutil.rmtree(self.build, ignore_errors=True)
+        if self.build is not None:
+            shutil.rmtree(self.build, ignore_errors=True)
+        for path in self.staged.values():
+            path.unlink(missing_ok=True)
         self.staged.clear()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -329,11 +329,14 @@ def _copy_tree(src: Path, dst: Path, skip: set[str]) -> None:
 def _fresh_output(out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise QkvconvError(f"{out} already exists and is not empty; choose a new --out directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = staged_name(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise QkvconvError(f"cannot write {out}: {e.strerror}") from None
     return tmp
 
 
