@@ -156,3 +156,73 @@ def qkv_delta(
     delta = torch.zeros(heads.rows, a.shape[1], dtype=torch.float64)
     delta[target_rows(settings.enable, heads, legacy)] = delta_rows
     return delta * settings.scaling
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving a current (sequential) fused-QKV adapter to and from other shapes of adapter: separate
+# q/k/v adapters (PEFT on q_proj/k_proj/v_proj) or one adapter on a fused matrix in any row order
+# (PEFT on GPT-NeoX/Falcon `query_key_value`). Scaling is the caller's: these keep B @ A exact.
+
+PARTS = ("q", "k", "v")
+
+
+def split_adapter(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, enable: tuple[bool, bool, bool], heads: HeadLayout
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A current litgpt fused-QKV adapter -> {part: (A, B)} for the enabled parts, each rank r."""
+    n = sum(enable)
+    r = lora_a.shape[0] // n
+    parts = [p for p, on in zip(PARTS, enable) if on]
+    b_blocks = torch.split(lora_b, block_sizes(enable, heads), dim=0)
+    return {p: (lora_a[c * r:(c + 1) * r], b_blocks[c]) for c, p in enumerate(parts)}
+
+
+def pad_rank(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad an adapter to rank r (same update)."""
+    extra = r - a.shape[0]
+    if extra < 0:
+        raise ValueError(f"cannot pad rank {a.shape[0]} down to {r}")
+    if extra == 0:
+        return a, b
+    return torch.cat([a, a.new_zeros(extra, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)
+
+
+def join_adapters(
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]], heads: HeadLayout
+) -> tuple[torch.Tensor, torch.Tensor, tuple[bool, bool, bool]]:
+    """{part: (A, B)} (any ranks) -> a current litgpt fused-QKV adapter (lora_A, lora_B, enable),
+    at the largest rank, the others zero-padded."""
+    enable = tuple(p in parts for p in PARTS)
+    r = max(a.shape[0] for a, _ in parts.values())
+    padded = [pad_rank(*parts[p], r) for p in PARTS if p in parts]
+    expected = dict(zip(PARTS, (heads.q_rows, heads.kv_rows, heads.kv_rows)))
+    for p, (_, b) in zip([p for p in PARTS if p in parts], padded):
+        if b.shape[0] != expected[p]:
+            raise ValueError(f"{p} adapter has {b.shape[0]} output rows, expected {expected[p]}")
+    return torch.cat([a for a, _ in padded]), torch.cat([b for _, b in padded]), enable  # type: ignore[return-value]
+
+
+def to_fused_adapter(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, enable: tuple[bool, bool, bool], heads: HeadLayout, order: QKVOrder
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A current litgpt fused-QKV adapter -> one plain adapter (A, B) on the fused matrix with rows
+    in `order`, rank r * n_enabled (every row sees all A blocks; its own block's columns set)."""
+    from qkvconv.layout import reorder
+
+    n = sum(enable)
+    r = lora_a.shape[0] // n
+    rows_b = torch.zeros(heads.rows, n * r, dtype=lora_b.dtype)
+    rows = target_rows(enable, heads, legacy=False)
+    cols = block_of_rows(enable, heads).unsqueeze(1) * r + torch.arange(r).unsqueeze(0)
+    rows_b[rows.unsqueeze(1), cols] = lora_b
+    return lora_a, reorder(rows_b, QKVOrder.SEQUENTIAL, order, heads)
+
+
+def from_fused_adapter(
+    a: torch.Tensor, b: torch.Tensor, heads: HeadLayout, order: QKVOrder
+) -> tuple[torch.Tensor, torch.Tensor, tuple[bool, bool, bool]]:
+    """One plain adapter on a fused matrix (rows in `order`, rank r) -> a current litgpt fused-QKV
+    adapter with q, k, v enabled at rank r: each block gets its own copy of A."""
+    from qkvconv.layout import reorder
+
+    return a.repeat(3, 1), reorder(b, order, QKVOrder.SEQUENTIAL, heads), (True, True, True)

@@ -105,3 +105,42 @@ def test_expand_rank_keeps_the_update() -> None:
     assert ea.shape == (6, 6) and eb.shape == (9, 6)
     torch.testing.assert_close(eb @ ea, b @ a)
     assert expand_rank(a, b, 1) == (a, b)
+
+
+@pytest.mark.parametrize("H,G,hs", HEADS)
+@pytest.mark.parametrize("enable", ENABLES, ids=lambda e: "".join(n for n, on in zip("qkv", e) if on))
+def test_split_join_and_fused_adapters_keep_the_update(H: int, G: int, hs: int, enable) -> None:
+    from qkvconv.lora_layout import from_fused_adapter, join_adapters, split_adapter, to_fused_adapter
+
+    heads = HeadLayout(H, G, hs)
+    r, n_embd = 2, 5
+    sizes = [s for s, on in zip((H * hs, G * hs, G * hs), enable) if on]
+    a = torch.randn(sum(enable) * r, n_embd, dtype=torch.float64)
+    b = torch.randn(sum(sizes), r, dtype=torch.float64)
+    settings = LoraSettings(r, r, enable)  # scaling 1
+    delta = qkv_delta(a, b, settings, heads, legacy=False)  # (rows, n_embd), sequential
+    parts = split_adapter(a, b, enable, heads)
+    q, k, v = torch.split(delta, [H * hs, G * hs, G * hs])
+    for p, (pa, pb) in parts.items():
+        torch.testing.assert_close(pb @ pa, {"q": q, "k": k, "v": v}[p])
+    ja, jb, je = join_adapters(parts, heads)
+    assert je == enable and torch.equal(ja, a) and torch.equal(jb, b)
+    for order in (QKVOrder.SEQUENTIAL, QKVOrder.GROUPED) + ((QKVOrder.PER_HEAD,) if H == G else ()):
+        fa, fb = to_fused_adapter(a, b, enable, heads, order)
+        assert fa.shape[0] == sum(enable) * r
+        torch.testing.assert_close(fb @ fa, reorder(delta, QKVOrder.SEQUENTIAL, order, heads))
+        la, lb, le = from_fused_adapter(fa, fb, heads, order)
+        back = qkv_delta(la, lb, LoraSettings(fa.shape[0], fa.shape[0], le), heads, legacy=False)
+        torch.testing.assert_close(back, delta)
+
+
+def test_join_pads_different_ranks() -> None:
+    from qkvconv.lora_layout import join_adapters
+
+    heads = HeadLayout(4, 2, 2)
+    parts = {"q": (torch.randn(2, 3), torch.randn(8, 2)), "v": (torch.randn(4, 3), torch.randn(4, 4))}
+    a, b, enable = join_adapters(parts, heads)
+    assert enable == (True, False, True) and a.shape == (8, 3) and b.shape == (12, 4)
+    delta = qkv_delta(a, b, LoraSettings(4, 4, enable), heads, legacy=False)
+    torch.testing.assert_close(delta[:8].float(), parts["q"][1] @ parts["q"][0])
+    torch.testing.assert_close(delta[12:].float(), parts["v"][1] @ parts["v"][0])
