@@ -23,7 +23,7 @@ import typer
 
 from qkvconv import __version__
 from qkvconv.errors import QkvconvError
-from qkvconv import inspection, render
+from qkvconv import inspection, render, sources
 from qkvconv import upgrade as upgrading
 from qkvconv import verify as verifying
 from qkvconv.weights import open_weights
@@ -70,7 +70,10 @@ app = typer.Typer(
     add_completion=False,
 )
 
-SourceArg = Annotated[Path, typer.Argument(help="Checkpoint directory (or its lit_model.pth).", show_default=False)]
+SourceArg = Annotated[
+    str, typer.Argument(help="Checkpoint directory (or its weights file), or a Hub repo id (org/name).", show_default=False)
+]
+RevisionOpt = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) for repo ids.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
 DeviceOpt = Annotated[str, typer.Option(help="Where the forward pass runs: cpu, cuda or auto.")]
 BaseOpt = Annotated[Optional[Path], typer.Option(help="Base checkpoint of a LoRA run (default: hyperparameters.yaml).")]
@@ -85,13 +88,14 @@ class Expect(str, enum.Enum):
 @reports_errors
 def inspect_cmd(
     source: SourceArg,
+    revision: RevisionOpt = None,
     json: JsonOpt = False,
     expect: Annotated[
         Optional[Expect], typer.Option(help="Exit 1 unless the checkpoint is current (or legacy): a CI gate.")
     ] = None,
 ) -> None:
     """Show format, heads, QKV row order (with the evidence), LoRA settings, dtypes and sizes."""
-    report = inspection.inspect_path(source)
+    report = inspection.inspect_path(sources.resolve(source, revision))
     if json:
         render.emit_json(report)
     else:
@@ -116,8 +120,10 @@ def upgrade_cmd(
     json: JsonOpt = False,
 ) -> None:
     """Legacy litgpt (grouped attn.attn, LoRA included) -> current litgpt (sequential attn.qkv)."""
+    if out is None and not Path(source).exists() and sources.is_repo_id(source):
+        raise QkvconvError(f"{source} is a Hub repo id: upgrade it into a directory of your own with --out DIR")
     check = verifying.upgrade_check(device) if verify else None
-    report = upgrading.upgrade(source, out, lora_merge=lora_merge, base=base, forward_check=check)
+    report = upgrading.upgrade(sources.resolve(source), out, lora_merge=lora_merge, base=base, forward_check=check)
     if json:
         render.emit_json(report.as_dict())
         return
@@ -131,8 +137,8 @@ def upgrade_cmd(
 @app.command("verify")
 @reports_errors
 def verify_cmd(
-    reference: Annotated[Path, typer.Argument(help="The checkpoint you trust.", show_default=False)],
-    candidate: Annotated[Path, typer.Argument(help="The checkpoint to check against it.", show_default=False)],
+    reference: Annotated[str, typer.Argument(help="The checkpoint you trust (directory or repo id).", show_default=False)],
+    candidate: Annotated[str, typer.Argument(help="The checkpoint to check against it.", show_default=False)],
     device: DeviceOpt = "cpu",
     tokens: Annotated[int, typer.Option(help="Sequence length of the random input.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the random tokens.")] = 0,
@@ -144,7 +150,7 @@ def verify_cmd(
 ) -> None:
     """Run the same random tokens through both; compare every layer and the logits. Exit 1 if they differ."""
     report = verifying.verify(
-        open_weights(reference, base=base), open_weights(candidate, base=base),
+        open_weights(sources.resolve(reference), base=base), open_weights(sources.resolve(candidate), base=base),
         device=device, tokens=tokens, seed=seed, atol=atol, rtol=rtol, dtype=dtype,
     )
     if json:

@@ -22,6 +22,7 @@ from qkvconv.errors import QkvconvError
 from qkvconv.layout import HeadLayout, LayoutError, QKVOrder
 from qkvconv.lora_layout import LoraSettings, block_sizes
 from qkvconv.pages import MappedFile
+from qkvconv.sources import check_inside
 
 WEIGHTS = "lit_model.pth"
 LORA_WEIGHTS = "lit_model.pth.lora"
@@ -219,6 +220,8 @@ def open_litgpt(path: Path) -> LitgptCheckpoint:
         raise QkvconvError(f"{path} does not exist")
     weights = directory / WEIGHTS
     lora = directory / LORA_WEIGHTS
+    for name in (WEIGHTS, LORA_WEIGHTS, CONFIG, HYPERPARAMETERS):
+        check_inside(directory / name, directory)
     has_weights, has_lora = weights.is_file(), lora.is_file()
     if not (has_weights or has_lora):
         raise QkvconvError(

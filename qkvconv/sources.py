@@ -64,3 +64,26 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
     except OSError as e:
         raise QkvconvError(f"cannot get {where}: {e}") from None
     return folder
+
+
+def trusted_root(directory: Path) -> Path:
+    """The folder a checkpoint's symlinks may point into: the directory itself, or for a Hub cache
+    snapshot (models--org--name/snapshots/<commit>) the repo's cache folder, whose blobs it links to."""
+    directory = directory.resolve() if not directory.is_symlink() else directory.absolute()
+    parts = directory.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith(("models--", "datasets--")):
+        return Path(*parts[:-2])
+    return directory
+
+
+def check_inside(path: Path, directory: Path) -> Path:
+    """`path` (a file of the checkpoint in `directory`), refusing symlinks that leave the checkpoint."""
+    if path.is_symlink():
+        target = path.resolve()
+        root = trusted_root(directory)
+        if not target.is_relative_to(root):
+            raise QkvconvError(
+                f"{path} is a symlink to {target}, outside the checkpoint directory; refusing to follow it "
+                "(copy the file in if you trust it)"
+            )
+    return path

@@ -38,6 +38,7 @@ from qkvconv.litgpt_format import (
     write_yaml,
 )
 from qkvconv.lora_layout import LoraSettings, apply_reorder, expand_rank, plan_reorder, qkv_delta
+from qkvconv.sources import check_inside
 from qkvconv.transaction import JOURNAL_NAME, DirectoryLock, Replacement, is_temporary, recover, staged_name
 
 
@@ -341,12 +342,13 @@ def _fresh_output(out: Path) -> Path:
 
 
 def _copy_files(src: Path, dst: Path, skip: set[str]) -> None:
+    """Copy the checkpoint's other files (configs, tokenizer), following links that stay inside it."""
     for item in src.iterdir():
         if item.name in skip or is_temporary(item):
             continue
-        if item.is_symlink() or not item.is_file():
-            continue  # sub-directories and links are not part of a litgpt checkpoint
-        shutil.copy2(item, dst / item.name)
+        check_inside(item, src)
+        if item.is_file():
+            shutil.copy2(item, dst / item.name)  # follows a (checked) symlink: copies the content
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -64,3 +64,22 @@ def litgpt_logits(model_dir: Path, tokens: torch.Tensor, lora_dir: Path | None =
     model.eval()
     with torch.no_grad():
         return model(tokens)
+
+
+def populate_hub_cache(cache: Path, repo_id: str, source: Path, commit: str = "0" * 40) -> None:
+    """Lay `source`'s files out as huggingface_hub's cache does (blobs, a snapshot of symlinks, refs/main)."""
+    import hashlib
+    import os
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    for f in source.iterdir():
+        if f.is_file():
+            data = f.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
