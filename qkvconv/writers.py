@@ -1,0 +1,436 @@
+"""Write a checkpoint one tensor at a time, in any order, keeping none of it in memory.
+
+    layout = {name: reader.meta(name) for name in reader.names()}     # told everything up front
+    writer = SafetensorsWriter(out_dir, layout, max_shard_size=5 * 2**30)
+    for name in reader.names():
+        writer.write(name, convert(reader.read(name)))                 # straight to disk
+    files = writer.close()                                             # checks, fsyncs; abort() deletes
+
+Both writers know every offset from the layout alone. SafetensorsWriter writes each shard's header
+when it opens and each tensor with pwrite at its place. TorchWriter writes the zip that torch.save
+would: the pickle first (built from the layout: it only names storages by key), then one zip
+record `data/<key>` per tensor as it arrives, through torch's own zip writer.
+
+A tensor that does not match the announced layout, or a close() with tensors missing, is a bug in
+the caller (LayoutViolation); a file that cannot be written is the environment (QkvconvError).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Callable
+
+import torch
+
+from qkvconv.errors import QkvconvError
+from qkvconv.readers import MAX_IO_BYTES, SAFETENSORS_DTYPES, TensorMeta, byte_view
+
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+HEADER_ALIGNMENT = 8  # the safetensors library pads its JSON header with spaces to a multiple of 8
+
+
+class LayoutViolation(ValueError):
+    """The caller broke its promise: a tensor outside the layout, of another shape or dtype, or missing."""
+
+
+class _Layout:
+    """The announced tensors, and which of them have been written; shared checks of both writers."""
+
+    def __init__(self, layout: dict[str, TensorMeta]) -> None:
+        self.metas = dict(layout)
+        self.arrived: list[str] = []
+        self._seen: set[str] = set()
+
+    def accept(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor as contiguous CPU memory, after checking it against the layout."""
+        meta = self.metas.get(name)
+        if meta is None:
+            raise LayoutViolation(f"{name!r} is not in the layout this writer was opened with")
+        if name in self._seen:
+            raise LayoutViolation(f"{name!r} was already written")
+        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+            raise LayoutViolation(
+                f"{name!r}: got {tuple(tensor.shape)} {tensor.dtype}, the layout says {meta.shape} {meta.dtype}"
+            )
+        self._seen.add(name)
+        self.arrived.append(name)
+        return tensor.detach().to("cpu").contiguous()
+
+    def check_complete(self) -> None:
+        missing = [n for n in self.metas if n not in self._seen]
+        if missing:
+            raise LayoutViolation(f"{len(missing)} tensors were never written, first {missing[0]!r}")
+
+
+def _create(path: Path) -> int:
+    """A new file for writing; an existing file is never overwritten (the caller picks fresh names)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except FileExistsError:
+        raise QkvconvError(f"cannot write {path}: it already exists") from None
+    except OSError as e:
+        raise QkvconvError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(data):
+        try:
+            done += os.pwrite(fd, data[done:done + MAX_IO_BYTES], offset + done)
+        except OSError as e:
+            raise QkvconvError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------- safetensors
+
+
+def plan_shards(layout: dict[str, TensorMeta], max_shard_size: int | None, prefix: str = "model") -> dict[str, list[str]]:
+    """File name -> tensor names, split exactly as HF save_pretrained (huggingface_hub) splits.
+
+    Tensors are taken in layout order; a shard is closed when the next tensor would push it over
+    max_shard_size; a tensor larger than the limit gets a shard of its own.
+    """
+    shards: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for name, meta in layout.items():
+        if max_shard_size is not None and meta.nbytes > max_shard_size:
+            shards.append([name])
+            continue
+        if max_shard_size is not None and current and size + meta.nbytes > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += meta.nbytes
+    if current or not shards:
+        shards.append(current)
+    if len(shards) == 1:
+        return {f"{prefix}.safetensors": shards[0]}
+    n = len(shards)
+    return {f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors": names for i, names in enumerate(shards)}
+
+
+def _header(names: list[str], layout: dict[str, TensorMeta], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """The padded header of one shard and each tensor's absolute file offset.
+
+    Tensors go widest dtype first (as the safetensors library orders them), layout order within a
+    width, so every tensor starts at a multiple of its element size: loaders can view it in place.
+    """
+    ordered = sorted(names, key=lambda n: -layout[n].dtype.itemsize)  # stable: layout order kept
+    entries: dict[str, Any] = {"__metadata__": metadata}
+    relative: dict[str, int] = {}
+    position = 0
+    for name in ordered:
+        meta = layout[name]
+        entries[name] = {"dtype": SAFETENSORS_NAMES[meta.dtype], "shape": list(meta.shape),
+                         "data_offsets": [position, position + meta.nbytes]}
+        relative[name] = position
+        position += meta.nbytes
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % HEADER_ALIGNMENT)
+    start = 8 + len(text)
+    header = len(text).to_bytes(8, "little") + text
+    return header, {name: start + offset for name, offset in relative.items()}
+
+
+def _check_safetensors_layout(layout: dict[str, TensorMeta], metadata: dict[str, str]) -> None:
+    for name, meta in layout.items():
+        if name == "__metadata__":
+            raise LayoutViolation("'__metadata__' is reserved by safetensors and cannot name a tensor")
+        if meta.dtype not in SAFETENSORS_NAMES:
+            raise LayoutViolation(f"{name!r}: safetensors has no dtype for {meta.dtype}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise LayoutViolation("safetensors metadata must map strings to strings")
+
+
+class SafetensorsWriter:
+    """Safetensors file(s) named and split like HF save_pretrained, written tensor by tensor."""
+
+    def __init__(self, directory: Path, layout: dict[str, TensorMeta], *, max_shard_size: int | None = None,
+                 prefix: str = "model", metadata: dict[str, str] | None = None) -> None:
+        self.directory = Path(directory)
+        self.prefix = prefix
+        metadata = {"format": "pt", **(metadata or {})}
+        _check_safetensors_layout(layout, metadata)
+        self._layout = _Layout(layout)
+        self.shard_files: dict[str, list[str]] = plan_shards(layout, max_shard_size, prefix)
+        self._fds: dict[str, int] = {}
+        self._where: dict[str, tuple[str, int]] = {}  # tensor -> (file name, absolute offset)
+        self._written: list[Path] = []
+        self._open = True
+        try:
+            for file_name, names in self.shard_files.items():
+                self._open_shard(file_name, names, metadata)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def index_name(self) -> str:
+        return f"{self.prefix}.safetensors.index.json"
+
+    def _open_shard(self, file_name: str, names: list[str], metadata: dict[str, str]) -> None:
+        path = self.directory / file_name
+        header, offsets = _header(names, self._layout.metas, metadata)
+        fd = _create(path)
+        self._fds[file_name] = fd
+        self._written.append(path)
+        _pwrite_all(fd, memoryview(header), 0, path)
+        size = len(header) + sum(self._layout.metas[n].nbytes for n in names)
+        try:
+            os.ftruncate(fd, size)  # the file has its final size from the start; data fills it in
+        except OSError as e:
+            raise QkvconvError(f"cannot write {path}: {e.strerror}") from None
+        self._where.update((n, (file_name, offsets[n])) for n in names)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Check `tensor` against the layout and write it at its place in its shard."""
+        if not self._open:
+            raise LayoutViolation("this writer is closed")
+        data = self._layout.accept(name, tensor)
+        file_name, offset = self._where[name]
+        _pwrite_all(self._fds[file_name], byte_view(data), offset, self.directory / file_name)
+
+    def _index(self) -> bytes:
+        total = sum(m.nbytes for m in self._layout.metas.values())
+        weight_map = {n: f for f, names in self.shard_files.items() for n in names}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+    def _write_index(self) -> None:
+        path = self.directory / self.index_name
+        fd = _create(path)
+        self._written.append(path)
+        try:
+            _pwrite_all(fd, memoryview(self._index()), 0, path)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> list[Path]:
+        """Check every tensor arrived, make the files durable; the files written, index last."""
+        if not self._open:
+            raise LayoutViolation("this writer is closed")
+        self._layout.check_complete()
+        for file_name in list(self._fds):
+            fd = self._fds.pop(file_name)
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise QkvconvError(f"cannot write {self.directory / file_name}: {e.strerror}") from None
+            finally:
+                os.close(fd)
+        if len(self.shard_files) > 1:
+            self._write_index()
+        _fsync_directory(self.directory)
+        self._open = False
+        return list(self._written)
+
+    def abort(self) -> None:
+        """Delete everything this writer created."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        for path in self._written:
+            path.unlink(missing_ok=True)
+        self._written.clear()
+        self._open = False
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._open:
+            self.close()
+
+
+# ---------------------------------------------------------------------------------------- torch zip
+
+
+class _StorageRef:
+    """Stands in the pickle for the storage of one tensor; the pickler turns it into a persistent id."""
+
+    __slots__ = ("key", "meta")
+
+    def __init__(self, key: str, meta: TensorMeta) -> None:
+        self.key, self.meta = key, meta
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+# torch.save stores these dtypes as untyped (byte) storages, rebuilt by _rebuild_tensor_v3.
+_UNTYPED_DTYPES = frozenset(torch.storage._new_dtypes())
+_STORAGE_TYPES = torch.storage._dtype_to_storage_type_map()
+
+
+class _TensorRef:
+    """Pickles exactly as a fresh contiguous CPU tensor of this meta does in torch.save (Tensor._reduce_ex_internal)."""
+
+    def __init__(self, key: str, meta: TensorMeta) -> None:
+        self.key, self.meta = key, meta
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[Any, ...]]:
+        shape = self.meta.shape
+        args = (_StorageRef(self.key, self.meta), 0, shape, _contiguous_strides(shape), False, collections.OrderedDict())
+        if self.meta.dtype in _UNTYPED_DTYPES:
+            return torch._utils._rebuild_tensor_v3, args + (self.meta.dtype,)
+        return torch._utils._rebuild_tensor_v2, args
+
+
+class _LayoutPickler(pickle.Pickler):
+    """torch.save's persistent ids: ('storage', storage class, key, location, size)."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if not isinstance(obj, _StorageRef):
+            return None
+        meta = obj.meta
+        if meta.dtype in _UNTYPED_DTYPES:
+            return ("storage", torch.UntypedStorage, obj.key, "cpu", meta.nbytes)
+        return ("storage", getattr(torch, _STORAGE_TYPES[meta.dtype]), obj.key, "cpu", meta.numel)
+
+
+def layout_pickle(layout: dict[str, TensorMeta], keys: dict[str, str], wrapped: bool) -> bytes:
+    """The data.pkl torch.save would write for a state dict of this layout (protocol 2, as torch uses)."""
+    state_dict = {name: _TensorRef(keys[name], meta) for name, meta in layout.items()}
+    buffer = io.BytesIO()
+    _LayoutPickler(buffer, protocol=2).dump({"model": state_dict} if wrapped else state_dict)
+    return buffer.getvalue()
+
+
+def _zip_writer(file: Any) -> Any:
+    """torch's own zip writer (the one torch.save uses), over a Python file we control."""
+    crc32 = getattr(torch.serialization, "get_crc32_options", lambda: True)()
+    try:
+        return torch._C.PyTorchFileWriter(file, crc32, _storage_alignment())
+    except TypeError:  # torch < 2.5 takes the buffer alone
+        return torch._C.PyTorchFileWriter(file)
+
+
+def _storage_alignment() -> int:
+    """torch.save's record alignment (configurable since torch 2.5; 64 before and by default)."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        return 64
+    return int(getattr(config.save, "storage_alignment", 64))
+
+
+class TorchWriter:
+    """A torch.save-compatible .pth zip, written tensor by tensor.
+
+    Storage keys are the tensors' positions in the layout, so the pickle can be written first.
+    torch.save writes data/0, data/1, ... in key order and records `.format_version` 1, which
+    lets torch compute record offsets from that order; that record is written only when the
+    tensors arrived in layout order, so every other order is loaded by name, which is always right.
+    """
+
+    def __init__(self, path: Path, layout: dict[str, TensorMeta], *, wrapped: bool = False) -> None:
+        self.path = Path(path)
+        for name, meta in layout.items():
+            if meta.dtype not in _UNTYPED_DTYPES and meta.dtype not in _STORAGE_TYPES:
+                raise LayoutViolation(f"{name!r}: torch.save cannot store {meta.dtype}")
+        self._layout = _Layout(layout)
+        self._keys = {name: str(i) for i, name in enumerate(layout)}
+        self._zip: Any = None
+        self._file: Any = os.fdopen(_create(self.path), "wb")
+        self._created = True
+        self._guarded(self._start, layout, wrapped)
+
+    def _guarded(self, action: Callable[..., object], *args: Any) -> None:
+        """Run a write; an I/O failure becomes one QkvconvError and the partial file is removed."""
+        try:
+            action(*args)
+        except (OSError, RuntimeError) as e:
+            self.abort()
+            message = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+            raise QkvconvError(f"cannot write {self.path}: {message}") from None
+
+    def _start(self, layout: dict[str, TensorMeta], wrapped: bool) -> None:
+        self._zip = _zip_writer(self._file)
+        self._record("data.pkl", layout_pickle(layout, self._keys, wrapped))
+        self._record(".storage_alignment", str(_storage_alignment()).encode())
+        self._record("byteorder", sys.byteorder.encode())
+
+    def _record(self, name: str, data: bytes) -> None:
+        self._zip.write_record(name, data, len(data))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Check `tensor` against the layout and append it as the zip record of its storage."""
+        if self._zip is None:
+            raise LayoutViolation("this writer is closed")
+        data = self._layout.accept(name, tensor)
+        nbytes = data.numel() * data.element_size()
+        if data.storage_offset() != 0 or data.untyped_storage().nbytes() != nbytes:
+            data = data.clone()  # a view into a larger storage: the record must hold this tensor only
+        self._guarded(self._zip.write_record, f"data/{self._keys[name]}", data.untyped_storage(), nbytes)
+
+    def _finish(self) -> None:
+        if self._layout.arrived == list(self._layout.metas):
+            self._record(".format_version", b"1")
+        self._zip.write_end_of_file()
+        self._zip = None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def close(self) -> Path:
+        """Check every tensor arrived, finish the zip and make it durable."""
+        if self._zip is None:
+            raise LayoutViolation("this writer is closed")
+        self._layout.check_complete()
+        self._guarded(self._finish)
+        return self.path
+
+    def abort(self) -> None:
+        """Delete the file (also after close).
+
+        torch's zip writer finishes the archive in its destructor when nobody did, and a failure
+        there (disk full) is a C++ exception in a destructor: std::terminate. Finishing it here, into
+        the file about to be deleted, marks it finished even when that fails (torch issue #87997).
+        """
+        if self._zip is not None:
+            try:
+                self._zip.write_end_of_file()
+            except Exception:  # noqa: BLE001 (the file is being thrown away; only 'finished' matters)
+                pass
+            self._zip = None
+        if not self._file.closed:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+        if self._created:
+            self.path.unlink(missing_ok=True)
+            self._created = False
+
+    def __enter__(self) -> "TorchWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._zip is not None:
+            self.close()
