@@ -1,0 +1,469 @@
+"""Hugging Face model families as data: per architecture, where every tensor lives and what it means.
+
+    family = find("FalconForCausalLM").resolve(json.load(open("config.json")))
+    family.qkv        # Fused(name='self_attention.query_key_value', order=<QKVOrder.GROUPED>, ...)
+    family.block.norms  # {'ln_attn': 'norm_1', 'ln_mlp': 'norm_2'}
+
+One `Family` entry per `architectures[0]` of a config.json says
+- the tensor names: `layer_prefix` ("model.layers.{i}"), where q/k/v live (`Split` into three
+  projections, or `Fused` into one matrix whose rows are in a `QKVOrder`) and how many key/value heads
+  they hold, the norms (`Block`), the other per-layer modules with their litgpt names, the embedding,
+  final norm and output head;
+- where config.json keeps each number (`Read`: the first key present; dotted paths reach into nested
+  dicts such as `rope_parameters`; else the default of transformers' config class);
+- the litgpt Config fields the family implies (norm and MLP classes, residual layout, biases, ...).
+
+A value that depends on config flags is a `Choose`: the first case whose flags all match. Falcon is
+the one family that needs it: `new_decoder_architecture` and `multi_query` pick the QKV row order and
+head count, `parallel_attn` and `num_ln_in_parallel_attn` the norms and residual layout.
+
+Modules are named without `.weight` / `.bias`: a module's weight and bias (where present) map alike.
+hf_format.py turns an entry into a litgpt config and into conversion plans; no code here is per family.
+Every layout below was checked against transformers 5.3 modeling code (cited per entry), litgpt 0.5.13's
+convert_hf_checkpoint.py, and by tests/test_hf_mapping.py on tiny random models of each family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from qkvconv.errors import UnsupportedFamily
+from qkvconv.layout import QKVOrder
+
+REQUIRED: Any = object()  # a Read default: config.json must hold one of the keys
+
+
+@dataclass(frozen=True)
+class Read:
+    """A value from config.json: the first of `keys` present and not null, else `default`.
+
+    A dotted key reaches into a nested dict ("rope_parameters.rope_theta"). When qkvconv writes a
+    config.json (hf_config_from_litgpt) it writes the first key.
+    """
+
+    keys: tuple[str, ...]
+    default: Any = REQUIRED
+
+    def __init__(self, *keys: str, default: Any = REQUIRED) -> None:
+        object.__setattr__(self, "keys", keys)
+        object.__setattr__(self, "default", default)
+
+
+@dataclass(frozen=True)
+class Choose:
+    """A table value chosen by config.json flags: the first case whose flags all equal the config's.
+
+    Flags a config.json omits take the family's `flag_defaults` (transformers' defaults).
+    """
+
+    cases: tuple[tuple[Mapping[str, Any], Any], ...]
+
+    def __init__(self, *cases: tuple[Mapping[str, Any], Any]) -> None:
+        object.__setattr__(self, "cases", cases)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Separate q, k, v projections (modules under the layer prefix); their rows concatenate to sequential."""
+
+    q: str
+    k: str
+    v: str
+    kv_heads: Read | int | None  # key/value heads: from config.json, a fixed number, or None (= n_head, MHA)
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One fused QKV projection whose rows are in `order` (see ../shared/LAYOUTS.md)."""
+
+    name: str
+    order: QKVOrder
+    kv_heads: Read | int | None
+
+
+@dataclass(frozen=True)
+class Block:
+    """The norms of one decoder layer and how the residual stream runs through it."""
+
+    norms: Mapping[str, str]  # HF norm module -> litgpt norm module
+    parallel_residual: bool | Read  # x + attn(n1(x)) + mlp(n2(x)) instead of two sequential residuals
+    shared_attention_norm: bool = False  # parallel residual with one norm feeding attention and MLP
+
+
+@dataclass(frozen=True)
+class Biases:
+    """Which linear layers have biases: fixed, or switched by a config.json flag."""
+
+    qkv: bool | Read
+    attn_out: bool | Read
+    mlp: bool | Read
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Sliding-window attention: the window size, and which layers use it."""
+
+    size: Read  # null: no window
+    enabled: bool | Read = True  # Qwen2: `use_sliding_window` must be true as well
+    layer_types: str | None = None  # key of a per-layer list of "sliding_attention" / "full_attention"
+    first_layer: Read | None = None  # without that list: layers >= this use the window (Qwen2 max_window_layers)
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    """Where config.json keeps the numbers of the model, with the defaults of transformers' config class.
+
+    head_size None: n_embd // n_head (the family has no head_dim setting); a Read whose value is absent
+    means the same. intermediate_size absent: 4 * n_embd.
+    """
+
+    n_embd: Read
+    n_layer: Read
+    n_head: Read
+    head_size: Read | None
+    intermediate_size: Read
+    vocab_size: Read
+    block_size: Read  # max_position_embeddings
+    norm_eps: Read
+    activation: Read
+    tie_embeddings: Read
+    rope_theta: Read
+    rotary_fraction: Read | float  # share of each head's dims that rotate (GPT-NeoX rotary_pct)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Hugging Face architecture: tensor names, QKV layout, config rules, implied litgpt fields."""
+
+    architecture: str  # config.json "architectures"[0]
+    model_type: str  # config.json "model_type"
+    name: str | Choose  # for people: "Llama", "Falcon 7B (multi-query)"
+    layer_prefix: str  # "model.layers.{i}"
+    qkv: Split | Fused | Choose
+    block: Block | Choose
+    # other per-layer modules: HF (under layer_prefix) -> litgpt (under transformer.h.{i})
+    layer_tensors: Mapping[str, str]
+    embedding: str  # -> transformer.wte
+    final_norm: str  # -> transformer.ln_f
+    lm_head: str  # -> lm_head; absent from the files when tie_embeddings (transformers >= 5 omits it)
+    config: HFConfig
+    biases: Biases
+    norm_class_name: str  # litgpt: "RMSNorm" | "LayerNorm"
+    mlp_class_name: str  # litgpt: "LLaMAMLP" | "GemmaMLP" | "GptNeoxMLP"
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight); litgpt derives it from "Gemma" in the name
+    scale_embeddings: bool = False  # embeddings times sqrt(n_embd)
+    # HF module whose rows are these litgpt modules' rows, in equal parts, in order (Phi-3 gate_up_proj)
+    fused_rows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    sliding_window: SlidingWindow | None = None
+    # transformers' defaults of the flags that `Choose` and `unsupported` test
+    flag_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # flags that, all matching, mean a feature litgpt lacks, and what to call it
+    unsupported: tuple[tuple[Mapping[str, Any], str], ...] = ()
+    ignored: tuple[str, ...] = ()  # regexes of non-weight buffers some checkpoints carry
+
+    def flag(self, config_json: Mapping[str, Any], key: str) -> Any:
+        return config_json[key] if key in config_json else self.flag_defaults.get(key)
+
+    def matches(self, config_json: Mapping[str, Any], flags: Mapping[str, Any]) -> bool:
+        return all(self.flag(config_json, k) == v for k, v in flags.items())
+
+    def resolve(self, config_json: Mapping[str, Any]) -> Family:
+        """This entry with every `Choose` replaced by the case config.json selects."""
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Choose):
+                for flags, chosen in value.cases:
+                    if self.matches(config_json, flags):
+                        changes[f.name] = chosen
+                        break
+                else:
+                    seen = {k: self.flag(config_json, k) for flags, _ in value.cases for k in flags}
+                    raise UnsupportedFamily(
+                        f"{self.architecture} with {', '.join(f'{k}={v!r}' for k, v in seen.items())} is no layout "
+                        f"transformers can run (no case of `{f.name}` matches); qkvconv maps: {supported()}"
+                    )
+        return replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+
+# transformers >= 5 standardizes RoPE settings into `rope_parameters`; older files have `rope_theta`
+# at the top level and scaling in `rope_scaling`. Every class here defaults to theta 10000.
+ROPE_THETA = Read("rope_parameters.rope_theta", "rope_scaling.rope_theta", "rope_theta", default=10000.0)
+ROTARY_FRACTION = Read("rope_parameters.partial_rotary_factor", "partial_rotary_factor", default=1.0)
+
+# HF activation name -> litgpt gelu_approximate (GemmaMLP, GptNeoxMLP); LLaMAMLP is SiLU only.
+GELU_APPROXIMATE = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
+SILU = ("silu", "swish")
+
+# Non-weight buffers that older checkpoints saved: RoPE inverse frequencies, GPT-NeoX's causal mask.
+IGNORED_EVERYWHERE = (r"\.rotary_emb\.inv_freq$",)
+
+LLAMA_STYLE_QKV = Split(
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", kv_heads=Read("num_key_value_heads", default=None)
+)
+PRE_NORMS = Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False)
+GATED_MLP = {
+    "self_attn.o_proj": "attn.proj",
+    "mlp.gate_proj": "mlp.fc_1",  # the activated half: down(act(gate(x)) * up(x))
+    "mlp.up_proj": "mlp.fc_2",
+    "mlp.down_proj": "mlp.proj",
+}
+
+
+def llama_style_config(*, head_size: Read | None, intermediate: int, vocab: int, positions: int,
+                       eps: float, act: str, tied: bool, rotary_fraction: Read | float = 1.0) -> HFConfig:
+    """The config.json keys of Llama and the families modelled on it; the defaults differ per class."""
+    return HFConfig(
+        n_embd=Read("hidden_size"),
+        n_layer=Read("num_hidden_layers"),
+        n_head=Read("num_attention_heads"),
+        head_size=head_size,
+        intermediate_size=Read("intermediate_size", default=intermediate),
+        vocab_size=Read("vocab_size", default=vocab),
+        block_size=Read("max_position_embeddings", default=positions),
+        norm_eps=Read("rms_norm_eps", default=eps),
+        activation=Read("hidden_act", default=act),
+        tie_embeddings=Read("tie_word_embeddings", default=tied),
+        rope_theta=ROPE_THETA,
+        rotary_fraction=rotary_fraction,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+# transformers/models/llama/modeling_llama.py: q/k/v/o_proj (bias=attention_bias), gate/up/down_proj
+# (bias=mlp_bias), head_dim = config.head_dim or hidden_size // num_attention_heads.
+LLAMA = Family(
+    architecture="LlamaForCausalLM",
+    model_type="llama",
+    name="Llama",
+    layer_prefix="model.layers.{i}",
+    qkv=LLAMA_STYLE_QKV,
+    block=PRE_NORMS,
+    layer_tensors=GATED_MLP,
+    embedding="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    config=llama_style_config(head_size=Read("head_dim", default=None), intermediate=11008, vocab=32000,
+                              positions=2048, eps=1e-6, act="silu", tied=False),
+    biases=Biases(qkv=Read("attention_bias", default=False), attn_out=Read("attention_bias", default=False),
+                  mlp=Read("mlp_bias", default=False)),
+    norm_class_name="RMSNorm",
+    mlp_class_name="LLaMAMLP",
+    ignored=IGNORED_EVERYWHERE,
+)
+
+# mistral/modeling_mistral.py: Llama without biases, plus a sliding window on every layer
+# (config.sliding_window, default 4096; null turns it off).
+MISTRAL = replace(
+    LLAMA,
+    architecture="MistralForCausalLM",
+    model_type="mistral",
+    name="Mistral",
+    qkv=replace(LLAMA_STYLE_QKV, kv_heads=Read("num_key_value_heads", default=8)),
+    config=llama_style_config(head_size=Read("head_dim", default=None), intermediate=14336, vocab=32000,
+                              positions=4096 * 32, eps=1e-6, act="silu", tied=False),
+    biases=Biases(qkv=False, attn_out=False, mlp=False),
+    sliding_window=SlidingWindow(Read("sliding_window", default=4096)),
+)
+
+# qwen2/modeling_qwen2.py: q/k/v_proj bias=True, o_proj and MLP without; the window applies only when
+# use_sliding_window, on the layers `layer_types` marks (default: layers >= max_window_layers).
+QWEN2 = replace(
+    LLAMA,
+    architecture="Qwen2ForCausalLM",
+    model_type="qwen2",
+    name="Qwen2",
+    qkv=replace(LLAMA_STYLE_QKV, kv_heads=Read("num_key_value_heads", default=32)),
+    config=llama_style_config(head_size=Read("head_dim", default=None), intermediate=22016, vocab=151936,
+                              positions=32768, eps=1e-6, act="silu", tied=False),
+    biases=Biases(qkv=True, attn_out=False, mlp=False),
+    sliding_window=SlidingWindow(
+        Read("sliding_window", default=4096),
+        enabled=Read("use_sliding_window", default=False),
+        layer_types="layer_types",
+        first_layer=Read("max_window_layers", default=28),
+    ),
+)
+
+# gemma/modeling_gemma.py: GemmaRMSNorm computes x * (1 + weight) in float32; embeddings are scaled by
+# hidden_size ** 0.5 in the model dtype; head_dim is its own setting (256 in the real models); the
+# MLP is gelu(gate) * up; the head is tied by default. transformers >= 5 reads only `hidden_act`:
+# a config.json that also has `hidden_activation` (gemma-2b/7b: hidden_act "gelu", hidden_activation
+# "gelu_pytorch_tanh") gets exact GELU there, while transformers 4 and litgpt use the tanh
+# approximation the model was trained with; qkvconv follows `hidden_activation` where present.
+GEMMA = replace(
+    LLAMA,
+    architecture="GemmaForCausalLM",
+    model_type="gemma",
+    name="Gemma",
+    qkv=replace(LLAMA_STYLE_QKV, kv_heads=Read("num_key_value_heads", default=16)),
+    config=replace(
+        llama_style_config(head_size=Read("head_dim", default=256), intermediate=24576, vocab=256000,
+                           positions=8192, eps=1e-6, act="gelu_pytorch_tanh", tied=True),
+        activation=Read("hidden_activation", "hidden_act", default="gelu_pytorch_tanh"),
+    ),
+    biases=Biases(qkv=Read("attention_bias", default=False), attn_out=Read("attention_bias", default=False), mlp=False),
+    mlp_class_name="GemmaMLP",
+    norm_unit_offset=True,
+    scale_embeddings=True,
+    flag_defaults={"use_bidirectional_attention": None},
+    unsupported=(({"use_bidirectional_attention": True}, "bidirectional attention (use_bidirectional_attention)"),),
+)
+
+# phi3/modeling_phi3.py: qkv_proj rows are sequential (query_pos = num_heads * head_dim; q = rows
+# [:query_pos], k = the next num_key_value_heads * head_dim, v = the rest); gate_up_proj holds the
+# gate rows then the up rows (`gate, up = up_states.chunk(2, dim=-1)`, up * act(gate)); no biases;
+# partial rotary via partial_rotary_factor (Phi-4-mini); a sliding window on every layer when set.
+PHI3 = replace(
+    LLAMA,
+    architecture="Phi3ForCausalLM",
+    model_type="phi3",
+    name="Phi-3",
+    qkv=Fused("self_attn.qkv_proj", QKVOrder.SEQUENTIAL, kv_heads=Read("num_key_value_heads", default=None)),
+    layer_tensors={"self_attn.o_proj": "attn.proj", "mlp.down_proj": "mlp.proj"},
+    fused_rows={"mlp.gate_up_proj": ("mlp.fc_1", "mlp.fc_2")},
+    config=llama_style_config(head_size=Read("head_dim", default=None), intermediate=8192, vocab=32064,
+                              positions=4096, eps=1e-5, act="silu", tied=False, rotary_fraction=ROTARY_FRACTION),
+    biases=Biases(qkv=False, attn_out=False, mlp=False),
+    sliding_window=SlidingWindow(Read("sliding_window", default=None)),
+)
+
+# gpt_neox/modeling_gpt_neox.py: `qkv = query_key_value(x).view(*shape, -1, 3 * head_size)` then
+# `chunk(3, dim=-1)`: rows are per head (q_h, k_h, v_h), MHA only. Two LayerNorms; parallel residual
+# by use_parallel_residual; rotary on the first int(head_size * rotary_pct) dims. attention_bias
+# switches the q/k/v and dense biases; the MLP always has biases. transformers 5.3 reads the rotary
+# share only from `rotary_pct` (default 0.25) and overwrites rope_parameters.partial_rotary_factor
+# with it, so a config it saved itself without `rotary_pct` reloads as 0.25; qkvconv reads
+# `rotary_pct` first, then partial_rotary_factor, and writes both.
+GPT_NEOX = Family(
+    architecture="GPTNeoXForCausalLM",
+    model_type="gpt_neox",
+    name="GPT-NeoX",
+    layer_prefix="gpt_neox.layers.{i}",
+    qkv=Fused("attention.query_key_value", QKVOrder.PER_HEAD, kv_heads=None),
+    block=Block(
+        {"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"},
+        parallel_residual=Read("use_parallel_residual", default=True),
+    ),
+    layer_tensors={
+        "attention.dense": "attn.proj",
+        "mlp.dense_h_to_4h": "mlp.fc",
+        "mlp.dense_4h_to_h": "mlp.proj",
+    },
+    embedding="gpt_neox.embed_in",
+    final_norm="gpt_neox.final_layer_norm",
+    lm_head="embed_out",
+    config=HFConfig(
+        n_embd=Read("hidden_size"),
+        n_layer=Read("num_hidden_layers"),
+        n_head=Read("num_attention_heads"),
+        head_size=None,
+        intermediate_size=Read("intermediate_size", default=24576),
+        vocab_size=Read("vocab_size", default=50432),
+        block_size=Read("max_position_embeddings", default=2048),
+        norm_eps=Read("layer_norm_eps", default=1e-5),
+        activation=Read("hidden_act", default="gelu"),
+        tie_embeddings=Read("tie_word_embeddings", default=False),
+        rope_theta=Read("rope_parameters.rope_theta", "rotary_emb_base", "rope_theta", default=10000.0),
+        rotary_fraction=Read("rotary_pct", "rope_parameters.partial_rotary_factor", default=0.25),
+    ),
+    biases=Biases(qkv=Read("attention_bias", default=True), attn_out=Read("attention_bias", default=True), mlp=True),
+    norm_class_name="LayerNorm",
+    mlp_class_name="GptNeoxMLP",
+    ignored=IGNORED_EVERYWHERE + (r"^gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias)$",),
+)
+
+# falcon/modeling_falcon.py FalconAttention._split_heads:
+# - new_decoder_architecture (40B, 180B, Falcon2-11B): view(..., -1, num_heads // num_kv_heads + 2,
+#   head_dim); per KV group its query heads, then K, then V: grouped, G = num_kv_heads.
+# - multi_query (7B): view(..., num_heads + 2, head_dim); all Q heads, then one K, one V: sequential,
+#   G = 1 (grouped and sequential coincide).
+# - neither: view(..., num_heads, 3, head_dim): per head q, k, v: per-head, MHA.
+# FalconDecoderLayer: with new_decoder_architecture, ln_attn and ln_mlp (num_ln_in_parallel_attn 2, its
+# default) or one input_layernorm (1) feed a parallel residual, and parallel_attn must be true (else
+# the layer has no ln_attn and fails); otherwise parallel_attn means one shared input_layernorm, and
+# without it input_layernorm and post_attention_layernorm run sequentially. `bias` switches every
+# linear's bias (the LayerNorms always have one). head_dim = hidden_size // num_attention_heads.
+FALCON_QKV = "self_attention.query_key_value"
+FALCON_BIAS = Read("bias", default=False)
+FALCON = Family(
+    architecture="FalconForCausalLM",
+    model_type="falcon",
+    name=Choose(
+        ({"new_decoder_architecture": True}, "Falcon 40B/180B (new decoder architecture)"),
+        ({"multi_query": True}, "Falcon 7B (multi-query)"),
+        ({}, "Falcon (per-head multi-head attention)"),
+    ),
+    layer_prefix="transformer.h.{i}",
+    qkv=Choose(
+        ({"new_decoder_architecture": True},
+         Fused(FALCON_QKV, QKVOrder.GROUPED, kv_heads=Read("num_kv_heads", default=None))),
+        ({"multi_query": True}, Fused(FALCON_QKV, QKVOrder.SEQUENTIAL, kv_heads=1)),
+        ({}, Fused(FALCON_QKV, QKVOrder.PER_HEAD, kv_heads=None)),
+    ),
+    block=Choose(
+        ({"new_decoder_architecture": True, "parallel_attn": True, "num_ln_in_parallel_attn": 1},
+         Block({"input_layernorm": "norm_1"}, parallel_residual=True, shared_attention_norm=True)),
+        ({"new_decoder_architecture": True, "parallel_attn": True},
+         Block({"ln_attn": "norm_1", "ln_mlp": "norm_2"}, parallel_residual=True)),
+        ({"new_decoder_architecture": False, "parallel_attn": True},
+         Block({"input_layernorm": "norm_1"}, parallel_residual=True, shared_attention_norm=True)),
+        ({"new_decoder_architecture": False, "parallel_attn": False},
+         Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False)),
+    ),
+    layer_tensors={
+        "self_attention.dense": "attn.proj",
+        "mlp.dense_h_to_4h": "mlp.fc",
+        "mlp.dense_4h_to_h": "mlp.proj",
+    },
+    embedding="transformer.word_embeddings",
+    final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    config=HFConfig(
+        n_embd=Read("hidden_size", "n_embed"),
+        n_layer=Read("num_hidden_layers"),
+        n_head=Read("num_attention_heads"),
+        head_size=None,
+        intermediate_size=Read("ffn_hidden_size", default=None),
+        vocab_size=Read("vocab_size", default=65024),
+        block_size=Read("max_position_embeddings", default=2048),
+        norm_eps=Read("layer_norm_epsilon", default=1e-5),
+        activation=Read("activation", default="gelu"),
+        tie_embeddings=Read("tie_word_embeddings", default=True),
+        rope_theta=ROPE_THETA,
+        rotary_fraction=1.0,
+    ),
+    biases=Biases(qkv=FALCON_BIAS, attn_out=FALCON_BIAS, mlp=FALCON_BIAS),
+    norm_class_name="LayerNorm",
+    mlp_class_name="GptNeoxMLP",
+    flag_defaults={
+        "new_decoder_architecture": False,
+        "multi_query": True,
+        "parallel_attn": True,
+        "num_ln_in_parallel_attn": None,
+        "alibi": False,
+    },
+    unsupported=(({"alibi": True}, "ALiBi position biases (alibi=true, e.g. falcon-rw-1b/7b)"),),
+    ignored=IGNORED_EVERYWHERE,
+)
+
+# Keyed by config.json "architectures"[0]. The order is the preference when a litgpt config alone has
+# to pick an architecture (hf_config_from_litgpt): the first whose config can express it.
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, GEMMA, GPT_NEOX, FALCON, PHI3)}
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)
+
+
+def find(architecture: str) -> Family | None:
+    return FAMILIES.get(architecture)
+
+
+def supported() -> str:
+    """For messages: the architectures qkvconv maps."""
+    return ", ".join(SUPPORTED_ARCHITECTURES)

@@ -1,0 +1,732 @@
+"""Hugging Face checkpoints <-> litgpt: config translation and conversion plans, driven by families.py.
+
+    cfg = json.load(open("hf_model/config.json"))
+    family = detect_family(cfg)                       # None: an architecture qkvconv cannot interpret
+    lit_cfg = litgpt_config_from_hf(cfg)              # litgpt.Config(**lit_cfg) builds the same model
+    plan = plan_hf_to_litgpt(cfg, list(safetensors_names))
+    lit_sd = plan.apply_in_memory(hf_state_dict)      # small models; the engine streams big ones
+
+    back = plan_litgpt_to_hf(lit_cfg, list(lit_sd), cfg)   # exact inverse (cfg: the config.json to write)
+    hf_cfg = hf_config_from_litgpt(lit_cfg)           # a config.json when the source has none
+
+Plans are pure data (qkvconv.plan): each `Recipe` names its output, its source tensors and the row
+operations between them (fuse/split q, k, v, re-order fused rows, take or concatenate row blocks).
+litgpt's current layout is a sequential `attn.qkv`; `legacy=True` writes litgpt <= 0.5.4's grouped
+`attn.attn` instead. Anything a family table does not cover is refused with an UnsupportedFamily that
+says what and names the supported architectures: a conversion either is exact or does not happen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import yaml
+
+from qkvconv.errors import QkvconvError, UnsupportedFamily
+from qkvconv.families import (
+    FAMILIES,
+    GELU_APPROXIMATE,
+    REQUIRED,
+    SILU,
+    Block,
+    Choose,
+    Family,
+    Fused,
+    Read,
+    Split,
+    supported,
+)
+from qkvconv.forward import Architecture
+from qkvconv.layout import HeadLayout, LayoutError, QKVOrder, permutation
+from qkvconv.plan import Fuse, Plan, Recipe, Reorder, Step, TakePart
+
+LITGPT_CONFIG = "model_config.yaml"
+HF_CONFIG = "config.json"
+PARAMS = ("weight", "bias")
+
+
+# ---------------------------------------------------------------------------------------------
+# row steps the HF mappings need beyond plan.py's q/k/v steps
+
+
+@dataclass(frozen=True)
+class TakeRows(Step):
+    """Row block `index` of `parts` equal blocks (Phi-3's gate_up_proj: gate rows, then up rows)."""
+
+    index: int
+    parts: int
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        (t,) = tensors
+        if t.shape[0] % self.parts:
+            raise LayoutError(f"{t.shape[0]} rows do not split into {self.parts} equal blocks")
+        return [t.chunk(self.parts, dim=0)[self.index]]
+
+    def describe(self) -> str:
+        return f"take row block {self.index + 1} of {self.parts}"
+
+
+@dataclass(frozen=True)
+class ConcatRows(Step):
+    """Stack the inputs' rows in input order (litgpt fc_1, fc_2 -> Phi-3 gate_up_proj)."""
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat(tensors, dim=0)]
+
+    def describe(self) -> str:
+        return "concatenate rows"
+
+
+@dataclass(frozen=True)
+class Tied(Step):
+    """All inputs must be equal (a tied embedding and output head); the output is the first."""
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        first, *others = tensors
+        for other in others:
+            if other.shape != first.shape or not torch.equal(other, first):
+                raise QkvconvError(
+                    "the output head differs from the token embedding, but config.json ties them "
+                    "(tie_word_embeddings); write the head separately with tie_word_embeddings=false"
+                )
+        return [first]
+
+    def describe(self) -> str:
+        return "check tied tensors are equal"
+
+
+# ---------------------------------------------------------------------------------------------
+# reading config.json
+
+
+def _lookup(cfg: Mapping[str, Any], path: str) -> Any:
+    value: Any = cfg
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _read(cfg: Mapping[str, Any], rule: Read | Any) -> Any:
+    """A Read's value (first key present and not null, else its default); a constant as it is."""
+    if not isinstance(rule, Read):
+        return rule
+    for key in rule.keys:
+        value = _lookup(cfg, key)
+        if value is not None:
+            return value
+    if rule.default is REQUIRED:
+        raise QkvconvError(f"config.json has no {rule.keys[0]!r}")
+    return rule.default
+
+
+def _write(cfg: dict[str, Any], rule: Read | Any, value: Any) -> None:
+    """Store `value` where a Read looks first (nested dicts created as needed); constants write nothing."""
+    if not isinstance(rule, Read):
+        return
+    *parents, last = rule.keys[0].split(".")
+    node = cfg
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def _int(cfg: Mapping[str, Any], rule: Read, what: str) -> int:
+    value = _read(cfg, rule)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise QkvconvError(f"config.json: {what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _architecture_name(config_json: Mapping[str, Any]) -> str | None:
+    archs = config_json.get("architectures") or []
+    for a in archs:
+        if a in FAMILIES:
+            return a
+    if archs:
+        return None
+    by_type = [f.architecture for f in FAMILIES.values() if f.model_type == config_json.get("model_type")]
+    return by_type[0] if by_type else None
+
+
+def detect_family(config_json: Mapping[str, Any]) -> Family | None:
+    """The family config.json describes, with its flag-dependent fields resolved; None when unknown.
+
+    The architecture comes from `architectures` (the first one qkvconv knows), else from `model_type`.
+    A known architecture whose flags make a layout transformers cannot run raises UnsupportedFamily.
+    """
+    if not isinstance(config_json, Mapping):
+        raise QkvconvError("config.json does not hold a mapping of settings")
+    architecture = _architecture_name(config_json)
+    if architecture is None:
+        return None
+    return FAMILIES[architecture].resolve(config_json)
+
+
+def _require_family(config_json: Mapping[str, Any]) -> Family:
+    family = detect_family(config_json)
+    if family is None:
+        what = config_json.get("architectures") or config_json.get("model_type") or "no architecture"
+        raise UnsupportedFamily(f"config.json describes {what}, which qkvconv cannot map; supported: {supported()}")
+    return family
+
+
+def _refuse(family: Family, feature: str) -> UnsupportedFamily:
+    return UnsupportedFamily(
+        f"{family.architecture} with {feature} has no litgpt equivalent; qkvconv maps: {supported()}"
+    )
+
+
+def _heads(family: Family, cfg: Mapping[str, Any]) -> tuple[int, HeadLayout]:
+    """n_embd and the attention heads, as transformers derives them for this family."""
+    n_embd = _int(cfg, family.config.n_embd, "hidden_size")
+    n_head = _int(cfg, family.config.n_head, "num_attention_heads")
+    qkv = family.qkv
+    assert isinstance(qkv, (Split, Fused))
+    kv = qkv.kv_heads
+    n_query_groups = _int(cfg, kv, "the number of key/value heads") if isinstance(kv, Read) else kv
+    head_size = _read(cfg, family.config.head_size) if family.config.head_size is not None else None
+    if head_size is None:
+        if n_embd % n_head:
+            raise QkvconvError(f"config.json: hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}")
+        head_size = n_embd // n_head
+    try:
+        return n_embd, HeadLayout(n_head, n_query_groups or n_head, int(head_size))
+    except LayoutError as e:
+        raise QkvconvError(f"config.json: invalid head configuration: {e}") from None
+
+
+def _rope(family: Family, cfg: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """RoPE base and litgpt rope_adjustments from rope_parameters (transformers >= 5) or rope_scaling."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, Mapping) or any(isinstance(v, Mapping) for v in params.values()):
+        raise _refuse(family, "separate RoPE settings per layer type")
+    theta = float(_read(cfg, family.config.rope_theta))
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, {"factor": float(params["factor"])}
+    if kind == "llama3":
+        original = params.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+        if original is None:
+            original = _read(cfg, family.config.block_size)
+        return theta, {
+            "factor": float(params["factor"]),
+            "low_freq_factor": float(params["low_freq_factor"]),
+            "high_freq_factor": float(params["high_freq_factor"]),
+            "original_max_seq_len": int(original),
+        }
+    raise _refuse(family, f"RoPE scaling {kind!r} (litgpt conversions cover default, linear and llama3)")
+
+
+def _sliding_window(family: Family, cfg: Mapping[str, Any], n_layer: int) -> tuple[int | None, list[int] | None]:
+    sw = family.sliding_window
+    if sw is None:
+        return None, None
+    size = _read(cfg, sw.size)
+    if size is None or not _read(cfg, sw.enabled):
+        return None, None
+    types = cfg.get(sw.layer_types) if sw.layer_types else None
+    if types:
+        if len(types) != n_layer:
+            raise QkvconvError(f"config.json: {sw.layer_types} has {len(types)} entries for {n_layer} layers")
+        layers = [int(t == "sliding_attention") for t in types]
+    elif sw.first_layer is not None:
+        first = _read(cfg, sw.first_layer)
+        layers = [int(i >= first) for i in range(n_layer)]
+    else:
+        layers = [1] * n_layer
+    if not any(layers):
+        return None, None
+    return int(size), layers
+
+
+def _litgpt_name(family: Family) -> str:
+    return family.architecture  # e.g. "GemmaForCausalLM": contains "Gemma" exactly when litgpt must know
+
+
+def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = None) -> dict[str, Any]:
+    """The litgpt Config fields (a dict `litgpt.Config(**d)` accepts) of the model config.json describes.
+
+    The vocabulary is not padded further: litgpt's padded_vocab_size is the embedding's row count.
+    `name` defaults to the architecture ("LlamaForCausalLM"); litgpt decides Gemma's (1 + weight) RMSNorm
+    by "Gemma" in the name, so a name that disagrees with the family is refused.
+    """
+    family = _require_family(config_json)
+    cfg = config_json
+    for flags, feature in family.unsupported:
+        if family.matches(cfg, flags):
+            raise _refuse(family, feature)
+
+    n_embd, heads = _heads(family, cfg)
+    n_layer = _int(cfg, family.config.n_layer, "num_hidden_layers")
+    intermediate = _read(cfg, family.config.intermediate_size)
+    intermediate = 4 * n_embd if intermediate is None else int(intermediate)
+    vocab = _int(cfg, family.config.vocab_size, "vocab_size")
+
+    act = _read(cfg, family.config.activation)
+    if family.mlp_class_name == "LLaMAMLP":
+        if act not in SILU:
+            raise _refuse(family, f"the activation {act!r} (litgpt's LLaMAMLP is SiLU-gated)")
+        gelu_approximate = "none"
+    else:
+        if act not in GELU_APPROXIMATE:
+            raise _refuse(family, f"the activation {act!r} (litgpt's {family.mlp_class_name} uses GELU)")
+        gelu_approximate = GELU_APPROXIMATE[act]
+
+    qkv_bias, out_bias, mlp_bias = (bool(_read(cfg, getattr(family.biases, g))) for g in ("qkv", "attn_out", "mlp"))
+    if out_bias != mlp_bias:
+        raise _refuse(
+            family,
+            f"{'a' if out_bias else 'no'} bias on the attention output but {'' if mlp_bias else 'no '}MLP biases "
+            "(litgpt's `bias` switches both together)",
+        )
+    if mlp_bias and not qkv_bias:
+        raise _refuse(family, "biases everywhere but on q/k/v (litgpt's `bias` includes the q/k/v bias)")
+
+    block = family.block
+    assert isinstance(block, Block)
+    rope_base, rope_adjustments = _rope(family, cfg)
+    rotary = float(_read(cfg, family.config.rotary_fraction))
+    window, window_layers = _sliding_window(family, cfg, n_layer)
+
+    name = name or _litgpt_name(family)
+    if ("Gemma" in name) != family.norm_unit_offset or "OLMo" in name:
+        raise QkvconvError(
+            f"litgpt name {name!r}: litgpt applies Gemma's (1 + weight) RMSNorm exactly when the name contains "
+            f"'Gemma' (and drops LayerNorm weights for 'OLMo'); {family.architecture} needs "
+            f"{'a' if family.norm_unit_offset else 'no'} 'Gemma' in the name"
+        )
+
+    return {
+        "name": name,
+        "block_size": _int(cfg, family.config.block_size, "max_position_embeddings"),
+        "n_layer": n_layer,
+        "n_embd": n_embd,
+        "vocab_size": vocab,
+        "padded_vocab_size": vocab,
+        "norm_class_name": family.norm_class_name,
+        "norm_eps": float(_read(cfg, family.config.norm_eps)),
+        "parallel_residual": bool(_read(cfg, block.parallel_residual)),
+        "shared_attention_norm": block.shared_attention_norm,
+        "n_head": heads.n_head,
+        "head_size": heads.head_size,
+        "n_query_groups": heads.n_query_groups,
+        "bias": mlp_bias,
+        "attn_bias": qkv_bias and not mlp_bias,
+        "lm_head_bias": False,
+        "sliding_window_size": window,
+        "sliding_window_indices": window_layers,
+        "rope_base": int(rope_base) if rope_base.is_integer() else rope_base,
+        "rotary_percentage": rotary,
+        "rope_adjustments": rope_adjustments,
+        "intermediate_size": intermediate,
+        "mlp_class_name": family.mlp_class_name,
+        "gelu_approximate": gelu_approximate,
+        "scale_embeddings": family.scale_embeddings,
+    }
+
+
+def _forward_fields(litgpt_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What the forward pass computes with (qkvconv.forward), without the name."""
+    arch = asdict(Architecture.from_litgpt_config(litgpt_cfg))
+    arch.pop("name")
+    return arch
+
+
+# ---------------------------------------------------------------------------------------------
+# writing config.json
+
+
+def _flag_choices(family: Family) -> list[dict[str, Any]]:
+    """Every combination of `Choose` cases, as the flags a config.json must hold to select it."""
+    chooses = [getattr(family, f) for f in ("name", "qkv", "block") if isinstance(getattr(family, f), Choose)]
+    keys: dict[str, bool] = {}  # flag -> whether all its case values are booleans
+    for choose in chooses:
+        for flags, _ in choose.cases:
+            for k, v in flags.items():
+                keys[k] = keys.get(k, True) and isinstance(v, bool)
+    combos: list[dict[str, Any]] = []
+    for cases in itertools.product(*(c.cases for c in chooses)):
+        merged: dict[str, Any] = {}
+        if any(merged.setdefault(k, v) != v for flags, _ in cases for k, v in flags.items()):
+            continue  # contradictory cases
+        # A flag no case of this combination sets is written false (booleans) or left out, so that an
+        # earlier case ("multi_query": true, transformers' default) does not capture the config.
+        flags = {k: merged.get(k, False) for k, boolean in keys.items() if k in merged or boolean}
+        if flags not in combos:
+            combos.append(flags)
+    return combos or [{}]
+
+
+def _hf_config_for(family: Family, litgpt_cfg: Mapping[str, Any], flags: Mapping[str, Any]) -> dict[str, Any]:
+    """A config.json of `family` (with these flags) for the model litgpt_cfg describes; unchecked."""
+    arch = Architecture.from_litgpt_config(litgpt_cfg)  # litgpt's defaults and derived values applied
+    # Token ids belong to the tokenizer (litgpt's config has none); a class default pad id would become
+    # an Embedding padding_idx, which must lie inside the vocabulary (Phi-3's 32000 does not always).
+    cfg: dict[str, Any] = {"architectures": [family.architecture], "model_type": family.model_type,
+                           "pad_token_id": None, **flags}
+    concrete = family.resolve(cfg)
+    c = concrete.config
+    assert isinstance(concrete.qkv, (Split, Fused)) and isinstance(concrete.block, Block)
+    _write(cfg, c.n_embd, arch.n_embd)
+    _write(cfg, c.n_layer, arch.n_layer)
+    _write(cfg, c.n_head, arch.n_head)
+    _write(cfg, concrete.qkv.kv_heads, arch.n_query_groups)
+    if c.head_size is not None:
+        _write(cfg, c.head_size, arch.head_size)
+    # litgpt.Config: intermediate_size defaults to 4 * n_embd, block_size to 4096, rotary_percentage to 0.25
+    _write(cfg, c.intermediate_size, int(litgpt_cfg.get("intermediate_size") or 4 * arch.n_embd))
+    _write(cfg, c.vocab_size, arch.padded_vocab_size)
+    _write(cfg, c.block_size, int(litgpt_cfg.get("block_size") or 4096))
+    _write(cfg, c.norm_eps, arch.norm_eps)
+    gelu = "gelu_pytorch_tanh" if arch.gelu_approximate == "tanh" else "gelu"
+    _write(cfg, c.activation, "silu" if arch.mlp_class_name == "LLaMAMLP" else gelu)
+    _write(cfg, c.tie_embeddings, False)  # litgpt keeps a separate lm_head
+    _write(cfg, concrete.biases.qkv, arch.qkv_bias)
+    _write(cfg, concrete.biases.attn_out, arch.proj_bias)
+    _write(cfg, concrete.biases.mlp, arch.proj_bias)
+    _write(cfg, concrete.block.parallel_residual, arch.parallel_residual)
+
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(arch.rope_base)}
+    if arch.rope_scaling == "llama3":
+        rope.update(
+            rope_type="llama3",
+            factor=arch.rope_factor,
+            low_freq_factor=arch.rope_low_freq_factor,
+            high_freq_factor=arch.rope_high_freq_factor,
+            original_max_position_embeddings=arch.rope_original_max_seq_len,
+        )
+    elif arch.rope_scaling == "linear":
+        rope.update(rope_type="linear", factor=arch.rope_factor)
+    cfg["rope_parameters"] = rope
+    _write(cfg, c.rope_theta, rope["rope_theta"])
+    rotary = float(litgpt_cfg.get("rotary_percentage", 0.25))
+    _write(cfg, c.rotary_fraction, rotary)
+    if isinstance(c.rotary_fraction, Read):
+        rope["partial_rotary_factor"] = rotary  # the standard place, besides a family's own key
+
+    sw = concrete.sliding_window
+    if sw is not None:
+        layers = arch.sliding_window_layers if arch.sliding_window_size is not None else (False,) * arch.n_layer
+        _write(cfg, sw.size, arch.sliding_window_size if any(layers) else None)
+        _write(cfg, sw.enabled, any(layers))
+        if sw.layer_types:
+            cfg[sw.layer_types] = ["sliding_attention" if on else "full_attention" for on in layers]
+        if sw.first_layer is not None:
+            _write(cfg, sw.first_layer, next((i for i, on in enumerate(layers) if on), arch.n_layer))
+    return cfg
+
+
+def hf_config_from_litgpt(litgpt_cfg: Mapping[str, Any], architecture: str | None = None) -> dict[str, Any]:
+    """A config.json (transformers' AutoConfig accepts it) that computes the model litgpt_cfg describes.
+
+    `architecture` picks the family; None tries them in FAMILIES order and takes the first that can
+    express the model (a litgpt config does not say whether it came from Phi-3 or Mistral: both are
+    the same function, so the tensors' fusion is then Mistral's). The head is written untied
+    (tie_word_embeddings false): litgpt stores lm_head separately. Every candidate is read back with
+    litgpt_config_from_hf and must give the same forward pass, field for field.
+    """
+    if architecture is not None and architecture not in FAMILIES:
+        raise UnsupportedFamily(f"{architecture} is not an architecture qkvconv maps; supported: {supported()}")
+    try:
+        target = _forward_fields(litgpt_cfg)
+    except QkvconvError as e:
+        raise UnsupportedFamily(f"this litgpt config cannot be converted: {e}") from None
+    candidates = [FAMILIES[architecture]] if architecture else list(FAMILIES.values())
+    closest: tuple[int, str] | None = None
+    for family in candidates:
+        for flags in _flag_choices(family):
+            try:
+                cfg = _hf_config_for(family, litgpt_cfg, flags)
+                got = _forward_fields(litgpt_config_from_hf(cfg))
+            except QkvconvError as e:
+                reason = (99, f"{family.architecture}: {e}")
+            else:
+                if got == target:
+                    return cfg
+                diff = sorted(k for k in target if got[k] != target[k])
+                reason = (len(diff), f"{family.architecture} differs in {', '.join(diff)}")
+            if closest is None or reason[0] < closest[0]:
+                closest = reason
+    assert closest is not None
+    raise UnsupportedFamily(
+        f"no {architecture or 'supported architecture'} computes this litgpt model "
+        f"({closest[1]}); supported: {supported()}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# plans
+
+
+def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -> list[str]:
+    """The state-dict names of litgpt's GPT for this config (`attn.attn` instead of `attn.qkv` if legacy)."""
+    arch = Architecture.from_litgpt_config(litgpt_cfg)
+    norm = ["weight", "bias"] if arch.norm_class_name == "LayerNorm" else ["weight"]
+    linear = ["weight", "bias"] if arch.proj_bias else ["weight"]
+    qkv = "attn.attn" if legacy else "attn.qkv"
+    mlp = ["mlp.fc", "mlp.proj"] if arch.mlp_class_name == "GptNeoxMLP" else ["mlp.fc_1", "mlp.fc_2", "mlp.proj"]
+    names = ["transformer.wte.weight"]
+    for i in range(arch.n_layer):
+        p = f"transformer.h.{i}"
+        names += [f"{p}.norm_1.{x}" for x in norm]
+        names += [f"{p}.{qkv}.weight"] + ([f"{p}.{qkv}.bias"] if arch.qkv_bias else [])
+        names += [f"{p}.attn.proj.{x}" for x in linear]
+        if not arch.shared_attention_norm:
+            names += [f"{p}.norm_2.{x}" for x in norm]
+        names += [f"{p}.{m}.{x}" for m in mlp for x in linear]
+    names += [f"transformer.ln_f.{x}" for x in norm]
+    names += ["lm_head.weight"] + (["lm_head.bias"] if arch.lm_head_bias else [])
+    return names
+
+
+def _reorder_steps(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> tuple[Step, ...]:
+    """A Reorder, or nothing when the two orders coincide for these heads (G = 1, G = H)."""
+    if torch.equal(permutation(src, dst, heads), torch.arange(heads.rows)):
+        return ()
+    return (Reorder(src, dst, heads),)
+
+
+def _qkv_evidence(family: Family, heads: HeadLayout) -> str:
+    qkv = family.qkv
+    where = f"{family.layer_prefix.format(i='{i}')}."
+    if isinstance(qkv, Split):
+        return f"{family.architecture}: separate {where}{{{qkv.q},{qkv.k},{qkv.v}}} (rows sequential when concatenated)"
+    assert isinstance(qkv, Fused)
+    return (
+        f"{family.architecture}: fused {where}{qkv.name} with rows in {qkv.order.value} order "
+        f"(H={heads.n_head}, G={heads.n_query_groups}, hs={heads.head_size})"
+    )
+
+
+class _Names:
+    """The source tensor names: which exist, which a plan used, which are left over."""
+
+    def __init__(self, names: Iterable[str], where: str) -> None:
+        self.all = list(names)
+        self.present = set(self.all)
+        self.used: set[str] = set()
+        self.where = where
+
+    def has(self, name: str) -> bool:
+        return name in self.present
+
+    def take(self, name: str) -> str:
+        if name not in self.present:
+            raise QkvconvError(f"the {self.where} has no tensor {name!r}")
+        self.used.add(name)
+        return name
+
+    def params(self, module: str) -> list[str]:
+        """The params of `module` present, taken: its weight (required) and bias (if any)."""
+        present = [p for p in PARAMS if p == "weight" or self.has(f"{module}.{p}")]
+        for p in present:
+            self.take(f"{module}.{p}")
+        return present
+
+    def left_over(self, ignored: Iterable[str]) -> list[str]:
+        patterns = [re.compile(p) for p in ignored]
+        return [n for n in self.all if n not in self.used and not any(p.search(n) for p in patterns)]
+
+
+def _check_outputs(plan: Plan, expected: list[str], what: str) -> None:
+    got, want = {r.output for r in plan.recipes}, set(expected)
+    if got != want:
+        missing, extra = sorted(want - got), sorted(got - want)
+        parts = [f"lacks {', '.join(missing[:4])}"] if missing else []
+        parts += [f"has extra {', '.join(extra[:4])}"] if extra else []
+        raise QkvconvError(f"{what}: the checkpoint {' and '.join(parts)} for what config.json describes")
+
+
+def _unknown(left: list[str], family: Family, where: str) -> QkvconvError:
+    more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+    return UnsupportedFamily(
+        f"the {where} has tensors that {family.architecture} as qkvconv knows it does not have: "
+        f"{', '.join(left[:5])}{more}; qkvconv converts only exactly what it can account for"
+    )
+
+
+def plan_hf_to_litgpt(config_json: Mapping[str, Any], hf_names: Iterable[str], *, legacy: bool = False) -> Plan:
+    """Recipes that turn a Hugging Face state dict (these names) into a litgpt one.
+
+    q/k/v land in litgpt's sequential `attn.qkv` (legacy: litgpt <= 0.5.4's grouped `attn.attn`).
+    litgpt always stores `lm_head.weight`: from the HF head, or from the embedding where config.json
+    ties them and the files omit the head. Known non-weight buffers are skipped; any other name the
+    family does not account for, or a tensor the config promises but the files lack, is refused.
+    The plan carries model_config.yaml.
+    """
+    family = _require_family(config_json)
+    lit = litgpt_config_from_hf(config_json)
+    _, heads = _heads(family, config_json)
+    src = _Names(hf_names, "Hugging Face checkpoint")
+    dst_order, qkv_out = (QKVOrder.GROUPED, "attn.attn") if legacy else (QKVOrder.SEQUENTIAL, "attn.qkv")
+    recipes: list[Recipe] = []
+
+    def copy(module: str, to: str) -> None:
+        recipes.extend(Recipe(f"{to}.{p}", (f"{module}.{p}",)) for p in src.params(module))
+
+    block = family.block
+    assert isinstance(block, Block)
+    for i in range(lit["n_layer"]):
+        hf, to = family.layer_prefix.format(i=i), f"transformer.h.{i}"
+        qkv = family.qkv
+        if isinstance(qkv, Split):
+            parts = [f"{hf}.{m}" for m in (qkv.q, qkv.k, qkv.v)]
+            for p in PARAMS:
+                if p == "bias" and not any(src.has(f"{m}.bias") for m in parts):
+                    continue
+                inputs = tuple(src.take(f"{m}.{p}") for m in parts)
+                recipes.append(Recipe(f"{to}.{qkv_out}.{p}", inputs, (Fuse(dst_order, heads),)))
+        else:
+            assert isinstance(qkv, Fused)
+            for p in src.params(f"{hf}.{qkv.name}"):
+                steps = _reorder_steps(qkv.order, dst_order, heads)
+                recipes.append(Recipe(f"{to}.{qkv_out}.{p}", (f"{hf}.{qkv.name}.{p}",), steps))
+        for module, lit_module in {**block.norms, **family.layer_tensors}.items():
+            copy(f"{hf}.{module}", f"{to}.{lit_module}")
+        for module, lit_modules in family.fused_rows.items():
+            for p in src.params(f"{hf}.{module}"):
+                recipes.extend(
+                    Recipe(f"{to}.{m}.{p}", (f"{hf}.{module}.{p}",), (TakeRows(j, len(lit_modules)),))
+                    for j, m in enumerate(lit_modules)
+                )
+
+    copy(family.embedding, "transformer.wte")
+    copy(family.final_norm, "transformer.ln_f")
+    head, embedding = f"{family.lm_head}.weight", f"{family.embedding}.weight"
+    notes = [_qkv_evidence(family, heads)]
+    tied = bool(_read(config_json, family.config.tie_embeddings))
+    if tied and src.has(head):
+        recipes.append(Recipe("lm_head.weight", (embedding, src.take(head)), (Tied(),)))
+        notes.append(f"tied head: {head} must equal {embedding}; litgpt stores it as lm_head.weight")
+    elif tied:
+        recipes.append(Recipe("lm_head.weight", (embedding,)))
+        notes.append(f"tied head: lm_head.weight is a copy of {embedding} (litgpt does not tie)")
+    else:
+        recipes.append(Recipe("lm_head.weight", (src.take(head),)))
+
+    left = src.left_over(family.ignored)
+    if left:
+        raise _unknown(left, family, "Hugging Face checkpoint")
+    skipped = sorted(set(src.all) - src.used)
+    if skipped:
+        notes.append(f"skipped {len(skipped)} non-weight buffers (e.g. {skipped[0]})")
+    plan = Plan(recipes, {LITGPT_CONFIG: yaml.safe_dump(lit, sort_keys=False)}, notes)
+    _check_outputs(plan, litgpt_state_names(lit, legacy=legacy), "Hugging Face -> litgpt")
+    return plan
+
+
+def plan_litgpt_to_hf(
+    litgpt_cfg: Mapping[str, Any], litgpt_names: Iterable[str], config_json: Mapping[str, Any] | None = None
+) -> Plan:
+    """Recipes that turn a litgpt state dict (these names; `attn.qkv` or legacy `attn.attn`) into HF's.
+
+    config_json is the config.json to write (the HF original, for an exact round trip); None makes
+    one with hf_config_from_litgpt. It must compute the same model as litgpt_cfg, field for field.
+    Where it ties the head to the embedding, lm_head.weight is not written and must equal
+    transformer.wte.weight (checked when the plan runs). The plan carries config.json.
+    """
+    if config_json is None:
+        config_json = hf_config_from_litgpt(litgpt_cfg)
+    family = _require_family(config_json)
+    want, have = _forward_fields(litgpt_config_from_hf(config_json)), _forward_fields(litgpt_cfg)
+    if want != have:
+        diff = ", ".join(f"{k} {have[k]!r} vs {want[k]!r}" for k in want if want[k] != have[k])
+        raise QkvconvError(f"config.json does not describe this litgpt model: {diff} (litgpt vs config.json)")
+    _, heads = _heads(family, config_json)
+    src = _Names(litgpt_names, "litgpt checkpoint")
+    namings = {m.group(1) for n in src.all if (m := re.match(r"^transformer\.h\.\d+\.attn\.(attn|qkv)\.", n))}
+    if len(namings) > 1:
+        raise QkvconvError("the litgpt checkpoint mixes `attn.attn` and `attn.qkv` tensors")
+    legacy = namings == {"attn"}
+    src_order, qkv_in = (QKVOrder.GROUPED, "attn.attn") if legacy else (QKVOrder.SEQUENTIAL, "attn.qkv")
+    expected = litgpt_state_names(litgpt_cfg, legacy=legacy)
+    if set(src.all) != set(expected):
+        extra = sorted(set(src.all) - set(expected))
+        if extra:
+            raise _unknown(extra, family, "litgpt checkpoint")
+        missing = sorted(set(expected) - set(src.all))
+        raise QkvconvError(f"the litgpt checkpoint lacks {', '.join(missing[:4])}, which its model_config.yaml implies")
+    recipes: list[Recipe] = []
+
+    def copy(lit_module: str, module: str) -> None:
+        recipes.extend(Recipe(f"{module}.{p}", (f"{lit_module}.{p}",)) for p in src.params(lit_module))
+
+    block = family.block
+    assert isinstance(block, Block)
+    for i in range(int(litgpt_cfg["n_layer"])):
+        hf, lit = family.layer_prefix.format(i=i), f"transformer.h.{i}"
+        qkv = family.qkv
+        for p in src.params(f"{lit}.{qkv_in}"):
+            name = f"{lit}.{qkv_in}.{p}"
+            if isinstance(qkv, Split):
+                recipes.extend(
+                    Recipe(f"{hf}.{m}.{p}", (name,), (TakePart(part, src_order, heads),))
+                    for part, m in zip("qkv", (qkv.q, qkv.k, qkv.v))
+                )
+            else:
+                assert isinstance(qkv, Fused)
+                recipes.append(Recipe(f"{hf}.{qkv.name}.{p}", (name,), _reorder_steps(src_order, qkv.order, heads)))
+        for module, lit_module in {**block.norms, **family.layer_tensors}.items():
+            copy(f"{lit}.{lit_module}", f"{hf}.{module}")
+        for module, lit_modules in family.fused_rows.items():
+            for p in src.params(f"{lit}.{lit_modules[0]}"):
+                inputs = tuple(src.take(f"{lit}.{m}.{p}") for m in lit_modules)
+                recipes.append(Recipe(f"{hf}.{module}.{p}", inputs, (ConcatRows(),)))
+
+    copy("transformer.ln_f", family.final_norm)
+    embedding = f"{family.embedding}.weight"
+    notes = [_qkv_evidence(family, heads)]
+    if _read(config_json, family.config.tie_embeddings):
+        recipes.append(Recipe(embedding, (src.take("transformer.wte.weight"), src.take("lm_head.weight")), (Tied(),)))
+        notes.append(f"tied head: {family.lm_head}.weight is not written (transformers ties it to {embedding})")
+    else:
+        recipes.append(Recipe(embedding, (src.take("transformer.wte.weight"),)))
+        recipes.append(Recipe(f"{family.lm_head}.weight", (src.take("lm_head.weight"),)))
+    left = src.left_over(())
+    if left:
+        raise _unknown(left, family, "litgpt checkpoint")
+    return Plan(recipes, {HF_CONFIG: json.dumps(dict(config_json), indent=2, sort_keys=True) + "\n"}, notes)
+
+
+def describe_layout(config_json: Mapping[str, Any]) -> dict[str, Any] | None:
+    """For inspect: family, QKV placement and head counts of an HF config.json; None when unknown."""
+    family = detect_family(config_json)
+    if family is None:
+        return None
+    _, heads = _heads(family, config_json)
+    qkv = family.qkv
+    return {
+        "architecture": family.architecture,
+        "family": family.name,
+        "qkv": "split" if isinstance(qkv, Split) else f"fused {qkv.name}",  # type: ignore[union-attr]
+        "qkv_order": QKVOrder.SPLIT.value if isinstance(qkv, Split) else qkv.order.value,  # type: ignore[union-attr]
+        "n_head": heads.n_head,
+        "n_query_groups": heads.n_query_groups,
+        "head_size": heads.head_size,
+        "attention": heads.attention,
+        "evidence": _qkv_evidence(family, heads),
+    }
+
+
+__all__ = [
+    "ConcatRows",
+    "TakeRows",
+    "Tied",
+    "describe_layout",
+    "detect_family",
+    "hf_config_from_litgpt",
+    "litgpt_config_from_hf",
+    "litgpt_state_names",
+    "plan_hf_to_litgpt",
+    "plan_litgpt_to_hf",
+]

@@ -1,0 +1,506 @@
+"""Hugging Face <-> litgpt mapping (families.py, hf_format.py), family by family.
+
+For every family (and every Falcon layout) a tiny random transformers model is saved with
+save_pretrained; then
+1. plan_hf_to_litgpt, run in memory, must give exactly the tensors litgpt's own
+   convert_hf_checkpoint writes (where litgpt's converter covers the layout), load with strict=True
+   into litgpt's GPT built from litgpt_config_from_hf, and compute transformers' logits;
+2. plan_litgpt_to_hf must give back the original tensors bit for bit, and hf_config_from_litgpt with
+   the converted tensors must load in AutoModelForCausalLM with no missing or unexpected keys and
+   compute the same logits;
+3. legacy=True must write litgpt <= 0.5.4's grouped `attn.attn`, which current litgpt's own legacy
+   loader (qkv_reassemble on load) turns back into the same model.
+
+litgpt's converter picks its copy function by the model name and reads the model from its config
+registry (Config.from_name), so each case registers litgpt's config of a real model of that family
+with the tiny sizes written in here (not derived by qkvconv), under a name that steers litgpt's
+dispatch ("falcon-7b-...", "Qwen2.5-...", "Phi-3-..."): monkeypatch.setitem on
+litgpt.config.name_to_config, undone after the test. That config is also the reference the
+translated config is compared with, field by field, for everything the forward pass uses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qkvconv.errors import QkvconvError, UnsupportedFamily
+from qkvconv.families import FAMILIES
+from qkvconv.forward import Architecture
+from qkvconv.hf_format import (
+    detect_family,
+    hf_config_from_litgpt,
+    litgpt_config_from_hf,
+    litgpt_state_names,
+    plan_hf_to_litgpt,
+    plan_litgpt_to_hf,
+)
+from qkvconv.layout import HeadLayout, QKVOrder, reorder
+
+transformers = pytest.importorskip("transformers")
+litgpt = pytest.importorskip("litgpt")
+from litgpt import Config  # noqa: E402
+from litgpt.model import GPT  # noqa: E402
+
+TOL = 1e-5
+VOCAB, POSITIONS = 96, 64
+TOKENS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    hf: dict[str, Any]  # config.json settings for AutoConfig.for_model
+    expect_order: QKVOrder  # where transformers keeps q/k/v
+    litgpt_real: str | None = None  # litgpt's config of a real model of this family (None: litgpt has none)
+    litgpt_tiny: dict[str, Any] = field(default_factory=dict)  # its sizes, for the tiny model
+    converter: bool = True  # litgpt's convert_hf_checkpoint covers this layout
+    inferred: str | None = None  # what hf_config_from_litgpt picks without an architecture (default: the same)
+    converter_name: str | None = None  # name to register for litgpt's converter (default: "<litgpt_real>-tiny-qkvconv")
+
+
+def tiny(**kw: Any) -> dict[str, Any]:
+    """litgpt sizes of the tiny models: 2 layers, 4 query heads."""
+    return {"n_layer": 2, "vocab_size": VOCAB, "padded_vocab_size": VOCAB, "block_size": POSITIONS, "n_head": 4, **kw}
+
+
+LLAMA_SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=POSITIONS)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+NEOX_SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+                  max_position_embeddings=POSITIONS)
+FALCON_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+                    max_position_embeddings=POSITIONS)
+
+CASES = [
+    Case("llama3-gqa", {"model_type": "llama", **LLAMA_SIZES, "rms_norm_eps": 1e-5, "rope_parameters": LLAMA3_ROPE},
+         QKVOrder.SPLIT, "Llama-3.1-8B", tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=48)),
+    Case("mistral-window", {"model_type": "mistral", **LLAMA_SIZES, "rms_norm_eps": 1e-5, "sliding_window": 4},
+         QKVOrder.SPLIT, "Mistral-7B-v0.1",
+         tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=48, sliding_window_size=4,
+              sliding_window_indices=[1, 1])),
+    # q/k/v biases; the window on layer 1 only (max_window_layers); tied head (as Qwen2.5-0.5B)
+    Case("qwen2-bias-tied", {"model_type": "qwen2", **LLAMA_SIZES, "rope_parameters": {"rope_theta": 1e6},
+                             "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1,
+                             "tie_word_embeddings": True},
+         QKVOrder.SPLIT, "Qwen2.5-0.5B",
+         tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=48, sliding_window_size=4,
+              sliding_window_indices=[0, 1])),
+    # head_dim 16 != hidden / heads; (1 + w) RMSNorm; scaled and tied embeddings. litgpt's Gemma
+    # configs use norm_eps 1e-5 where the HF files say 1e-6 (see test_real_configs): set here.
+    Case("gemma-head-dim", {"model_type": "gemma", **LLAMA_SIZES, "head_dim": 16},
+         QKVOrder.SPLIT, "Gemma-2b",
+         tiny(n_embd=32, n_query_groups=2, head_size=16, intermediate_size=48, norm_eps=1e-6),
+         # "Gemma-2b-..." would send litgpt's converter to its Gemma-2 code (name.lower().startswith("gemma-2"))
+         converter_name="Gemma-tiny-qkvconv"),
+    Case("neox-parallel", {"model_type": "gpt_neox", **NEOX_SIZES, "rotary_pct": 0.25},
+         QKVOrder.PER_HEAD, "pythia-160m", tiny(n_embd=64, n_query_groups=4, head_size=16, intermediate_size=96)),
+    Case("neox-sequential",
+         {"model_type": "gpt_neox", **NEOX_SIZES, "rotary_pct": 0.25, "use_parallel_residual": False},
+         QKVOrder.PER_HEAD, "pythia-160m",
+         tiny(n_embd=64, n_query_groups=4, head_size=16, intermediate_size=96, parallel_residual=False)),
+    Case("falcon-7b-mqa", {"model_type": "falcon", **FALCON_SIZES, "multi_query": True, "parallel_attn": True},
+         QKVOrder.SEQUENTIAL, "falcon-7b", tiny(n_embd=32, n_query_groups=1, head_size=8, intermediate_size=128)),
+    Case("falcon-40b-grouped",
+         {"model_type": "falcon", **FALCON_SIZES, "new_decoder_architecture": True, "num_kv_heads": 2},
+         QKVOrder.GROUPED, "falcon-40b", tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=128)),
+    # falcon-rw's layout (per-head MHA, two sequential norms, biases) without its ALiBi. litgpt has no
+    # such config and its falcon converter knows only the 7b/40b norm names. The same function is a
+    # GPT-NeoX with full rotary and no parallel residual, which hf_config_from_litgpt prefers.
+    Case("falcon-rw-per-head", {"model_type": "falcon", **FALCON_SIZES, "multi_query": False, "parallel_attn": False,
+                                "bias": True},
+         QKVOrder.PER_HEAD, converter=False, inferred="GPTNeoXForCausalLM"),
+    # Falcon2-11B's layout: grouped GQA, one shared norm (num_ln_in_parallel_attn = 1); not in litgpt.
+    Case("falcon2-shared-norm", {"model_type": "falcon", **FALCON_SIZES, "new_decoder_architecture": True,
+                                 "num_kv_heads": 2, "num_ln_in_parallel_attn": 1},
+         QKVOrder.GROUPED, converter=False),
+    # fused sequential qkv_proj, fused gate_up_proj, partial rotary (as Phi-4-mini), a sliding window
+    Case("phi3-fused", {"model_type": "phi3", **LLAMA_SIZES, "original_max_position_embeddings": POSITIONS,
+                        "sliding_window": 5, "partial_rotary_factor": 0.5, "pad_token_id": 0, "bos_token_id": 1,
+                        "eos_token_id": 2},
+         QKVOrder.SEQUENTIAL, "Phi-3-mini-4k-instruct",
+         tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=48, rotary_percentage=0.5,
+              sliding_window_size=5, sliding_window_indices=[1, 1])),
+]
+BY_ID = {c.id: c for c in CASES}
+
+
+@dataclass
+class Built:
+    case: Case
+    directory: Path  # save_pretrained output
+    config_json: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    logits: torch.Tensor
+
+
+def _build(case: Case, directory: Path) -> Built:
+    config = transformers.AutoConfig.for_model(**case.hf)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # nonzero random everything: norms and biases too
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    model.eval()
+    model.save_pretrained(directory)
+    with torch.no_grad():
+        logits = model(TOKENS).logits
+    config_json = json.loads((directory / "config.json").read_text())
+    return Built(case, directory, config_json, load_file(directory / "model.safetensors"), logits)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache: dict[str, Built] = {}
+
+    def get(case_id: str) -> Built:
+        if case_id not in cache:
+            cache[case_id] = _build(BY_ID[case_id], tmp_path_factory.mktemp(case_id))
+        return cache[case_id]
+
+    return get
+
+
+def litgpt_logits(litgpt_cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.Tensor:
+    model = GPT(Config(**litgpt_cfg))
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+def hf_logits(directory: Path) -> torch.Tensor:
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    model.eval()
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert torch.equal(got[name], want[name]), name
+
+
+def forward_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    fields = asdict(Architecture.from_litgpt_config(cfg))
+    del fields["name"]
+    return fields
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# per family
+
+
+@pytest.mark.parametrize("case_id", list(BY_ID))
+def test_hf_to_litgpt(case_id, built, monkeypatch, tmp_path):
+    b = built(case_id)
+    case, cfg = b.case, b.config_json
+    family = detect_family(cfg)
+    assert family is not None and family.architecture == cfg["architectures"][0]
+    qkv = family.qkv
+    assert getattr(qkv, "order", QKVOrder.SPLIT) == case.expect_order
+
+    lit_cfg = litgpt_config_from_hf(cfg)
+    ours = plan_hf_to_litgpt(cfg, list(b.tensors)).apply_in_memory(b.tensors)
+    assert sorted(ours) == sorted(litgpt_state_names(lit_cfg))
+
+    if case.litgpt_real is not None:
+        reference = {**asdict(Config.from_name(case.litgpt_real)), **case.litgpt_tiny}
+        assert forward_fields(lit_cfg) == forward_fields(reference)
+    if case.converter:
+        from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+        name = case.converter_name or f"{case.litgpt_real}-tiny-qkvconv"
+        monkeypatch.setitem(litgpt.config.name_to_config, name, {**reference, "name": name})
+        work = tmp_path / "hf"
+        shutil.copytree(b.directory, work)
+        convert_hf_checkpoint(checkpoint_dir=work, model_name=name)
+        theirs = torch.load(work / "lit_model.pth", weights_only=True)
+        if "lm_head.weight" not in theirs:
+            # litgpt's falcon converter copies lm_head.weight only when the files have it; transformers
+            # >= 5 leaves a tied head out, so litgpt's output would not even load (strict=True).
+            assert case.id.startswith("falcon") and cfg["tie_word_embeddings"]
+            theirs["lm_head.weight"] = theirs["transformer.wte.weight"]
+        assert_same_tensors(ours, theirs)
+
+    diff = max_diff(litgpt_logits(lit_cfg, ours), b.logits)
+    print(f"{case_id}: litgpt(converted) vs transformers logits max abs diff {diff:.2e}")
+    assert diff < TOL
+
+
+@pytest.mark.parametrize("case_id", list(BY_ID))
+def test_litgpt_to_hf(case_id, built, tmp_path):
+    b = built(case_id)
+    cfg = b.config_json
+    lit_cfg = litgpt_config_from_hf(cfg)
+    lit = plan_hf_to_litgpt(cfg, list(b.tensors)).apply_in_memory(b.tensors)
+
+    back = plan_litgpt_to_hf(lit_cfg, list(lit), cfg).apply_in_memory(lit)
+    assert_same_tensors(back, b.tensors)
+
+    architecture = cfg["architectures"][0]
+    for wanted in (architecture, None):
+        hf_cfg = hf_config_from_litgpt(lit_cfg, wanted)
+        assert hf_cfg["architectures"] == [wanted or b.case.inferred or architecture]
+        plan = plan_litgpt_to_hf(lit_cfg, list(lit), hf_cfg)
+        out = tmp_path / (wanted or "inferred")
+        out.mkdir()
+        (out / "config.json").write_text(plan.texts["config.json"])
+        tensors = {k: v.clone() for k, v in plan.apply_in_memory(lit).items()}  # copies alias their source
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        diff = max_diff(hf_logits(out), b.logits)
+        arch = hf_cfg["architectures"][0]
+        print(f"{case_id}: transformers({arch}, config from litgpt) logits max abs diff {diff:.2e}")
+        assert diff < TOL
+
+
+@pytest.mark.parametrize("case_id", list(BY_ID))
+def test_legacy_grouped(case_id, built):
+    b = built(case_id)
+    cfg = b.config_json
+    lit_cfg = litgpt_config_from_hf(cfg)
+    current = plan_hf_to_litgpt(cfg, list(b.tensors)).apply_in_memory(b.tensors)
+    legacy = plan_hf_to_litgpt(cfg, list(b.tensors), legacy=True).apply_in_memory(b.tensors)
+    assert sorted(legacy) == sorted(litgpt_state_names(lit_cfg, legacy=True))
+    heads = HeadLayout(lit_cfg["n_head"], lit_cfg["n_query_groups"], lit_cfg["head_size"])
+    for name, t in legacy.items():
+        if ".attn.attn." in name:
+            sequential = reorder(t, QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
+            assert torch.equal(sequential, current[name.replace("attn.attn", "attn.qkv")])
+        else:
+            assert torch.equal(t, current[name])
+    # current litgpt re-orders a legacy `attn.attn` on load with its own qkv_reassemble
+    assert max_diff(litgpt_logits(lit_cfg, dict(legacy)), b.logits) < TOL
+    # and a legacy litgpt checkpoint converts back to the original HF tensors
+    assert_same_tensors(plan_litgpt_to_hf(lit_cfg, list(legacy), cfg).apply_in_memory(legacy), b.tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# real models: config.json as published on the Hub vs litgpt's own config of the same model
+
+REAL_HF_CONFIGS: dict[str, dict[str, Any]] = {
+    "Llama-2-7b-hf": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                      "hidden_size": 4096, "intermediate_size": 11008, "max_position_embeddings": 4096,
+                      "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+                      "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
+                      "vocab_size": 32000},
+    "Llama-3.1-8B": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+                     "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+                     "max_position_embeddings": 131072, "mlp_bias": False, "num_attention_heads": 32,
+                     "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+                     "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                     "rope_theta": 500000.0, "tie_word_embeddings": False, "vocab_size": 128256},
+    "Mistral-7B-v0.1": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu",
+                        "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 32768,
+                        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+                        "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
+                        "tie_word_embeddings": False, "vocab_size": 32000},
+    "Qwen2.5-7B": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+                   "hidden_size": 3584, "intermediate_size": 18944, "max_position_embeddings": 131072,
+                   "max_window_layers": 28, "num_attention_heads": 28, "num_hidden_layers": 28,
+                   "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+                   "sliding_window": 131072, "tie_word_embeddings": False, "use_sliding_window": False,
+                   "vocab_size": 152064},
+    "Qwen2.5-0.5B": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+                     "hidden_size": 896, "intermediate_size": 4864, "max_position_embeddings": 32768,
+                     "max_window_layers": 24, "num_attention_heads": 14, "num_hidden_layers": 24,
+                     "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+                     "sliding_window": 32768, "tie_word_embeddings": True, "use_sliding_window": False,
+                     "vocab_size": 151936},
+    "Gemma-2b": {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "head_dim": 256, "hidden_act": "gelu",
+                 "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2048, "intermediate_size": 16384,
+                 "max_position_embeddings": 8192, "num_attention_heads": 8, "num_hidden_layers": 18,
+                 "num_key_value_heads": 1, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "vocab_size": 256000},
+    "Gemma-7b": {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "head_dim": 256, "hidden_act": "gelu",
+                 "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 3072, "intermediate_size": 24576,
+                 "max_position_embeddings": 8192, "num_attention_heads": 16, "num_hidden_layers": 28,
+                 "num_key_value_heads": 16, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "vocab_size": 256000},
+    "pythia-160m": {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_act": "gelu",
+                    "hidden_size": 768, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
+                    "max_position_embeddings": 2048, "num_attention_heads": 12, "num_hidden_layers": 12,
+                    "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": False,
+                    "use_parallel_residual": True, "vocab_size": 50304},
+    "falcon-7b": {"architectures": ["FalconForCausalLM"], "model_type": "falcon", "alibi": False, "bias": False,
+                  "hidden_size": 4544, "layer_norm_epsilon": 1e-05, "multi_query": True,
+                  "new_decoder_architecture": False, "num_attention_heads": 71, "num_hidden_layers": 32,
+                  "parallel_attn": True, "vocab_size": 65024},
+    "falcon-40b": {"architectures": ["FalconForCausalLM"], "model_type": "falcon", "alibi": False, "bias": False,
+                   "hidden_size": 8192, "layer_norm_epsilon": 1e-05, "multi_query": True,
+                   "new_decoder_architecture": True, "num_attention_heads": 128, "num_hidden_layers": 60,
+                   "num_kv_heads": 8, "parallel_attn": True, "vocab_size": 65024},
+    "falcon-180B": {"architectures": ["FalconForCausalLM"], "model_type": "falcon", "alibi": False, "bias": False,
+                    "hidden_size": 14848, "layer_norm_epsilon": 1e-05, "multi_query": True,
+                    "new_decoder_architecture": True, "num_attention_heads": 232, "num_hidden_layers": 80,
+                    "num_kv_heads": 8, "parallel_attn": True, "vocab_size": 65024},
+    "Phi-3-mini-4k-instruct": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu",
+                               "hidden_size": 3072, "intermediate_size": 8192, "max_position_embeddings": 4096,
+                               "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+                               "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_scaling": None,
+                               "rope_theta": 10000.0, "sliding_window": 2047, "tie_word_embeddings": False,
+                               "vocab_size": 32064},
+}
+
+# Where litgpt 0.5.13's config of a real model computes something else than its Hub config.json:
+KNOWN_LITGPT_DIFFERENCES = {
+    # litgpt leaves norm_eps at its default 1e-5; the Hub files say rms_norm_eps 1e-6
+    "Gemma-2b": {"norm_eps": (1e-6, 1e-5)},
+    "Gemma-7b": {"norm_eps": (1e-6, 1e-5)},
+    # transformers 5.3 masks keys with kv_idx > q_idx - sliding_window: 2047 positions; litgpt
+    # (and the flash-attn window (2047, 0) the model was trained with) use 2048
+    "Phi-3-mini-4k-instruct": {"sliding_window_size": (2047, 2048)},
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_HF_CONFIGS))
+def test_real_configs_match_litgpt(name):
+    ours = forward_fields(litgpt_config_from_hf(REAL_HF_CONFIGS[name]))
+    theirs = forward_fields(asdict(Config.from_name(name)))
+    diff = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+    assert diff == KNOWN_LITGPT_DIFFERENCES.get(name, {})
+
+
+INFERRED_ARCHITECTURE = {
+    "Llama-2-7b-hf": "LlamaForCausalLM", "Llama-3.1-8B": "LlamaForCausalLM", "Mistral-7B-v0.1": "MistralForCausalLM",
+    "Qwen2.5-7B": "Qwen2ForCausalLM", "Gemma-2b": "GemmaForCausalLM", "pythia-160m": "GPTNeoXForCausalLM",
+    "falcon-7b": "FalconForCausalLM", "falcon-40b": "FalconForCausalLM",
+    # a litgpt config does not say Phi-3 (fused tensors) from Mistral (split): the same function
+    "Phi-3-mini-4k-instruct": "MistralForCausalLM",
+}
+
+
+@pytest.mark.parametrize("name", list(INFERRED_ARCHITECTURE))
+def test_hf_config_from_real_litgpt_configs(name):
+    lit_cfg = asdict(Config.from_name(name))
+    hf_cfg = hf_config_from_litgpt(lit_cfg)
+    assert hf_cfg["architectures"] == [INFERRED_ARCHITECTURE[name]]
+    loaded = transformers.AutoConfig.for_model(**hf_cfg)  # transformers accepts it
+    assert loaded.num_hidden_layers == lit_cfg["n_layer"] and loaded.vocab_size == lit_cfg["padded_vocab_size"]
+    assert forward_fields(litgpt_config_from_hf(hf_cfg)) == forward_fields(lit_cfg)
+
+
+def test_neox_rotary_share_survives_transformers(tmp_path):
+    """transformers 5.3 re-reads GPT-NeoX's rotary share only from `rotary_pct`; qkvconv writes it."""
+    lit_cfg = {**asdict(Config.from_name("pythia-160m")), "rotary_percentage": 0.5}
+    hf_cfg = hf_config_from_litgpt(lit_cfg)
+    (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert loaded.rope_parameters["partial_rotary_factor"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals and checks
+
+
+def falcon(**flags: Any) -> dict[str, Any]:
+    return {"architectures": ["FalconForCausalLM"], "model_type": "falcon", **FALCON_SIZES, **flags}
+
+
+def llama(**flags: Any) -> dict[str, Any]:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **LLAMA_SIZES, **flags}
+
+
+def test_falcon_variants_by_flags():
+    assert detect_family(falcon()).qkv.order is QKVOrder.SEQUENTIAL  # transformers' default: multi_query
+    assert detect_family(falcon(multi_query=False)).qkv.order is QKVOrder.PER_HEAD
+    grouped = detect_family(falcon(new_decoder_architecture=True, num_kv_heads=2))
+    assert grouped.qkv.order is QKVOrder.GROUPED
+    assert dict(grouped.block.norms) == {"ln_attn": "norm_1", "ln_mlp": "norm_2"}
+    assert litgpt_config_from_hf(falcon())["n_query_groups"] == 1
+    assert litgpt_config_from_hf(falcon(new_decoder_architecture=True, num_kv_heads=2))["n_query_groups"] == 2
+    assert litgpt_config_from_hf(falcon(multi_query=False))["n_query_groups"] == 4
+
+
+def test_alibi_is_refused():
+    with pytest.raises(UnsupportedFamily, match=r"ALiBi.*LlamaForCausalLM.*FalconForCausalLM") as e:
+        litgpt_config_from_hf(falcon(multi_query=False, parallel_attn=False, bias=True, alibi=True))
+    assert e.value.exit_code == 2
+
+
+def test_falcon_new_decoder_without_parallel_attn_is_refused():
+    with pytest.raises(UnsupportedFamily, match="parallel_attn"):
+        detect_family(falcon(new_decoder_architecture=True, parallel_attn=False))
+
+
+def test_unknown_architecture():
+    cfg = {"architectures": ["MambaForCausalLM"], "model_type": "mamba"}
+    assert detect_family(cfg) is None
+    with pytest.raises(QkvconvError, match="MambaForCausalLM.*supported: LlamaForCausalLM"):
+        plan_hf_to_litgpt(cfg, [])
+    assert detect_family({"model_type": "llama"}).architecture == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize(
+    "cfg, feature",
+    [
+        (llama(attention_bias=True), "MLP biases"),
+        (llama(mlp_bias=True), "bias on the attention output"),
+        (llama(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "yarn"),
+        (llama(hidden_act="gelu"), "activation 'gelu'"),
+        ({**llama(), "architectures": ["GemmaForCausalLM"], "model_type": "gemma", "use_bidirectional_attention": True},
+         "bidirectional"),
+    ],
+)
+def test_features_litgpt_lacks_are_refused(cfg, feature):
+    with pytest.raises(UnsupportedFamily, match=feature):
+        litgpt_config_from_hf(cfg)
+
+
+def test_unexpected_and_missing_tensors_are_refused(built):
+    b = built("qwen2-bias-tied")
+    names = list(b.tensors)
+    with pytest.raises(UnsupportedFamily, match="model.layers.0.mlp.experts.0.w1.weight"):
+        plan_hf_to_litgpt(b.config_json, names + ["model.layers.0.mlp.experts.0.w1.weight"])
+    with pytest.raises(QkvconvError, match="q_proj.bias"):
+        plan_hf_to_litgpt(b.config_json, [n for n in names if n != "model.layers.1.self_attn.q_proj.bias"])
+    # a non-weight buffer of older checkpoints is skipped by rule
+    plan = plan_hf_to_litgpt(b.config_json, names + ["model.layers.0.self_attn.rotary_emb.inv_freq"])
+    assert any("non-weight" in n for n in plan.notes)
+
+
+def test_tied_head_must_equal_embedding(built):
+    b = built("gemma-head-dim")
+    lit_cfg = litgpt_config_from_hf(b.config_json)
+    lit = plan_hf_to_litgpt(b.config_json, list(b.tensors)).apply_in_memory(b.tensors)
+    lit["lm_head.weight"] = lit["lm_head.weight"] + 1
+    plan = plan_litgpt_to_hf(lit_cfg, list(lit), b.config_json)
+    with pytest.raises(QkvconvError, match="tie_word_embeddings"):
+        plan.apply_in_memory(lit)
+
+
+def test_config_json_must_describe_the_litgpt_model(built):
+    b = built("llama3-gqa")
+    lit_cfg = {**litgpt_config_from_hf(b.config_json), "n_query_groups": 4}
+    with pytest.raises(QkvconvError, match="n_query_groups"):
+        plan_litgpt_to_hf(lit_cfg, litgpt_state_names(lit_cfg), b.config_json)
+
+
+def test_plans_are_data(built):
+    b = built("phi3-fused")
+    plan = plan_hf_to_litgpt(b.config_json, list(b.tensors))
+    described = {r.output: r.describe() for r in plan.recipes}
+    qkv = "transformer.h.0.attn.qkv.weight"
+    assert described[qkv] == f"{qkv} <- model.layers.0.self_attn.qkv_proj.weight (copy)"
+    assert "take row block 2 of 2" in described["transformer.h.0.mlp.fc_2.weight"]
+    assert "model_config.yaml" in plan.texts
+    grouped = plan_hf_to_litgpt(built("falcon-40b-grouped").config_json, list(built("falcon-40b-grouped").tensors))
+    assert any("reorder rows grouped -> sequential" in r.describe() for r in grouped.recipes)
+
+
+def test_every_family_is_covered():
+    assert {c.hf["model_type"] for c in CASES} == {f.model_type for f in FAMILIES.values()}
