@@ -422,6 +422,20 @@ def _open_directory(directory: Path) -> TensorReader:
     )
 
 
+def _sniff(path: Path) -> str | None:
+    """Tell the format from the first bytes: a zip (torch.save), a pickle, or a safetensors header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return None
+
+
 def open_reader(path: Path) -> TensorReader:
     """A reader for a torch pickle, a .safetensors file, or a directory of Hugging Face weights."""
     path = Path(path)
@@ -432,6 +446,11 @@ def open_reader(path: Path) -> TensorReader:
     if path.suffix == SAFETENSORS_SUFFIX:
         return SafetensorsReader(path)
     if path.suffix in PICKLE_SUFFIXES:
+        return TorchReader(path)
+    kind = _sniff(path)  # a staged file under a temporary name, or a file renamed by the user
+    if kind == "safetensors":
+        return SafetensorsReader(path)
+    if kind == "torch":
         return TorchReader(path)
     raise QkvconvError(
         f"{path}: unknown weights format (expected {SAFETENSORS_SUFFIX}, {', '.join(PICKLE_SUFFIXES)} or a directory)"

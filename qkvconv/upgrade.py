@@ -38,7 +38,12 @@ from qkvconv.litgpt_format import (
     write_yaml,
 )
 from qkvconv.lora_layout import LoraSettings, apply_reorder, expand_rank, plan_reorder, qkv_delta
+from qkvconv.engine import execute, output_layout
+from qkvconv.plan import Plan, Recipe, Reorder, copy
+from qkvconv.progress import progress_for
+from qkvconv.readers import TensorReader, open_reader
 from qkvconv.sources import check_inside
+from qkvconv.writers import TorchWriter
 from qkvconv.transaction import JOURNAL_NAME, DirectoryLock, Replacement, is_temporary, recover, staged_name
 
 
@@ -119,52 +124,69 @@ def upgrade_tensors(
     return ordered, factor
 
 
+def full_upgrade_plan(names: list[str], heads: HeadLayout) -> Plan:
+    """Recipes for a legacy full state dict: re-order the fused QKV rows, copy everything else."""
+    to_sequential = Reorder(QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
+    recipes = []
+    for name in names:
+        m = QKV_KEY.match(name)
+        if m and m.group(2) == "attn" and not m.group(3).startswith("lora"):
+            recipes.append(Recipe(current_name(name), (name,), (to_sequential,)))
+        else:
+            recipes.append(copy(name))
+    return Plan(recipes)
+
+
 def check_upgraded(
-    old: StateDictFile, new: dict[str, torch.Tensor], heads: HeadLayout,
+    old: TensorReader, new: TensorReader, label: str, heads: HeadLayout,
     hyper: LoraHyperparameters | None, factor: int,
 ) -> list[str]:
-    """Check the upgraded tensors against the originals; raise CheckFailed on any difference."""
-    mapping = {k: current_name(k) for k in old.tensors}
-    if set(mapping.values()) != set(new):
-        missing, extra = set(mapping.values()) - set(new), set(new) - set(mapping.values())
-        raise CheckFailed(f"upgraded {old.path.name} has missing {sorted(missing)[:3]} / extra {sorted(extra)[:3]} tensors")
+    """Check the upgraded file, tensor by tensor as read back from disk, against the original;
+    raise CheckFailed on any difference. Holds about two tensors at a time."""
+    mapping = {k: current_name(k) for k in old.names()}
+    new_names = set(new.names())
+    if set(mapping.values()) != new_names:
+        missing, extra = set(mapping.values()) - new_names, new_names - set(mapping.values())
+        raise CheckFailed(f"upgraded {label} has missing {sorted(missing)[:3]} / extra {sorted(extra)[:3]} tensors")
     perm = permutation(QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
     if not torch.equal(torch.sort(perm).values, torch.arange(heads.rows)):
         raise CheckFailed("the row permutation is not a bijection")
     n_reordered = n_same = n_lora = 0
     for old_name, new_name in mapping.items():
-        a, b = old.tensors[old_name], new[new_name]
-        if a.dtype != b.dtype:
-            raise CheckFailed(f"{new_name}: dtype changed from {a.dtype} to {b.dtype}")
+        if old.meta(old_name).dtype != new.meta(new_name).dtype:
+            raise CheckFailed(f"{new_name}: dtype changed from {old.meta(old_name).dtype} to {new.meta(new_name).dtype}")
         m = QKV_KEY.match(old_name)
-        if m and m.group(2) == "attn" and not m.group(3).startswith("lora"):
-            ok = b.shape == a.shape and torch.equal(b, a[perm])
-            n_reordered += 1
-        elif old_name.endswith("lora_A") or old_name.endswith("lora_B"):
+        if old_name.endswith(("lora_A", "lora_B")):
             ok = _lora_update_equal(old, new, old_name, new_name, heads, hyper, factor)
             n_lora += 1
+        elif m and m.group(2) == "attn":
+            a, b = old.read(old_name), new.read(new_name)
+            ok = b.shape == a.shape and torch.equal(b, a[perm])
+            n_reordered += 1
         else:
-            ok = torch.equal(a, b)
+            ok = torch.equal(old.read(old_name), new.read(new_name))
             n_same += 1
+        old.release()
+        new.release()
         if not ok:
-            raise CheckFailed(f"{new_name} in the upgraded {old.path.name} does not match the original")
+            raise CheckFailed(f"{new_name} in the upgraded {label} does not match the original")
     checks = []
     if n_reordered:
-        checks.append(f"{old.path.name}: {n_reordered} QKV tensors re-ordered, every row accounted for; {n_same} other tensors bit-identical")
+        checks.append(f"{label}: {n_reordered} QKV tensors re-ordered, every row accounted for; {n_same} other tensors bit-identical")
     if n_lora:
-        checks.append(f"{old.path.name}: the update matrix of all {n_lora // 2} LoRA layers is equal under old and new semantics")
+        checks.append(f"{label}: the update matrix of all {n_lora // 2} LoRA layers is equal under old and new semantics")
     return checks
 
 
 def _lora_update_equal(
-    old: StateDictFile, new: dict[str, torch.Tensor], old_name: str, new_name: str,
+    old: TensorReader, new: TensorReader, old_name: str, new_name: str,
     heads: HeadLayout, hyper: LoraHyperparameters | None, factor: int,
 ) -> bool:
     if old_name.endswith("lora_B"):
         return True  # compared with its lora_A
     stem_old, stem_new = old_name[: -len("lora_A")], new_name[: -len("lora_A")]
-    a0, b0 = old.tensors[stem_old + "lora_A"], old.tensors[stem_old + "lora_B"]
-    a1, b1 = new[stem_new + "lora_A"], new[stem_new + "lora_B"]
+    a0, b0 = old.read(stem_old + "lora_A"), old.read(stem_old + "lora_B")
+    a1, b1 = new.read(stem_new + "lora_A"), new.read(stem_new + "lora_B")
     m = QKV_KEY.match(old_name)
     if m and m.group(2) == "attn":
         assert hyper is not None
@@ -179,10 +201,14 @@ def _lora_update_equal(
 
 @dataclass
 class _StagedFile:
+    """One legacy weight file and how its upgrade is made: in memory (LoRA adapters are small)
+    or streamed through the engine (full models)."""
+
     target: str
     original: StateDictFile
-    tensors: dict[str, torch.Tensor]
-    factor: int
+    factor: int = 1
+    tensors: dict[str, torch.Tensor] | None = None  # in-memory result
+    plan: Plan | None = None  # streamed result
 
 
 def _needs_upgrade(ckpt: LitgptCheckpoint) -> tuple[list[StateDictFile], bool]:
@@ -210,16 +236,30 @@ def _save(payload: object, path: Path) -> None:
         raise QkvconvError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
 
 
+def _stream(item: _StagedFile, path: Path) -> None:
+    """Write a full model file through the engine: each tensor read once, re-ordered, written."""
+    assert item.plan is not None
+    reader = open_reader(item.original.path)
+    layout = output_layout(item.plan, reader)
+    with TorchWriter(path, layout, wrapped=item.original.wrapped) as writer:
+        execute(item.plan, reader, writer, progress_for(sum(m.nbytes for m in layout.values()), f"writing {path.name}"))
+
+
 def _write_and_check(
     staged: list[_StagedFile], paths: dict[str, Path], ckpt: LitgptCheckpoint, report: UpgradeReport
 ) -> None:
     for item in staged:
         path = paths[item.target]
-        _save(item.original.payload(item.tensors), path)
-        written = load_state_dict_file(path)  # check what is on disk, not what is in memory
-        if written.wrapped != item.original.wrapped:
+        if item.plan is not None:
+            _stream(item, path)
+        else:
+            assert item.tensors is not None
+            _save(item.original.payload(item.tensors), path)
+        written = open_reader(path)  # check what is on disk, not what is in memory
+        if getattr(written, "wrapped", None) != item.original.wrapped:
             raise CheckFailed(f"{path.name}: wrapping changed")
-        report.checks += check_upgraded(item.original, written.tensors, ckpt.shape.heads, ckpt.hyperparameters, item.factor)
+        report.checks += check_upgraded(open_reader(item.original.path), written, path.name, ckpt.shape.heads,
+                                        ckpt.hyperparameters, item.factor)
 
 
 def upgrade(
@@ -259,8 +299,11 @@ def upgrade(
             return report
         staged: list[_StagedFile] = []
         for sd in legacy_files:
-            tensors, factor = upgrade_tensors(sd, ckpt.shape.heads, ckpt.hyperparameters if sd.path.name == LORA_WEIGHTS else None)
-            staged.append(_StagedFile(sd.path.name, sd, tensors, factor))
+            if sd.path.name == LORA_WEIGHTS or sd.extra:  # small, or with non-tensor entries: in memory
+                tensors, factor = upgrade_tensors(sd, ckpt.shape.heads, ckpt.hyperparameters)
+                staged.append(_StagedFile(sd.path.name, sd, factor, tensors=tensors))
+            else:
+                staged.append(_StagedFile(sd.path.name, sd, plan=full_upgrade_plan(list(sd.tensors), ckpt.shape.heads)))
             report.actions.append(f"{sd.path.name}: attn.attn (grouped) -> attn.qkv (sequential)")
         factor = max((s.factor for s in staged), default=1)
         new_config, config_changes = migrate_config(ckpt.config)

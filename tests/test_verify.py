@@ -92,6 +92,11 @@ def test_upgrade_refuses_to_replace_when_the_forward_pass_disagrees(legacy, monk
 
     directory = legacy("gqa_llama")
     before = (directory / "lit_model.pth").read_bytes()
+    # the naive rename (no re-ordering) in both the writer and the tensor-level check
+    from qkvconv.plan import Plan, Recipe
+
+    monkeypatch.setattr(upgrading, "full_upgrade_plan",
+                        lambda names, heads: Plan([Recipe(upgrading.current_name(n), (n,)) for n in names]))
     monkeypatch.setattr(upgrading, "permutation", lambda src, dst, heads: torch.arange(heads.rows))
     result = cli("upgrade", directory)
     assert result.exit_code == 1, result.output
