@@ -23,6 +23,7 @@ import typer
 
 from qkvconv import __version__
 from qkvconv.errors import QkvconvError
+from qkvconv import convert as converting
 from qkvconv import inspection, render, sources
 from qkvconv import upgrade as upgrading
 from qkvconv import verify as verifying
@@ -132,6 +133,52 @@ def upgrade_cmd(
     render.lines(f"[bold]{'upgraded' if report.changed else 'unchanged'}:[/] {report.destination}", report.actions)
     if report.checks:
         render.lines("[bold green]checked before replacing anything:[/]", report.checks)
+
+
+def parse_size(text: str) -> int | None:
+    """'5GB', '500MB', '2GiB', '0' (no limit) -> bytes, like save_pretrained's max_shard_size."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    t = text.strip().upper()
+    number = t.rstrip("KMGTIB")
+    try:
+        value = float(number) * units[t[len(number):]]
+    except (ValueError, KeyError):
+        raise QkvconvError(f"--max-shard-size must look like 5GB, 500MB or 2GiB, got {text!r}") from None
+    return int(value) or None
+
+
+@app.command("convert")
+@reports_errors
+def convert_cmd(
+    source: SourceArg,
+    to: Annotated[str, typer.Option(help="Target format: litgpt, litgpt-legacy, hf, peft or litgpt-lora.")],
+    out: Annotated[Optional[Path], typer.Option(help="New directory to write (must not exist or be empty).")] = None,
+    revision: RevisionOpt = None,
+    base: BaseOpt = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard for --to hf (0: one file).")] = "5GB",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (tensors, shapes, bytes, files); write nothing.")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Run a forward pass of source and result before publishing it.")
+    ] = True,
+    device: DeviceOpt = "cpu",
+    json: JsonOpt = False,
+) -> None:
+    """Convert between litgpt (current and legacy order), Hugging Face and PEFT, exactly."""
+    report = converting.convert(
+        sources.resolve(source, revision), to, out, base=base, max_shard_size=parse_size(max_shard_size),
+        dry_run=dry_run, forward_check=verify, device=device,
+    )
+    if json:
+        render.emit_json(report.as_dict())
+        return
+    if dry_run:
+        render.plan_table(report.plan)
+    verb = "plan" if dry_run else "converted"
+    render.lines(f"[bold]{verb}:[/] {report.source} ({report.source_format}) -> {report.destination or '-'} "
+                 f"({report.target_format})", report.actions)
+    if report.checks:
+        render.lines("[bold green]checked before publishing:[/]", report.checks)
 
 
 @app.command("verify")

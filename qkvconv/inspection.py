@@ -120,7 +120,59 @@ def inspect_litgpt(ckpt: LitgptCheckpoint) -> dict[str, Any]:
     return {k: report[k] for k in FIELDS}
 
 
+def inspect_hf(directory: Path) -> dict[str, Any]:
+    """The report for a Hugging Face directory: the family table says where q/k/v live and in which
+    order; an architecture outside the table still gets what config.json and the files tell."""
+    from qkvconv.convert import HF_CONFIG, read_json
+    from qkvconv.families import SUPPORTED_ARCHITECTURES
+    from qkvconv.hf_format import describe_layout
+    from qkvconv.readers import open_reader
+
+    config_json = read_json(directory / HF_CONFIG)
+    reader = open_reader(directory)
+    dtypes: Counter[str] = Counter()
+    parameters = 0
+    for name in reader.names():
+        meta = reader.meta(name)
+        dtypes[str(meta.dtype).removeprefix("torch.")] += meta.numel
+        parameters += meta.numel
+    files = [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(directory.iterdir())
+             if p.is_file() and not is_temporary(p)]
+    architecture = (config_json.get("architectures") or [config_json.get("model_type")])[0]
+    layout = describe_layout(config_json)
+    notes: list[str] = []
+    if layout is None:
+        n_head = config_json.get("num_attention_heads")
+        layout = {"family": None, "qkv": None, "qkv_order": None, "n_head": n_head,
+                  "n_query_groups": config_json.get("num_key_value_heads", n_head),
+                  "head_size": config_json.get("head_dim"), "attention": None,
+                  "evidence": "architecture not in qkvconv's family table: the QKV order cannot be interpreted"}
+        notes.append(f"{architecture} is not supported for conversion; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    report = {
+        "source": str(directory), "format": "hf", "family": layout["family"], "architecture": architecture,
+        "legacy": False, "naming": layout["qkv"], "qkv_order": layout["qkv_order"], "evidence": [layout["evidence"]],
+        "n_layer": config_json.get("num_hidden_layers", config_json.get("n_layer")),
+        "n_head": layout["n_head"], "n_query_groups": layout["n_query_groups"], "head_size": layout["head_size"],
+        "n_embd": config_json.get("hidden_size", config_json.get("n_embd")), "attention": layout["attention"],
+        "lora": None,
+        "dtype": next(iter(dtypes)) if len(dtypes) == 1 else {k: v for k, v in dtypes.most_common()},
+        "parameters": parameters, "files": files, "notes": notes,
+    }
+    return report
+
+
 def inspect_path(source: Path) -> dict[str, Any]:
+    """Inspect any supported checkpoint directory (litgpt, litgpt LoRA, Hugging Face, PEFT)."""
+    from qkvconv.convert import detect_format
+
+    directory = source.parent if source.is_file() else source
+    kind = detect_format(directory) if directory.is_dir() else "litgpt"
+    if kind == "hf":
+        return inspect_hf(directory)
+    if kind == "peft":
+        from qkvconv.peft_format import inspect_peft
+
+        return inspect_peft(directory)
     return inspect_litgpt(open_litgpt(source))
 
 

@@ -75,3 +75,15 @@ def verify_table(report) -> None:
         out.print("[bold green]same function[/] within tolerance")
     else:
         out.print(f"[bold red]different[/]: they part at {first}")
+
+
+def plan_table(plan: list[dict[str, Any]]) -> None:
+    """`convert --dry-run`: every output tensor, where it comes from, its size and file."""
+    table = Table()
+    for col, justify in (("output", "left"), ("from", "left"), ("how", "left"), ("shape", "right"),
+                         ("dtype", "left"), ("bytes", "right"), ("file", "left")):
+        table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for row in plan:
+        table.add_row(row["output"], "\n".join(row["inputs"]), row["steps"], "x".join(map(str, row["shape"])),
+                      row["dtype"], f"{row['bytes']:,}", row["file"])
+    out.print(table)

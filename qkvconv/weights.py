@@ -35,6 +35,7 @@ from qkvconv.litgpt_format import (
     read_yaml,
 )
 from qkvconv.lora_layout import qkv_delta
+from qkvconv.plan import Recipe
 
 
 def _current_key(name: str) -> tuple[str, str | None]:
@@ -133,6 +134,45 @@ def litgpt_weights(
     return ModelWeights(f"{ckpt.directory} (LoRA on {base_dir})", config, shape.heads, base_sd, adapter, hyper)
 
 
-def open_weights(source: Path, *, base: Path | None = None) -> ModelWeights:
-    """Any supported checkpoint directory, as ModelWeights."""
+@dataclass
+class PlannedWeights:
+    """A model stored in another layout (Hugging Face), seen under litgpt names: each requested tensor
+    is made by its recipe from the source tensors, read when asked for."""
+
+    description: str
+    config: dict[str, Any]
+    reader: Any  # TensorReader
+    recipes: dict[str, Recipe]
+
+    def __call__(self, name: str) -> torch.Tensor:
+        recipe = self.recipes[name]  # KeyError for an absent tensor, as forward.py expects
+        return recipe.apply([self.reader.read(i) for i in recipe.inputs])
+
+    def release(self) -> None:
+        self.reader.release()
+
+    def dtype(self) -> torch.dtype:
+        return self.reader.meta(self.reader.names()[0]).dtype
+
+
+def hf_weights(directory: Path) -> PlannedWeights:
+    """A Hugging Face checkpoint directory, read through the family table's HF -> litgpt plan."""
+    from qkvconv.convert import HF_CONFIG, read_json
+    from qkvconv.hf_format import litgpt_config_from_hf, plan_hf_to_litgpt
+    from qkvconv.readers import open_reader
+
+    config_json = read_json(directory / HF_CONFIG)
+    reader = open_reader(directory)
+    plan = plan_hf_to_litgpt(config_json, reader.names())
+    return PlannedWeights(str(directory), litgpt_config_from_hf(config_json), reader,
+                          {r.output: r for r in plan.recipes})
+
+
+def open_weights(source: Path, *, base: Path | None = None) -> ModelWeights | PlannedWeights:
+    """Any supported checkpoint directory, as weights under current litgpt names."""
+    from qkvconv.convert import detect_format
+
+    directory = source.parent if source.is_file() else source
+    if directory.is_dir() and detect_format(directory) == "hf":
+        return hf_weights(directory)
     return litgpt_weights(open_litgpt(source), base=base)
