@@ -1,0 +1,124 @@
+"""`qkvconv convert` end to end, on tiny random models of every family: the files it writes load in
+litgpt (strict) and transformers and reproduce the original logits; `verify` works across formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import populate_hub_cache
+from test_hf_mapping import BY_ID, TOKENS, TOL, built, hf_logits, litgpt_logits  # noqa: F401 (fixture)
+from qkvconv.cli import app
+from qkvconv.hf_format import litgpt_config_from_hf, plan_hf_to_litgpt
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("case_id", list(BY_ID))
+def test_hf_to_litgpt_to_hf(case_id: str, built, tmp_path: Path) -> None:  # noqa: F811
+    b = built(case_id)
+    lit = tmp_path / "litgpt"
+    result = cli("convert", b.directory, "--to", "litgpt", "--out", lit)
+    assert result.exit_code == 0, result.output
+    assert "every layer and the logits agree" in result.output
+    written = load(lit / "lit_model.pth")
+    expected = plan_hf_to_litgpt(b.config_json, list(b.tensors)).apply_in_memory(b.tensors)
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    cfg = __import__("yaml").safe_load((lit / "model_config.yaml").read_text())
+    assert cfg == litgpt_config_from_hf(b.config_json)
+    assert (litgpt_logits(cfg, written) - b.logits).abs().max() < TOL
+    # back to HF, sharded small enough to need several files
+    hf = tmp_path / "hf"
+    result = cli("convert", lit, "--to", "hf", "--out", hf, "--max-shard-size", "20KB")
+    assert result.exit_code == 0, result.output
+    assert (hf / "model.safetensors.index.json").is_file()
+    assert (hf_logits(hf) - b.logits).abs().max() < TOL
+    # verify across formats: the original HF directory against the litgpt one
+    result = cli("verify", b.directory, lit, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["passed"]
+
+
+@pytest.mark.parametrize("case_id", ["llama3-gqa", "falcon-40b-grouped", "neox-parallel"])
+def test_hf_to_litgpt_legacy(case_id: str, built, tmp_path: Path) -> None:  # noqa: F811
+    b = built(case_id)
+    out = tmp_path / "legacy"
+    assert cli("convert", b.directory, "--to", "litgpt-legacy", "--out", out).exit_code == 0
+    report = json.loads(cli("inspect", out, "--json").output)
+    assert report["naming"] == "attn.attn" and report["qkv_order"] == "grouped" and report["legacy"]
+    # current litgpt re-orders legacy files as it loads them
+    cfg = litgpt_config_from_hf(b.config_json)
+    assert (litgpt_logits(cfg, load(out / "lit_model.pth")) - b.logits).abs().max() < TOL
+    assert cli("upgrade", out).exit_code == 0
+    assert cli("verify", b.directory, out).exit_code == 0
+
+
+def test_verify_catches_a_wrong_order_across_formats(built, tmp_path: Path) -> None:  # noqa: F811
+    from qkvconv.layout import HeadLayout, QKVOrder, reorder
+
+    b = built("falcon-40b-grouped")
+    lit = tmp_path / "litgpt"
+    assert cli("convert", b.directory, "--to", "litgpt", "--out", lit).exit_code == 0
+    sd = load(lit / "lit_model.pth")
+    heads = HeadLayout(4, 2, 8)
+    for k in [k for k in sd if ".attn.qkv." in k]:  # Falcon's grouped rows under litgpt's sequential name
+        sd[k] = reorder(sd[k], QKVOrder.SEQUENTIAL, QKVOrder.GROUPED, heads)
+    torch.save(sd, lit / "lit_model.pth")
+    result = cli("verify", b.directory, lit, "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.output)["first_difference"] == "layer 0"
+
+
+def test_dry_run_writes_nothing(built, tmp_path: Path) -> None:  # noqa: F811
+    b = built("phi3-fused")
+    out = tmp_path / "never"
+    result = cli("convert", b.directory, "--to", "litgpt", "--out", out, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)["plan"]
+    assert not out.exists() and not any(p.name.startswith(".never") for p in tmp_path.iterdir())
+    qkv = next(r for r in plan if r["output"] == "transformer.h.0.attn.qkv.weight")
+    assert qkv["inputs"] == ["model.layers.0.self_attn.qkv_proj.weight"] and qkv["file"] == "lit_model.pth"
+    fc = {r["output"]: r for r in plan}["transformer.h.1.mlp.fc_2.weight"]
+    assert fc["inputs"] == ["model.layers.1.mlp.gate_up_proj.weight"]  # Phi-3's fused gate/up, second half
+    assert sum(r["bytes"] for r in plan) > 0
+
+
+def test_convert_refuses_existing_out_and_unknown_target(built, tmp_path: Path) -> None:  # noqa: F811
+    b = built("llama3-gqa")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "precious.txt").write_text("keep me")
+    result = cli("convert", b.directory, "--to", "litgpt", "--out", taken)
+    assert result.exit_code == 2 and "not empty" in result.output
+    assert (taken / "precious.txt").read_text() == "keep me"
+    result = cli("convert", b.directory, "--to", "gguf", "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "--to must be one of" in result.output
+
+
+def test_inspect_hf_repo_id_offline(built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    populate_hub_cache(cache, "tiny-org/falcon-40b-tiny", built("falcon-40b-grouped").directory)
+    result = cli("inspect", "tiny-org/falcon-40b-tiny", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["format"] == "hf" and report["qkv_order"] == "grouped" and report["attention"] == "GQA"
+    assert report["architecture"] == "FalconForCausalLM"
+    out = tmp_path / "lit"
+    assert cli("convert", "tiny-org/falcon-40b-tiny", "--to", "litgpt", "--out", out).exit_code == 0
+    assert cli("verify", "tiny-org/falcon-40b-tiny", out).exit_code == 0
