@@ -62,10 +62,33 @@ def random_state_dict(cfg: dict, order: str, dtype: torch.dtype, device: str, se
     return sd
 
 
+def write_hf(sd: dict[str, torch.Tensor], cfg: dict, out: Path, max_shard_size: int) -> None:
+    """The same model as a Hugging Face directory (LlamaForCausalLM), written by qkvconv's own writer."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from qkvconv.hf_format import hf_config_from_litgpt, plan_litgpt_to_hf
+    from qkvconv.readers import TensorMeta
+    from qkvconv.writers import SafetensorsWriter
+
+    config_json = hf_config_from_litgpt(cfg, "LlamaForCausalLM")
+    plan = plan_litgpt_to_hf(cfg, list(sd), config_json)
+    outputs = {r.output: r.apply([sd[i] for i in r.inputs]) for r in plan.recipes}
+    layout = {n: TensorMeta.of(t) for n, t in outputs.items()}
+    with SafetensorsWriter(out, layout, max_shard_size=max_shard_size) as writer:
+        for name, t in outputs.items():
+            writer.write(name, t)
+    (out / "config.json").write_text(json.dumps(config_json, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
     parser.add_argument("--order", choices=["legacy", "current"], default="legacy")
+    parser.add_argument("--format", choices=["litgpt", "hf"], default="litgpt",
+                        help="hf: safetensors shards + config.json, as save_pretrained writes them")
+    parser.add_argument("--max-shard-size", type=int, default=800 * 10**6, help="bytes per shard (hf)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
@@ -75,9 +98,12 @@ def main() -> None:
     cfg = config_for(args.shape)
     sd = random_state_dict(cfg, args.order, getattr(torch, args.dtype), device, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, args.out / "lit_model.pth")
-    (args.out / "model_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
-    size = (args.out / "lit_model.pth").stat().st_size
+    if args.format == "hf":
+        write_hf(sd, cfg, args.out, args.max_shard_size)
+    else:
+        torch.save(sd, args.out / "lit_model.pth")
+        (args.out / "model_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
+    size = sum(p.stat().st_size for p in args.out.iterdir() if p.suffix in (".pth", ".safetensors"))
     print(f"wrote {args.out} ({size / 1e9:.2f} GB, {sum(t.numel() for t in sd.values()) / 1e9:.2f} B params) "
           f"in {time.perf_counter() - start:.1f} s")
 
