@@ -159,7 +159,7 @@ def test_naive_rename_would_be_silently_wrong(legacy) -> None:
 @pytest.mark.parametrize(
     "breakage, message",
     [
-        ("empty_dir", "no litgpt checkpoint"),
+        ("empty_dir", "checkpoint"),
         ("head_mismatch", "does not belong to these weights"),
         ("truncated", "truncated or corrupt"),
         ("lora_mismatch", "hyperparameters.yaml"),
