@@ -90,6 +90,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise QkvconvError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise QkvconvError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise QkvconvError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
