@@ -71,6 +71,7 @@ from qkvconv.families import Block, Family, Fused, Split, supported
 from qkvconv.hf_format import (
     describe_layout,
     detect_family,
+    hf_config_from_litgpt,
     litgpt_config_from_hf,
     litgpt_state_names,
     plan_litgpt_to_hf,
@@ -89,6 +90,7 @@ from qkvconv.litgpt_format import (
     migrate_config,
     open_litgpt,
     qkv_naming,
+    read_yaml,
     write_yaml,
 )
 from qkvconv.lora_layout import (
@@ -1025,16 +1027,19 @@ def _import_notes(
 
 
 def _base_config(config: dict[str, Any], directory: Path) -> dict[str, Any] | None:
-    """The base config.json where the adapter names a local directory that has one."""
+    """The base config.json where the adapter names a local directory: a Hugging Face one, or a litgpt
+    one (its model_config.yaml as a config.json); None when there is none or it cannot be read."""
     name = config.get("base_model_name_or_path")
     if not name:
         return None
-    for base in (Path(name).expanduser(), directory / name):
-        if (base / "config.json").is_file():
-            try:
+    try:
+        for base in (Path(name).expanduser(), directory / name):
+            if (base / "config.json").is_file():
                 return _read_json(base / "config.json")
-            except QkvconvError:
-                return None
+            if (base / CONFIG).is_file():
+                return hf_config_from_litgpt(migrate_config(read_yaml(base / CONFIG))[0])
+    except QkvconvError:
+        return None
     return None
 
 

@@ -298,7 +298,11 @@ def test_legacy_all_qkv_rank_is_minimal(legacy, tmp_path):
     """Legacy all-q,k,v on GQA (r 4): parts keep only the A blocks their rows used, alpha/r unchanged."""
     run = legacy("lora_qkv_gqa")
     hf_cfg = legacy_base_as_hf("gqa_llama", tmp_path / "hf")
-    result = litgpt_lora_to_peft(run, tmp_path / "peft", hf_config=hf_cfg)
+    result = litgpt_lora_to_peft(run, tmp_path / "peft", hf_config=hf_cfg,
+                                 base_model_name_or_path=str(run.parent / "gqa_llama"))
+    # inspect finds the family through the litgpt base the adapter names
+    report = inspect_peft(tmp_path / "peft")
+    assert report["family"] == "Llama" and report["lora"]["key"] and report["n_query_groups"] == 2
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     ranks = {k: cfg["rank_pattern"].get(k, cfg["r"]) for k in cfg["target_modules"]}
     alphas = {k: cfg["alpha_pattern"].get(k, cfg["lora_alpha"]) for k in cfg["target_modules"]}
