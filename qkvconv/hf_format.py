@@ -695,6 +695,9 @@ def plan_litgpt_to_hf(
     left = src.left_over(())
     if left:
         raise _unknown(left, family, "litgpt checkpoint")
+    # transformers' own order (embedding first, then the layers, final norm, head): tools that read
+    # shards in order (litgpt's converter looks for the embedding early) expect it
+    recipes.sort(key=lambda r: r.output != embedding)
     return Plan(recipes, {HF_CONFIG: json.dumps(dict(config_json), indent=2, sort_keys=True) + "\n"}, notes)
 
 
