@@ -122,3 +122,23 @@ def test_inspect_hf_repo_id_offline(built, tmp_path: Path, monkeypatch: pytest.M
     out = tmp_path / "lit"
     assert cli("convert", "tiny-org/falcon-40b-tiny", "--to", "litgpt", "--out", out).exit_code == 0
     assert cli("verify", "tiny-org/falcon-40b-tiny", out).exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["lora_qkv_gqa", "lora_qv_gqa", "lora_qkv_proj_mlp_oddhead"])
+def test_legacy_lora_to_peft_and_back_from_the_cli(name: str, legacy, tmp_path: Path) -> None:
+    """A legacy litgpt LoRA run -> PEFT -> litgpt LoRA again computes what litgpt 0.5.4 computed."""
+    from conftest import CASES
+
+    directory = legacy(name)
+    base = directory.parent / CASES[name]["base"]
+    peft_dir = tmp_path / "peft"
+    result = cli("convert", directory, "--to", "peft", "--out", peft_dir)
+    assert result.exit_code == 0, result.output
+    report = json.loads(cli("inspect", peft_dir, "--json").output)
+    assert report["format"] == "peft" and report["lora"]["query"]
+    back = tmp_path / "litgpt-lora"
+    result = cli("convert", peft_dir, "--to", "litgpt-lora", "--out", back, "--base", base)
+    assert result.exit_code == 0, result.output
+    result = cli("verify", directory, back, "--base", base, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["logits_max_abs_diff"] < 1e-5
