@@ -8,9 +8,7 @@ and mmap=True (tensors are paged in as they are used, not read up front).
 
 from __future__ import annotations
 
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,30 +57,13 @@ class StateDictFile:
 
 
 def load_state_dict_file(path: Path) -> StateDictFile:
-    """Open a litgpt .pth file safely and lazily; any failure is one clear QkvconvError."""
+    """Open a litgpt .pth file safely (weights_only) and lazily (mmap); any failure is one QkvconvError."""
+    from qkvconv.readers import safe_torch_load, split_state_dict
+
     if not path.is_file():
         raise QkvconvError(f"{path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).splitlines()[0] if str(e) else "unsupported object"
-        raise QkvconvError(
-            f"{path} holds more than tensors and was refused (weights_only=True; qkvconv never runs "
-            f"code from a checkpoint): {first}"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError, TypeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise QkvconvError(f"cannot read {path}: the file is truncated or corrupt ({msg})") from None
-    wrapped, extra = False, {}
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        wrapped, extra = True, {k: v for k, v in obj.items() if k != "model"}
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise QkvconvError(f"{path} is not a state dict (expected a mapping of names to tensors)")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise QkvconvError(f"{path}: entry {bad[0]!r} is not a tensor; this is not a litgpt state dict")
-    return StateDictFile(path, dict(obj), wrapped, extra, MappedFile(path))
+    tensors, wrapped, extra = split_state_dict(safe_torch_load(path, mmap=True), path)
+    return StateDictFile(path, tensors, wrapped, extra, MappedFile(path))
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -58,7 +58,6 @@ import hashlib
 import json
 import math
 import re
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +105,8 @@ from qkvconv.lora_layout import (
 from qkvconv.readers import TensorMeta, open_reader
 from qkvconv.sources import check_inside
 from qkvconv.transaction import is_temporary
-from qkvconv.upgrade import _fresh_output, _publish, _save
+from qkvconv.transaction import new_directory
+from qkvconv.upgrade import _save
 from qkvconv.writers import SafetensorsWriter
 
 PEFT_CONFIG = "adapter_config.json"
@@ -773,8 +773,7 @@ def litgpt_lora_to_peft(
 
     tensors = {f"{PEFT_PREFIX}{e.module.hf}.{ab}.weight": t.contiguous()
                for e in exported for ab, t in (("lora_A", e.a), ("lora_B", e.b))}
-    tmp = _fresh_output(out)
-    try:
+    with new_directory(out) as tmp:
         layout = {name: TensorMeta.of(t) for name, t in tensors.items()}
         with SafetensorsWriter(tmp, layout, prefix="adapter_model") as writer:
             for name, t in tensors.items():
@@ -783,13 +782,6 @@ def litgpt_lora_to_peft(
         written = _read_peft(tmp)  # what is on disk, read as an import would
         _modules_of(written, table, lit_cfg, heads)
         notes.append(_check_updates(written, sd.tensors, hyper, heads, table, rounded=False, what="PEFT adapter"))
-        _publish(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise QkvconvError(f"cannot write {out}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return AdapterConversion(out, notes)
 
 
@@ -965,8 +957,7 @@ def peft_to_litgpt_lora(
     hyper = LoraHyperparameters.from_yaml(raw, Path(HYPERPARAMETERS))
     notes = _import_notes(adapter, modules, raw, folded, len(every), zero_filled, lit_scaling, table)
 
-    tmp = _fresh_output(out)
-    try:
+    with new_directory(out) as tmp:
         _save({"model": tensors}, tmp / LORA_WEIGHTS)
         write_yaml(raw, tmp / HYPERPARAMETERS)
         write_yaml(lit_cfg, tmp / CONFIG)
@@ -974,13 +965,6 @@ def peft_to_litgpt_lora(
         check_lora_shapes(written, shape, hyper)
         notes.append(_check_updates(adapter, written.tensors, hyper, heads, table, rounded=bool(folded),
                                     what="litgpt LoRA run"))
-        _publish(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise QkvconvError(f"cannot write {out}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return AdapterConversion(out, notes)
 
 

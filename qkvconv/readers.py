@@ -272,7 +272,7 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _unpickle(path: Path, mmap: bool) -> Any:
+def safe_torch_load(path: Path, mmap: bool) -> Any:
     """torch.load with weights_only=True; every failure becomes one QkvconvError."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -286,7 +286,7 @@ def _unpickle(path: Path, mmap: bool) -> Any:
         raise QkvconvError(f"cannot read {path}: the file is truncated or corrupt ({_one_line(e)})") from None
 
 
-def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], bool, dict[str, Any]]:
+def split_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], bool, dict[str, Any]]:
     """(tensors, wrapped, other top-level entries) of a plain or {"model": ...}-wrapped state dict."""
     wrapped, extra = False, {}
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -312,7 +312,7 @@ class TorchReader:
             raise QkvconvError(f"{path} does not exist")
         self.path = path
         self.mmapped = _is_zip(path)
-        self._tensors, self.wrapped, self.extra = _state_dict_of(_unpickle(path, self.mmapped), path)
+        self._tensors, self.wrapped, self.extra = split_state_dict(safe_torch_load(path, self.mmapped), path)
         self._mapped = MappedFile(path) if self.mmapped else None
 
     def names(self) -> list[str]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 import fcntl
 import json
 import os
@@ -275,3 +277,44 @@ class Replacement:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def fresh_output(out: Path) -> Path:
+    """A new, empty build directory beside `out` (which must not exist or be empty)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QkvconvError(f"{out} already exists and is not empty; choose a new --out directory")
+    tmp = staged_name(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise QkvconvError(f"cannot write {out}: {e.strerror}") from None
+    return tmp
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Make a finished build directory appear at `out`, in one rename."""
+    fsync_dir(tmp)
+    if out.exists():
+        out.rmdir()  # empty, checked by fresh_output
+    os.rename(tmp, out)
+    fsync_dir(out.parent)
+
+
+@contextmanager
+def new_directory(out: Path) -> Iterator[Path]:
+    """Build a new directory beside `out`; it appears at `out` in one rename when the block succeeds,
+    and nothing appears (the build is removed) when it fails or is interrupted."""
+    tmp = fresh_output(out)
+    try:
+        yield tmp
+        publish(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f" ({e.filename})" if e.filename else ""
+        raise QkvconvError(f"cannot write {out}: {e.strerror or e}{where}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

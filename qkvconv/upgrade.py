@@ -8,7 +8,6 @@ untouched and a complete new directory appears at `out` in one rename.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -44,7 +43,16 @@ from qkvconv.progress import progress_for
 from qkvconv.readers import TensorReader, open_reader
 from qkvconv.sources import check_inside
 from qkvconv.writers import TorchWriter
-from qkvconv.transaction import JOURNAL_NAME, DirectoryLock, Replacement, is_temporary, recover, staged_name
+from qkvconv.transaction import (
+    JOURNAL_NAME,
+    DirectoryLock,
+    Replacement,
+    fresh_output,
+    is_temporary,
+    new_directory,
+    publish,
+    recover,
+)
 
 
 @dataclass
@@ -361,27 +369,11 @@ def _upgrade_in_place(
 
 def _copy_tree(src: Path, dst: Path, skip: set[str]) -> None:
     """Copy a checkpoint directory's other files (configs, tokenizer) into a fresh `dst`, atomically."""
-    tmp = _fresh_output(dst)
-    try:
+    with new_directory(dst) as tmp:
         _copy_files(src, tmp, skip)
-        _publish(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def _fresh_output(out: Path) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise QkvconvError(f"{out} already exists and is not empty; choose a new --out directory")
-    tmp = staged_name(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    except OSError as e:
-        raise QkvconvError(f"cannot write {out}: {e.strerror}") from None
-    return tmp
+_fresh_output, _publish = fresh_output, publish  # (convert.py still imports these names)
 
 
 def _copy_files(src: Path, dst: Path, skip: set[str]) -> None:
@@ -394,18 +386,11 @@ def _copy_files(src: Path, dst: Path, skip: set[str]) -> None:
             shutil.copy2(item, dst / item.name)  # follows a (checked) symlink: copies the content
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        out.rmdir()  # empty, checked by _fresh_output
-    os.rename(tmp, out)
-
-
 def _upgrade_into(
     ckpt: LitgptCheckpoint, out: Path, staged: list[_StagedFile], new_config: dict, new_hyper: dict | None,
     factor: int, report: UpgradeReport, forward_check: ForwardCheck | None,
 ) -> None:
-    tmp = _fresh_output(out)
-    try:
+    with new_directory(out) as tmp:
         rewritten = {s.target for s in staged} | {CONFIG} | ({HYPERPARAMETERS} if new_hyper is not None else set())
         _copy_files(ckpt.directory, tmp, skip=rewritten)
         paths = {s.target: tmp / s.target for s in staged}
@@ -420,10 +405,6 @@ def _upgrade_into(
             write_yaml(new_hyper, tmp / HYPERPARAMETERS)
         if forward_check is not None:
             report.checks.append(forward_check(ckpt, {p.name: p for p in tmp.iterdir()}))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def merge_lora(directory: Path, out: Path, *, base: Path | None, forward_check: ForwardCheck | None) -> UpgradeReport:
@@ -449,8 +430,7 @@ def merge_lora(directory: Path, out: Path, *, base: Path | None, forward_check: 
     report.actions.append(f"merged {len(adapter.tensors) // 2} LoRA updates into the weights of {base_dir / WEIGHTS}")
     new_config, changes = migrate_config(ckpt.config)
     report.actions += [f"{CONFIG}: {c}" for c in changes]
-    tmp = _fresh_output(out)
-    try:
+    with new_directory(out) as tmp:
         _copy_files(ckpt.directory, tmp, skip={WEIGHTS, LORA_WEIGHTS, CONFIG})
         _save(base_sd.payload(merged), tmp / WEIGHTS)
         write_yaml(new_config, tmp / CONFIG)
@@ -458,10 +438,6 @@ def merge_lora(directory: Path, out: Path, *, base: Path | None, forward_check: 
         report.checks.append(_check_merged(base_sd, adapter, written, ckpt.shape.heads, ckpt.hyperparameters.settings))
         if forward_check is not None:
             report.checks.append(forward_check(ckpt, {p.name: p for p in tmp.iterdir()}))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

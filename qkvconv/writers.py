@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from qkvconv.errors import QkvconvError
+from qkvconv.transaction import fsync_dir
 from qkvconv.readers import MAX_IO_BYTES, SAFETENSORS_DTYPES, TensorMeta, byte_view
 
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -86,14 +87,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
             done += os.pwrite(fd, data[done:done + MAX_IO_BYTES], offset + done)
         except OSError as e:
             raise QkvconvError(f"cannot write {path}: {e.strerror}") from None
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------- safetensors
@@ -237,7 +230,7 @@ class SafetensorsWriter:
                 os.close(fd)
         if len(self.shard_files) > 1:
             self._write_index()
-        _fsync_directory(self.directory)
+        fsync_dir(self.directory)
         self._open = False
         return list(self._written)
 
