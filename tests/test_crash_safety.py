@@ -188,3 +188,41 @@ def check_after_kill_journal(target: Path, original: dict, upgraded: dict) -> st
     assert same(snapshot(target), upgraded)
     assert not [p for p in target.iterdir() if p.name.startswith(".")]
     return "upgraded" if journal else "original"
+
+
+@pytest.mark.slow
+def test_random_sigkill_during_sharded_convert(cases, tmp_path: Path) -> None:
+    """A conversion into sharded safetensors: after any kill, --out is absent or complete, never partial."""
+    from qkvconv.readers import open_reader
+
+    source = cases["full"][0]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "hf"
+    command = [sys.executable, "-m", "qkvconv.cli", "convert", str(source), "--to", "hf", "--out", str(out),
+               "--max-shard-size", "20MB"]
+    start = time.perf_counter()
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    seconds = time.perf_counter() - start
+    expected = {n: t.clone() for n, t in ((n, open_reader(out).read(n)) for n in open_reader(out).names())}
+    assert len(list(out.glob("*.safetensors"))) > 1
+    rng = random.Random(99)
+    outcomes = []
+    for _ in range(16):
+        shutil.rmtree(out)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.35, 1.0) * seconds)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():  # then it is complete: every shard of the index, every tensor as expected
+            reader = open_reader(out)
+            assert sorted(reader.names()) == sorted(expected)
+            assert all(torch.equal(reader.read(n), expected[n]) for n in expected)
+            outcomes.append("complete")
+        else:
+            outcomes.append("absent")
+        if not out.exists():  # a re-run finishes the job and removes the interrupted build
+            assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+        assert out.exists() and not sibling(out).exists()
+    assert "absent" in outcomes
+    print(f"\nsharded convert: 16 kills survived: {outcomes.count('absent')} left no output, "
+          f"{outcomes.count('complete')} a complete one")
