@@ -74,8 +74,21 @@ def _batches(recipes: list[Recipe]) -> Iterator[list[Recipe]]:
         yield batch
 
 
-def execute(plan: Plan, reader: TensorReader, writer: Writer, progress: Progress | None = None) -> Counter[str]:
-    """Run every recipe, reading each source tensor once; returns how often each input was read."""
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """NaN or inf in a checkpoint is reported, never silently carried into a converted one."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise QkvconvError(
+            f"{name} holds {bad:,} NaN/inf values; the checkpoint is damaged or was saved mid-divergence "
+            "(pass --allow-nonfinite to convert it anyway)"
+        )
+
+
+def execute(
+    plan: Plan, reader: TensorReader, writer: Writer, progress: Progress | None = None, *, allow_nonfinite: bool = False
+) -> Counter[str]:
+    """Run every recipe, reading each source tensor once; returns how often each input was read.
+    Refuses (QkvconvError) an input with NaN/inf values unless `allow_nonfinite`."""
     progress = progress or Progress()
     reads: Counter[str] = Counter()
     remaining = Counter(i for r in plan.recipes for i in r.inputs)
@@ -89,6 +102,8 @@ def execute(plan: Plan, reader: TensorReader, writer: Writer, progress: Progress
                 if name not in cache and name not in out:
                     out[name] = reader.read(name)
                     reads[name] += 1
+                    if not allow_nonfinite:
+                        check_finite(name, out[name])
         return out
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="qkvconv-io") as pool:

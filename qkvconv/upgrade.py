@@ -37,7 +37,7 @@ from qkvconv.litgpt_format import (
     write_yaml,
 )
 from qkvconv.lora_layout import LoraSettings, apply_reorder, expand_rank, plan_reorder, qkv_delta
-from qkvconv.engine import execute, output_layout
+from qkvconv.engine import check_finite, execute, output_layout
 from qkvconv.plan import Plan, Recipe, Reorder, copy
 from qkvconv.progress import progress_for
 from qkvconv.readers import TensorReader, open_reader
@@ -147,7 +147,7 @@ def full_upgrade_plan(names: list[str], heads: HeadLayout) -> Plan:
 
 def check_upgraded(
     old: TensorReader, new: TensorReader, label: str, heads: HeadLayout,
-    hyper: LoraHyperparameters | None, factor: int,
+    hyper: LoraHyperparameters | None, factor: int, *, allow_nonfinite: bool = False,
 ) -> list[str]:
     """Check the upgraded file, tensor by tensor as read back from disk, against the original;
     raise CheckFailed on any difference. Holds about two tensors at a time."""
@@ -169,10 +169,15 @@ def check_upgraded(
             n_lora += 1
         elif m and m.group(2) == "attn":
             a, b = old.read(old_name), new.read(new_name)
+            if not allow_nonfinite:
+                check_finite(old_name, a)
             ok = b.shape == a.shape and torch.equal(b, a[perm])
             n_reordered += 1
         else:
-            ok = torch.equal(old.read(old_name), new.read(new_name))
+            a = old.read(old_name)
+            if not allow_nonfinite:
+                check_finite(old_name, a)
+            ok = torch.equal(a, new.read(new_name))
             n_same += 1
         old.release()
         new.release()
@@ -217,6 +222,7 @@ class _StagedFile:
     factor: int = 1
     tensors: dict[str, torch.Tensor] | None = None  # in-memory result
     plan: Plan | None = None  # streamed result
+    allow_nonfinite: bool = False  # NaN/inf weights are refused unless the user accepts them
 
 
 def _needs_upgrade(ckpt: LitgptCheckpoint) -> tuple[list[StateDictFile], bool]:
@@ -250,7 +256,8 @@ def _stream(item: _StagedFile, path: Path) -> None:
     reader = open_reader(item.original.path)
     layout = output_layout(item.plan, reader)
     with TorchWriter(path, layout, wrapped=item.original.wrapped) as writer:
-        execute(item.plan, reader, writer, progress_for(sum(m.nbytes for m in layout.values()), f"writing {path.name}"))
+        progress = progress_for(sum(m.nbytes for m in layout.values()), f"writing {path.name}")
+        execute(item.plan, reader, writer, progress, allow_nonfinite=item.allow_nonfinite)
 
 
 def _write_and_check(
@@ -267,7 +274,7 @@ def _write_and_check(
         if getattr(written, "wrapped", None) != item.original.wrapped:
             raise CheckFailed(f"{path.name}: wrapping changed")
         report.checks += check_upgraded(open_reader(item.original.path), written, path.name, ckpt.shape.heads,
-                                        ckpt.hyperparameters, item.factor)
+                                        ckpt.hyperparameters, item.factor, allow_nonfinite=item.allow_nonfinite)
 
 
 def upgrade(
@@ -277,6 +284,7 @@ def upgrade(
     lora_merge: bool = False,
     base: Path | None = None,
     forward_check: ForwardCheck | None = None,
+    allow_nonfinite: bool = False,
 ) -> UpgradeReport:
     """Upgrade a legacy litgpt checkpoint (full or LoRA run) in place, or into `out`."""
     directory = source.parent if source.is_file() else source
@@ -309,9 +317,10 @@ def upgrade(
         for sd in legacy_files:
             if sd.path.name == LORA_WEIGHTS or sd.extra:  # small, or with non-tensor entries: in memory
                 tensors, factor = upgrade_tensors(sd, ckpt.shape.heads, ckpt.hyperparameters)
-                staged.append(_StagedFile(sd.path.name, sd, factor, tensors=tensors))
+                staged.append(_StagedFile(sd.path.name, sd, factor, tensors=tensors, allow_nonfinite=allow_nonfinite))
             else:
-                staged.append(_StagedFile(sd.path.name, sd, plan=full_upgrade_plan(list(sd.tensors), ckpt.shape.heads)))
+                plan = full_upgrade_plan(list(sd.tensors), ckpt.shape.heads)
+                staged.append(_StagedFile(sd.path.name, sd, plan=plan, allow_nonfinite=allow_nonfinite))
             report.actions.append(f"{sd.path.name}: attn.attn (grouped) -> attn.qkv (sequential)")
         factor = max((s.factor for s in staged), default=1)
         new_config, config_changes = migrate_config(ckpt.config)

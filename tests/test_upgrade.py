@@ -207,3 +207,16 @@ def test_bad_input_is_one_line_and_exit_2(breakage: str, message: str, command: 
     assert tree_digest(target) == before  # nothing written
     if breakage == "pickle_code":
         assert not marker.exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_weights_are_reported_not_converted(value: float, legacy) -> None:
+    directory = legacy("gqa_llama")
+    sd = torch.load(directory / "lit_model.pth", weights_only=True)
+    sd["transformer.h.1.mlp.fc_2.weight"][3, 4] = value
+    torch.save(sd, directory / "lit_model.pth")
+    before = tree_digest(directory)
+    result = cli("upgrade", directory)
+    assert result.exit_code == 2
+    assert "transformer.h.1.mlp.fc_2.weight holds 1 NaN/inf values" in result.output
+    assert tree_digest(directory) == before
