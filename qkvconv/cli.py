@@ -5,6 +5,9 @@ Examples:
     qkvconv inspect checkpoints/my-run --json --expect current
     qkvconv upgrade checkpoints/my-run                  # in place, atomically, checked first
     qkvconv upgrade out/lora-run --out out/lora-run-v2  # leave the source alone
+    qkvconv convert llama-2-7b/ --to hf --out llama-2-7b-hf       # Meta's consolidated.00.pth -> HF
+    qkvconv convert hf-model/ --to litgpt --kv-heads 32 --rope pairs --out mha-pairs
+    qkvconv fold-norms hf-model/ --out folded                     # norm gains into the linears
 
 Exit codes: 0 done or nothing to do, 1 a check failed (inspect --expect, verify), 2 bad input or
 environment, 3 an internal error (a bug in qkvconv: please report it).
@@ -23,6 +26,7 @@ import typer
 
 from qkvconv import __version__
 from qkvconv.errors import QkvconvError
+from qkvconv.rotary import RopeOrder
 from qkvconv import convert as converting
 from qkvconv import inspection, render, sources
 from qkvconv import upgrade as upgrading
@@ -78,6 +82,11 @@ RevisionOpt = Annotated[Optional[str], typer.Option(help="Hub revision (branch, 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
 DeviceOpt = Annotated[str, typer.Option(help="Where the forward pass runs: cpu, cuda or auto.")]
 BaseOpt = Annotated[Optional[Path], typer.Option(help="Base checkpoint of a LoRA run (default: hyperparameters.yaml).")]
+
+
+class Rope(str, enum.Enum):
+    half = "half"
+    pairs = "pairs"
 
 
 class Expect(str, enum.Enum):
@@ -152,7 +161,7 @@ def parse_size(text: str) -> int | None:
 @reports_errors
 def convert_cmd(
     source: SourceArg,
-    to: Annotated[str, typer.Option(help="Target format: litgpt, litgpt-legacy, hf, peft or litgpt-lora.")],
+    to: Annotated[str, typer.Option(help="Target format: litgpt, litgpt-legacy, hf, meta, peft or litgpt-lora.")],
     out: Annotated[Optional[Path], typer.Option(help="New directory to write (must not exist or be empty).")] = None,
     revision: RevisionOpt = None,
     base: BaseOpt = None,
@@ -163,12 +172,30 @@ def convert_cmd(
     ] = True,
     device: DeviceOpt = "cpu",
     json: JsonOpt = False,
+    rope: Annotated[
+        Optional[Rope],
+        typer.Option(help="Rotary order of the output's Q/K rows: half (HF, litgpt) or pairs (Meta; litgpt "
+                          "rope_interleave). Default: the source's, or the only one the target holds."),
+    ] = None,
+    kv_heads: Annotated[
+        Optional[int],
+        typer.Option(help="Key/value heads of the output: repeat each of the source's (GQA/MQA -> MHA with "
+                          "n_head); a multiple of the source's count that divides n_head. Exact."),
+    ] = None,
+    fold_norms: Annotated[
+        bool, typer.Option("--fold-norms", help="Fold norm gains (and LayerNorm biases) into the linears they feed.")
+    ] = False,
 ) -> None:
-    """Convert between litgpt (current and legacy order), Hugging Face and PEFT, exactly."""
+    """Convert between litgpt (current and legacy order), Hugging Face, Meta and PEFT, exactly."""
+    changes = converting.Transformations(RopeOrder(rope.value) if rope else None, kv_heads, fold_norms)
     report = converting.convert(
         sources.resolve(source, revision), to, out, base=base, max_shard_size=parse_size(max_shard_size),
-        dry_run=dry_run, forward_check=verify, device=device,
+        dry_run=dry_run, forward_check=verify, device=device, changes=changes,
     )
+    _show_conversion(report, dry_run, json)
+
+
+def _show_conversion(report: converting.ConvertReport, dry_run: bool, json: bool) -> None:
     if json:
         render.emit_json(report.as_dict())
         return
@@ -179,6 +206,33 @@ def convert_cmd(
                  f"({report.target_format})", report.actions)
     if report.checks:
         render.lines("[bold green]checked before publishing:[/]", report.checks)
+
+
+@app.command("fold-norms")
+@reports_errors
+def fold_norms_cmd(
+    source: SourceArg,
+    out: Annotated[Path, typer.Option(help="New directory to write (must not exist or be empty).")],
+    to: Annotated[
+        Optional[str], typer.Option(help="Output format: litgpt, litgpt-legacy, hf or meta (default: the source's).")
+    ] = None,
+    revision: RevisionOpt = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard for hf output (0: one file).")] = "5GB",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Run a forward pass of source and result before publishing it.")
+    ] = True,
+    device: DeviceOpt = "cpu",
+    json: JsonOpt = False,
+) -> None:
+    """Fold every norm's gain (and LayerNorm bias) into the linears it feeds; the norms become identities."""
+    path = sources.resolve(source, revision)
+    target = to or converting.detect_format(path.parent if path.is_file() else path)
+    report = converting.convert(
+        path, target, out, max_shard_size=parse_size(max_shard_size), dry_run=dry_run, forward_check=verify,
+        device=device, changes=converting.Transformations(fold_norms=True),
+    )
+    _show_conversion(report, dry_run, json)
 
 
 @app.command("verify")

@@ -1,10 +1,14 @@
-"""`qkvconv convert`: between litgpt (current and legacy order), Hugging Face and PEFT.
+"""`qkvconv convert`: between litgpt (current and legacy order), Hugging Face, Meta's original Llama
+format and PEFT, optionally transforming the weights exactly on the way (rotary order, key/value heads,
+norm folding).
 
 Full models go through the streaming engine: a plan (hf_format.py, or a plain re-order for litgpt
 <-> litgpt-legacy) is built from the source's tensor names, then each tensor is read once,
 transformed and written into a new directory beside `out`, which appears at `out` in one rename
-after the result has been checked with a forward pass. LoRA adapters (small) convert in memory
-(peft_format.py).
+after the result has been checked with a forward pass. With a transformation (or Meta's format on
+either side) the plan is source -> litgpt names, rewritten by transforms.py, composed with
+litgpt names -> target: still one plan, each source tensor read once. LoRA adapters (small) convert
+in memory (peft_format.py).
 """
 
 from __future__ import annotations
@@ -15,11 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from qkvconv import meta_format
 from qkvconv.engine import execute, output_layout
-from qkvconv.errors import QkvconvError
-from qkvconv.hf_format import hf_config_from_litgpt, plan_hf_to_litgpt, plan_litgpt_to_hf
+from qkvconv.errors import CheckFailed, QkvconvError
+from qkvconv.hf_format import (
+    detect_family,
+    hf_config_from_litgpt,
+    litgpt_config_from_hf,
+    plan_hf_to_litgpt,
+    plan_litgpt_to_hf,
+)
 from qkvconv.layout import QKVOrder
 from qkvconv.litgpt_format import (
     CONFIG,
@@ -35,16 +47,21 @@ from qkvconv.litgpt_format import (
 from qkvconv.plan import Plan, Recipe, Reorder, copy
 from qkvconv.progress import progress_for
 from qkvconv.readers import TensorMeta, TensorReader, open_reader
+from qkvconv.rotary import RopeOrder
 from qkvconv.sources import check_inside
 from qkvconv.transaction import is_temporary
+from qkvconv.transforms import ModelPlan, compose, expand_kv_heads, fold_norms, set_rope
 from qkvconv.upgrade import _fresh_output, _publish, full_upgrade_plan
 from qkvconv.writers import SafetensorsWriter, TorchWriter, plan_shards
 
 HF_CONFIG = "config.json"
 PEFT_CONFIG = "adapter_config.json"
-TARGETS = ("litgpt", "litgpt-legacy", "hf", "peft", "litgpt-lora")
+TARGETS = ("litgpt", "litgpt-legacy", "hf", "meta", "peft", "litgpt-lora")
+# Configs of the other formats: a conversion writes its own, never copies one that describes the source
+FORMAT_CONFIGS = (CONFIG, HYPERPARAMETERS, HF_CONFIG, meta_format.PARAMS)
 # Files that hold weights (rewritten by a conversion, never copied across formats)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".lora", ".safetensors.index.json", ".bin.index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".lora", ".safetensors.index.json", ".bin.index.json",
+                   ".chk")  # Meta's checklist.chk: checksums of its .pth files
 # Fields litgpt 0.5.4's Config accepts (its dataclass fields): a legacy model_config.yaml keeps only these.
 LITGPT_054_FIELDS = frozenset({
     "attention_logit_softcapping", "attention_scores_scalar", "attn_bias", "bias", "block_size",
@@ -58,7 +75,7 @@ LITGPT_054_FIELDS = frozenset({
 
 
 def detect_format(directory: Path) -> str:
-    """litgpt | litgpt-lora | peft | hf, from the files a directory holds."""
+    """litgpt | litgpt-lora | peft | hf | meta, from the files a directory holds."""
     if (directory / LORA_WEIGHTS).is_file():
         return "litgpt-lora"
     if (directory / WEIGHTS).is_file():
@@ -67,9 +84,12 @@ def detect_format(directory: Path) -> str:
         return "peft"
     if (directory / HF_CONFIG).is_file():
         return "hf"
+    if directory.is_dir() and meta_format.is_meta_dir(directory):
+        return "meta"
     raise QkvconvError(
         f"{directory} holds no checkpoint qkvconv knows: expected {WEIGHTS} or {LORA_WEIGHTS} (litgpt), "
-        f"{PEFT_CONFIG} (PEFT) or {HF_CONFIG} with weights (Hugging Face)"
+        f"{PEFT_CONFIG} (PEFT), {HF_CONFIG} with weights (Hugging Face) or {meta_format.PARAMS} with "
+        f"{meta_format.WEIGHTS} (Meta)"
     )
 
 
@@ -183,6 +203,154 @@ def _source_plan(directory: Path, src_format: str, to: str) -> tuple[Plan, Tenso
     raise QkvconvError(f"cannot convert {src_format} to {to}")
 
 
+# ---------------------------------------------------------------------------------------------
+# transformations: source -> litgpt names (ModelPlan) -> transforms.py rewrites -> target, one plan
+
+
+@dataclass(frozen=True)
+class Transformations:
+    """What `convert` changes on the way, besides the format (None / False: nothing)."""
+
+    rope: RopeOrder | None = None  # rotary order of the output
+    kv_heads: int | None = None  # key/value heads of the output
+    fold_norms: bool = False
+
+    def any(self) -> bool:
+        return self.rope is not None or self.kv_heads is not None or self.fold_norms
+
+
+# The rotary order each format can hold (litgpt: both, through rope_interleave)
+FORCED_ROPE = {"hf": RopeOrder.HALF, "litgpt-legacy": RopeOrder.HALF, "meta": RopeOrder.PAIRS}
+ROPE_REFUSALS = {
+    "hf": "transformers' models of the families qkvconv maps apply rotary in half order only (rotate_half), so "
+          "--to hf writes half; for pairs write --to litgpt (rope_interleave: true) or --to meta",
+    "litgpt-legacy": "litgpt <= 0.5.4 has no rope_interleave setting and computes half order only; for pairs "
+                     "write --to litgpt",
+    "meta": "Meta's Llama code rotates pairs of dims (2i, 2i + 1) only; for half write --to litgpt or --to hf",
+}
+
+
+def _tied(config_json: dict[str, Any] | None) -> bool:
+    """Does this config.json tie the output head to the token embedding (its family's default included)?"""
+    family = detect_family(config_json) if config_json else None
+    if family is None:
+        return False
+    rule = family.config.tie_embeddings
+    for key in rule.keys:
+        if config_json.get(key) is not None:  # type: ignore[union-attr]
+            return bool(config_json[key])  # type: ignore[index]
+    return bool(rule.default)
+
+
+def _source_model(directory: Path, src_format: str) -> tuple[ModelPlan, TensorReader, dict[str, Any] | None, bool]:
+    """The source under litgpt names, its reader, the config.json that describes it (if any) and
+    whether its head is tied to the embedding."""
+    if src_format == "hf":
+        config_json = read_json(directory / HF_CONFIG)
+        reader = open_reader(directory)
+        plan = plan_hf_to_litgpt(config_json, reader.names())
+        return ModelPlan(Plan(plan.recipes, notes=plan.notes), litgpt_config_from_hf(config_json)), reader, \
+            config_json, _tied(config_json)
+    if src_format == "litgpt":
+        ckpt = open_litgpt(directory)
+        reader = open_reader(ckpt.weights)  # type: ignore[arg-type]
+        cfg = migrate_config(ckpt.config)[0]
+        plan = full_upgrade_plan(reader.names(), ckpt.shape.heads)  # legacy attn.attn re-ordered, else copies
+        kept = _hf_config_for_litgpt(directory, cfg)
+        return ModelPlan(Plan(plan.recipes), dict(cfg)), reader, kept, _tied(kept)
+    if src_format == "meta":
+        params = read_json(directory / meta_format.PARAMS)
+        reader = open_reader(meta_format.weights_file(directory))
+        names = reader.names()
+        shapes = {n: reader.meta(n).shape for n in names}
+        plan = meta_format.plan_meta_to_litgpt(params, names, shapes)
+        model = ModelPlan(plan, meta_format.litgpt_config_from_params(params, shapes))
+        model.notes.append(f"{meta_format.PARAMS} gives no context length: block_size (HF max_position_embeddings) "
+                           f"set to {model.config['block_size']}; it changes no weight")
+        return model, reader, None, "output.weight" not in names
+    raise QkvconvError(f"cannot transform {src_format} checkpoints")
+
+
+def _same_function(cfg: dict[str, Any], config_json: dict[str, Any]) -> bool:
+    from dataclasses import asdict
+
+    from qkvconv.forward import Architecture
+
+    try:
+        a = asdict(Architecture.from_litgpt_config(cfg))
+        b = asdict(Architecture.from_litgpt_config(litgpt_config_from_hf(config_json)))
+    except QkvconvError:
+        return False
+    a.pop("name"), b.pop("name")
+    return a == b
+
+
+def hf_config_for(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> dict[str, Any]:
+    """The config.json of a transformed model: the source's own (token ids, tying, dtype and the rest
+    kept) with the model's numbers and flags rewritten for its architecture; a derived one when there is
+    no source config.json. UnsupportedFamily when that architecture cannot express the model."""
+    family = detect_family(source_json) if source_json else None
+    if family is None:
+        return hf_config_from_litgpt(cfg)
+    derived = hf_config_from_litgpt(cfg, family.architecture)
+    merged = {**source_json, **derived}  # type: ignore[dict-item]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in source_json:  # type: ignore[operator]
+            merged[key] = source_json[key]  # type: ignore[index]
+    merged[family.config.tie_embeddings.keys[0]] = _tied(source_json)
+    return merged if _same_function(cfg, merged) else derived
+
+
+def _expressible(to: str, source_json: dict[str, Any] | None) -> Any:
+    """For fold_norms: None when format `to` can hold a model with this litgpt config, else why not."""
+
+    def check(cfg: dict[str, Any]) -> str | None:
+        try:
+            if to == "hf":
+                hf_config_for(cfg, source_json)
+            elif to == "meta":
+                meta_format.params_from_litgpt({**cfg, "rope_interleave": True})
+        except QkvconvError as e:
+            return str(e)
+        return None
+
+    return check
+
+
+def transformed_plan(
+    directory: Path, src_format: str, to: str, changes: Transformations
+) -> tuple[Plan, TensorReader, str, list[str]]:
+    """Source -> litgpt names -> fold norms, expand K/V heads, set the rotary order -> `to`, as one plan.
+    Returns the plan, the reader, the output kind (litgpt | hf | meta) and what was done."""
+    forced = FORCED_ROPE.get(to)
+    if changes.rope is not None and forced is not None and changes.rope is not forced:
+        raise QkvconvError(f"--rope {changes.rope.value} with --to {to}: {ROPE_REFUSALS[to]}")
+    model, reader, source_json, tied = _source_model(directory, src_format)
+    source_rope = model.rope_order
+    if changes.fold_norms:
+        model = fold_norms(model, tied=tied, expressible=_expressible(to, source_json))
+    if changes.kv_heads is not None:
+        model = expand_kv_heads(model, changes.kv_heads)
+    order = changes.rope or forced or source_rope
+    model = set_rope(model, order)
+    if changes.rope is None and order is not source_rope:
+        model.notes.append(f"--to {to} holds rotary in {order.value} order only, so the rows were re-ordered")
+    outputs = model.outputs()
+    if to == "litgpt":
+        plan = Plan(model.plan.recipes, {CONFIG: yaml.safe_dump(model.config, sort_keys=False)}, model.plan.notes)
+        kind = "litgpt"
+    elif to == "litgpt-legacy":
+        plan, kind = compose(litgpt_plan(outputs, model.config, legacy=True), model.plan), "litgpt"
+    elif to == "hf":
+        config_json = hf_config_for(model.config, source_json if changes.any() or src_format == "hf" else None)
+        plan, kind = compose(plan_litgpt_to_hf(model.config, outputs, config_json), model.plan), "hf"
+    elif to == "meta":
+        plan, kind = compose(meta_format.plan_litgpt_to_meta(model.config, outputs), model.plan), "meta"
+    else:
+        raise QkvconvError(f"cannot convert {src_format} to {to}")
+    return plan, reader, kind, model.notes
+
+
 def _hf_config_for_litgpt(directory: Path, cfg: dict[str, Any]) -> dict[str, Any] | None:
     """A config.json kept beside a litgpt checkpoint (litgpt downloads keep the original) when it
     describes this model; otherwise None, and one is derived from model_config.yaml."""
@@ -208,46 +376,62 @@ def convert(
     dry_run: bool = False,
     forward_check: bool = True,
     device: str = "cpu",
+    changes: Transformations | None = None,
 ) -> ConvertReport:
-    """Convert `source` into format `to` at `out` (a new directory)."""
+    """Convert `source` into format `to` at `out` (a new directory), with `changes` made on the way."""
     if to not in TARGETS:
         raise QkvconvError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
+    changes = changes or Transformations()
     directory = source.parent if source.is_file() else source
     src_format = detect_format(directory)
     report = ConvertReport(directory, out, src_format, to)
     if src_format in ("litgpt-lora", "peft") or to in ("peft", "litgpt-lora"):
+        if changes.any():
+            raise QkvconvError(
+                "--rope, --kv-heads and --fold-norms transform full models, not LoRA adapters: transform the base "
+                "model, or merge the adapter first (`qkvconv upgrade --lora-merge`)"
+            )
         return _convert_adapter(directory, src_format, to, out, base, report, dry_run)
     if out is None and not dry_run:
         raise QkvconvError("convert writes a new directory: give it with --out DIR")
-    plan, reader, kind = _source_plan(directory, src_format, to)
+    # litgpt can hold pairs rotary (rope_interleave); a target that holds half only must re-order it
+    pairs_source = src_format == "litgpt" and bool(open_litgpt(directory).config.get("rope_interleave"))
+    transformed = changes.any() or "meta" in (src_format, to) or (pairs_source and to != "litgpt")
+    notes: list[str] = []
+    if transformed:
+        plan, reader, kind, notes = transformed_plan(directory, src_format, to, changes)
+    else:
+        plan, reader, kind = _source_plan(directory, src_format, to)
     layout = output_layout(plan, reader)
-    shards = plan_shards(layout, max_shard_size) if kind == "hf" else {WEIGHTS: list(layout)}
+    weights_file = meta_format.WEIGHTS if kind == "meta" else WEIGHTS
+    shards = plan_shards(layout, max_shard_size) if kind == "hf" else {weights_file: list(layout)}
     if dry_run:
         report.plan = _dry_run_lines(plan, layout, shards)
         report.actions.append(
             f"would write {len(layout)} tensors ({sum(m.nbytes for m in layout.values()):,} bytes) in "
             f"{len(shards)} file(s), plus {', '.join(plan.texts) or 'no config'}"
         )
-        report.actions += plan.notes
+        report.actions += plan.notes + notes
         return report
     assert out is not None
     tmp = _fresh_output(out)
     try:
-        _copy_other_files(directory, tmp, skip=set(plan.texts) | {CONFIG, HYPERPARAMETERS})
+        skip = set(plan.texts) | ({*FORMAT_CONFIGS} if transformed else {CONFIG, HYPERPARAMETERS})
+        _copy_other_files(directory, tmp, skip=skip)
         total = sum(m.nbytes for m in layout.values())
         progress = progress_for(total, f"writing {out.name}")
         if kind == "hf":
             with SafetensorsWriter(tmp, layout, max_shard_size=max_shard_size) as writer:
                 execute(plan, reader, writer, progress)
         else:
-            with TorchWriter(tmp / WEIGHTS, layout) as writer:
+            with TorchWriter(tmp / weights_file, layout) as writer:
                 execute(plan, reader, writer, progress)
         for name, text in plan.texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
         report.actions.append(f"wrote {len(layout)} tensors ({total:,} bytes) in {len(shards)} file(s)")
-        report.actions += plan.notes
+        report.actions += plan.notes + notes
         if forward_check:
-            report.checks.append(_forward_check(directory, tmp, device))
+            report.checks.append(_forward_check(directory, tmp, device, rounds=changes.fold_norms))
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -255,22 +439,95 @@ def convert(
     return report
 
 
-def _forward_check(reference: Path, candidate: Path, device: str) -> str:
-    """The converted model must compute what the source computes (verify.py); refuses otherwise."""
+# Architecture fields that say how the weights are laid out, not what the model computes: the rotary
+# order (Q/K rows move with it), the number of key/value heads (heads repeated), and which linears have
+# biases (a missing bias is a zero one; a folded LayerNorm bias lives in one). `verify_across` lets them
+# differ and leaves the verdict to the numbers.
+REPRESENTATION_FIELDS = frozenset({"rope_interleave", "n_query_groups", "qkv_bias", "proj_bias", "lm_head_bias"})
+
+
+def verify_across(reference: Any, candidate: Any, *, device: str = "cpu", tokens: int = 16, batch: int = 2,
+                  seed: int = 0, atol: float | None = None, rtol: float | None = None) -> Any:
+    """verify.verify for two layouts of one model whose configs may differ in REPRESENTATION_FIELDS: each
+    side runs the reference forward pass with its own config (rotary order, head count, biases), stage by
+    stage, and the numbers decide. (verify.verify itself refuses any config difference.)"""
+    import resource
+    import time
+    from dataclasses import fields
+
+    import torch
+
+    from qkvconv import forward
     from qkvconv import verify as verifying
-    from qkvconv.errors import CheckFailed, UnsupportedFamily
+
+    start = time.perf_counter()
+    dev = verifying.resolve_device(device)
+    arch_a, arch_b = verifying.architecture(reference), verifying.architecture(candidate)
+    diffs = [f"{f.name}: {getattr(arch_a, f.name)!r} vs {getattr(arch_b, f.name)!r}" for f in fields(arch_a)
+             if f.name not in REPRESENTATION_FIELDS | {"name"} and getattr(arch_a, f.name) != getattr(arch_b, f.name)]
+    if diffs:
+        raise CheckFailed(f"the two checkpoints have different architectures ({'; '.join(diffs[:3])})")
+    cdtype = verifying.compute_dtype(reference, dev, None)
+    d_atol, d_rtol = verifying.DEFAULT_TOLERANCE[cdtype]
+    atol, rtol = (d_atol if atol is None else atol), ((d_rtol if atol is None else 0.0) if rtol is None else rtol)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, arch_a.padded_vocab_size, (batch, tokens), generator=generator).to(dev)
+    report = verifying.VerifyReport(reference.description, candidate.description, str(dev),
+                                    str(cdtype).removeprefix("torch."), tokens, seed, atol, rtol)
+
+    def compare(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        diff = float((a.float() - b.float()).abs().max())
+        scale = float(a.float().abs().max())
+        report.stages.append(verifying.Stage(name, diff, scale, diff <= atol + rtol * scale and diff == diff))
+
+    with torch.inference_mode():
+        xa = forward.embed(arch_a, reference, ids, dtype=cdtype)
+        xb = forward.embed(arch_b, candidate, ids, dtype=cdtype)
+        compare("embed", xa, xb)
+        for i in range(arch_a.n_layer):
+            xa = forward.block(arch_a, i, reference, xa)
+            reference.release()
+            xb = forward.block(arch_b, i, candidate, xb)
+            candidate.release()
+            compare(f"layer {i}", xa, xb)
+        la, lb = forward.head(arch_a, reference, xa), forward.head(arch_b, candidate, xb)
+        compare("logits", la, lb)
+        report.top1_agreement = float((la.argmax(-1) == lb.argmax(-1)).float().mean())
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return report
+
+
+def _forward_check(reference: Path, candidate: Path, device: str, *, rounds: bool = False) -> str:
+    """The converted model must compute what the source computes (verify.py); refuses otherwise.
+
+    `rounds`: the conversion rounds products to the stored dtype (norm folding), so a half-precision
+    checkpoint is held to that dtype's tolerance even where the pass computes in float32.
+    """
+    from qkvconv import verify as verifying
+    from qkvconv.errors import UnsupportedFamily
     from qkvconv.weights import open_weights
 
     try:
-        report = verifying.verify(open_weights(reference), open_weights(candidate), device=device)
+        ref, cand = open_weights(reference), open_weights(candidate)
+        atol = rtol = None
+        stored = cand.dtype()
+        if rounds and stored in (torch.bfloat16, torch.float16):
+            atol, rtol = verifying.DEFAULT_TOLERANCE[stored]
+        report = verify_across(ref, cand, device=device, atol=atol, rtol=rtol)
     except UnsupportedFamily as e:
         return f"forward-pass check skipped: {e}"
     if not report.passed:
         raise CheckFailed(
-            f"the converted checkpoint computes something else (first difference at {report.first_difference}); "
-            "nothing was written"
+            f"the converted checkpoint computes something else (first difference at {report.first_difference}, "
+            f"logits differ by {report.logits_max_abs_diff:.3g}); nothing was written"
         )
-    how = "bitwise equal" if report.logits_max_abs_diff == 0 else f"max logit difference {report.logits_max_abs_diff:.2g}"
+    if all(s.max_abs_diff == 0 for s in report.stages):
+        how = "bitwise equal"
+    else:
+        worst = max(s.max_abs_diff / s.scale if s.scale else s.max_abs_diff for s in report.stages)
+        how = (f"max logit difference {report.logits_max_abs_diff:.2g}, largest stage difference {worst:.2g} of its "
+               f"scale (tolerance atol {report.atol:g} + rtol {report.rtol:g} x scale)")
     return f"forward pass on {report.device} ({report.dtype}): every layer and the logits agree, {how}"
 
 

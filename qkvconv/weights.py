@@ -168,11 +168,31 @@ def hf_weights(directory: Path) -> PlannedWeights:
                           {r.output: r for r in plan.recipes})
 
 
+def meta_weights(directory: Path) -> PlannedWeights:
+    """A Meta Llama checkpoint (consolidated.00.pth + params.json), read through meta_format's plan:
+    rows stay in Meta's pairs rotary order, which the config's rope_interleave says."""
+    from qkvconv import meta_format
+    from qkvconv.convert import read_json
+    from qkvconv.readers import open_reader
+
+    params = read_json(directory / meta_format.PARAMS)
+    reader = open_reader(meta_format.weights_file(directory))
+    names = reader.names()
+    shapes = {n: reader.meta(n).shape for n in names}
+    plan = meta_format.plan_meta_to_litgpt(params, names, shapes)
+    return PlannedWeights(str(directory), meta_format.litgpt_config_from_params(params, shapes), reader,
+                          {r.output: r for r in plan.recipes})
+
+
 def open_weights(source: Path, *, base: Path | None = None) -> ModelWeights | PlannedWeights:
     """Any supported checkpoint directory, as weights under current litgpt names."""
     from qkvconv.convert import detect_format
 
     directory = source.parent if source.is_file() else source
-    if directory.is_dir() and detect_format(directory) == "hf":
-        return hf_weights(directory)
+    if directory.is_dir():
+        kind = detect_format(directory)
+        if kind == "hf":
+            return hf_weights(directory)
+        if kind == "meta":
+            return meta_weights(directory)
     return litgpt_weights(open_litgpt(source), base=base)
