@@ -83,9 +83,15 @@ class FoldBias(Step):
     """[weight, (bias,) beta] -> bias + weight @ beta, summed in float64, rounded once: a LayerNorm bias
     moved into the linear it feeds (weight is the linear's weight before its columns are scaled)."""
 
+    rows_at_once: int = 4096  # bounds the float64 copy of the weight (a 128k-row head: 4096 rows at a time)
+
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         weight, *bias, beta = tensors
-        folded = weight.to(torch.float64) @ beta.to(torch.float64)  # (out,)
+        beta64 = beta.to(torch.float64)
+        if weight.is_meta:
+            folded = torch.empty(weight.shape[0], dtype=torch.float64, device="meta")
+        else:
+            folded = torch.cat([w.to(torch.float64) @ beta64 for w in weight.split(self.rows_at_once)])  # (out,)
         if bias:
             folded = folded + bias[0].to(torch.float64)
         dtype = bias[0].dtype if bias else weight.dtype
