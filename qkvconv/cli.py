@@ -81,6 +81,9 @@ SourceArg = Annotated[
 RevisionOpt = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) for repo ids.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
 DeviceOpt = Annotated[str, typer.Option(help="Where the forward pass runs: cpu, cuda or auto.")]
+AllowNonfiniteOpt = Annotated[
+    bool, typer.Option("--allow-nonfinite", help="Convert even when weights hold NaN/inf (refused by default).")
+]
 BaseOpt = Annotated[Optional[Path], typer.Option(help="Base checkpoint of a LoRA run (default: hyperparameters.yaml).")]
 
 
@@ -127,13 +130,15 @@ def upgrade_cmd(
         bool, typer.Option("--verify/--no-verify", help="Run a forward pass of old and new before replacing anything.")
     ] = True,
     device: DeviceOpt = "cpu",
+    allow_nonfinite: AllowNonfiniteOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Legacy litgpt (grouped attn.attn, LoRA included) -> current litgpt (sequential attn.qkv)."""
     if out is None and not Path(source).exists() and sources.is_repo_id(source):
         raise QkvconvError(f"{source} is a Hub repo id: upgrade it into a directory of your own with --out DIR")
     check = verifying.upgrade_check(device) if verify else None
-    report = upgrading.upgrade(sources.resolve(source), out, lora_merge=lora_merge, base=base, forward_check=check)
+    report = upgrading.upgrade(sources.resolve(source), out, lora_merge=lora_merge, base=base, forward_check=check,
+                               allow_nonfinite=allow_nonfinite)
     if json:
         render.emit_json(report.as_dict())
         return
@@ -185,12 +190,17 @@ def convert_cmd(
     fold_norms: Annotated[
         bool, typer.Option("--fold-norms", help="Fold norm gains (and LayerNorm biases) into the linears they feed.")
     ] = False,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Merge a litgpt LoRA run into its base: a full checkpoint (--to litgpt).")
+    ] = False,
+    allow_nonfinite: AllowNonfiniteOpt = False,
 ) -> None:
     """Convert between litgpt (current and legacy order), Hugging Face, Meta and PEFT, exactly."""
     changes = converting.Transformations(RopeOrder(rope.value) if rope else None, kv_heads, fold_norms)
     report = converting.convert(
         sources.resolve(source, revision), to, out, base=base, max_shard_size=parse_size(max_shard_size),
-        dry_run=dry_run, forward_check=verify, device=device, changes=changes,
+        dry_run=dry_run, forward_check=verify, device=device, changes=changes, merge=merge,
+        allow_nonfinite=allow_nonfinite,
     )
     _show_conversion(report, dry_run, json)
 

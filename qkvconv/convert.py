@@ -13,7 +13,6 @@ in memory (peft_format.py).
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,6 @@ from qkvconv.litgpt_format import (
     LitgptCheckpoint,
     migrate_config,
     open_litgpt,
-    read_yaml,
 )
 from qkvconv.plan import Plan, Recipe, Reorder, copy
 from qkvconv.progress import progress_for
@@ -51,7 +49,9 @@ from qkvconv.rotary import RopeOrder
 from qkvconv.sources import check_inside
 from qkvconv.transaction import is_temporary
 from qkvconv.transforms import ModelPlan, compose, expand_kv_heads, fold_norms, set_rope
-from qkvconv.upgrade import _fresh_output, _publish, full_upgrade_plan
+from qkvconv.config_files import read_json, read_yaml
+from qkvconv.transaction import new_directory
+from qkvconv.upgrade import full_upgrade_plan, merge_lora
 from qkvconv.writers import SafetensorsWriter, TorchWriter, plan_shards
 
 HF_CONFIG = "config.json"
@@ -91,19 +91,6 @@ def detect_format(directory: Path) -> str:
         f"{PEFT_CONFIG} (PEFT), {HF_CONFIG} with weights (Hugging Face) or {meta_format.PARAMS} with "
         f"{meta_format.WEIGHTS} (Meta)"
     )
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    check_inside(path, path.parent)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise QkvconvError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise QkvconvError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise QkvconvError(f"{path} does not hold a JSON object")
-    return data
 
 
 @dataclass
@@ -377,19 +364,32 @@ def convert(
     forward_check: bool = True,
     device: str = "cpu",
     changes: Transformations | None = None,
+    merge: bool = False,
+    allow_nonfinite: bool = False,
 ) -> ConvertReport:
-    """Convert `source` into format `to` at `out` (a new directory), with `changes` made on the way."""
+    """Convert `source` into format `to` at `out` (a new directory), with `changes` made on the way.
+    `merge`: a litgpt LoRA run becomes a full litgpt checkpoint with the update merged into its base."""
     if to not in TARGETS:
         raise QkvconvError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     changes = changes or Transformations()
     directory = source.parent if source.is_file() else source
     src_format = detect_format(directory)
     report = ConvertReport(directory, out, src_format, to)
+    if merge:
+        if src_format != "litgpt-lora" or to != "litgpt" or changes.any() or out is None:
+            raise QkvconvError("--merge turns a litgpt LoRA run into a full litgpt checkpoint: --to litgpt --out DIR "
+                               "(convert the merged result onwards in a second step)")
+        from qkvconv.verify import upgrade_check
+
+        merged = merge_lora(directory, out, base=base, forward_check=upgrade_check(device) if forward_check else None)
+        report.actions += merged.actions
+        report.checks += merged.checks
+        return report
     if src_format in ("litgpt-lora", "peft") or to in ("peft", "litgpt-lora"):
         if changes.any():
             raise QkvconvError(
                 "--rope, --kv-heads and --fold-norms transform full models, not LoRA adapters: transform the base "
-                "model, or merge the adapter first (`qkvconv upgrade --lora-merge`)"
+                "model, or merge the adapter first (`--to litgpt --merge`)"
             )
         return _convert_adapter(directory, src_format, to, out, base, report, dry_run)
     if out is None and not dry_run:
@@ -414,87 +414,23 @@ def convert(
         report.actions += plan.notes + notes
         return report
     assert out is not None
-    tmp = _fresh_output(out)
-    try:
+    with new_directory(out) as tmp:
         skip = set(plan.texts) | ({*FORMAT_CONFIGS} if transformed else {CONFIG, HYPERPARAMETERS})
         _copy_other_files(directory, tmp, skip=skip)
         total = sum(m.nbytes for m in layout.values())
         progress = progress_for(total, f"writing {out.name}")
         if kind == "hf":
             with SafetensorsWriter(tmp, layout, max_shard_size=max_shard_size) as writer:
-                execute(plan, reader, writer, progress)
+                execute(plan, reader, writer, progress, allow_nonfinite=allow_nonfinite)
         else:
             with TorchWriter(tmp / weights_file, layout) as writer:
-                execute(plan, reader, writer, progress)
+                execute(plan, reader, writer, progress, allow_nonfinite=allow_nonfinite)
         for name, text in plan.texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
         report.actions.append(f"wrote {len(layout)} tensors ({total:,} bytes) in {len(shards)} file(s)")
         report.actions += plan.notes + notes
         if forward_check:
             report.checks.append(_forward_check(directory, tmp, device, rounds=changes.fold_norms))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return report
-
-
-# Architecture fields that say how the weights are laid out, not what the model computes: the rotary
-# order (Q/K rows move with it), the number of key/value heads (heads repeated), and which linears have
-# biases (a missing bias is a zero one; a folded LayerNorm bias lives in one). `verify_across` lets them
-# differ and leaves the verdict to the numbers.
-REPRESENTATION_FIELDS = frozenset({"rope_interleave", "n_query_groups", "qkv_bias", "proj_bias", "lm_head_bias"})
-
-
-def verify_across(reference: Any, candidate: Any, *, device: str = "cpu", tokens: int = 16, batch: int = 2,
-                  seed: int = 0, atol: float | None = None, rtol: float | None = None) -> Any:
-    """verify.verify for two layouts of one model whose configs may differ in REPRESENTATION_FIELDS: each
-    side runs the reference forward pass with its own config (rotary order, head count, biases), stage by
-    stage, and the numbers decide. (verify.verify itself refuses any config difference.)"""
-    import resource
-    import time
-    from dataclasses import fields
-
-    import torch
-
-    from qkvconv import forward
-    from qkvconv import verify as verifying
-
-    start = time.perf_counter()
-    dev = verifying.resolve_device(device)
-    arch_a, arch_b = verifying.architecture(reference), verifying.architecture(candidate)
-    diffs = [f"{f.name}: {getattr(arch_a, f.name)!r} vs {getattr(arch_b, f.name)!r}" for f in fields(arch_a)
-             if f.name not in REPRESENTATION_FIELDS | {"name"} and getattr(arch_a, f.name) != getattr(arch_b, f.name)]
-    if diffs:
-        raise CheckFailed(f"the two checkpoints have different architectures ({'; '.join(diffs[:3])})")
-    cdtype = verifying.compute_dtype(reference, dev, None)
-    d_atol, d_rtol = verifying.DEFAULT_TOLERANCE[cdtype]
-    atol, rtol = (d_atol if atol is None else atol), ((d_rtol if atol is None else 0.0) if rtol is None else rtol)
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, arch_a.padded_vocab_size, (batch, tokens), generator=generator).to(dev)
-    report = verifying.VerifyReport(reference.description, candidate.description, str(dev),
-                                    str(cdtype).removeprefix("torch."), tokens, seed, atol, rtol)
-
-    def compare(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        diff = float((a.float() - b.float()).abs().max())
-        scale = float(a.float().abs().max())
-        report.stages.append(verifying.Stage(name, diff, scale, diff <= atol + rtol * scale and diff == diff))
-
-    with torch.inference_mode():
-        xa = forward.embed(arch_a, reference, ids, dtype=cdtype)
-        xb = forward.embed(arch_b, candidate, ids, dtype=cdtype)
-        compare("embed", xa, xb)
-        for i in range(arch_a.n_layer):
-            xa = forward.block(arch_a, i, reference, xa)
-            reference.release()
-            xb = forward.block(arch_b, i, candidate, xb)
-            candidate.release()
-            compare(f"layer {i}", xa, xb)
-        la, lb = forward.head(arch_a, reference, xa), forward.head(arch_b, candidate, xb)
-        compare("logits", la, lb)
-        report.top1_agreement = float((la.argmax(-1) == lb.argmax(-1)).float().mean())
-    report.seconds = time.perf_counter() - start
-    report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return report
 
 
@@ -514,7 +450,7 @@ def _forward_check(reference: Path, candidate: Path, device: str, *, rounds: boo
         stored = cand.dtype()
         if rounds and stored in (torch.bfloat16, torch.float16):
             atol, rtol = verifying.DEFAULT_TOLERANCE[stored]
-        report = verify_across(ref, cand, device=device, atol=atol, rtol=rtol)
+        report = verifying.verify(ref, cand, device=device, atol=atol, rtol=rtol)
     except UnsupportedFamily as e:
         return f"forward-pass check skipped: {e}"
     if not report.passed:
@@ -552,7 +488,7 @@ def _convert_adapter(
     else:
         raise QkvconvError(
             f"cannot convert {src_format} to {to}: adapters convert between litgpt-lora and peft "
-            "(merge a litgpt LoRA run into its base with `qkvconv upgrade --lora-merge`)"
+            "(merge a litgpt LoRA run into its base with `--to litgpt --merge`)"
         )
     report.actions += result.notes
     return report

@@ -16,6 +16,7 @@ from qkvconv.litgpt_format import (
     LORA_WEIGHTS,
     NAMING_ORDER,
     LitgptCheckpoint,
+    ModelShape,
     check_full_shapes,
     check_lora_shapes,
     load_state_dict_file,
@@ -130,12 +131,7 @@ def inspect_hf(directory: Path) -> dict[str, Any]:
 
     config_json = read_json(directory / HF_CONFIG)
     reader = open_reader(directory)
-    dtypes: Counter[str] = Counter()
-    parameters = 0
-    for name in reader.names():
-        meta = reader.meta(name)
-        dtypes[str(meta.dtype).removeprefix("torch.")] += meta.numel
-        parameters += meta.numel
+    dtype, parameters = _tensor_summary(reader)
     files = [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(directory.iterdir())
              if p.is_file() and not is_temporary(p)]
     architecture = (config_json.get("architectures") or [config_json.get("model_type")])[0]
@@ -155,10 +151,45 @@ def inspect_hf(directory: Path) -> dict[str, Any]:
         "n_head": layout["n_head"], "n_query_groups": layout["n_query_groups"], "head_size": layout["head_size"],
         "n_embd": config_json.get("hidden_size", config_json.get("n_embd")), "attention": layout["attention"],
         "lora": None,
-        "dtype": next(iter(dtypes)) if len(dtypes) == 1 else {k: v for k, v in dtypes.most_common()},
-        "parameters": parameters, "files": files, "notes": notes,
+        "dtype": dtype, "parameters": parameters, "files": files, "notes": notes,
     }
     return report
+
+
+def _tensor_summary(reader: Any) -> tuple[Any, int]:
+    """(dtype or counts per dtype, parameter count) from tensor metadata alone."""
+    dtypes: Counter[str] = Counter()
+    for name in reader.names():
+        meta = reader.meta(name)
+        dtypes[str(meta.dtype).removeprefix("torch.")] += meta.numel
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else {k: v for k, v in dtypes.most_common()}
+    return dtype, sum(dtypes.values())
+
+
+def inspect_meta(directory: Path) -> dict[str, Any]:
+    """The report for Meta's original layout (consolidated.00.pth + params.json): separate wq/wk/wv,
+    rotary in adjacent pairs."""
+    from qkvconv import meta_format
+    from qkvconv.config_files import read_json
+    from qkvconv.readers import open_reader
+
+    reader = open_reader(meta_format.weights_file(directory))
+    shapes = {n: reader.meta(n).shape for n in reader.names()}
+    cfg = meta_format.litgpt_config_from_params(read_json(directory / meta_format.PARAMS), shapes)
+    shape = ModelShape.from_config(cfg, directory / meta_format.PARAMS)
+    dtype, parameters = _tensor_summary(reader)
+    return {
+        "source": str(directory), "format": "meta", "family": meta_format.LITGPT_NAME, "legacy": False,
+        "naming": "attention.wq/wk/wv", "qkv_order": "split",
+        "evidence": ["separate layers.{i}.attention.wq/wk/wv (Meta's original Llama code); Q/K rows in rotary "
+                     "pairs order (dims 2i, 2i+1 rotate together)"],
+        "n_layer": shape.n_layer, "n_head": shape.heads.n_head, "n_query_groups": shape.heads.n_query_groups,
+        "head_size": shape.heads.head_size, "n_embd": shape.n_embd, "attention": shape.heads.attention,
+        "lora": None, "dtype": dtype, "parameters": parameters,
+        "files": [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(directory.iterdir())
+                  if p.is_file() and not is_temporary(p)],
+        "notes": [],
+    }
 
 
 def inspect_path(source: Path) -> dict[str, Any]:
@@ -169,6 +200,8 @@ def inspect_path(source: Path) -> dict[str, Any]:
     kind = detect_format(directory) if directory.is_dir() else "litgpt"
     if kind == "hf":
         return inspect_hf(directory)
+    if kind == "meta":
+        return inspect_meta(directory)
     if kind == "peft":
         from qkvconv.peft_format import inspect_peft
 

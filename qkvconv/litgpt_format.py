@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from qkvconv.errors import QkvconvError
 from qkvconv.layout import HeadLayout, LayoutError, QKVOrder
 from qkvconv.lora_layout import LoraSettings, block_sizes
 from qkvconv.pages import MappedFile
+from qkvconv.config_files import read_yaml
 from qkvconv.sources import check_inside
 
 WEIGHTS = "lit_model.pth"
@@ -64,25 +64,6 @@ def load_state_dict_file(path: Path) -> StateDictFile:
         raise QkvconvError(f"{path} does not exist")
     tensors, wrapped, extra = split_state_dict(safe_torch_load(path, mmap=True), path)
     return StateDictFile(path, tensors, wrapped, extra, MappedFile(path))
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise QkvconvError(f"cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise QkvconvError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise QkvconvError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise QkvconvError(f"{path} does not hold a mapping of settings")
-    return data
-
-
-def write_yaml(data: dict[str, Any], path: Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
 
 
 @dataclass(frozen=True)

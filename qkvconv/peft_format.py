@@ -89,8 +89,6 @@ from qkvconv.litgpt_format import (
     migrate_config,
     open_litgpt,
     qkv_naming,
-    read_yaml,
-    write_yaml,
 )
 from qkvconv.lora_layout import (
     PARTS,
@@ -105,6 +103,7 @@ from qkvconv.lora_layout import (
 from qkvconv.readers import TensorMeta, open_reader
 from qkvconv.sources import check_inside
 from qkvconv.transaction import is_temporary
+from qkvconv.config_files import read_json, read_yaml, write_yaml
 from qkvconv.transaction import new_directory
 from qkvconv.upgrade import _save
 from qkvconv.writers import SafetensorsWriter
@@ -278,19 +277,6 @@ def is_peft_dir(path: Path) -> bool:
     return path.is_dir() and (path / PEFT_CONFIG).is_file()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    check_inside(path, path.parent)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise QkvconvError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise QkvconvError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise QkvconvError(f"{path} does not hold a JSON object")
-    return data
-
-
 def _is_set(value: Any) -> bool:
     return value not in (None, False, "", [], {}, 0)
 
@@ -364,7 +350,7 @@ def _weights_file(directory: Path) -> Path:
 def _peft_config(directory: Path) -> dict[str, Any]:
     if not is_peft_dir(directory):
         raise QkvconvError(f"{directory} is not a PEFT adapter directory (no {PEFT_CONFIG})")
-    return _read_json(directory / PEFT_CONFIG)
+    return read_json(directory / PEFT_CONFIG)
 
 
 def _read_peft(directory: Path) -> _PeftAdapter:
@@ -1019,7 +1005,7 @@ def _base_config(config: dict[str, Any], directory: Path) -> dict[str, Any] | No
     try:
         for base in (Path(name).expanduser(), directory / name):
             if (base / "config.json").is_file():
-                return _read_json(base / "config.json")
+                return read_json(base / "config.json")
             if (base / CONFIG).is_file():
                 return hf_config_from_litgpt(migrate_config(read_yaml(base / CONFIG))[0])
     except QkvconvError:

@@ -17,6 +17,7 @@ import torch
 
 from qkvconv.errors import CheckFailed, QkvconvError
 from qkvconv.layout import HeadLayout, QKVOrder, permutation, reorder
+from qkvconv.config_files import write_yaml
 from qkvconv.litgpt_format import (
     CONFIG,
     HYPERPARAMETERS,
@@ -34,7 +35,6 @@ from qkvconv.litgpt_format import (
     migrate_config,
     open_litgpt,
     qkv_naming,
-    write_yaml,
 )
 from qkvconv.lora_layout import LoraSettings, apply_reorder, expand_rank, plan_reorder, qkv_delta
 from qkvconv.engine import check_finite, execute, output_layout
@@ -47,10 +47,8 @@ from qkvconv.transaction import (
     JOURNAL_NAME,
     DirectoryLock,
     Replacement,
-    fresh_output,
     is_temporary,
     new_directory,
-    publish,
     recover,
 )
 
@@ -380,9 +378,6 @@ def _copy_tree(src: Path, dst: Path, skip: set[str]) -> None:
     """Copy a checkpoint directory's other files (configs, tokenizer) into a fresh `dst`, atomically."""
     with new_directory(dst) as tmp:
         _copy_files(src, tmp, skip)
-
-
-_fresh_output, _publish = fresh_output, publish  # (convert.py still imports these names)
 
 
 def _copy_files(src: Path, dst: Path, skip: set[str]) -> None:

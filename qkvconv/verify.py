@@ -97,12 +97,17 @@ def architecture(weights: ModelWeights) -> forward.Architecture:
     return forward.Architecture.from_litgpt_config(weights.config)
 
 
+# Config fields in which two layouts of one model may differ (pairs vs half rotary, K/V heads repeated
+# for MHA, a zero bias made explicit by norm folding): each side runs with its own, the numbers decide.
+REPRESENTATION_FIELDS = frozenset({"rope_interleave", "n_query_groups", "qkv_bias", "proj_bias", "lm_head_bias"})
+
+
 def _comparable(a: forward.Architecture, b: forward.Architecture) -> None:
     """Fail (exit 1) when the two configs describe different functions: they cannot be equal."""
     diffs = [
         f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
         for f in fields(a)
-        if f.name != "name" and getattr(a, f.name) != getattr(b, f.name)
+        if f.name not in REPRESENTATION_FIELDS | {"name"} and getattr(a, f.name) != getattr(b, f.name)
     ]
     if diffs:
         raise CheckFailed(f"the two checkpoints have different architectures ({'; '.join(diffs[:3])})")

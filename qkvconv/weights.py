@@ -17,6 +17,7 @@ import torch
 
 from qkvconv.errors import QkvconvError
 from qkvconv.layout import HeadLayout, QKVOrder, reorder
+from qkvconv.config_files import read_yaml
 from qkvconv.litgpt_format import (
     CONFIG,
     HYPERPARAMETERS,
@@ -32,7 +33,6 @@ from qkvconv.litgpt_format import (
     load_state_dict_file,
     migrate_config,
     open_litgpt,
-    read_yaml,
 )
 from qkvconv.lora_layout import qkv_delta
 from qkvconv.plan import Recipe

@@ -142,3 +142,39 @@ def test_legacy_lora_to_peft_and_back_from_the_cli(name: str, legacy, tmp_path: 
     result = cli("verify", directory, back, "--base", base, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["logits_max_abs_diff"] < 1e-5
+
+
+def test_convert_merge_of_a_legacy_lora_run(legacy, tmp_path: Path) -> None:
+    from conftest import litgpt_logits as litgpt_file_logits, reference
+
+    directory = legacy("lora_qkv_gqa")
+    out = tmp_path / "merged"
+    result = cli("convert", directory, "--to", "litgpt", "--merge", "--out", out)
+    assert result.exit_code == 0, result.output
+    ref = reference(directory)
+    assert (litgpt_file_logits(out, ref["tokens"]) - ref["logits"]).abs().max() < 1e-5
+    bad = cli("convert", directory, "--to", "hf", "--merge", "--out", tmp_path / "x")
+    assert bad.exit_code == 2 and "--merge" in bad.output
+
+
+def test_convert_refuses_nonfinite_weights_unless_allowed(built, tmp_path: Path) -> None:  # noqa: F811
+    from safetensors.torch import load_file, save_file
+
+    b = built("llama3-gqa")
+    damaged = tmp_path / "damaged"
+    __import__("shutil").copytree(b.directory, damaged)
+    tensors = load_file(damaged / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    result = cli("convert", damaged, "--to", "litgpt", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "NaN/inf" in result.output and "--allow-nonfinite" in result.output
+    assert not (tmp_path / "out").exists()
+    result = cli("convert", damaged, "--to", "litgpt", "--out", tmp_path / "out", "--allow-nonfinite", "--no-verify")
+    assert result.exit_code == 0, result.output
+
+
+def test_inspect_meta_directory(built, tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "meta"
+    assert cli("convert", built("llama3-gqa").directory, "--to", "meta", "--out", out).exit_code == 0
+    report = json.loads(cli("inspect", out, "--json").output)
+    assert report["format"] == "meta" and report["attention"] == "GQA" and "pairs" in report["evidence"][0]

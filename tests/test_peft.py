@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.hf_format import hf_config_from_litgpt, litgpt_config_from_hf, plan_hf_to_litgpt, plan_litgpt_to_hf
 from qkvconv.layout import HeadLayout
-from qkvconv.litgpt_format import migrate_config, read_yaml
+from qkvconv.config_files import read_yaml
+from qkvconv.litgpt_format import migrate_config
 from qkvconv.lora_layout import LoraSettings, qkv_delta
 from qkvconv.peft_format import (
     KNOWN_FIELDS,

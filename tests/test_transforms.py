@@ -3,7 +3,7 @@
 For each of rotary order (--rope), key/value head expansion (--kv-heads) and norm folding (fold-norms)
 on Llama (GQA), GPT-NeoX (partial rotary) and Falcon-40B (grouped QKV), and more: the converted
 checkpoint passes the forward-pass check against its source (convert runs it before publishing; here
-`verify_across` is also called directly), and a real framework that loads the result (litgpt with
+`verify` is also called directly), and a real framework that loads the result (litgpt with
 strict=True, transformers with no missing or unexpected keys) computes the source's logits.
 Meta's original layout is checked against the test's own transcription of Meta's reference model
 (complex-number rotary on pairs of dims) and against transformers' conversion formula.
@@ -29,7 +29,8 @@ from typer.testing import CliRunner
 
 from test_hf_mapping import BY_ID, TOKENS, TOL, Case, _build, built, hf_logits, litgpt_logits  # noqa: F401 (fixture)
 from qkvconv.cli import app
-from qkvconv.convert import Transformations, transformed_plan, verify_across
+from qkvconv.convert import Transformations, transformed_plan
+from qkvconv.verify import verify as verify_across
 from qkvconv.engine import execute, output_layout
 from qkvconv.errors import QkvconvError
 from qkvconv.hf_format import litgpt_config_from_hf
@@ -506,3 +507,19 @@ def test_meta_refusals(built, tmp_path):
     assert result.exit_code == 2 and "cannot express" in result.output and "partial rotary" in result.output
     with pytest.raises(QkvconvError, match="half order"):
         params_from_litgpt({**litgpt_config_from_hf(b.config_json), "rope_interleave": False})
+
+
+def test_the_verify_command_compares_across_representations(built, tmp_path: Path) -> None:  # noqa: F811
+    """`qkvconv verify` itself accepts a pairs-rotary, K/V-expanded, norm-folded result of the same model."""
+    from typer.testing import CliRunner
+
+    from qkvconv.cli import app
+
+    b = built("llama3-gqa")
+    out = tmp_path / "lit"
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", str(b.directory), "--to", "litgpt", "--out", str(out),
+                                 "--rope", "pairs", "--kv-heads", "4", "--fold-norms"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["verify", str(b.directory), str(out)])
+    assert result.exit_code == 0, result.output
