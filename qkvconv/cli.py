@@ -81,6 +81,14 @@ SourceArg = Annotated[
 RevisionOpt = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) for repo ids.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
 DeviceOpt = Annotated[str, typer.Option(help="Where the forward pass runs: cpu, cuda or auto.")]
+VerifyOpt = Annotated[
+    bool, typer.Option("--verify/--no-verify", help="Run a forward pass of source and result before writing or replacing anything.")
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (tensors, shapes, bytes, files); write nothing.")]
+MaxShardOpt = Annotated[str, typer.Option(help="Largest safetensors shard of hf output (0: one file).")]
+NEW_DIR_HELP = "New directory to write (must not exist or be empty)."
+NewDirOpt = Annotated[Path, typer.Option(help=NEW_DIR_HELP)]
+MaybeNewDirOpt = Annotated[Optional[Path], typer.Option(help=NEW_DIR_HELP)]
 AllowNonfiniteOpt = Annotated[
     bool, typer.Option("--allow-nonfinite", help="Convert even when weights hold NaN/inf (refused by default).")
 ]
@@ -126,9 +134,7 @@ def upgrade_cmd(
         bool, typer.Option("--lora-merge", help="Merge a LoRA run into its base weights instead (needs --out).")
     ] = False,
     base: BaseOpt = None,
-    verify: Annotated[
-        bool, typer.Option("--verify/--no-verify", help="Run a forward pass of old and new before replacing anything.")
-    ] = True,
+    verify: VerifyOpt = True,
     device: DeviceOpt = "cpu",
     allow_nonfinite: AllowNonfiniteOpt = False,
     json: JsonOpt = False,
@@ -167,14 +173,12 @@ def parse_size(text: str) -> int | None:
 def convert_cmd(
     source: SourceArg,
     to: Annotated[str, typer.Option(help="Target format: litgpt, litgpt-legacy, hf, meta, peft or litgpt-lora.")],
-    out: Annotated[Optional[Path], typer.Option(help="New directory to write (must not exist or be empty).")] = None,
+    out: MaybeNewDirOpt = None,
     revision: RevisionOpt = None,
     base: BaseOpt = None,
-    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard for --to hf (0: one file).")] = "5GB",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (tensors, shapes, bytes, files); write nothing.")] = False,
-    verify: Annotated[
-        bool, typer.Option("--verify/--no-verify", help="Run a forward pass of source and result before publishing it.")
-    ] = True,
+    max_shard_size: MaxShardOpt = "5GB",
+    dry_run: DryRunOpt = False,
+    verify: VerifyOpt = True,
     device: DeviceOpt = "cpu",
     json: JsonOpt = False,
     rope: Annotated[
@@ -222,16 +226,14 @@ def _show_conversion(report: converting.ConvertReport, dry_run: bool, json: bool
 @reports_errors
 def fold_norms_cmd(
     source: SourceArg,
-    out: Annotated[Path, typer.Option(help="New directory to write (must not exist or be empty).")],
+    out: NewDirOpt,
     to: Annotated[
         Optional[str], typer.Option(help="Output format: litgpt, litgpt-legacy, hf or meta (default: the source's).")
     ] = None,
     revision: RevisionOpt = None,
-    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard for hf output (0: one file).")] = "5GB",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
-    verify: Annotated[
-        bool, typer.Option("--verify/--no-verify", help="Run a forward pass of source and result before publishing it.")
-    ] = True,
+    max_shard_size: MaxShardOpt = "5GB",
+    dry_run: DryRunOpt = False,
+    verify: VerifyOpt = True,
     device: DeviceOpt = "cpu",
     json: JsonOpt = False,
 ) -> None:
