@@ -231,10 +231,16 @@ def test_format_version_only_when_records_follow_key_order(tmp_path: Path, monke
     assert "ordered/.format_version" in zipfile.ZipFile(in_order).namelist()
     assert "shuffled/.format_version" not in zipfile.ZipFile(shuffled).namelist()
     monkeypatch.setenv("TORCH_SERIALIZATION_DEBUG", "1")  # torch asserts each computed offset
-    monkeypatch.setattr(config.load, "calculate_storage_offsets", True)
-    for path in (in_order, shuffled):
-        assert_same_dict(torch.load(path, weights_only=True), tensors)
-        assert_same_dict(torch.load(path, weights_only=True, mmap=True), tensors)
+    # torch's config object keeps values behind __getattr__: restore it by hand (monkeypatch may delete
+    # the attribute on undo, which breaks every later torch.load in the session)
+    before = config.load.calculate_storage_offsets
+    config.load.calculate_storage_offsets = True
+    try:
+        for path in (in_order, shuffled):
+            assert_same_dict(torch.load(path, weights_only=True), tensors)
+            assert_same_dict(torch.load(path, weights_only=True, mmap=True), tensors)
+    finally:
+        config.load.calculate_storage_offsets = before
 
 
 def test_torch_writer_output_loads_in_litgpt_and_from_views(tmp_path: Path) -> None:
