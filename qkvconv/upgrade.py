@@ -38,7 +38,7 @@ from qkvconv.litgpt_format import (
 )
 from qkvconv.lora_layout import LoraSettings, apply_reorder, expand_rank, plan_reorder, qkv_delta
 from qkvconv.engine import check_finite, execute, output_layout
-from qkvconv.plan import Plan, Recipe, Reorder, copy
+from qkvconv.plan import Plan, Recipe, Reorder, Step, copy
 from qkvconv.progress import progress_for
 from qkvconv.readers import TensorReader, open_reader
 from qkvconv.sources import check_inside
@@ -412,7 +412,8 @@ def _upgrade_into(
 
 
 def merge_lora(directory: Path, out: Path, *, base: Path | None, forward_check: ForwardCheck | None) -> UpgradeReport:
-    """Merge a (legacy or current) LoRA run into its base weights: a current full checkpoint at `out`."""
+    """Merge a (legacy or current) LoRA run into its base weights: a current full checkpoint at `out`,
+    streamed tensor by tensor through the engine (the adapter is small; the base never is in memory)."""
     ckpt = open_litgpt(directory)
     if ckpt.lora_weights is None or ckpt.hyperparameters is None:
         raise QkvconvError(f"--lora-merge needs a LoRA run directory ({LORA_WEIGHTS}); {directory} has none")
@@ -429,17 +430,20 @@ def merge_lora(directory: Path, out: Path, *, base: Path | None, forward_check: 
     check_lora_shapes(adapter, ckpt.shape, ckpt.hyperparameters)
     base_sd = load_state_dict_file(base_ckpt.weights)  # type: ignore[arg-type]
     check_full_shapes(base_sd, base_ckpt.shape)
-    merged = merged_tensors(base_sd, adapter, ckpt.shape.heads, ckpt.hyperparameters.settings)
+    plan = merge_plan(list(base_sd.tensors), adapter, ckpt.shape.heads, ckpt.hyperparameters.settings)
     report = UpgradeReport(directory, out, changed=True)
     report.actions.append(f"merged {len(adapter.tensors) // 2} LoRA updates into the weights of {base_dir / WEIGHTS}")
     new_config, changes = migrate_config(ckpt.config)
     report.actions += [f"{CONFIG}: {c}" for c in changes]
     with new_directory(out) as tmp:
         _copy_files(ckpt.directory, tmp, skip={WEIGHTS, LORA_WEIGHTS, CONFIG})
-        _save(base_sd.payload(merged), tmp / WEIGHTS)
+        reader = open_reader(base_sd.path)
+        layout = output_layout(plan, reader)
+        with TorchWriter(tmp / WEIGHTS, layout, wrapped=base_sd.wrapped) as writer:
+            execute(plan, reader, writer, progress_for(sum(m.nbytes for m in layout.values()), f"writing {WEIGHTS}"))
         write_yaml(new_config, tmp / CONFIG)
-        written = load_state_dict_file(tmp / WEIGHTS)
-        report.checks.append(_check_merged(base_sd, adapter, written, ckpt.shape.heads, ckpt.hyperparameters.settings))
+        report.checks.append(_check_merged(open_reader(base_sd.path), adapter, open_reader(tmp / WEIGHTS),
+                                           ckpt.shape.heads, ckpt.hyperparameters.settings))
         if forward_check is not None:
             report.checks.append(forward_check(ckpt, {p.name: p for p in tmp.iterdir()}))
     return report
@@ -459,58 +463,80 @@ def _lora_pairs(adapter: StateDictFile) -> dict[str, tuple[torch.Tensor, torch.T
     return pairs
 
 
-def merged_tensors(
-    base: StateDictFile, adapter: StateDictFile, heads: HeadLayout, settings: LoraSettings
-) -> dict[str, torch.Tensor]:
-    """Base tensors in current naming and order, with each LoRA update added (computed in float64)."""
+def lora_update(
+    target: str, a: torch.Tensor, b: torch.Tensor, legacy: bool, heads: HeadLayout, settings: LoraSettings
+) -> torch.Tensor:
+    """The float64 update a LoRA pair makes to weight `target` (current naming, sequential QKV rows)."""
+    if QKV_KEY.match(target):
+        delta = qkv_delta(a, b, settings, heads, legacy=legacy)
+        return reorder(delta, QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads) if legacy else delta
+    return (b.double() @ a.double()) * settings.scaling
+
+
+@dataclass(frozen=True, eq=False)
+class AddUpdate(Step):
+    """Add a LoRA update to a weight, in float64, rounding once to the weight's dtype."""
+
+    target: str
+    a: torch.Tensor
+    b: torch.Tensor
+    legacy: bool
+    heads: HeadLayout
+    settings: LoraSettings
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        (t,) = tensors
+        if t.is_meta:
+            return [t]
+        delta = lora_update(self.target, self.a, self.b, self.legacy, self.heads, self.settings)
+        return [(t.double() + delta).to(t.dtype)]
+
+    def describe(self) -> str:
+        return "add the LoRA update"
+
+
+def merge_plan(names: list[str], adapter: StateDictFile, heads: HeadLayout, settings: LoraSettings) -> Plan:
+    """Recipes for base tensors in current naming and order, each LoRA'd weight with its update added."""
     pairs = _lora_pairs(adapter)
-    out: dict[str, torch.Tensor] = {}
-    for name, t in base.tensors.items():
+    recipes = []
+    for name in names:
         m = QKV_KEY.match(name)
         target = current_name(name).replace(".linear.", ".")
-        if m and not m.group(3).startswith("lora"):
-            t = reorder(t, NAMING_ORDER[m.group(2)], QKVOrder.SEQUENTIAL, heads)
+        steps: list[Step] = []
+        if m and not m.group(3).startswith("lora") and NAMING_ORDER[m.group(2)] is not QKVOrder.SEQUENTIAL:
+            steps.append(Reorder(NAMING_ORDER[m.group(2)], QKVOrder.SEQUENTIAL, heads))
         if target in pairs:
             a, b, legacy = pairs.pop(target)
-            if QKV_KEY.match(target):
-                delta = qkv_delta(a, b, settings, heads, legacy=legacy)
-                if legacy:
-                    delta = reorder(delta, QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
-            else:
-                delta = (b.double() @ a.double()) * settings.scaling
-            t = (t.double() + delta).to(t.dtype)
-        out[target] = t
+            steps.append(AddUpdate(target, a, b, legacy, heads, settings))
+        recipes.append(Recipe(target, (name,), tuple(steps)))
     if pairs:
         raise QkvconvError(f"LoRA tensors with no base weight to merge into: {sorted(pairs)[:3]}")
-    return out
+    return Plan(recipes)
 
 
 def _check_merged(
-    base: StateDictFile, adapter: StateDictFile, written: StateDictFile, heads: HeadLayout, settings: LoraSettings
+    base: TensorReader, adapter: StateDictFile, written: TensorReader, heads: HeadLayout, settings: LoraSettings
 ) -> str:
-    """Each merged tensor minus the (re-ordered) base equals the LoRA update, to float precision."""
+    """Each merged tensor, read back from disk, minus the (re-ordered) base equals the LoRA update to
+    float precision. Compared in the base's own order: another path than the one that wrote it."""
     pairs = _lora_pairs(adapter)
     worst = 0.0
-    for name, t in base.tensors.items():
+    written_names = set(written.names())
+    for name in base.names():
         m = QKV_KEY.match(name)
         target = current_name(name).replace(".linear.", ".")
-        got = written.tensors.get(target)
-        if got is None or got.dtype != t.dtype:
+        t = base.read(name)
+        if target not in written_names or written.meta(target).dtype != t.dtype:
             raise CheckFailed(f"merged checkpoint lacks {target} or changed its dtype")
+        got = written.read(target)
         if m and not m.group(3).startswith("lora"):
-            # compare in the base's own order: an independent path from the one that wrote it
             got = reorder(got, QKVOrder.SEQUENTIAL, NAMING_ORDER[m.group(2)], heads)
         diff = got.double() - t.double()
         if target in pairs:
             a, b, legacy = pairs[target]
-            if QKV_KEY.match(target):
-                delta = qkv_delta(a, b, settings, heads, legacy=legacy)
-                if not legacy and m and m.group(2) == "attn":
-                    delta = reorder(delta, QKVOrder.SEQUENTIAL, QKVOrder.GROUPED, heads)
-                elif legacy and m and m.group(2) == "qkv":
-                    delta = reorder(delta, QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
-            else:
-                delta = (b.double() @ a.double()) * settings.scaling
+            delta = lora_update(target, a, b, legacy, heads, settings)
+            if m and NAMING_ORDER[m.group(2)] is QKVOrder.GROUPED:
+                delta = reorder(delta, QKVOrder.SEQUENTIAL, QKVOrder.GROUPED, heads)
             diff = diff - delta
         if t.is_floating_point():
             # rounding the float64 sum to the stored dtype costs at most half an ulp of the result
@@ -521,4 +547,6 @@ def _check_merged(
         if not ok:
             raise CheckFailed(f"merged {target} differs from base + LoRA update beyond rounding")
         worst = max(worst, float(diff.abs().max()) if diff.numel() else 0.0)
+        base.release()
+        written.release()
     return f"{WEIGHTS}: every merged tensor equals base + LoRA update (max rounding {worst:.2g})"
