@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from qkvconv.engine import Progress as EngineProgress
@@ -21,11 +22,8 @@ def progress_for(total_bytes: int, description: str) -> EngineProgress:
         return EngineProgress()
     bar = Progress(
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), transient=True, redirect_stdout=False,
+        TimeRemainingColumn(), console=Console(stderr=True), transient=True, redirect_stdout=False,
     )
-    from rich.console import Console
-
-    bar.console = Console(stderr=True)
     task = bar.add_task(description, total=total_bytes)
     bar.start()
     done = [0]
