@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qkvconv.errors import CheckFailed
+from qkvconv.errors import CheckFailed, QkvconvError
 from qkvconv.litgpt_format import (
     CURRENT_NAMING,
     LEGACY_NAMING,
@@ -121,6 +121,17 @@ def inspect_litgpt(ckpt: LitgptCheckpoint) -> dict[str, Any]:
     return {k: report[k] for k in FIELDS}
 
 
+def _check_hf_shapes(config_json: dict[str, Any], reader: Any, directory: Path) -> None:
+    """config.json's head counts must fit the tensors: plan the litgpt view on metadata alone."""
+    from qkvconv.engine import output_layout
+    from qkvconv.hf_format import plan_hf_to_litgpt
+
+    try:
+        output_layout(plan_hf_to_litgpt(config_json, reader.names()), reader)
+    except QkvconvError as e:
+        raise QkvconvError(f"{directory}: config.json does not match the tensors ({e})") from None
+
+
 def inspect_hf(directory: Path) -> dict[str, Any]:
     """The report for a Hugging Face directory: the family table says where q/k/v live and in which
     order; an architecture outside the table still gets what config.json and the files tell."""
@@ -136,6 +147,8 @@ def inspect_hf(directory: Path) -> dict[str, Any]:
              if p.is_file() and not is_temporary(p)]
     architecture = (config_json.get("architectures") or [config_json.get("model_type")])[0]
     layout = describe_layout(config_json)
+    if layout is not None:
+        _check_hf_shapes(config_json, reader, directory)
     notes: list[str] = []
     if layout is None:
         n_head = config_json.get("num_attention_heads")

@@ -178,3 +178,16 @@ def test_inspect_meta_directory(built, tmp_path: Path) -> None:  # noqa: F811
     assert cli("convert", built("llama3-gqa").directory, "--to", "meta", "--out", out).exit_code == 0
     report = json.loads(cli("inspect", out, "--json").output)
     assert report["format"] == "meta" and report["attention"] == "GQA" and "pairs" in report["evidence"][0]
+
+
+def test_inspect_refuses_an_hf_config_that_contradicts_the_tensors(built, tmp_path: Path) -> None:  # noqa: F811
+    b = built("llama3-gqa")
+    broken = tmp_path / "broken"
+    __import__("shutil").copytree(b.directory, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["num_key_value_heads"] = 4  # the files hold 2 K/V heads
+    (broken / "config.json").write_text(json.dumps(cfg))
+    for command in (["inspect", broken], ["convert", broken, "--to", "litgpt", "--out", tmp_path / "o"]):
+        result = cli(*command)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and result.output.startswith("error:")
