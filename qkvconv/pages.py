@@ -46,3 +46,11 @@ class MappedFile:
         assert mmap.PAGESIZE > 0
         for start, end in self.ranges:
             _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)  # type: ignore[union-attr]
+
+    def release_range(self, address: int, length: int) -> None:
+        """Drop the resident pages of one tensor's bytes (page-aligned outward, within the mapping)."""
+        page = mmap.PAGESIZE
+        for start, end in self.ranges:
+            lo, hi = max(start, address - address % page), min(end, address + length)
+            if lo < hi:
+                _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)  # type: ignore[union-attr]

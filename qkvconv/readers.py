@@ -326,7 +326,11 @@ class TorchReader:
     def read(self, name: str) -> torch.Tensor:
         if name not in self._tensors:
             raise _missing(self.path, name)
-        return self._tensors[name].detach().clone(memory_format=torch.contiguous_format)
+        source = self._tensors[name]
+        copy = source.detach().clone(memory_format=torch.contiguous_format)
+        if self._mapped is not None:  # the mapped bytes are not needed again: keep RSS at one copy
+            self._mapped.release_range(source.data_ptr(), source.untyped_storage().nbytes())
+        return copy
 
     def release(self) -> None:
         """Drop the mapping's resident pages and return freed copies to the OS; read tensors stay valid."""
