@@ -7,6 +7,7 @@ names the file; symlinks must stay inside the checkpoint (sources.check_inside).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +17,24 @@ from qkvconv.errors import QkvconvError
 from qkvconv.sources import check_inside
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def _read_mapping(path: Path, parse: Callable[[str], Any], kind: str, errors: tuple[type[Exception], ...]) -> dict[str, Any]:
+    """Read, decode and parse a small text file that must hold a mapping; one QkvconvError otherwise."""
+    check_inside(path, path.parent)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise QkvconvError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise QkvconvError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise QkvconvError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except errors as e:
+        raise QkvconvError(f"{path} is not valid {kind}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise QkvconvError(f"{path} does not hold a mapping of settings")
+        raise QkvconvError(f"{path} does not hold a {kind} mapping")
     return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    return _read_mapping(path, yaml.safe_load, "YAML", (yaml.YAMLError,))
 
 
 def write_yaml(data: dict[str, Any], path: Path) -> None:
@@ -36,13 +43,4 @@ def write_yaml(data: dict[str, Any], path: Path) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    check_inside(path, path.parent)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise QkvconvError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise QkvconvError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise QkvconvError(f"{path} does not hold a JSON object")
-    return data
+    return _read_mapping(path, json.loads, "JSON", (ValueError,))
