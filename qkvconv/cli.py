@@ -8,6 +8,7 @@ Examples:
     qkvconv convert llama-2-7b/ --to hf --out llama-2-7b-hf       # Meta's consolidated.00.pth -> HF
     qkvconv convert hf-model/ --to litgpt --kv-heads 32 --rope pairs --out mha-pairs
     qkvconv fold-norms hf-model/ --out folded                     # norm gains into the linears
+    qkvconv convert llama-hf/ --to hf --qkv fused --out phi3-style    # one qkv_proj (Phi3ForCausalLM)
 
 Exit codes: 0 done or nothing to do, 1 a check failed (inspect --expect, verify), 2 bad input or
 environment, 3 an internal error (a bug in qkvconv: please report it).
@@ -98,6 +99,11 @@ BaseOpt = Annotated[Optional[Path], typer.Option(help="Base checkpoint of a LoRA
 class Rope(str, enum.Enum):
     half = "half"
     pairs = "pairs"
+
+
+class Fusion(str, enum.Enum):
+    fused = "fused"
+    split = "split"
 
 
 class Expect(str, enum.Enum):
@@ -194,13 +200,19 @@ def convert_cmd(
     fold_norms: Annotated[
         bool, typer.Option("--fold-norms", help="Fold norm gains (and LayerNorm biases) into the linears they feed.")
     ] = False,
+    qkv: Annotated[
+        Optional[Fusion],
+        typer.Option(help="QKV projection of the output: fused (one sequential matrix: litgpt; Phi-3 for hf/peft) or "
+                          "split (q/k/v: Meta; Llama-family for hf/peft); adapters follow. Default: the source's."),
+    ] = None,
     merge: Annotated[
         bool, typer.Option("--merge", help="Merge a litgpt LoRA run into its base: a full checkpoint (--to litgpt).")
     ] = False,
     allow_nonfinite: AllowNonfiniteOpt = False,
 ) -> None:
     """Convert between litgpt (current and legacy order), Hugging Face, Meta and PEFT, exactly."""
-    changes = converting.Transformations(RopeOrder(rope.value) if rope else None, kv_heads, fold_norms)
+    changes = converting.Transformations(RopeOrder(rope.value) if rope else None, kv_heads, fold_norms,
+                                         qkv.value if qkv else None)
     report = converting.convert(
         sources.resolve(source, revision), to, out, base=base, max_shard_size=parse_size(max_shard_size),
         dry_run=dry_run, forward_check=verify, device=device, changes=changes, merge=merge,

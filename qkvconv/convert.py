@@ -25,6 +25,7 @@ from qkvconv import meta_format
 from qkvconv.engine import execute, output_layout
 from qkvconv.errors import CheckFailed, QkvconvError
 from qkvconv.hf_format import (
+    describe_layout,
     detect_family,
     hf_config_from_litgpt,
     litgpt_config_from_hf,
@@ -201,8 +202,13 @@ class Transformations:
     rope: RopeOrder | None = None  # rotary order of the output
     kv_heads: int | None = None  # key/value heads of the output
     fold_norms: bool = False
+    qkv: str | None = None  # "fused" | "split": the output's QKV projection
 
     def any(self) -> bool:
+        return self.rope is not None or self.kv_heads is not None or self.fold_norms or self.qkv is not None
+
+    def of_weights(self) -> bool:
+        """Changes only a full model can take (an adapter takes --qkv alone)."""
         return self.rope is not None or self.kv_heads is not None or self.fold_norms
 
 
@@ -215,6 +221,41 @@ ROPE_REFUSALS = {
                      "write --to litgpt",
     "meta": "Meta's Llama code rotates pairs of dims (2i, 2i + 1) only; for half write --to litgpt or --to hf",
 }
+
+
+# The QKV fusion a format holds, where it holds one only (hf and peft: the architecture decides)
+HELD_QKV = {"litgpt": "fused", "litgpt-legacy": "fused", "litgpt-lora": "fused", "meta": "split"}
+QKV_REFUSALS = {
+    "fused": "litgpt's attention is one fused qkv Linear (CausalSelfAttention.qkv), so its checkpoints and LoRA "
+             "runs hold fused QKV only; for separate q/k/v projections write --to hf or --to peft (a Llama-family "
+             "architecture) or --to meta",
+    "split": "Meta's Llama code has separate wq/wk/wv projections only; for one fused QKV matrix write --to litgpt, "
+             "or --to hf / --to peft with --qkv fused (Phi-3's qkv_proj for Llama-family models)",
+}
+# config.json keys that belong to the tokenizer or the file, not the architecture: kept across a change
+# of architecture (--qkv)
+CARRIED_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype")
+
+
+def check_qkv_target(qkv: str | None, to: str) -> None:
+    """Refuse --qkv with a target format that cannot hold that fusion, saying where it can go."""
+    held = HELD_QKV.get(to)
+    if qkv is not None and held is not None and held != qkv:
+        raise QkvconvError(f"--qkv {qkv} with --to {to}: {QKV_REFUSALS[held]}")
+
+
+def qkv_note(config_json: dict[str, Any], source_json: dict[str, Any] | None, qkv: str) -> str:
+    """What --qkv made of the output: its architecture and where q, k and v live (and what else fused)."""
+    family = detect_family(config_json)
+    assert family is not None
+    layout = describe_layout(config_json)
+    assert layout is not None
+    source = detect_family(source_json) if source_json else None
+    was = f" (the source is {source.architecture}; both compute this model)" if source and source is not family \
+        and source.architecture != family.architecture else ""
+    also = "".join(f"; {', '.join(parts)} rows are fused into {module} as {family.architecture} requires"
+                   for module, parts in family.fused_rows.items())
+    return f"--qkv {qkv}: written as {layout['evidence']}{was}{also}"
 
 
 def _tied(config_json: dict[str, Any] | None) -> bool:
@@ -272,13 +313,22 @@ def _same_function(cfg: dict[str, Any], config_json: dict[str, Any]) -> bool:
     return a == b
 
 
-def hf_config_for(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> dict[str, Any]:
+def hf_config_for(cfg: dict[str, Any], source_json: dict[str, Any] | None, qkv: str | None = None) -> dict[str, Any]:
     """The config.json of a transformed model: the source's own (token ids, tying, dtype and the rest
     kept) with the model's numbers and flags rewritten for its architecture; a derived one when there is
-    no source config.json. UnsupportedFamily when that architecture cannot express the model."""
+    no source config.json. `qkv` ("fused" | "split") asks for an architecture with that QKV fusion: when
+    the source's has the other, the first that computes the model (Llama <-> Phi-3), keeping the
+    source's token ids, dtype and tying. UnsupportedFamily when no architecture can express the model."""
     family = detect_family(source_json) if source_json else None
     if family is None:
-        return hf_config_from_litgpt(cfg)
+        return hf_config_from_litgpt(cfg, qkv=qkv)
+    if qkv is not None and family.fusion != qkv:
+        derived = hf_config_from_litgpt(cfg, qkv=qkv)
+        twin = detect_family(derived)
+        assert twin is not None
+        merged = {**derived, **{k: source_json[k] for k in CARRIED_KEYS if k in source_json}}  # type: ignore[index]
+        merged[twin.config.tie_embeddings.keys[0]] = _tied(source_json)
+        return merged if _same_function(cfg, merged) else derived
     derived = hf_config_from_litgpt(cfg, family.architecture)
     merged = {**source_json, **derived}  # type: ignore[dict-item]
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -307,11 +357,13 @@ def _expressible(to: str, source_json: dict[str, Any] | None) -> Any:
 def transformed_plan(
     directory: Path, src_format: str, to: str, changes: Transformations
 ) -> tuple[Plan, TensorReader, str, list[str]]:
-    """Source -> litgpt names -> fold norms, expand K/V heads, set the rotary order -> `to`, as one plan.
-    Returns the plan, the reader, the output kind (litgpt | hf | meta) and what was done."""
+    """Source -> litgpt names -> fold norms, expand K/V heads, set the rotary order -> `to` (with the
+    QKV fusion asked for), as one plan. Returns the plan, the reader, the output kind (litgpt | hf |
+    meta) and what was done."""
     forced = FORCED_ROPE.get(to)
     if changes.rope is not None and forced is not None and changes.rope is not forced:
         raise QkvconvError(f"--rope {changes.rope.value} with --to {to}: {ROPE_REFUSALS[to]}")
+    check_qkv_target(changes.qkv, to)
     model, reader, source_json, tied = _source_model(directory, src_format)
     source_rope = model.rope_order
     if changes.fold_norms:
@@ -329,8 +381,11 @@ def transformed_plan(
     elif to == "litgpt-legacy":
         plan, kind = compose(litgpt_plan(outputs, model.config, legacy=True), model.plan), "litgpt"
     elif to == "hf":
-        config_json = hf_config_for(model.config, source_json if changes.any() or src_format == "hf" else None)
+        kept = source_json if changes.any() or src_format == "hf" else None
+        config_json = hf_config_for(model.config, kept, changes.qkv)
         plan, kind = compose(plan_litgpt_to_hf(model.config, outputs, config_json), model.plan), "hf"
+        if changes.qkv is not None:
+            model.notes.append(qkv_note(config_json, source_json, changes.qkv))
     elif to == "meta":
         plan, kind = compose(meta_format.plan_litgpt_to_meta(model.config, outputs), model.plan), "meta"
     else:
@@ -381,12 +436,12 @@ def convert(
         report.checks += merged.checks
         return report
     if src_format in ("litgpt-lora", "peft") or to in ("peft", "litgpt-lora"):
-        if changes.any():
+        if changes.of_weights():
             raise QkvconvError(
                 "--rope, --kv-heads and --fold-norms transform full models, not LoRA adapters: transform the base "
                 "model, or merge the adapter first (`--to litgpt --merge`)"
             )
-        return _convert_adapter(directory, src_format, to, out, base, report, dry_run)
+        return _convert_adapter(directory, src_format, to, out, base, report, dry_run, changes.qkv)
     if out is None and not dry_run:
         raise QkvconvError("convert writes a new directory: give it with --out DIR")
     # litgpt can hold pairs rotary (rope_interleave); a target that holds half only must re-order it
@@ -463,39 +518,69 @@ def _forward_check(reference: Path, candidate: Path, device: str, *, rounds: boo
 
 
 def _convert_adapter(
-    directory: Path, src_format: str, to: str, out: Path | None, base: Path | None, report: ConvertReport, dry_run: bool
+    directory: Path, src_format: str, to: str, out: Path | None, base: Path | None, report: ConvertReport,
+    dry_run: bool, qkv: str | None = None,
 ) -> ConvertReport:
+    """litgpt-lora <-> peft, and peft -> peft with another QKV fusion (--qkv: Phi-3 <-> Llama)."""
     from qkvconv import peft_format
 
     if out is None:
         raise QkvconvError("convert writes a new directory: give it with --out DIR")
     if dry_run:
         raise QkvconvError("--dry-run plans full-model conversions; adapters are small and convert in memory")
+    check_qkv_target(qkv, "litgpt-lora" if to == "litgpt" else to)
     if src_format == "litgpt-lora" and to == "peft":
         ckpt = open_litgpt(directory)
         base_dir = ckpt.find_base(base)
-        hf_config = _hf_config_of_litgpt_base(ckpt, base_dir)
+        hf_config = _hf_config_of_litgpt_base(ckpt, base_dir, qkv)
         result = peft_format.litgpt_lora_to_peft(directory, out, hf_config=hf_config,
                                                  base_model_name_or_path=str(base_dir) if base_dir else None)
     elif src_format == "peft" and to in ("litgpt-lora", "litgpt"):
         hf_config, base_name = _hf_config_of_peft_base(directory, base)
         result = peft_format.peft_to_litgpt_lora(directory, out, hf_config=hf_config, checkpoint_dir=base_name)
+    elif src_format == "peft" and to == "peft" and qkv is not None:
+        result = _peft_to_peft(directory, out, base, qkv)
     else:
         raise QkvconvError(
-            f"cannot convert {src_format} to {to}: adapters convert between litgpt-lora and peft "
-            "(merge a litgpt LoRA run into its base with `--to litgpt --merge`)"
+            f"cannot convert {src_format} to {to}: adapters convert between litgpt-lora and peft, and peft to peft "
+            "with --qkv (merge a litgpt LoRA run into its base with `--to litgpt --merge`)"
         )
     report.actions += result.notes
     return report
 
 
-def _hf_config_of_litgpt_base(ckpt: LitgptCheckpoint, base_dir: Path | None) -> dict[str, Any]:
+def _peft_to_peft(directory: Path, out: Path, base: Path | None, qkv: str) -> Any:
+    """A PEFT adapter for the architecture with the other QKV fusion (Phi-3 qkv_proj <-> Llama q/k/v_proj).
+
+    Goes through a litgpt LoRA run in a temporary directory: litgpt's fused adapter holds a block per
+    q, k and v, so both steps are the exact, checked conversions above, and the export merges the
+    blocks back to one shared lora_A where they are equal (a fused adapter split into q/k/v keeps its
+    rank r; q/k/v adapters sharing one lora_A fuse at rank r, otherwise at the sum of their ranks).
+    """
+    import tempfile
+
+    from qkvconv import peft_format
+
+    source_json, base_name = _hf_config_of_peft_base(directory, base)
+    target_json = hf_config_for(litgpt_config_from_hf(source_json), source_json, qkv)
+    with tempfile.TemporaryDirectory(prefix="qkvconv-") as tmp:
+        run = Path(tmp) / "run"
+        imported = peft_format.peft_to_litgpt_lora(directory, run, hf_config=source_json, checkpoint_dir=base_name)
+        result = peft_format.litgpt_lora_to_peft(run, out, hf_config=target_json)
+    folded = [n for n in imported.notes if "folded" in n]  # a rounding the result carries
+    result.notes[:0] = [qkv_note(target_json, source_json, qkv), *folded,
+                        f"base_model_name_or_path is left empty: load the adapter on the base converted alike "
+                        f"(qkvconv convert {base_name or 'BASE'} --to hf --qkv {qkv} --out DIR)"]
+    return result
+
+
+def _hf_config_of_litgpt_base(ckpt: LitgptCheckpoint, base_dir: Path | None, qkv: str | None = None) -> dict[str, Any]:
     cfg = migrate_config(ckpt.config)[0]
-    if base_dir is not None:
-        kept = _hf_config_for_litgpt(base_dir, cfg)
-        if kept is not None:
-            return kept
-    return hf_config_from_litgpt(cfg)
+    kept = _hf_config_for_litgpt(base_dir, cfg) if base_dir is not None else None
+    family = detect_family(kept) if kept else None
+    if family is not None and qkv in (None, family.fusion):
+        return kept  # type: ignore[return-value]
+    return hf_config_for(cfg, kept, qkv)
 
 
 def _hf_config_of_peft_base(directory: Path, base: Path | None) -> tuple[dict[str, Any], str | None]:

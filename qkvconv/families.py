@@ -157,11 +157,20 @@ class Family:
     # HF module whose rows are these litgpt modules' rows, in equal parts, in order (Phi-3 gate_up_proj)
     fused_rows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     sliding_window: SlidingWindow | None = None
+    rope_types: tuple[str, ...] = ("default", "linear", "llama3")  # RoPE scalings its config class accepts
     # transformers' defaults of the flags that `Choose` and `unsupported` test
     flag_defaults: Mapping[str, Any] = field(default_factory=dict)
     # flags that, all matching, mean a feature litgpt lacks, and what to call it
     unsupported: tuple[tuple[Mapping[str, Any], str], ...] = ()
     ignored: tuple[str, ...] = ()  # regexes of non-weight buffers some checkpoints carry
+
+    @property
+    def fusion(self) -> str:
+        """"split" (separate q/k/v projections) or "fused" (one QKV matrix), whatever the flags choose."""
+        cases = [c for _, c in self.qkv.cases] if isinstance(self.qkv, Choose) else [self.qkv]
+        kinds = {"split" if isinstance(c, Split) else "fused" for c in cases}
+        assert len(kinds) == 1, f"{self.architecture}: flags switch between fused and split QKV"
+        return kinds.pop()
 
     def flag(self, config_json: Mapping[str, Any], key: str) -> Any:
         return config_json[key] if key in config_json else self.flag_defaults.get(key)
@@ -333,6 +342,7 @@ PHI3 = replace(
                               positions=4096, eps=1e-5, act="silu", tied=False, rotary_fraction=ROTARY_FRACTION),
     biases=Biases(qkv=False, attn_out=False, mlp=False),
     sliding_window=SlidingWindow(Read("sliding_window", default=None)),
+    rope_types=("default",),  # Phi3Config.validate_rope: "default" or "longrope" (which litgpt lacks)
 )
 
 # gpt_neox/modeling_gpt_neox.py: `qkv = query_key_value(x).view(*shape, -1, 3 * head_size)` then

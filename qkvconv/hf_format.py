@@ -210,6 +210,9 @@ def _rope(family: Family, cfg: Mapping[str, Any]) -> tuple[float, dict[str, Any]
         raise _refuse(family, "separate RoPE settings per layer type")
     theta = float(_read(cfg, family.config.rope_theta))
     kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in family.rope_types and kind in ("linear", "llama3"):
+        raise UnsupportedFamily(f"{family.architecture} does not accept RoPE scaling {kind!r} (transformers' "
+                                f"config class refuses it)")
     if kind == "default":
         return theta, None
     if kind == "linear":
@@ -426,30 +429,41 @@ def _hf_config_for(family: Family, litgpt_cfg: Mapping[str, Any], flags: Mapping
     return cfg
 
 
-def hf_config_from_litgpt(litgpt_cfg: Mapping[str, Any], architecture: str | None = None) -> dict[str, Any]:
+def hf_config_from_litgpt(
+    litgpt_cfg: Mapping[str, Any], architecture: str | None = None, *, qkv: str | None = None
+) -> dict[str, Any]:
     """A config.json (transformers' AutoConfig accepts it) that computes the model litgpt_cfg describes.
 
     `architecture` picks the family; None tries them in FAMILIES order and takes the first that can
     express the model (a litgpt config does not say whether it came from Phi-3 or Mistral: both are
-    the same function, so the tensors' fusion is then Mistral's). The head is written untied
-    (tie_word_embeddings false): litgpt stores lm_head separately. Every candidate is read back with
-    litgpt_config_from_hf and must give the same forward pass, field for field.
+    the same function, so the tensors' fusion is then Mistral's). `qkv` ("fused" | "split") keeps only
+    the families whose attention has that fusion. The head is written untied (tie_word_embeddings
+    false): litgpt stores lm_head separately. Every candidate is read back with litgpt_config_from_hf
+    and must give the same forward pass, field for field.
     """
     if architecture is not None and architecture not in FAMILIES:
         raise UnsupportedFamily(f"{architecture} is not an architecture qkvconv maps; supported: {supported()}")
+    candidates = [FAMILIES[architecture]] if architecture else list(FAMILIES.values())
+    if qkv is not None:
+        candidates = [f for f in candidates if f.fusion == qkv]
+        if not candidates:
+            raise UnsupportedFamily(f"{architecture} has no {qkv} QKV projection")
+    wanted = " ".join(w for w in (architecture or "supported architecture", qkv and f"with {qkv} QKV") if w)
     try:
         target = _forward_fields(litgpt_cfg)
     except QkvconvError as e:
         raise UnsupportedFamily(f"this litgpt config cannot be converted: {e}") from None
-    candidates = [FAMILIES[architecture]] if architecture else list(FAMILIES.values())
     closest: tuple[int, str] | None = None
     for family in candidates:
         for flags in _flag_choices(family):
             try:
                 cfg = _hf_config_for(family, litgpt_cfg, flags)
                 got = _forward_fields(litgpt_config_from_hf(cfg))
-            except QkvconvError as e:
-                reason = (99, f"{family.architecture}: {e}")
+            except QkvconvError as e:  # the nearer miss: the family whose norm and MLP are the model's
+                same_kind = (family.norm_class_name, family.mlp_class_name) == \
+                    (target["norm_class_name"], target["mlp_class_name"])
+                why = str(e).split("; qkvconv maps:")[0]  # the list of families comes once, below
+                reason = (98 if same_kind else 99, f"{family.architecture}: {why.removeprefix(family.architecture + ' ')}")
             else:
                 if got == target:
                     return cfg
@@ -459,8 +473,8 @@ def hf_config_from_litgpt(litgpt_cfg: Mapping[str, Any], architecture: str | Non
                 closest = reason
     assert closest is not None
     raise UnsupportedFamily(
-        f"no {architecture or 'supported architecture'} computes this litgpt model "
-        f"({closest[1]}); supported: {supported()}"
+        f"no {wanted} computes this model (nearest: {closest[1]}); "
+        f"{f'with {qkv} QKV qkvconv maps' if qkv else 'supported'}: {', '.join(f.architecture for f in candidates)}"
     )
 
 
