@@ -1,14 +1,15 @@
 """`qkvconv convert`: between litgpt (current and legacy order), Hugging Face, Meta's original Llama
 format and PEFT, optionally transforming the weights exactly on the way (rotary order, key/value heads,
-norm folding).
+norm folding, QKV fusion).
 
 Full models go through the streaming engine: a plan (hf_format.py, or a plain re-order for litgpt
 <-> litgpt-legacy) is built from the source's tensor names, then each tensor is read once,
 transformed and written into a new directory beside `out`, which appears at `out` in one rename
 after the result has been checked with a forward pass. With a transformation (or Meta's format on
 either side) the plan is source -> litgpt names, rewritten by transforms.py, composed with
-litgpt names -> target: still one plan, each source tensor read once. LoRA adapters (small) convert
-in memory (peft_format.py).
+litgpt names -> target: still one plan, each source tensor read once. --qkv chooses the target's
+architecture (hf_config_for), since every format fixes the fusion per architecture. LoRA adapters
+(small) convert in memory (peft_format.py).
 """
 
 from __future__ import annotations
