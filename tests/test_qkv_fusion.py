@@ -152,6 +152,8 @@ def test_hf_to_the_other_fusion_and_back(case_id, qkv, want, model, tmp_path):
     assert any(a.startswith(f"--qkv {qkv}: written as {want}") for a in report["actions"]), report["actions"]
     assert any("bitwise equal" in c for c in report["checks"]), report["checks"]  # verify, inside convert
     assert architecture(tmp_path / "out") == want
+    verified = cli("verify", src.directory, tmp_path / "out", "--json")  # the command, across architectures
+    assert verified.exit_code == 0 and json.loads(verified.output)["passed"], verified.output
     d = diff(hf_logits(tmp_path / "out"), src.logits)  # transformers loads it, no missing/unexpected keys
     print(f"{case_id} --qkv {qkv} -> {want}: transformers logits max abs diff {d:.2e}")
     assert d < TOL
