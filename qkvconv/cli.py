@@ -270,12 +270,21 @@ def verify_cmd(
     atol: Annotated[Optional[float], typer.Option(help="Absolute tolerance (default: fits the dtype).")] = None,
     rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default: fits the dtype).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype (default: float32 on CPU, stored dtype on GPU).")] = None,
-    base: BaseOpt = None,
+    base: Annotated[
+        Optional[Path], typer.Option(help="Base model of a LoRA run or PEFT adapter (default: what its files name).")
+    ] = None,
+    candidate_base: Annotated[
+        Optional[Path], typer.Option(help="Base of the candidate, where it differs from --base.")
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Run the same random tokens through both; compare every layer and the logits. Exit 1 if they differ."""
+    """Run the same random tokens through both; compare every layer and the logits. Exit 1 if they differ.
+
+    Either side may be a full checkpoint (litgpt, HF, Meta) or an adapter on its base (litgpt LoRA run, PEFT).
+    """
     report = verifying.verify(
-        open_weights(sources.resolve(reference), base=base), open_weights(sources.resolve(candidate), base=base),
+        open_weights(sources.resolve(reference), base=base),
+        open_weights(sources.resolve(candidate), base=candidate_base or base),
         device=device, tokens=tokens, seed=seed, atol=atol, rtol=rtol, dtype=dtype,
     )
     if json:

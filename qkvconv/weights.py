@@ -47,6 +47,19 @@ def _current_key(name: str) -> tuple[str, str | None]:
     return f"transformer.h.{m.group(1)}.attn.qkv.{kind}", m.group(2)
 
 
+def merged(t: torch.Tensor, name: str, a: torch.Tensor, b: torch.Tensor, lora: LoraHyperparameters,
+           heads: HeadLayout, *, legacy: bool = False) -> torch.Tensor:
+    """Weight `name` (current litgpt name and order) plus its litgpt LoRA update, summed in float64,
+    handed over in float32 (or the stored dtype if wider)."""
+    if QKV_KEY.match(name):
+        delta = qkv_delta(a, b, lora.settings, heads, legacy=legacy)
+        if legacy:
+            delta = reorder(delta, QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
+    else:
+        delta = (b.double() @ a.double()) * lora.settings.scaling
+    return (t.double() + delta).to(torch.promote_types(t.dtype, torch.float32))
+
+
 @dataclass
 class ModelWeights:
     """Tensors by current litgpt name (sequential QKV rows), LoRA updates merged in on access."""
@@ -86,16 +99,8 @@ class ModelWeights:
     def _with_update(self, name: str, t: torch.Tensor) -> torch.Tensor:
         assert self.adapter is not None and self.lora is not None
         stem, legacy = self._lora[name]
-        a, b = self.adapter.tensors[stem + "lora_A"], self.adapter.tensors[stem + "lora_B"]
-        s = self.lora.settings
-        if QKV_KEY.match(name):
-            delta = qkv_delta(a, b, s, self.heads, legacy=legacy)
-            if legacy:
-                delta = reorder(delta, QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, self.heads)
-        else:
-            delta = (b.double() @ a.double()) * s.scaling
-        # merged in float64, handed over in float32 (or the stored dtype if wider)
-        return (t.double() + delta).to(torch.promote_types(t.dtype, torch.float32))
+        return merged(t, name, self.adapter.tensors[stem + "lora_A"], self.adapter.tensors[stem + "lora_B"],
+                      self.lora, self.heads, legacy=legacy)
 
     def release(self) -> None:
         """Drop the resident pages read so far: call between layers to hold about one layer."""
@@ -184,8 +189,64 @@ def meta_weights(directory: Path) -> PlannedWeights:
                           {r.output: r for r in plan.recipes})
 
 
-def open_weights(source: Path, *, base: Path | None = None) -> ModelWeights | PlannedWeights:
-    """Any supported checkpoint directory, as weights under current litgpt names."""
+@dataclass
+class AdaptedWeights:
+    """A base model (any layout) with a PEFT adapter merged in on access.
+
+    The adapter is imported as a litgpt LoRA run (peft_format: exact, checked, a scaling that differs
+    between modules folded into lora_B) and held in memory: adapters are small."""
+
+    description: str
+    inner: ModelWeights | PlannedWeights
+    adapter: dict[str, torch.Tensor]
+    lora: LoraHyperparameters
+    heads: HeadLayout
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.inner.config
+
+    def __call__(self, name: str) -> torch.Tensor:
+        t = self.inner(name)
+        stem = name.removesuffix("weight")
+        if name.endswith(".weight") and stem + "lora_A" in self.adapter:
+            return merged(t, name, self.adapter[stem + "lora_A"], self.adapter[stem + "lora_B"], self.lora, self.heads)
+        return t
+
+    def release(self) -> None:
+        self.inner.release()
+
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype()
+
+
+def peft_weights(directory: Path, *, base: Path | None = None) -> AdaptedWeights:
+    """A PEFT adapter on its base (--base, else the adapter's base_model_name_or_path): HF or litgpt."""
+    import tempfile
+
+    from qkvconv.convert import _hf_config_of_peft_base
+    from qkvconv.peft_format import peft_to_litgpt_lora
+
+    config_json, base_name = _hf_config_of_peft_base(directory, base)
+    assert base_name is not None
+    inner = open_weights(Path(base_name))
+    if not isinstance(inner, (ModelWeights, PlannedWeights)) or getattr(inner, "adapter", None) is not None:
+        raise QkvconvError(f"the base of {directory} must be a full model, not an adapter: {base_name}")
+    with tempfile.TemporaryDirectory(prefix="qkvconv-") as tmp:
+        run = Path(tmp) / "run"
+        peft_to_litgpt_lora(directory, run, hf_config=config_json)
+        adapter = load_state_dict_file(run / LORA_WEIGHTS)
+        tensors = {k: v.clone() for k, v in adapter.tensors.items()}  # off the temporary file
+        lora = LoraHyperparameters.from_yaml(read_yaml(run / HYPERPARAMETERS), run / HYPERPARAMETERS)
+        shape = ModelShape.from_config(read_yaml(run / CONFIG), run / CONFIG)
+    return AdaptedWeights(f"{directory} (PEFT on {base_name})", inner, tensors, lora, shape.heads)
+
+
+def open_weights(
+    source: Path, *, base: Path | None = None
+) -> ModelWeights | PlannedWeights | AdaptedWeights:
+    """Any supported checkpoint directory, as weights under current litgpt names; `base`: the base
+    of a LoRA run or PEFT adapter, where its own files do not say."""
     from qkvconv.convert import detect_format
 
     directory = source.parent if source.is_file() else source
@@ -195,4 +256,6 @@ def open_weights(source: Path, *, base: Path | None = None) -> ModelWeights | Pl
             return hf_weights(directory)
         if kind == "meta":
             return meta_weights(directory)
+        if kind == "peft":
+            return peft_weights(directory, base=base)
     return litgpt_weights(open_litgpt(source), base=base)

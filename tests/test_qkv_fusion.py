@@ -257,6 +257,10 @@ def test_peft_fused_adapter_splits_into_three_sharing_lora_a(bases, tmp_path):  
     got = peft_logits(split_base, tmp_path / "split")  # PeftModel on the split base: no missing/unexpected keys
     print(f"PEFT qkv_proj -> q/k/v_proj: logits max abs diff {diff(got, want):.2e}")
     assert diff(got, want) < TOL
+    # the verify command reads adapters on their bases: the same function, bitwise
+    result = cli("verify", tmp_path / "peft", tmp_path / "split", "--candidate-base", split_base, "--json")
+    assert result.exit_code == 0, result.output
+    assert all(stage["max_abs_diff"] == 0 for stage in json.loads(result.output)["stages"])
     t = load_file(tmp_path / "split" / "adapter_model.safetensors")
     for i in range(2):
         a = [t[f"base_model.model.model.layers.{i}.self_attn.{p}_proj.lora_A.weight"] for p in "qkv"]
@@ -324,3 +328,16 @@ def test_adapter_refusals(bases, tmp_path):  # noqa: F811
     assert "transform full models" in refused(tmp_path / "peft", "--to", "peft", "--qkv", "split", "--kv-heads", 4,
                                               "--out", tmp_path / "no")
     assert not (tmp_path / "no").exists()
+
+
+def test_verify_tells_an_adapter_from_its_base(bases, tmp_path):  # noqa: F811
+    base = bases("llama")
+    make_peft_adapter(base, tmp_path / "peft", dict(target_modules=["q_proj", "down_proj"], r=2, lora_alpha=4))
+    result = cli("verify", base.directory, tmp_path / "peft", "--json")  # the base from base_model_name_or_path
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.output)
+    assert not report["passed"] and report["first_difference"] == "layer 0"
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    result = cli("verify", base.directory, tmp_path / "peft")
+    assert result.exit_code == 2 and "names no base model; pass the base HF directory with --base" in result.output
