@@ -252,8 +252,8 @@ def qkv_note(config_json: dict[str, Any], source_json: dict[str, Any] | None, qk
     layout = describe_layout(config_json)
     assert layout is not None
     source = detect_family(source_json) if source_json else None
-    was = f" (the source is {source.architecture}; both compute this model)" if source and source is not family \
-        and source.architecture != family.architecture else ""
+    other = source is not None and source.architecture != family.architecture
+    was = f" (the source is {source.architecture}; both compute this model)" if other else ""  # type: ignore[union-attr]
     also = "".join(f"; {', '.join(parts)} rows are fused into {module} as {family.architecture} requires"
                    for module, parts in family.fused_rows.items())
     return f"--qkv {qkv}: written as {layout['evidence']}{was}{also}"
