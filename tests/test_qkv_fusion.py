@@ -44,10 +44,12 @@ from qkvconv.layout import QKVOrder
 
 runner = CliRunner()
 
-# Llama with GQA and default RoPE (Phi-3 accepts no llama3 scaling), Phi-3 with full rotary and a
-# sliding window (its split twin is Mistral)
+# Llama with GQA and default RoPE (Phi-3 accepts no llama3 scaling), with a tied head, and Phi-3 with
+# full rotary and a sliding window (its split twin is Mistral)
 EXTRA = {
     "llama-gqa": Case("llama-gqa", {"model_type": "llama", **LLAMA_SIZES, "rms_norm_eps": 1e-5}, QKVOrder.SPLIT),
+    "llama-tied": Case("llama-tied", {"model_type": "llama", **LLAMA_SIZES, "tie_word_embeddings": True,
+                                      "bos_token_id": 5, "eos_token_id": 6}, QKVOrder.SPLIT),
     "phi3-window": Case("phi3-window", {"model_type": "phi3", **LLAMA_SIZES, "original_max_position_embeddings": 64,
                                         "sliding_window": 5, "pad_token_id": 0, "bos_token_id": 1,
                                         "eos_token_id": 2}, QKVOrder.SEQUENTIAL),
@@ -141,6 +143,7 @@ def test_no_architecture_of_that_fusion(case_id, qkv, why, model):
 
 @pytest.mark.parametrize("case_id, qkv, want", [
     ("llama-gqa", "fused", "Phi3ForCausalLM"),
+    ("llama-tied", "fused", "Phi3ForCausalLM"),  # the head stays tied, the token ids stay the tokenizer's
     ("mistral-window", "fused", "Phi3ForCausalLM"),
     ("phi3-window", "split", "MistralForCausalLM"),
     ("neox-parallel", "fused", "GPTNeoXForCausalLM"),  # already fused: the same architecture
@@ -152,6 +155,9 @@ def test_hf_to_the_other_fusion_and_back(case_id, qkv, want, model, tmp_path):
     assert any(a.startswith(f"--qkv {qkv}: written as {want}") for a in report["actions"]), report["actions"]
     assert any("bitwise equal" in c for c in report["checks"]), report["checks"]  # verify, inside convert
     assert architecture(tmp_path / "out") == want
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id"):
+        assert config.get(key) == src.config_json.get(key), key
     verified = cli("verify", src.directory, tmp_path / "out", "--json")  # the command, across architectures
     assert verified.exit_code == 0 and json.loads(verified.output)["passed"], verified.output
     d = diff(hf_logits(tmp_path / "out"), src.logits)  # transformers loads it, no missing/unexpected keys
