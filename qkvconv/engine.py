@@ -28,7 +28,8 @@ class Writer:
 
 
 def output_layout(plan: Plan, reader: TensorReader) -> dict[str, TensorMeta]:
-    """Shape and dtype of every output tensor, computed on meta tensors (no data is read)."""
+    """Shape and dtype of every output tensor, from the steps' shape rules (no data is read); a step
+    without one runs on meta tensors instead."""
     layout: dict[str, TensorMeta] = {}
     names = set(reader.names())
     for recipe in plan.recipes:
@@ -36,14 +37,16 @@ def output_layout(plan: Plan, reader: TensorReader) -> dict[str, TensorMeta]:
         if missing:
             raise QkvconvError(f"the source has no tensor {missing[0]!r} (needed for {recipe.output})")
         metas = [reader.meta(i) for i in recipe.inputs]
-        fakes = [torch.empty(m.shape, dtype=m.dtype, device="meta") for m in metas]
         try:
-            out = recipe.apply(fakes)
+            known = recipe.meta([(m.shape, m.dtype) for m in metas])
+            if known is None:
+                out = recipe.apply([torch.empty(m.shape, dtype=m.dtype, device="meta") for m in metas])
+                known = (tuple(out.shape), out.dtype)
         except (ValueError, RuntimeError) as e:
             raise QkvconvError(f"cannot build {recipe.output}: {e}") from None
         if recipe.output in layout:
             raise QkvconvError(f"two recipes write {recipe.output}")
-        layout[recipe.output] = TensorMeta(tuple(out.shape), out.dtype)
+        layout[recipe.output] = TensorMeta(tuple(known[0]), known[1])
     return layout
 
 

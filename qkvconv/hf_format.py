@@ -44,7 +44,7 @@ from qkvconv.families import (
 )
 from qkvconv.forward import Architecture
 from qkvconv.layout import HeadLayout, LayoutError, QKVOrder, permutation
-from qkvconv.plan import Fuse, Plan, Recipe, Reorder, Step, TakePart
+from qkvconv.plan import Fuse, Meta, Plan, Recipe, Reorder, Step, TakePart, concat_rows
 
 LITGPT_CONFIG = "model_config.yaml"
 HF_CONFIG = "config.json"
@@ -71,6 +71,12 @@ class TakeRows(Step):
     def describe(self) -> str:
         return f"take row block {self.index + 1} of {self.parts}"
 
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        ((shape, dtype),) = inputs
+        if not shape or shape[0] % self.parts:
+            raise LayoutError(f"{shape[0] if shape else 0} rows do not split into {self.parts} equal blocks")
+        return [((shape[0] // self.parts, *shape[1:]), dtype)]
+
 
 @dataclass(frozen=True)
 class ConcatRows(Step):
@@ -81,6 +87,9 @@ class ConcatRows(Step):
 
     def describe(self) -> str:
         return "concatenate rows"
+
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        return [concat_rows(inputs)]
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,12 @@ class Tied(Step):
 
     def describe(self) -> str:
         return "check tied tensors are equal"
+
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        first, *others = inputs
+        if any(shape != first[0] for shape, _ in others):
+            self.apply([torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in inputs])  # its error
+        return [first]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -105,18 +105,30 @@ def permutation(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> torch.Tensor
     return position_in_src[canonical_index(dst, heads)]
 
 
-def reorder(tensor: torch.Tensor, src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> torch.Tensor:
-    """Re-order the rows (dim 0) of a fused weight, bias or LoRA-B from `src` to `dst`."""
-    if tensor.shape[0] != heads.rows:
+def check_reorder(shape: tuple[int, ...], src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> None:
+    """Raise LayoutError unless rows of this shape can go from `src` to `dst` (what reorder checks)."""
+    if not shape or shape[0] != heads.rows:
         raise LayoutError(
             f"expected {heads.rows} rows for H={heads.n_head}, G={heads.n_query_groups}, "
-            f"hs={heads.head_size}, got shape {tuple(tensor.shape)}"
+            f"hs={heads.head_size}, got shape {tuple(shape)}"
         )
     if QKVOrder.PER_HEAD in (src, dst) and heads.n_query_groups != heads.n_head:
         raise LayoutError(
             f"per-head order exists only for MHA (n_head == n_query_groups), "
             f"got H={heads.n_head}, G={heads.n_query_groups}"
         )
+
+
+def check_parts(shapes: list[tuple[int, ...]], heads: HeadLayout) -> None:
+    """Raise LayoutError unless these are q, k, v of this head layout (what fuse checks)."""
+    for name, shape, rows in zip("qkv", shapes, (heads.q_rows, heads.kv_rows, heads.kv_rows)):
+        if not shape or shape[0] != rows:
+            raise LayoutError(f"{name} has {shape[0] if shape else 0} rows, expected {rows}")
+
+
+def reorder(tensor: torch.Tensor, src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> torch.Tensor:
+    """Re-order the rows (dim 0) of a fused weight, bias or LoRA-B from `src` to `dst`."""
+    check_reorder(tuple(tensor.shape), src, dst, heads)
     if {src, dst} <= {QKVOrder.SEQUENTIAL, QKVOrder.SPLIT} or src == dst:
         return tensor
     return tensor.index_select(0, permutation(src, dst, heads))
@@ -130,7 +142,5 @@ def split(tensor: torch.Tensor, order: QKVOrder, heads: HeadLayout) -> tuple[tor
 
 def fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: QKVOrder, heads: HeadLayout) -> torch.Tensor:
     """Separate (q, k, v) tensors -> one fused tensor with rows in `order`."""
-    for name, t, rows in (("q", q, heads.q_rows), ("k", k, heads.kv_rows), ("v", v, heads.kv_rows)):
-        if t.shape[0] != rows:
-            raise LayoutError(f"{name} has {t.shape[0]} rows, expected {rows}")
+    check_parts([tuple(q.shape), tuple(k.shape), tuple(v.shape)], heads)
     return reorder(torch.cat([q, k, v], dim=0), QKVOrder.SEQUENTIAL, order, heads)

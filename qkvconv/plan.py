@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qkvconv.layout import HeadLayout, QKVOrder, fuse, reorder, split
+from qkvconv.layout import HeadLayout, LayoutError, QKVOrder, check_parts, check_reorder, fuse, reorder, split
+
+# What a tensor will be: its shape and dtype (the engine plans every output before reading any data)
+Meta = tuple[tuple[int, ...], torch.dtype]
 
 
 class Step:
@@ -24,6 +27,21 @@ class Step:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def metas(self, inputs: list[Meta]) -> list[Meta] | None:
+        """The outputs' shapes and dtypes, checked as `apply` checks them; None: unknown here (the
+        engine then runs `apply` on meta tensors, whose first use costs about a second)."""
+        return None
+
+
+def concat_rows(inputs: list[Meta]) -> Meta:
+    """torch.cat along dim 0: rows add up, the other dims must agree, dtypes promote."""
+    (shape, dtype), *others = inputs
+    for other, other_dtype in others:
+        if len(other) != len(shape) or other[1:] != shape[1:]:
+            raise LayoutError(f"cannot stack rows of shapes {shape} and {other}")
+        dtype = torch.promote_types(dtype, other_dtype)
+    return (sum(s[0] for s, _ in inputs), *shape[1:]), dtype
 
 
 @dataclass(frozen=True)
@@ -41,6 +59,11 @@ class Reorder(Step):
     def describe(self) -> str:
         return f"reorder rows {self.src.value} -> {self.dst.value}"
 
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        ((shape, dtype),) = inputs
+        check_reorder(shape, self.src, self.dst, self.heads)
+        return [(shape, dtype)]
+
 
 @dataclass(frozen=True)
 class Fuse(Step):
@@ -55,6 +78,13 @@ class Fuse(Step):
 
     def describe(self) -> str:
         return f"fuse q, k, v -> {self.order.value}"
+
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        check_parts([shape for shape, _ in inputs], self.heads)
+        (q, k, v) = inputs
+        shape, dtype = concat_rows([q, k, v])
+        check_reorder(shape, QKVOrder.SEQUENTIAL, self.order, self.heads)
+        return [(shape, dtype)]
 
 
 @dataclass(frozen=True)
@@ -72,6 +102,12 @@ class TakePart(Step):
     def describe(self) -> str:
         return f"take {self.part} from {self.order.value}"
 
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        ((shape, dtype),) = inputs
+        check_reorder(shape, self.order, QKVOrder.SEQUENTIAL, self.heads)
+        rows = self.heads.q_rows if self.part == "q" else self.heads.kv_rows
+        return [((rows, *shape[1:]), dtype)]
+
 
 @dataclass(frozen=True)
 class Transpose(Step):
@@ -83,6 +119,12 @@ class Transpose(Step):
 
     def describe(self) -> str:
         return "transpose"
+
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        ((shape, dtype),) = inputs
+        if len(shape) > 2:
+            raise LayoutError(f"cannot transpose a tensor of shape {shape}")
+        return [(tuple(reversed(shape)), dtype)]
 
 
 @dataclass(frozen=True)
@@ -104,6 +146,20 @@ class Recipe:
             raise ValueError(f"{self.output}: steps left {len(out)} tensors, expected 1")
         (t,) = out
         return t if self.dtype is None else t.to(self.dtype)
+
+    def meta(self, inputs: list[Meta]) -> Meta | None:
+        """The output's shape and dtype without touching data, or None where a step cannot tell."""
+        if len(inputs) != len(self.inputs):
+            raise ValueError(f"{self.output}: expected {len(self.inputs)} inputs, got {len(inputs)}")
+        out: list[Meta] | None = list(inputs)
+        for step in self.steps:
+            out = step.metas(out)
+            if out is None:
+                return None
+        if len(out) != 1:
+            raise ValueError(f"{self.output}: steps left {len(out)} tensors, expected 1")
+        ((shape, dtype),) = out
+        return shape, self.dtype or dtype
 
     def describe(self) -> str:
         how = "; ".join(s.describe() for s in self.steps) or "copy"

@@ -85,6 +85,7 @@ class TensorReader(Protocol):
     def names(self) -> list[str]: ...
     def meta(self, name: str) -> TensorMeta: ...
     def read(self, name: str) -> torch.Tensor: ...
+    def peek(self, name: str) -> torch.Tensor: ...  # read-only, valid until release(): no copy where mapped
     def release(self) -> None: ...
     def files(self) -> list[Path]: ...
 
@@ -253,6 +254,9 @@ class SafetensorsReader:
         _pread_exact(self._file.fileno(), byte_view(data), self._data_start + entry.begin, self.path)
         return data.view(entry.meta.dtype).reshape(entry.meta.shape)
 
+    def peek(self, name: str) -> torch.Tensor:
+        return self.read(name)  # pread into memory of its own: nothing to save
+
     def release(self) -> None:
         """No mapping to drop (reads went into memory the caller owns); freed copies go back to the OS."""
         give_back_heap()
@@ -332,6 +336,13 @@ class TorchReader:
             self._mapped.release_range(source.data_ptr(), source.untyped_storage().nbytes())
         return copy
 
+    def peek(self, name: str) -> torch.Tensor:
+        """The tensor in the mapped file itself, for comparing: no copy (about 2x faster than read);
+        do not modify it, and drop it before release()."""
+        if name not in self._tensors:
+            raise _missing(self.path, name)
+        return self._tensors[name].detach() if self.mmapped else self.read(name)
+
     def release(self) -> None:
         """Drop the mapping's resident pages and return freed copies to the OS; read tensors stay valid."""
         if self._mapped is not None:
@@ -400,6 +411,9 @@ class ShardedReader:
 
     def read(self, name: str) -> torch.Tensor:
         return self._reader(name).read(name)
+
+    def peek(self, name: str) -> torch.Tensor:
+        return self._reader(name).peek(name)
 
     def release(self) -> None:
         for shard in self._shards.values():

@@ -28,7 +28,7 @@ import torch
 from qkvconv.errors import QkvconvError
 from qkvconv.forward import Architecture
 from qkvconv.layout import HeadLayout, QKVOrder
-from qkvconv.plan import Plan, Recipe, Step
+from qkvconv.plan import Meta, Plan, Recipe, Step
 from qkvconv.rotary import RopeOrder, rope_permutation
 
 QKV_OUTPUT = re.compile(r"^transformer\.h\.(\d+)\.attn\.qkv\.(weight|bias)$")
@@ -54,6 +54,12 @@ class RowIndex(Step):
     def describe(self) -> str:
         return self.what
 
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        ((shape, dtype),) = inputs
+        if self.index.numel() and int(self.index.max()) >= shape[0]:
+            raise ValueError(f"{self.what}: the index reaches past the tensor's {shape[0]} rows")
+        return [((self.index.numel(), *shape[1:]), dtype)]
+
 
 def _wide(t: torch.Tensor) -> torch.dtype:
     """The dtype to compute in: float32, or the tensor's own when it is wider."""
@@ -76,6 +82,12 @@ class ScaleColumns(Step):
 
     def describe(self) -> str:
         return "scale columns by (1 + norm gain)" if self.offset else "scale columns by the norm gain"
+
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        (shape, dtype), (gain, _) = inputs
+        if gain != shape[1:]:
+            raise ValueError(f"a gain of shape {gain} cannot scale the columns of {shape}")
+        return [(shape, dtype)]
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,12 @@ class FoldBias(Step):
     def describe(self) -> str:
         return "bias + weight @ norm bias"
 
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        (shape, dtype), *bias, (beta, _) = inputs
+        if len(shape) != 2 or beta != shape[1:] or any(b != shape[:1] for b, _ in bias):
+            raise ValueError(f"cannot fold a norm bias of shape {beta} into a linear of shape {shape}")
+        return [(shape[:1], bias[0][1] if bias else dtype)]
+
 
 @dataclass(frozen=True)
 class Fill(Step):
@@ -114,6 +132,10 @@ class Fill(Step):
     def describe(self) -> str:
         return f"fill with {self.value:g}"
 
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        ((shape, dtype),) = inputs
+        return [(shape, dtype)]
+
 
 @dataclass(frozen=True)
 class ZeroBias(Step):
@@ -125,6 +147,10 @@ class ZeroBias(Step):
 
     def describe(self) -> str:
         return "zero bias (one per output row)"
+
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        ((shape, dtype),) = inputs
+        return [(shape[:1], dtype)]
 
 
 @dataclass(frozen=True)
@@ -146,6 +172,19 @@ class Inline(Step):
 
     def describe(self) -> str:
         return "; ".join(f"[{p.output}: {'; '.join(s.describe() for s in p.steps) or 'copy'}]" for p in self.parts)
+
+    def metas(self, inputs: list[Meta]) -> list[Meta] | None:
+        out, start = [], 0
+        for part in self.parts:
+            n = len(part.inputs)
+            meta = part.meta(inputs[start:start + n])
+            if meta is None:
+                return None
+            out.append(meta)
+            start += n
+        if start != len(inputs):
+            raise ValueError(f"{len(inputs)} inputs for parts that take {start}")
+        return out
 
 
 def _is_copy(recipe: Recipe) -> bool:

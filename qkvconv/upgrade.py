@@ -38,7 +38,7 @@ from qkvconv.litgpt_format import (
 )
 from qkvconv.lora_layout import LoraSettings, apply_reorder, expand_rank, plan_reorder, qkv_delta
 from qkvconv.engine import check_finite, execute, output_layout
-from qkvconv.plan import Plan, Recipe, Reorder, Step, copy
+from qkvconv.plan import Meta, Plan, Recipe, Reorder, Step, copy
 from qkvconv.progress import progress_for
 from qkvconv.readers import TensorReader, open_reader
 from qkvconv.sources import check_inside
@@ -166,16 +166,16 @@ def check_upgraded(
             ok = _lora_update_equal(old, new, old_name, new_name, heads, hyper, factor)
             n_lora += 1
         elif m and m.group(2) == "attn":
-            a, b = old.read(old_name), new.read(new_name)
+            a, b = old.peek(old_name), new.peek(new_name)
             if not allow_nonfinite:
                 check_finite(old_name, a)
             ok = b.shape == a.shape and torch.equal(b, a[perm])
             n_reordered += 1
         else:
-            a = old.read(old_name)
+            a, b = old.peek(old_name), new.peek(new_name)
             if not allow_nonfinite:
                 check_finite(old_name, a)
-            ok = torch.equal(a, new.read(new_name))
+            ok = torch.equal(a, b)
             n_same += 1
         old.release()
         new.release()
@@ -493,6 +493,9 @@ class AddUpdate(Step):
 
     def describe(self) -> str:
         return "add the LoRA update"
+
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        return list(inputs)  # the update has the weight's shape (check_lora_shapes)
 
 
 def merge_plan(names: list[str], adapter: StateDictFile, heads: HeadLayout, settings: LoraSettings) -> Plan:

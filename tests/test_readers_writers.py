@@ -266,6 +266,11 @@ def test_torch_reader_on_torch_save_zip_and_legacy_pickle(tmp_path: Path) -> Non
     legacy = open_reader(tmp_path / "legacy.bin")
     assert not legacy.wrapped and not legacy.mmapped
     assert_same_dict({n: legacy.read(n) for n in legacy.names()}, tensors)
+    # peek (for comparisons): the same values; from a zip, the mapped bytes themselves, no copy
+    for r in (open_reader(tmp_path / "zip.pt"), legacy):
+        assert_same_dict({n: r.peek(n) for n in r.names()}, tensors)
+    zipped = open_reader(tmp_path / "zip.pt")
+    assert zipped.peek("a").data_ptr() == zipped.peek("a").data_ptr() != zipped.read("a").data_ptr()
 
 
 def test_hf_torch_shards_and_safetensors_winning(tmp_path: Path) -> None:
@@ -276,7 +281,10 @@ def test_hf_torch_shards_and_safetensors_winning(tmp_path: Path) -> None:
                   "c": "pytorch_model-00001-of-00002.bin"}
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     assert_same_dict(read_all(tmp_path), {k: tensors[k] for k in ("a", "c", "b")})
+    sharded = open_reader(tmp_path)
+    assert_same_dict({n: sharded.peek(n) for n in sharded.names()}, {k: tensors[k] for k in ("a", "c", "b")})
     write_safetensors(tmp_path, {"only": torch.ones(1)})
+    assert_same_dict({n: open_reader(tmp_path).peek(n) for n in ["only"]}, {"only": torch.ones(1)})
     assert list(read_all(tmp_path)) == ["only"]
 
 
