@@ -18,7 +18,7 @@ import torch
 
 from qkvconv.errors import QkvconvError
 from qkvconv.plan import Plan, Recipe
-from qkvconv.readers import TensorMeta, TensorReader
+from qkvconv.readers import TensorMeta, TensorReader, map_large_buffers
 
 
 class Writer:
@@ -100,6 +100,7 @@ def execute(
 ) -> Counter[str]:
     """Run every recipe, reading each source tensor once; returns how often each input was read.
     Refuses (QkvconvError) an input with NaN/inf values unless `allow_nonfinite`."""
+    map_large_buffers()
     progress = progress or Progress()
     reads: Counter[str] = Counter()
     remaining = Counter(i for r in plan.recipes for i in r.inputs)

@@ -102,6 +102,23 @@ _libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 _malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc only
 
 
+_mallopt = getattr(_libc, "mallopt", None)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def map_large_buffers(threshold: int = 2**20) -> None:
+    """Let glibc serve every buffer of `threshold` bytes or more with its own mmap, returned to the OS
+    on free.
+
+    A fixed threshold also switches off glibc's dynamic one (see give_back_heap), so tensor-sized
+    buffers no longer pile up in the heap for malloc_trim to hand back page by page: HF -> litgpt on
+    TinyLlama into tmpfs, median of 8 alternating runs, 4.4 s -> 4.0 s (system time -0.6 s), same peak
+    RSS. Process-wide, like every malloc setting; harmless for the rest of the process.
+    """
+    if _mallopt is not None:
+        _mallopt(M_MMAP_THRESHOLD, threshold)
+
+
 def give_back_heap() -> None:
     """Return freed heap memory to the OS.
 
