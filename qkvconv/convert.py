@@ -537,7 +537,7 @@ def _convert_adapter(
         result = peft_format.litgpt_lora_to_peft(directory, out, hf_config=hf_config,
                                                  base_model_name_or_path=str(base_dir) if base_dir else None)
     elif src_format == "peft" and to in ("litgpt-lora", "litgpt"):
-        hf_config, base_name = _hf_config_of_peft_base(directory, base)
+        hf_config, base_name = peft_base_config(directory, base)
         result = peft_format.peft_to_litgpt_lora(directory, out, hf_config=hf_config, checkpoint_dir=base_name)
     elif src_format == "peft" and to == "peft" and qkv is not None:
         result = _peft_to_peft(directory, out, base, qkv)
@@ -562,7 +562,7 @@ def _peft_to_peft(directory: Path, out: Path, base: Path | None, qkv: str) -> An
 
     from qkvconv import peft_format
 
-    source_json, base_name = _hf_config_of_peft_base(directory, base)
+    source_json, base_name = peft_base_config(directory, base)
     target_json = hf_config_for(litgpt_config_from_hf(source_json), source_json, qkv)
     with tempfile.TemporaryDirectory(prefix="qkvconv-") as tmp:
         run = Path(tmp) / "run"
@@ -584,7 +584,7 @@ def _hf_config_of_litgpt_base(ckpt: LitgptCheckpoint, base_dir: Path | None, qkv
     return hf_config_for(cfg, kept, qkv)
 
 
-def _hf_config_of_peft_base(directory: Path, base: Path | None) -> tuple[dict[str, Any], str | None]:
+def peft_base_config(directory: Path, base: Path | None) -> tuple[dict[str, Any], str | None]:
     """The base model's config.json: --base, or the adapter's base_model_name_or_path (a local
     directory or a Hub repo id from the cache)."""
     from qkvconv import sources

@@ -224,10 +224,10 @@ def peft_weights(directory: Path, *, base: Path | None = None) -> AdaptedWeights
     """A PEFT adapter on its base (--base, else the adapter's base_model_name_or_path): HF or litgpt."""
     import tempfile
 
-    from qkvconv.convert import _hf_config_of_peft_base
+    from qkvconv.convert import peft_base_config
     from qkvconv.peft_format import peft_to_litgpt_lora
 
-    config_json, base_name = _hf_config_of_peft_base(directory, base)
+    config_json, base_name = peft_base_config(directory, base)
     assert base_name is not None
     inner = open_weights(Path(base_name))
     if not isinstance(inner, (ModelWeights, PlannedWeights)) or getattr(inner, "adapter", None) is not None:
