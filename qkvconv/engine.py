@@ -4,7 +4,10 @@ Each source tensor is read once, in file order; every recipe that needs it is ru
 memory; it is dropped when its last consumer is done. Outputs go straight to the writer. So peak
 memory is bounded by the largest output tensor plus the inputs it needs, whatever the checkpoint
 size. Reading the next inputs overlaps with transforming and writing the current ones (a small
-thread pool: pread, torch ops and pwrite all release the GIL).
+thread pool: pread, torch ops and pwrite all release the GIL). A tensor copied unchanged into a
+writer that can take raw bytes (safetensors) is copied inside the kernel from the source file
+(copy_file_range), after its NaN/inf check through a read-only mapping: it never enters this
+process's memory.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import torch
 
 from qkvconv.errors import QkvconvError
 from qkvconv.plan import Plan, Recipe
-from qkvconv.readers import TensorMeta, TensorReader, map_large_buffers
+from qkvconv.readers import RawBytes, TensorMeta, TensorReader, map_large_buffers
 
 
 class Writer:
     """What the engine writes into (SafetensorsWriter, TorchWriter)."""
 
     def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    # optional: `copy_raw(name, meta, raw)` writes a tensor by copying its stored bytes from a file
 
 
 def output_layout(plan: Plan, reader: TensorReader) -> dict[str, TensorMeta]:
@@ -106,10 +111,17 @@ def execute(
     remaining = Counter(i for r in plan.recipes for i in r.inputs)
     cache: dict[str, torch.Tensor] = {}
     batches = list(_batches(schedule(plan, reader)))
+    raws = _raw_copies(plan, reader, writer, remaining)
 
     def load(batch: list[Recipe]) -> dict[str, torch.Tensor]:
         out = {}
         for r in batch:
+            if r.output in raws:  # copied by the writer from the file; only checked here
+                (name,) = r.inputs
+                reads[name] += 1
+                if not allow_nonfinite:
+                    check_finite(name, reader.peek(name))
+                continue
             for name in r.inputs:
                 if name not in cache and name not in out:
                     out[name] = reader.read(name)
@@ -125,7 +137,8 @@ def execute(
             assert pending is not None
             cache.update(pending.result())
             pending = pool.submit(load, batches[index + 1]) if index + 1 < len(batches) else None
-            outputs = [(r.output, r.apply([cache[i] for i in r.inputs]).contiguous()) for r in batch]
+            outputs = [(r.output, raws.get(r.output) or r.apply([cache[i] for i in r.inputs]).contiguous())
+                       for r in batch]
             for r in batch:
                 for name in r.inputs:
                     remaining[name] -= 1
@@ -140,7 +153,31 @@ def execute(
     return reads
 
 
-def _write_all(writer: Writer, outputs: list[tuple[str, torch.Tensor]], progress: Progress) -> None:
-    for name, tensor in outputs:
-        writer.write(name, tensor)
-        progress.advance(tensor.numel() * tensor.element_size())
+def _raw_copies(
+    plan: Plan, reader: TensorReader, writer: Writer, consumers: Counter[str]
+) -> dict[str, tuple[TensorMeta, RawBytes]]:
+    """Outputs the writer can copy from the source file as they are: plain copies of an input that no
+    other recipe needs, whose bytes the reader can place in its file."""
+    if not hasattr(writer, "copy_raw"):
+        return {}
+    out = {}
+    for r in plan.recipes:
+        if r.steps or r.dtype is not None or len(r.inputs) != 1 or consumers[r.inputs[0]] != 1:
+            continue
+        raw = reader.raw(r.inputs[0])
+        if raw is not None:
+            out[r.output] = (reader.meta(r.inputs[0]), raw)
+    return out
+
+
+def _write_all(
+    writer: Writer, outputs: list[tuple[str, torch.Tensor | tuple[TensorMeta, RawBytes]]], progress: Progress
+) -> None:
+    for name, item in outputs:
+        if isinstance(item, tuple):
+            meta, raw = item
+            writer.copy_raw(name, meta, raw)  # type: ignore[attr-defined]
+            progress.advance(raw.nbytes)
+        else:
+            writer.write(name, item)
+            progress.advance(item.numel() * item.element_size())

@@ -19,8 +19,9 @@ MADV_DONTNEED = 4
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def _mappings_of(path: Path) -> list[tuple[int, int]]:
-    """Address ranges where `path` is mapped into this process (from /proc/self/maps)."""
+def _mappings_of(path: Path) -> list[tuple[int, int, int]]:
+    """(start, end, file offset of start) of every private mapping of `path` in this process
+    (from /proc/self/maps)."""
     target = os.path.realpath(path)
     ranges = []
     try:
@@ -29,7 +30,7 @@ def _mappings_of(path: Path) -> list[tuple[int, int]]:
                 parts = line.split(maxsplit=5)
                 if len(parts) == 6 and parts[5].strip() == target and parts[1].startswith("r") and parts[1][3] == "p":
                     start, end = (int(x, 16) for x in parts[0].split("-"))
-                    ranges.append((start, end))
+                    ranges.append((start, end, int(parts[2], 16)))
     except OSError:
         return []
     return ranges
@@ -41,16 +42,23 @@ class MappedFile:
     def __init__(self, path: Path) -> None:
         self.ranges = _mappings_of(path) if _libc is not None else []
 
+    def file_offset(self, address: int, length: int) -> int | None:
+        """Where the `length` bytes mapped at `address` lie in the file, or None if not mapped here."""
+        for start, end, offset in self.ranges:
+            if start <= address and address + length <= end:
+                return offset + address - start
+        return None
+
     def release(self) -> None:
         """Drop every resident page of the file's mappings (they are re-read on the next access)."""
         assert mmap.PAGESIZE > 0
-        for start, end in self.ranges:
+        for start, end, _ in self.ranges:
             _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)  # type: ignore[union-attr]
 
     def release_range(self, address: int, length: int) -> None:
         """Drop the resident pages of one tensor's bytes (page-aligned outward, within the mapping)."""
         page = mmap.PAGESIZE
-        for start, end in self.ranges:
+        for start, end, _ in self.ranges:
             lo, hi = max(start, address - address % page), min(end, address + length)
             if lo < hi:
                 _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)  # type: ignore[union-attr]

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 import pickle
 import struct
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from math import prod
@@ -79,6 +81,16 @@ class TensorMeta:
         return cls(tuple(tensor.shape), tensor.dtype)
 
 
+@dataclass(frozen=True)
+class RawBytes:
+    """Where a tensor's bytes lie, exactly as it holds them, in a file: a writer can copy them inside
+    the kernel (copy_file_range) without them passing through this process."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
 class TensorReader(Protocol):
     """One checkpoint, read a tensor at a time."""
 
@@ -86,6 +98,7 @@ class TensorReader(Protocol):
     def meta(self, name: str) -> TensorMeta: ...
     def read(self, name: str) -> torch.Tensor: ...
     def peek(self, name: str) -> torch.Tensor: ...  # read-only, valid until release(): no copy where mapped
+    def raw(self, name: str) -> RawBytes | None: ...  # None: the bytes are not stored as they are
     def release(self) -> None: ...
     def files(self) -> list[Path]: ...
 
@@ -225,6 +238,7 @@ class SafetensorsReader:
             self._file.close()
             raise
         self._order = [n for n, _ in sorted(self._entries.items(), key=lambda item: item[1].begin)]
+        self._map: mmap.mmap | None = None
 
     def _pread(self, size: int, offset: int) -> bytes:
         buffer = bytearray(size)
@@ -272,10 +286,30 @@ class SafetensorsReader:
         return data.view(entry.meta.dtype).reshape(entry.meta.shape)
 
     def peek(self, name: str) -> torch.Tensor:
-        return self.read(name)  # pread into memory of its own: nothing to save
+        """The tensor in a shared read-only mapping of the file (made on first use): no copy."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise _missing(self.path, name)
+        if entry.meta.nbytes == 0:
+            return torch.empty(entry.meta.shape, dtype=entry.meta.dtype)
+        if self._map is None:
+            self._map = mmap.mmap(self._file.fileno(), 0, prot=mmap.PROT_READ)
+        with warnings.catch_warnings():  # "not writable": peeked tensors are only compared, never written
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.frombuffer(self._map, dtype=torch.uint8, count=entry.meta.nbytes,
+                                    offset=self._data_start + entry.begin)
+        return data.view(entry.meta.dtype).reshape(entry.meta.shape)
+
+    def raw(self, name: str) -> RawBytes:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise _missing(self.path, name)
+        return RawBytes(self.path, self._data_start + entry.begin, entry.meta.nbytes)
 
     def release(self) -> None:
-        """No mapping to drop (reads went into memory the caller owns); freed copies go back to the OS."""
+        """Drop the mapping's resident pages (peeks); freed copies (reads) go back to the OS."""
+        if self._map is not None and hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED)
         give_back_heap()
 
     def files(self) -> list[Path]:
@@ -291,6 +325,17 @@ class SafetensorsReader:
 def _is_zip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
+
+
+def _zip_byteorder(path: Path) -> str | None:
+    """The `byteorder` record of a torch.save zip ("little" | "big"), None when it has none (torch <
+    1.9 wrote none and only little-endian files)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            record = next((n for n in z.namelist() if n.split("/", 1)[-1] == "byteorder"), None)
+            return z.read(record).decode("ascii", "replace").strip() if record else None
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return "unknown"
 
 
 def safe_torch_load(path: Path, mmap: bool) -> Any:
@@ -335,6 +380,8 @@ class TorchReader:
         self.mmapped = _is_zip(path)
         self._tensors, self.wrapped, self.extra = split_state_dict(safe_torch_load(path, self.mmapped), path)
         self._mapped = MappedFile(path) if self.mmapped else None
+        # raw bytes are what this machine reads only when the file and the machine are little-endian
+        self._raw_ok = self.mmapped and sys.byteorder == "little" and _zip_byteorder(path) in ("little", None)
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -359,6 +406,18 @@ class TorchReader:
         if name not in self._tensors:
             raise _missing(self.path, name)
         return self._tensors[name].detach() if self.mmapped else self.read(name)
+
+    def raw(self, name: str) -> RawBytes | None:
+        """The tensor's record in the zip, when it is the whole record (torch.save's tensors are)."""
+        if name not in self._tensors:
+            raise _missing(self.path, name)
+        t = self._tensors[name]
+        nbytes = t.numel() * t.element_size()
+        if not self._raw_ok or self._mapped is None or not t.is_contiguous() or \
+                t.untyped_storage().nbytes() != nbytes or nbytes == 0:
+            return None
+        offset = self._mapped.file_offset(t.data_ptr(), nbytes)
+        return None if offset is None else RawBytes(self.path, offset, nbytes)
 
     def release(self) -> None:
         """Drop the mapping's resident pages and return freed copies to the OS; read tensors stay valid."""
@@ -431,6 +490,9 @@ class ShardedReader:
 
     def peek(self, name: str) -> torch.Tensor:
         return self._reader(name).peek(name)
+
+    def raw(self, name: str) -> RawBytes | None:
+        return self._reader(name).raw(name)
 
     def release(self) -> None:
         for shard in self._shards.values():

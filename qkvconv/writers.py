@@ -18,6 +18,7 @@ the caller (LayoutViolation); a file that cannot be written is the environment (
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import json
 import os
@@ -31,7 +32,7 @@ import torch
 
 from qkvconv.errors import QkvconvError
 from qkvconv.transaction import fsync_dir
-from qkvconv.readers import MAX_IO_BYTES, SAFETENSORS_DTYPES, TensorMeta, byte_view
+from qkvconv.readers import MAX_IO_BYTES, SAFETENSORS_DTYPES, RawBytes, TensorMeta, byte_view
 
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 HEADER_ALIGNMENT = 8  # the safetensors library pads its JSON header with spaces to a multiple of 8
@@ -51,18 +52,20 @@ class _Layout:
 
     def accept(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor as contiguous CPU memory, after checking it against the layout."""
+        self.accept_meta(name, TensorMeta.of(tensor))
+        return tensor.detach().to("cpu").contiguous()
+
+    def accept_meta(self, name: str, got: TensorMeta) -> None:
+        """Check a tensor's shape and dtype against the layout and mark it written."""
         meta = self.metas.get(name)
         if meta is None:
             raise LayoutViolation(f"{name!r} is not in the layout this writer was opened with")
         if name in self._seen:
             raise LayoutViolation(f"{name!r} was already written")
-        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
-            raise LayoutViolation(
-                f"{name!r}: got {tuple(tensor.shape)} {tensor.dtype}, the layout says {meta.shape} {meta.dtype}"
-            )
+        if got.shape != meta.shape or got.dtype != meta.dtype:
+            raise LayoutViolation(f"{name!r}: got {got.shape} {got.dtype}, the layout says {meta.shape} {meta.dtype}")
         self._seen.add(name)
         self.arrived.append(name)
-        return tensor.detach().to("cpu").contiguous()
 
     def check_complete(self) -> None:
         missing = [n for n in self.metas if n not in self._seen]
@@ -87,6 +90,30 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
             done += os.pwrite(fd, data[done:done + MAX_IO_BYTES], offset + done)
         except OSError as e:
             raise QkvconvError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _copy_range(src: int, dst: int, raw: RawBytes, offset: int, path: Path) -> None:
+    """raw.nbytes from file `src` at raw.offset to file `dst` at `offset`, inside the kernel
+    (copy_file_range: the bytes never enter this process); plain reads and writes where the kernel or
+    the filesystems cannot."""
+    done = 0
+    while done < raw.nbytes:
+        want = min(raw.nbytes - done, MAX_IO_BYTES)
+        try:
+            n = os.copy_file_range(src, dst, want, raw.offset + done, offset + done)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                raise QkvconvError(f"cannot write {path}: {e.strerror}") from None
+            n = _copy_by_hand(src, dst, want, raw.offset + done, offset + done, path)
+        if n == 0:
+            raise QkvconvError(f"{raw.path} ends at byte {raw.offset + done}, in the middle of a tensor; it is truncated")
+        done += n
+
+
+def _copy_by_hand(src: int, dst: int, nbytes: int, src_offset: int, dst_offset: int, path: Path) -> int:
+    data = os.pread(src, min(nbytes, 64 * 2**20), src_offset)
+    _pwrite_all(dst, memoryview(data), dst_offset, path)
+    return len(data)
 
 
 # ---------------------------------------------------------------------------------------- safetensors
@@ -163,6 +190,7 @@ class SafetensorsWriter:
         self._layout = _Layout(layout)
         self.shard_files: dict[str, list[str]] = plan_shards(layout, max_shard_size, prefix)
         self._fds: dict[str, int] = {}
+        self._sources: dict[Path, int] = {}  # files copy_raw reads from
         self._where: dict[str, tuple[str, int]] = {}  # tensor -> (file name, absolute offset)
         self._written: list[Path] = []
         self._open = True
@@ -199,6 +227,26 @@ class SafetensorsWriter:
         file_name, offset = self._where[name]
         _pwrite_all(self._fds[file_name], byte_view(data), offset, self.directory / file_name)
 
+    def copy_raw(self, name: str, meta: TensorMeta, raw: RawBytes) -> None:
+        """Write tensor `name` (of shape and dtype `meta`) by copying its bytes from another file."""
+        if not self._open:
+            raise LayoutViolation("this writer is closed")
+        if meta.nbytes != raw.nbytes:
+            raise LayoutViolation(f"{name!r}: {raw.nbytes} bytes in {raw.path} for a tensor of {meta.nbytes}")
+        self._layout.accept_meta(name, meta)
+        file_name, offset = self._where[name]
+        if raw.path not in self._sources:
+            try:
+                self._sources[raw.path] = os.open(raw.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise QkvconvError(f"cannot read {raw.path}: {e.strerror}") from None
+        _copy_range(self._sources[raw.path], self._fds[file_name], raw, offset, self.directory / file_name)
+
+    def _close_sources(self) -> None:
+        for fd in self._sources.values():
+            os.close(fd)
+        self._sources.clear()
+
     def _index(self) -> bytes:
         total = sum(m.nbytes for m in self._layout.metas.values())
         weight_map = {n: f for f, names in self.shard_files.items() for n in names}
@@ -220,6 +268,7 @@ class SafetensorsWriter:
         if not self._open:
             raise LayoutViolation("this writer is closed")
         self._layout.check_complete()
+        self._close_sources()
         for file_name in list(self._fds):
             fd = self._fds.pop(file_name)
             try:
@@ -236,6 +285,7 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         """Delete everything this writer created."""
+        self._close_sources()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
