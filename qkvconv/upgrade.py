@@ -271,8 +271,10 @@ def _write_and_check(
         written = open_reader(path)  # check what is on disk, not what is in memory
         if getattr(written, "wrapped", None) != item.original.wrapped:
             raise CheckFailed(f"{path.name}: wrapping changed")
+        checked = item.plan is not None  # the engine checked every input for NaN/inf as it read it
         report.checks += check_upgraded(open_reader(item.original.path), written, path.name, ckpt.shape.heads,
-                                        ckpt.hyperparameters, item.factor, allow_nonfinite=item.allow_nonfinite)
+                                        ckpt.hyperparameters, item.factor,
+                                        allow_nonfinite=item.allow_nonfinite or checked)
 
 
 def upgrade(

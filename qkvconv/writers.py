@@ -24,12 +24,14 @@ import json
 import os
 import pickle
 import sys
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable
 
 import torch
 
+from qkvconv import torch_zip
 from qkvconv.errors import QkvconvError
 from qkvconv.transaction import fsync_dir
 from qkvconv.readers import MAX_IO_BYTES, SAFETENSORS_DTYPES, RawBytes, TensorMeta, byte_view
@@ -363,23 +365,6 @@ def layout_pickle(layout: dict[str, TensorMeta], keys: dict[str, str], wrapped: 
     return buffer.getvalue()
 
 
-def _zip_writer(file: Any) -> Any:
-    """torch's own zip writer (the one torch.save uses), writing to the named file itself.
-
-    Given a file name it writes through its own C stream at disk speed; given a Python file object
-    it calls back into Python for every chunk (about 0.4 GB/s here).
-
-    Without CRC-32s, as torch.serialization.set_crc32_options(False) makes torch.save write them:
-    torch.load does not check them, this torch computes them at about 0.3 GB/s (a tenth of the
-    writer's speed), and every tensor qkvconv writes is read back and compared with its source
-    before the file is used, which is a stronger check than a checksum.
-    """
-    try:
-        return torch._C.PyTorchFileWriter(file, False, _storage_alignment())
-    except TypeError:  # torch < 2.5 takes the buffer alone
-        return torch._C.PyTorchFileWriter(file)
-
-
 def _storage_alignment() -> int:
     """torch.save's record alignment (configurable since torch 2.5; 64 before and by default)."""
     try:
@@ -389,29 +374,19 @@ def _storage_alignment() -> int:
     return int(getattr(config.save, "storage_alignment", 64))
 
 
-def _why_write_failed(directory: Path, written: int) -> str | None:
-    """The errno-style reason for a failed write when torch's stream reports none."""
-    import resource
-
-    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if soft != resource.RLIM_INFINITY and written >= soft - 2**20:
-        return f"File too large (this process may write files of at most {soft:,} bytes)"
-    try:
-        stats = os.statvfs(directory)
-    except OSError:
-        return None
-    if stats.f_bavail * stats.f_frsize < 64 * 2**20:
-        return "No space left on device"
-    return None
+# What torch.save (torch 1.6 to 2.13) writes in these records
+_FORMAT_VERSION = b"3\n"
 
 
 class TorchWriter:
-    """A torch.save-compatible .pth zip, written tensor by tensor.
+    """A torch.save-compatible .pth zip, laid out first (torch_zip.py), then written tensor by tensor.
 
-    Storage keys are the tensors' positions in the layout, so the pickle can be written first.
-    torch.save writes data/0, data/1, ... in key order and records `.format_version` 1, which
-    lets torch compute record offsets from that order; that record is written only when the
-    tensors arrived in layout order, so every other order is loaded by name, which is always right.
+    Storage keys are the tensors' positions in the layout, so the pickle, every local header and
+    every record's place are known before the first tensor arrives: tensors are written with pwrite
+    in any order (or copied from another file inside the kernel, copy_raw), the file has its final
+    size from the start, and close() writes the central directory. The records follow key order;
+    `.format_version` (which lets torch compute offsets from its own header sizes) is not written,
+    so torch reads each record's offset from its header, as for any zip.
     """
 
     def __init__(self, path: Path, layout: dict[str, TensorMeta], *, wrapped: bool = False) -> None:
@@ -421,83 +396,99 @@ class TorchWriter:
                 raise LayoutViolation(f"{name!r}: torch.save cannot store {meta.dtype}")
         self._layout = _Layout(layout)
         self._keys = {name: str(i) for i, name in enumerate(layout)}
-        self._zip: Any = None
-        self._fd: int | None = _create(self.path)  # O_EXCL: never clobber; kept open to fsync at the end
-        self._created = True
-        self._guarded(self._start, layout, wrapped)
-
-    def _guarded(self, action: Callable[..., object], *args: Any) -> None:
-        """Run a write; an I/O failure becomes one QkvconvError and the partial file is removed."""
+        self._folder = self.path.stem or "archive"  # torch.save(path) names the folder after the file
+        small = {
+            "data.pkl": layout_pickle(layout, self._keys, wrapped),
+            ".storage_alignment": str(_storage_alignment()).encode(),
+            "byteorder": sys.byteorder.encode(),
+        }
+        tail = {"version": _FORMAT_VERSION, ".data/serialization_id": str(uuid.uuid4().int).encode()}
+        sizes = [(n, len(b)) for n, b in small.items()] + [(f"data/{self._keys[n]}", m.nbytes) for n, m in layout.items()]
+        sizes += [(n, len(b)) for n, b in tail.items()]
+        self._records, self._directory_at = torch_zip.layout(self._folder, sizes, _storage_alignment())
+        self._data_at = {r.name: r.data_offset for r in self._records}
+        self._sources: dict[Path, int] = {}
+        self._fd: int | None = _create(self.path)  # O_EXCL: never clobber
         try:
-            action(*args)
-        except (OSError, RuntimeError) as e:
-            written = self.path.stat().st_size if self.path.exists() else 0
+            end = torch_zip.end_of_archive(self._folder, self._records, self._directory_at)
+            os.ftruncate(self._fd, self._directory_at + len(end))  # its final size now: a size limit fails here
+            for r in self._records:
+                _pwrite_all(self._fd, memoryview(r.header), r.header_offset, self.path)
+            for name, data in {**small, **tail}.items():
+                _pwrite_all(self._fd, memoryview(data), self._data_at[name], self.path)
+        except OSError as e:
             self.abort()
-            if isinstance(e, OSError) and e.strerror:
-                message = e.strerror
-            else:  # torch's C++ stream says only "iostream error": find the likely reason
-                message = _why_write_failed(self.path.parent, written) or str(e).strip().splitlines()[0]
-            raise QkvconvError(f"cannot write {self.path}: {message}") from None
+            raise QkvconvError(f"cannot write {self.path}: {e.strerror}") from None
+        except BaseException:
+            self.abort()
+            raise
 
-    def _start(self, layout: dict[str, TensorMeta], wrapped: bool) -> None:
-        self._zip = _zip_writer(str(self.path))
-        self._record("data.pkl", layout_pickle(layout, self._keys, wrapped))
-        self._record(".storage_alignment", str(_storage_alignment()).encode())
-        self._record("byteorder", sys.byteorder.encode())
-
-    def _record(self, name: str, data: bytes) -> None:
-        self._zip.write_record(name, data, len(data))
+    def _where(self, name: str) -> int:
+        if self._fd is None:
+            raise LayoutViolation("this writer is closed")
+        return self._data_at[f"data/{self._keys[name]}"] if name in self._keys else -1
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Check `tensor` against the layout and append it as the zip record of its storage."""
-        if self._zip is None:
-            raise LayoutViolation("this writer is closed")
+        """Check `tensor` against the layout and write its bytes at its record's place."""
+        offset = self._where(name)
         data = self._layout.accept(name, tensor)
-        nbytes = data.numel() * data.element_size()
-        if data.storage_offset() != 0 or data.untyped_storage().nbytes() != nbytes:
-            data = data.clone()  # a view into a larger storage: the record must hold this tensor only
-        self._guarded(self._zip.write_record, f"data/{self._keys[name]}", data.untyped_storage(), nbytes)
+        self._guarded(_pwrite_all, self._fd, byte_view(data), offset, self.path)
 
-    def _finish(self) -> None:
-        if self._layout.arrived == list(self._layout.metas):
-            self._record(".format_version", b"1")
-        self._zip.write_end_of_file()
-        self._zip = None  # the writer closes its stream when it goes
-        assert self._fd is not None
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
+    def copy_raw(self, name: str, meta: TensorMeta, raw: RawBytes) -> None:
+        """Write tensor `name` (of shape and dtype `meta`) by copying its bytes from another file."""
+        offset = self._where(name)
+        if meta.nbytes != raw.nbytes:
+            raise LayoutViolation(f"{name!r}: {raw.nbytes} bytes in {raw.path} for a tensor of {meta.nbytes}")
+        self._layout.accept_meta(name, meta)
+        if raw.path not in self._sources:
+            try:
+                self._sources[raw.path] = os.open(raw.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise QkvconvError(f"cannot read {raw.path}: {e.strerror}") from None
+        self._guarded(_copy_range, self._sources[raw.path], self._fd, raw, offset, self.path)
+
+    def _guarded(self, action: Callable[..., object], *args: Any) -> None:
+        """Run a write; a failure removes the partial file before it is reported."""
+        try:
+            action(*args)
+        except BaseException:
+            self.abort()
+            raise
 
     def close(self) -> Path:
-        """Check every tensor arrived, finish the zip and make it durable."""
-        if self._zip is None:
+        """Check every tensor arrived, write the central directory and make the file durable."""
+        if self._fd is None:
             raise LayoutViolation("this writer is closed")
         self._layout.check_complete()
-        self._guarded(self._finish)
+        end = torch_zip.end_of_archive(self._folder, self._records, self._directory_at)
+
+        def finish() -> None:
+            assert self._fd is not None
+            _pwrite_all(self._fd, memoryview(end), self._directory_at, self.path)
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise QkvconvError(f"cannot write {self.path}: {e.strerror}") from None
+
+        self._guarded(finish)
+        self._close_files()
         return self.path
 
-    def abort(self) -> None:
-        """Delete the file (also after close).
-
-        torch's zip writer finishes the archive in its destructor when nobody did, and a failure
-        there (disk full) is a C++ exception in a destructor: std::terminate. Finishing it here, into
-        the file about to be deleted, marks it finished even when that fails (torch issue #87997).
-        """
-        if self._zip is not None:
-            try:
-                self._zip.write_end_of_file()
-            except Exception:  # noqa: BLE001 (the file is being thrown away; only 'finished' matters)
-                pass
-            self._zip = None
+    def _close_files(self) -> None:
+        for fd in self._sources.values():
+            os.close(fd)
+        self._sources.clear()
         if self._fd is not None:
             try:
                 os.close(self._fd)
             except OSError:
                 pass
             self._fd = None
-        if self._created:
-            self.path.unlink(missing_ok=True)
-            self._created = False
+
+    def abort(self) -> None:
+        """Delete the file (also after close)."""
+        self._close_files()
+        self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> "TorchWriter":
         return self
@@ -505,5 +496,5 @@ class TorchWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is not None:
             self.abort()
-        elif self._zip is not None:
+        elif self._fd is not None:
             self.close()

@@ -221,26 +221,59 @@ def test_torch_writer_pickle_is_byte_identical_to_torch_save(tmp_path: Path, wra
     assert records(ours) == sorted(set(records(theirs)) - {".format_version"})  # written out of order
 
 
-def test_format_version_only_when_records_follow_key_order(tmp_path: Path, monkeypatch) -> None:
-    """torch computes record offsets from key order when `.format_version` is 1; prove it holds."""
+def test_records_follow_key_order_without_format_version(tmp_path: Path) -> None:
+    """The archive is laid out before writing: data/0, data/1, ... in key order, whatever order the
+    tensors arrive in. `.format_version` is not written (it lets torch compute offsets from its own
+    header sizes, which are not ours), and torch loads it with offset calculation switched on too."""
     from torch.utils.serialization import config
 
     tensors = every_dtype()
-    in_order = write_torch(tmp_path / "ordered.pth", tensors)
-    shuffled = write_torch(tmp_path / "shuffled.pth", tensors, list(reversed(tensors)))
-    assert "ordered/.format_version" in zipfile.ZipFile(in_order).namelist()
-    assert "shuffled/.format_version" not in zipfile.ZipFile(shuffled).namelist()
-    monkeypatch.setenv("TORCH_SERIALIZATION_DEBUG", "1")  # torch asserts each computed offset
+    paths = [write_torch(tmp_path / "ordered.pth", tensors),
+             write_torch(tmp_path / "shuffled.pth", tensors, list(reversed(tensors)))]
+    for path in paths:
+        infos = zipfile.ZipFile(path).infolist()
+        data = [i for i in infos if "/data/" in i.filename]
+        assert [i.filename.rsplit("/", 1)[1] for i in data] == [str(k) for k in range(len(tensors))]
+        assert [i.header_offset for i in data] == sorted(i.header_offset for i in data)
+        assert not any(i.filename.endswith(".format_version") for i in infos)
+        raw = path.read_bytes()
+        for info in data:  # every record's data starts on the storage alignment
+            name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+            assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0
     # torch's config object keeps values behind __getattr__: restore it by hand (monkeypatch may delete
     # the attribute on undo, which breaks every later torch.load in the session)
     before = config.load.calculate_storage_offsets
     config.load.calculate_storage_offsets = True
     try:
-        for path in (in_order, shuffled):
+        for path in paths:
             assert_same_dict(torch.load(path, weights_only=True), tensors)
             assert_same_dict(torch.load(path, weights_only=True, mmap=True), tensors)
     finally:
         config.load.calculate_storage_offsets = before
+
+
+def test_zip64_records_load_in_torch_and_zipfile(tmp_path: Path, monkeypatch) -> None:
+    """Records past 4 GiB carry zip64 fields; forced here for every record (a lowered limit), the file
+    must load in torch (both readers), litgpt and Python's zipfile, tensor for tensor."""
+    from litgpt.utils import lazy_load
+
+    from qkvconv import torch_zip
+
+    monkeypatch.setattr(torch_zip, "ZIP64_LIMIT", 1)
+    tensors = every_dtype()
+    path = write_torch(tmp_path / "lit_model.pth", tensors, list(reversed(tensors)), wrapped=True)
+    raw = path.read_bytes()
+    assert raw.count(b"PK\x03\x04") == len(zipfile.ZipFile(path).infolist())
+    assert all(i.file_size == i.compress_size for i in zipfile.ZipFile(path).infolist())
+    assert struct.unpack("<H", raw[4:6])[0] == 45  # version needed: zip64
+    for mmap in (False, True):
+        assert_same_dict(torch.load(path, weights_only=True, mmap=mmap)["model"], tensors)
+    floats = {k: v for k, v in tensors.items() if v.dtype in (torch.float32, torch.bfloat16, torch.float16)}
+    path = write_torch(tmp_path / "floats.pth", floats, wrapped=True)
+    assert_same_dict({k: v.contiguous() for k, v in lazy_load(path)["model"].items()}, floats)
+    # zipfile would check the CRC-32 fields, which are 0; torch's reader does not
+    reader = torch._C.PyTorchFileReader(str(path))
+    assert bytes(reader.get_record("byteorder")) == sys.byteorder.encode()
 
 
 def test_torch_writer_output_loads_in_litgpt_and_from_views(tmp_path: Path) -> None:
@@ -514,7 +547,7 @@ out = Path(sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
 big = {f"t{i}": TensorMeta((2**16,), torch.float32) for i in range(8)}  # 2 MiB: fails mid-stream
-edge = {"t0": TensorMeta(((2**20 - 1200) // 4,), torch.float32)}      # data fits, the zip's end does not
+edge = {"t0": TensorMeta(((2**20 - 200) // 4,), torch.float32)}       # data fits, the zip's headers and end do not
 for make, layout in [(lambda l: TorchWriter(out / "x.pth", l), big), (lambda l: TorchWriter(out / "x.pth", l), edge),
                      (lambda l: SafetensorsWriter(out, l), big)]:
     try:
@@ -529,7 +562,8 @@ for make, layout in [(lambda l: TorchWriter(out / "x.pth", l), big), (lambda l: 
 
 
 def test_a_full_disk_is_one_error_and_leaves_nothing(tmp_path: Path) -> None:
-    """torch's zip writer must not be left to finish itself in its destructor (that aborts the process)."""
+    """A size limit (or full disk) is one error naming the reason, and leaves no file behind. The .pth
+    file has its final size from the start, so a limit is hit before any tensor is written."""
     result = subprocess.run([sys.executable, "-c", DISK_FULL_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-2000:]
