@@ -7,9 +7,11 @@
     files = writer.close()                                             # checks, fsyncs; abort() deletes
 
 Both writers know every offset from the layout alone. SafetensorsWriter writes each shard's header
-when it opens and each tensor with pwrite at its place. TorchWriter writes the zip that torch.save
-would: the pickle first (built from the layout: it only names storages by key), then one zip
-record `data/<key>` per tensor as it arrives, through torch's own zip writer.
+when it opens and each tensor with pwrite at its place. TorchWriter writes a zip that torch.load
+reads as torch.save's own: the pickle (built from the layout: it only names storages by key), the
+local headers and every record's place are laid out first (torch_zip.py), each tensor then goes
+with pwrite to its record `data/<key>`. Both also take `copy_raw`: a tensor's bytes copied from
+another file inside the kernel (copy_file_range), for tensors a conversion leaves as they are.
 
 A tensor that does not match the announced layout, or a close() with tensors missing, is a bug in
 the caller (LayoutViolation); a file that cannot be written is the environment (QkvconvError).
