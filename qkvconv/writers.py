@@ -114,6 +114,30 @@ def _copy_range(src: int, dst: int, raw: RawBytes, offset: int, path: Path) -> N
         done += n
 
 
+class _RawSources:
+    """The files copy_raw reads from, each opened once, closed with the writer."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def accept(self, layout: "_Layout", name: str, meta: TensorMeta, raw: RawBytes) -> int:
+        """Check the tensor against the layout and its byte range; the source file's descriptor."""
+        if meta.nbytes != raw.nbytes:
+            raise LayoutViolation(f"{name!r}: {raw.nbytes} bytes in {raw.path} for a tensor of {meta.nbytes}")
+        layout.accept_meta(name, meta)
+        if raw.path not in self._fds:
+            try:
+                self._fds[raw.path] = os.open(raw.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise QkvconvError(f"cannot read {raw.path}: {e.strerror}") from None
+        return self._fds[raw.path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 def _copy_by_hand(src: int, dst: int, nbytes: int, src_offset: int, dst_offset: int, path: Path) -> int:
     data = os.pread(src, min(nbytes, 64 * 2**20), src_offset)
     _pwrite_all(dst, memoryview(data), dst_offset, path)
@@ -194,7 +218,7 @@ class SafetensorsWriter:
         self._layout = _Layout(layout)
         self.shard_files: dict[str, list[str]] = plan_shards(layout, max_shard_size, prefix)
         self._fds: dict[str, int] = {}
-        self._sources: dict[Path, int] = {}  # files copy_raw reads from
+        self._sources = _RawSources()
         self._where: dict[str, tuple[str, int]] = {}  # tensor -> (file name, absolute offset)
         self._written: list[Path] = []
         self._open = True
@@ -235,21 +259,9 @@ class SafetensorsWriter:
         """Write tensor `name` (of shape and dtype `meta`) by copying its bytes from another file."""
         if not self._open:
             raise LayoutViolation("this writer is closed")
-        if meta.nbytes != raw.nbytes:
-            raise LayoutViolation(f"{name!r}: {raw.nbytes} bytes in {raw.path} for a tensor of {meta.nbytes}")
-        self._layout.accept_meta(name, meta)
+        source = self._sources.accept(self._layout, name, meta, raw)
         file_name, offset = self._where[name]
-        if raw.path not in self._sources:
-            try:
-                self._sources[raw.path] = os.open(raw.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as e:
-                raise QkvconvError(f"cannot read {raw.path}: {e.strerror}") from None
-        _copy_range(self._sources[raw.path], self._fds[file_name], raw, offset, self.directory / file_name)
-
-    def _close_sources(self) -> None:
-        for fd in self._sources.values():
-            os.close(fd)
-        self._sources.clear()
+        _copy_range(source, self._fds[file_name], raw, offset, self.directory / file_name)
 
     def _index(self) -> bytes:
         total = sum(m.nbytes for m in self._layout.metas.values())
@@ -272,7 +284,7 @@ class SafetensorsWriter:
         if not self._open:
             raise LayoutViolation("this writer is closed")
         self._layout.check_complete()
-        self._close_sources()
+        self._sources.close()
         for file_name in list(self._fds):
             fd = self._fds.pop(file_name)
             try:
@@ -289,7 +301,7 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         """Delete everything this writer created."""
-        self._close_sources()
+        self._sources.close()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -409,7 +421,7 @@ class TorchWriter:
         sizes += [(n, len(b)) for n, b in tail.items()]
         self._records, self._directory_at = torch_zip.layout(self._folder, sizes, _storage_alignment())
         self._data_at = {r.name: r.data_offset for r in self._records}
-        self._sources: dict[Path, int] = {}
+        self._sources = _RawSources()
         self._fd: int | None = _create(self.path)  # O_EXCL: never clobber
         try:
             end = torch_zip.end_of_archive(self._folder, self._records, self._directory_at)
@@ -439,15 +451,8 @@ class TorchWriter:
     def copy_raw(self, name: str, meta: TensorMeta, raw: RawBytes) -> None:
         """Write tensor `name` (of shape and dtype `meta`) by copying its bytes from another file."""
         offset = self._where(name)
-        if meta.nbytes != raw.nbytes:
-            raise LayoutViolation(f"{name!r}: {raw.nbytes} bytes in {raw.path} for a tensor of {meta.nbytes}")
-        self._layout.accept_meta(name, meta)
-        if raw.path not in self._sources:
-            try:
-                self._sources[raw.path] = os.open(raw.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as e:
-                raise QkvconvError(f"cannot read {raw.path}: {e.strerror}") from None
-        self._guarded(_copy_range, self._sources[raw.path], self._fd, raw, offset, self.path)
+        source = self._sources.accept(self._layout, name, meta, raw)
+        self._guarded(_copy_range, source, self._fd, raw, offset, self.path)
 
     def _guarded(self, action: Callable[..., object], *args: Any) -> None:
         """Run a write; a failure removes the partial file before it is reported."""
@@ -477,9 +482,7 @@ class TorchWriter:
         return self.path
 
     def _close_files(self) -> None:
-        for fd in self._sources.values():
-            os.close(fd)
-        self._sources.clear()
+        self._sources.close()
         if self._fd is not None:
             try:
                 os.close(self._fd)
