@@ -4,8 +4,8 @@ Each source tensor is read once, in file order; every recipe that needs it is ru
 memory; it is dropped when its last consumer is done. Outputs go straight to the writer. So peak
 memory is bounded by the largest output tensor plus the inputs it needs, whatever the checkpoint
 size. Reading the next inputs overlaps with transforming and writing the current ones (a small
-thread pool: pread, torch ops and pwrite all release the GIL). A tensor copied unchanged into a
-writer that can take raw bytes (safetensors) is copied inside the kernel from the source file
+thread pool: pread, torch ops and pwrite all release the GIL). A tensor copied unchanged, into a
+writer that takes raw bytes (both of writers.py's do), goes from the source file inside the kernel
 (copy_file_range), after its NaN/inf check through a read-only mapping: it never enters this
 process's memory.
 """
