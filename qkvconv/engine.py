@@ -4,10 +4,11 @@ Each source tensor is read once, in file order; every recipe that needs it is ru
 memory; it is dropped when its last consumer is done. Outputs go straight to the writer. So peak
 memory is bounded by the largest output tensor plus the inputs it needs, whatever the checkpoint
 size. Reading the next inputs overlaps with transforming and writing the current ones (a small
-thread pool: pread, torch ops and pwrite all release the GIL). A tensor copied unchanged, into a
-writer that takes raw bytes (both of writers.py's do), goes from the source file inside the kernel
-(copy_file_range), after its NaN/inf check through a read-only mapping: it never enters this
-process's memory.
+thread pool: pread, torch ops and pwrite all release the GIL). An output made only of source rows
+as they are (a copy, q/k/v fused in sequential order, a grouped order re-ordered: steps that only
+move rows), into a writer that takes raw bytes (both of writers.py's do), is copied from the source
+files inside the kernel (copy_file_range), piece by piece, after the NaN/inf check of its inputs
+through a read-only mapping: those bytes never enter this process's memory.
 """
 
 from __future__ import annotations
@@ -116,11 +117,12 @@ def execute(
     def load(batch: list[Recipe]) -> dict[str, torch.Tensor]:
         out = {}
         for r in batch:
-            if r.output in raws:  # copied by the writer from the file; only checked here
-                (name,) = r.inputs
-                reads[name] += 1
-                if not allow_nonfinite:
-                    check_finite(name, reader.peek(name))
+            if r.output in raws:  # copied by the writer from the files; only checked here
+                for name in r.inputs:
+                    if reads[name] == 0:
+                        reads[name] += 1
+                        if not allow_nonfinite:
+                            check_finite(name, reader.peek(name))
                 continue
             for name in r.inputs:
                 if name not in cache and name not in out:
@@ -153,31 +155,79 @@ def execute(
     return reads
 
 
+# A raw copy of many small pieces is slower than one through memory (rotary pairs <-> half moves
+# single rows): below this average piece size the output goes through memory.
+MIN_PIECE_BYTES = 64 * 1024
+_LABEL_BITS = 40  # a row label is (input index << 40) + row
+
+
+def _row_pieces(recipe: Recipe, metas: list[TensorMeta], raws: list[RawBytes]) -> tuple[RawBytes, ...] | None:
+    """The byte ranges of the source files that make the output, in order, or None when the recipe
+    does more than move rows or the ranges would be too small.
+
+    The recipe's own steps run on row labels (one int64 per input row, naming input and row), so
+    where each output row comes from is whatever those steps do, not a second description of them.
+    """
+    if recipe.dtype is not None or not all(step.moves_rows for step in recipe.steps):
+        return None
+    if not recipe.steps and len(raws) == 1:  # a plain copy: one piece
+        return (raws[0],)
+    if any(len(m.shape) not in (1, 2) or m.dtype != metas[0].dtype or m.shape[1:] != metas[0].shape[1:]
+           for m in metas):
+        return None
+    labels = [(torch.arange(m.shape[0]) + (i << _LABEL_BITS)).reshape(m.shape[0], *([1] * (len(m.shape) - 1)))
+              for i, m in enumerate(metas)]
+    codes = recipe.apply(labels).reshape(-1)
+    if codes.numel() == 0:
+        return None
+    # a piece starts wherever a row does not follow the previous one in the same input
+    starts = torch.ones(codes.numel(), dtype=torch.bool)
+    starts[1:] = codes[1:] - codes[:-1] != 1
+    first = codes[starts].tolist()
+    bounds = starts.nonzero().flatten().tolist() + [codes.numel()]
+    row_bytes = [m.nbytes // m.shape[0] if m.shape[0] else 0 for m in metas]
+    mask = (1 << _LABEL_BITS) - 1
+    pieces = [(code >> _LABEL_BITS, code & mask, bounds[k + 1] - bounds[k]) for k, code in enumerate(first)]
+    if len(pieces) > 1 and sum(n * row_bytes[i] for i, _, n in pieces) < MIN_PIECE_BYTES * len(pieces):
+        return None
+    return tuple(RawBytes(raws[i].path, raws[i].offset + row * row_bytes[i], n * row_bytes[i]) for i, row, n in pieces)
+
+
 def _raw_copies(
     plan: Plan, reader: TensorReader, writer: Writer, consumers: Counter[str]
-) -> dict[str, tuple[TensorMeta, RawBytes]]:
-    """Outputs the writer can copy from the source file as they are: plain copies of an input that no
-    other recipe needs, whose bytes the reader can place in its file."""
+) -> dict[str, tuple[TensorMeta, tuple[RawBytes, ...]]]:
+    """Outputs the writer can copy from the source files as they are: made only of source rows, from
+    inputs whose bytes the reader can place in its files and that no recipe needs in memory."""
     if not hasattr(writer, "copy_raw"):
         return {}
-    out = {}
+    candidates: dict[str, tuple[Recipe, tuple[RawBytes, ...]]] = {}
     for r in plan.recipes:
-        if r.steps or r.dtype is not None or len(r.inputs) != 1 or consumers[r.inputs[0]] != 1:
+        raws = [reader.raw(i) for i in r.inputs]
+        if any(raw is None for raw in raws):
             continue
-        raw = reader.raw(r.inputs[0])
-        if raw is not None:
-            out[r.output] = (reader.meta(r.inputs[0]), raw)
+        metas = [reader.meta(i) for i in r.inputs]
+        pieces = _row_pieces(r, metas, raws)  # type: ignore[arg-type]
+        if pieces is not None:
+            candidates[r.output] = (r, pieces)
+    # an input that some recipe needs in memory is read anyway: its other consumers use that copy
+    raw_uses = Counter(i for r, _ in candidates.values() for i in r.inputs)
+    out = {}
+    for output, (r, pieces) in candidates.items():
+        if all(raw_uses[i] == consumers[i] for i in r.inputs):
+            shape, dtype = r.meta([(reader.meta(i).shape, reader.meta(i).dtype) for i in r.inputs])  # type: ignore[misc]
+            out[output] = (TensorMeta(tuple(shape), dtype), pieces)
     return out
 
 
 def _write_all(
-    writer: Writer, outputs: list[tuple[str, torch.Tensor | tuple[TensorMeta, RawBytes]]], progress: Progress
+    writer: Writer, outputs: list[tuple[str, torch.Tensor | tuple[TensorMeta, tuple[RawBytes, ...]]]],
+    progress: Progress,
 ) -> None:
     for name, item in outputs:
         if isinstance(item, tuple):
-            meta, raw = item
-            writer.copy_raw(name, meta, raw)  # type: ignore[attr-defined]
-            progress.advance(raw.nbytes)
+            meta, pieces = item
+            writer.copy_raw(name, meta, pieces)  # type: ignore[attr-defined]
+            progress.advance(meta.nbytes)
         else:
             writer.write(name, item)
             progress.advance(item.numel() * item.element_size())

@@ -59,6 +59,8 @@ PARAMS = ("weight", "bias")
 class TakeRows(Step):
     """Row block `index` of `parts` equal blocks (Phi-3's gate_up_proj: gate rows, then up rows)."""
 
+    moves_rows = True
+
     index: int
     parts: int
 
@@ -81,6 +83,8 @@ class TakeRows(Step):
 @dataclass(frozen=True)
 class ConcatRows(Step):
     """Stack the inputs' rows in input order (litgpt fc_1, fc_2 -> Phi-3 gate_up_proj)."""
+
+    moves_rows = True
 
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.cat(tensors, dim=0)]

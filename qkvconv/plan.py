@@ -20,7 +20,14 @@ Meta = tuple[tuple[int, ...], torch.dtype]
 
 
 class Step:
-    """One transformation: a list of tensors in, a list of tensors out."""
+    """One transformation: a list of tensors in, a list of tensors out.
+
+    `moves_rows`: every output row is a row of an input, unchanged, whatever the values and dtype (a
+    gather, concatenation or split of rows). The engine then learns where each row comes from by
+    running the step on row labels, and can copy the bytes from the source file instead.
+    """
+
+    moves_rows = False
 
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -48,6 +55,8 @@ def concat_rows(inputs: list[Meta]) -> Meta:
 class Reorder(Step):
     """Permute the rows of a fused QKV weight, bias or LoRA-B from one order to another."""
 
+    moves_rows = True
+
     src: QKVOrder
     dst: QKVOrder
     heads: HeadLayout
@@ -68,6 +77,8 @@ class Reorder(Step):
 @dataclass(frozen=True)
 class Fuse(Step):
     """Separate q, k, v (in that input order) -> one fused tensor with rows in `order`."""
+
+    moves_rows = True
 
     order: QKVOrder
     heads: HeadLayout
@@ -90,6 +101,8 @@ class Fuse(Step):
 @dataclass(frozen=True)
 class TakePart(Step):
     """One of q, k, v out of a fused tensor whose rows are in `order`."""
+
+    moves_rows = True
 
     part: str  # "q" | "k" | "v"
     order: QKVOrder

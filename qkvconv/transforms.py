@@ -42,6 +42,8 @@ QKV_OUTPUT = re.compile(r"^transformer\.h\.(\d+)\.attn\.qkv\.(weight|bias)$")
 class RowIndex(Step):
     """Rows taken by an index (``out = t[index]``): permutations (rotary order) and repeats (K/V heads)."""
 
+    moves_rows = True
+
     index: torch.Tensor
     what: str  # for the plan: "rotary half -> pairs"
 
@@ -159,6 +161,10 @@ class Inline(Step):
     tensor per recipe. It lets a new recipe start from what earlier recipes would have written."""
 
     parts: tuple[Recipe, ...]
+
+    @property
+    def moves_rows(self) -> bool:  # type: ignore[override]
+        return all(part.dtype is None and all(step.moves_rows for step in part.steps) for part in self.parts)
 
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         out, start = [], 0

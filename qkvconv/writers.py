@@ -29,7 +29,7 @@ import sys
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -120,22 +120,35 @@ class _RawSources:
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
 
-    def accept(self, layout: "_Layout", name: str, meta: TensorMeta, raw: RawBytes) -> int:
-        """Check the tensor against the layout and its byte range; the source file's descriptor."""
-        if meta.nbytes != raw.nbytes:
-            raise LayoutViolation(f"{name!r}: {raw.nbytes} bytes in {raw.path} for a tensor of {meta.nbytes}")
+    def accept(
+        self, layout: "_Layout", name: str, meta: TensorMeta, pieces: Sequence[RawBytes]
+    ) -> list[tuple[int, RawBytes]]:
+        """Check the tensor against the layout and its byte ranges; each piece with its file's descriptor."""
+        total = sum(piece.nbytes for piece in pieces)
+        if meta.nbytes != total:
+            raise LayoutViolation(f"{name!r}: {total} bytes in {len(pieces)} piece(s) for a tensor of {meta.nbytes}")
         layout.accept_meta(name, meta)
-        if raw.path not in self._fds:
+        return [(self._fd(piece.path), piece) for piece in pieces]
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
             try:
-                self._fds[raw.path] = os.open(raw.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except OSError as e:
-                raise QkvconvError(f"cannot read {raw.path}: {e.strerror}") from None
-        return self._fds[raw.path]
+                raise QkvconvError(f"cannot read {path}: {e.strerror}") from None
+        return self._fds[path]
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _copy_pieces(pieces: list[tuple[int, RawBytes]], dst: int, offset: int, path: Path) -> None:
+    """The pieces one after another into `dst` from `offset`."""
+    for src, piece in pieces:
+        _copy_range(src, dst, piece, offset, path)
+        offset += piece.nbytes
 
 
 def _copy_by_hand(src: int, dst: int, nbytes: int, src_offset: int, dst_offset: int, path: Path) -> int:
@@ -255,13 +268,13 @@ class SafetensorsWriter:
         file_name, offset = self._where[name]
         _pwrite_all(self._fds[file_name], byte_view(data), offset, self.directory / file_name)
 
-    def copy_raw(self, name: str, meta: TensorMeta, raw: RawBytes) -> None:
-        """Write tensor `name` (of shape and dtype `meta`) by copying its bytes from another file."""
+    def copy_raw(self, name: str, meta: TensorMeta, pieces: Sequence[RawBytes]) -> None:
+        """Write tensor `name` (of shape and dtype `meta`) as these byte ranges of other files, in order."""
         if not self._open:
             raise LayoutViolation("this writer is closed")
-        source = self._sources.accept(self._layout, name, meta, raw)
+        sources = self._sources.accept(self._layout, name, meta, pieces)
         file_name, offset = self._where[name]
-        _copy_range(source, self._fds[file_name], raw, offset, self.directory / file_name)
+        _copy_pieces(sources, self._fds[file_name], offset, self.directory / file_name)
 
     def _index(self) -> bytes:
         total = sum(m.nbytes for m in self._layout.metas.values())
@@ -448,11 +461,11 @@ class TorchWriter:
         data = self._layout.accept(name, tensor)
         self._guarded(_pwrite_all, self._fd, byte_view(data), offset, self.path)
 
-    def copy_raw(self, name: str, meta: TensorMeta, raw: RawBytes) -> None:
-        """Write tensor `name` (of shape and dtype `meta`) by copying its bytes from another file."""
+    def copy_raw(self, name: str, meta: TensorMeta, pieces: Sequence[RawBytes]) -> None:
+        """Write tensor `name` (of shape and dtype `meta`) as these byte ranges of other files, in order."""
         offset = self._where(name)
-        source = self._sources.accept(self._layout, name, meta, raw)
-        self._guarded(_copy_range, source, self._fd, raw, offset, self.path)
+        sources = self._sources.accept(self._layout, name, meta, pieces)
+        self._guarded(_copy_pieces, sources, self._fd, offset, self.path)
 
     def _guarded(self, action: Callable[..., object], *args: Any) -> None:
         """Run a write; a failure removes the partial file before it is reported."""
