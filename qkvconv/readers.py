@@ -329,12 +329,14 @@ def _is_zip(path: Path) -> bool:
 
 def _zip_byteorder(path: Path) -> str | None:
     """The `byteorder` record of a torch.save zip ("little" | "big"), None when it has none (torch <
-    1.9 wrote none and only little-endian files)."""
+    1.9 wrote none and only little-endian files). Read with torch's reader: zipfile would check CRC-32
+    fields, which torch.save (crc32 off) and qkvconv's TorchWriter leave 0."""
     try:
-        with zipfile.ZipFile(path) as z:
-            record = next((n for n in z.namelist() if n.split("/", 1)[-1] == "byteorder"), None)
-            return z.read(record).decode("ascii", "replace").strip() if record else None
-    except (OSError, zipfile.BadZipFile, ValueError):
+        reader = torch._C.PyTorchFileReader(str(path))
+        if not reader.has_record("byteorder"):
+            return None
+        return bytes(reader.get_record("byteorder")).decode("ascii", "replace").strip()
+    except (OSError, RuntimeError, ValueError):
         return "unknown"
 
 

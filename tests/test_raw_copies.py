@@ -156,6 +156,14 @@ def test_torch_bytes_are_raw_only_when_they_are_the_tensor(tmp_path: Path) -> No
             body = b"big" if info.filename.endswith("/byteorder") else src.read(info)
             dst.writestr(info, body)
     assert open_reader(tmp_path / "big.pth").raw("whole") is None
+    # qkvconv's own .pth (CRC-32 fields 0, which zipfile would reject) is a raw source too: chains of
+    # conversions keep the kernel copies
+    from qkvconv.readers import TensorMeta
+    from qkvconv.writers import TorchWriter
+
+    with TorchWriter(tmp_path / "ours.pth", {"whole": TensorMeta((10,), torch.float32)}) as writer:
+        writer.write("whole", base)
+    assert open_reader(tmp_path / "ours.pth").raw("whole") is not None
 
 
 @pytest.mark.parametrize("case_id, to", [("llama3-gqa", "litgpt"), ("falcon-40b-grouped", "litgpt-legacy"),
