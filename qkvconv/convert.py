@@ -323,19 +323,17 @@ def hf_config_for(cfg: dict[str, Any], source_json: dict[str, Any] | None, qkv: 
     family = detect_family(source_json) if source_json else None
     if family is None:
         return hf_config_from_litgpt(cfg, qkv=qkv)
-    if qkv is not None and family.fusion != qkv:
+    assert source_json is not None
+    if qkv is not None and family.fusion != qkv:  # another architecture: only what is not its own carries
         derived = hf_config_from_litgpt(cfg, qkv=qkv)
-        twin = detect_family(derived)
-        assert twin is not None
-        merged = {**derived, **{k: source_json[k] for k in CARRIED_KEYS if k in source_json}}  # type: ignore[index]
-        merged[twin.config.tie_embeddings.keys[0]] = _tied(source_json)
-        return merged if _same_function(cfg, merged) else derived
-    derived = hf_config_from_litgpt(cfg, family.architecture)
-    merged = {**source_json, **derived}  # type: ignore[dict-item]
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if key in source_json:  # type: ignore[operator]
-            merged[key] = source_json[key]  # type: ignore[index]
-    merged[family.config.tie_embeddings.keys[0]] = _tied(source_json)
+        merged = dict(derived)
+    else:
+        derived = hf_config_from_litgpt(cfg, family.architecture)
+        merged = {**source_json, **derived}
+    merged.update({k: source_json[k] for k in CARRIED_KEYS if k in source_json})
+    target = detect_family(derived)
+    assert target is not None
+    merged[target.config.tie_embeddings.keys[0]] = _tied(source_json)
     return merged if _same_function(cfg, merged) else derived
 
 
@@ -568,8 +566,7 @@ def _peft_to_peft(directory: Path, out: Path, base: Path | None, qkv: str) -> An
         run = Path(tmp) / "run"
         imported = peft_format.peft_to_litgpt_lora(directory, run, hf_config=source_json, checkpoint_dir=base_name)
         result = peft_format.litgpt_lora_to_peft(run, out, hf_config=target_json)
-    folded = [n for n in imported.notes if "folded" in n]  # a rounding the result carries
-    result.notes[:0] = [qkv_note(target_json, source_json, qkv), *folded,
+    result.notes[:0] = [qkv_note(target_json, source_json, qkv), *imported.rounding,
                         f"base_model_name_or_path is left empty: load the adapter on the base converted alike "
                         f"(qkvconv convert {base_name or 'BASE'} --to hf --qkv {qkv} --out DIR)"]
     return result

@@ -64,10 +64,13 @@ class TakeRows(Step):
     index: int
     parts: int
 
+    def _check(self, shape: tuple[int, ...]) -> None:
+        if not shape or shape[0] % self.parts:
+            raise LayoutError(f"{shape[0] if shape else 0} rows do not split into {self.parts} equal blocks")
+
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         (t,) = tensors
-        if t.shape[0] % self.parts:
-            raise LayoutError(f"{t.shape[0]} rows do not split into {self.parts} equal blocks")
+        self._check(tuple(t.shape))
         return [t.chunk(self.parts, dim=0)[self.index]]
 
     def describe(self) -> str:
@@ -75,8 +78,7 @@ class TakeRows(Step):
 
     def metas(self, inputs: list[Meta]) -> list[Meta]:
         ((shape, dtype),) = inputs
-        if not shape or shape[0] % self.parts:
-            raise LayoutError(f"{shape[0] if shape else 0} rows do not split into {self.parts} equal blocks")
+        self._check(shape)
         return [((shape[0] // self.parts, *shape[1:]), dtype)]
 
 

@@ -157,6 +157,7 @@ class AdapterConversion:
 
     out: Path
     notes: list[str] = field(default_factory=list)
+    rounding: list[str] = field(default_factory=list)  # the notes about values the result holds rounded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -941,7 +942,10 @@ def peft_to_litgpt_lora(
     if checkpoint_dir is not None:
         raw["checkpoint_dir"] = str(checkpoint_dir)
     hyper = LoraHyperparameters.from_yaml(raw, Path(HYPERPARAMETERS))
-    notes = _import_notes(adapter, modules, raw, folded, len(every), zero_filled, lit_scaling, table)
+    rounding = [f"{folded} of {len(every)} adapters had another scaling than litgpt's lora_alpha/lora_r = "
+                f"{lit_scaling:g}: the difference is folded into their lora_B (rounded once to its dtype "
+                "unless a power of two)"] if folded else []
+    notes = _import_notes(adapter, modules, raw, rounding, zero_filled, lit_scaling, table)
 
     with new_directory(out) as tmp:
         _save({"model": tensors}, tmp / LORA_WEIGHTS)
@@ -951,11 +955,11 @@ def peft_to_litgpt_lora(
         check_lora_shapes(written, shape, hyper)
         notes.append(_check_updates(adapter, written.tensors, hyper, heads, table, rounded=bool(folded),
                                     what="litgpt LoRA run"))
-    return AdapterConversion(out, notes)
+    return AdapterConversion(out, notes, rounding)
 
 
 def _import_notes(
-    adapter: _PeftAdapter, modules: dict[str, _Module], raw: dict[str, Any], folded: int, total: int,
+    adapter: _PeftAdapter, modules: dict[str, _Module], raw: dict[str, Any], rounding: list[str],
     zero_filled: int, lit_scaling: float, table: _ModuleTable,
 ) -> list[str]:
     c = adapter.config
@@ -976,10 +980,7 @@ def _import_notes(
     ranks = sorted({a.shape[0] for a, _ in adapter.pairs.values()})
     if ranks != [raw["lora_r"]]:
         notes.append(f"ranks {ranks} zero-padded to litgpt's single lora_r {raw['lora_r']} (exact)")
-    if folded:
-        notes.append(f"{folded} of {total} adapters had another scaling than litgpt's lora_alpha/lora_r = "
-                     f"{lit_scaling:g}: the difference is folded into their lora_B (rounded once to its dtype "
-                     "unless a power of two)")
+    notes += rounding
     if not isinstance(raw["lora_alpha"], int):
         notes.append(f"lora_alpha {raw['lora_alpha']} is not an integer "
                      f"(scaling {lit_scaling:g} at lora_r {raw['lora_r']})")

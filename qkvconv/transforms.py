@@ -47,10 +47,13 @@ class RowIndex(Step):
     index: torch.Tensor
     what: str  # for the plan: "rotary half -> pairs"
 
+    def _check(self, rows: int) -> None:
+        if self.index.numel() and int(self.index.max()) >= rows:
+            raise ValueError(f"{self.what}: the index reaches past the tensor's {rows} rows")
+
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         (t,) = tensors
-        if self.index.numel() and int(self.index.max()) >= t.shape[0]:
-            raise ValueError(f"{self.what}: the index reaches past the tensor's {t.shape[0]} rows")
+        self._check(t.shape[0])
         return [t.index_select(0, self.index)]
 
     def describe(self) -> str:
@@ -58,14 +61,18 @@ class RowIndex(Step):
 
     def metas(self, inputs: list[Meta]) -> list[Meta]:
         ((shape, dtype),) = inputs
-        if self.index.numel() and int(self.index.max()) >= shape[0]:
-            raise ValueError(f"{self.what}: the index reaches past the tensor's {shape[0]} rows")
+        self._check(shape[0])
         return [((self.index.numel(), *shape[1:]), dtype)]
 
 
 def _wide(t: torch.Tensor) -> torch.dtype:
     """The dtype to compute in: float32, or the tensor's own when it is wider."""
     return torch.promote_types(t.dtype, torch.float32)
+
+
+def _check_gain(gain: tuple[int, ...], weight: tuple[int, ...]) -> None:
+    if gain != weight[1:]:
+        raise ValueError(f"a gain of shape {gain} cannot scale the columns of {weight}")
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,7 @@ class ScaleColumns(Step):
 
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         weight, gain = tensors
-        if gain.shape != weight.shape[1:]:
-            raise ValueError(f"a gain of shape {tuple(gain.shape)} cannot scale the columns of {tuple(weight.shape)}")
+        _check_gain(tuple(gain.shape), tuple(weight.shape))
         wide = _wide(weight)
         return [(weight.to(wide) * (self.offset + gain.to(wide))).to(weight.dtype)]
 
@@ -87,8 +93,7 @@ class ScaleColumns(Step):
 
     def metas(self, inputs: list[Meta]) -> list[Meta]:
         (shape, dtype), (gain, _) = inputs
-        if gain != shape[1:]:
-            raise ValueError(f"a gain of shape {gain} cannot scale the columns of {shape}")
+        _check_gain(gain, shape)
         return [(shape, dtype)]
 
 

@@ -145,7 +145,7 @@ def full_upgrade_plan(names: list[str], heads: HeadLayout) -> Plan:
 
 def check_upgraded(
     old: TensorReader, new: TensorReader, label: str, heads: HeadLayout,
-    hyper: LoraHyperparameters | None, factor: int, *, allow_nonfinite: bool = False,
+    hyper: LoraHyperparameters | None, factor: int, *, check_nonfinite: bool = True,
 ) -> list[str]:
     """Check the upgraded file, tensor by tensor as read back from disk, against the original;
     raise CheckFailed on any difference. Holds about two tensors at a time."""
@@ -167,13 +167,13 @@ def check_upgraded(
             n_lora += 1
         elif m and m.group(2) == "attn":
             a, b = old.peek(old_name), new.peek(new_name)
-            if not allow_nonfinite:
+            if check_nonfinite:
                 check_finite(old_name, a)
             ok = b.shape == a.shape and torch.equal(b, a[perm])
             n_reordered += 1
         else:
             a, b = old.peek(old_name), new.peek(new_name)
-            if not allow_nonfinite:
+            if check_nonfinite:
                 check_finite(old_name, a)
             ok = torch.equal(a, b)
             n_same += 1
@@ -271,10 +271,10 @@ def _write_and_check(
         written = open_reader(path)  # check what is on disk, not what is in memory
         if getattr(written, "wrapped", None) != item.original.wrapped:
             raise CheckFailed(f"{path.name}: wrapping changed")
-        checked = item.plan is not None  # the engine checked every input for NaN/inf as it read it
+        # a streamed file's inputs were checked for NaN/inf by the engine as it read them
         report.checks += check_upgraded(open_reader(item.original.path), written, path.name, ckpt.shape.heads,
                                         ckpt.hyperparameters, item.factor,
-                                        allow_nonfinite=item.allow_nonfinite or checked)
+                                        check_nonfinite=item.plan is None and not item.allow_nonfinite)
 
 
 def upgrade(

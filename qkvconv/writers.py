@@ -450,22 +450,25 @@ class TorchWriter:
             self.abort()
             raise
 
-    def _where(self, name: str) -> int:
+    def _place(self, name: str) -> int:
+        """Where tensor `name` (already accepted by the layout) goes in the file."""
+        return self._data_at[f"data/{self._keys[name]}"]
+
+    def _check_open(self) -> None:
         if self._fd is None:
             raise LayoutViolation("this writer is closed")
-        return self._data_at[f"data/{self._keys[name]}"] if name in self._keys else -1
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Check `tensor` against the layout and write its bytes at its record's place."""
-        offset = self._where(name)
+        self._check_open()
         data = self._layout.accept(name, tensor)
-        self._guarded(_pwrite_all, self._fd, byte_view(data), offset, self.path)
+        self._guarded(_pwrite_all, self._fd, byte_view(data), self._place(name), self.path)
 
     def copy_raw(self, name: str, meta: TensorMeta, pieces: Sequence[RawBytes]) -> None:
         """Write tensor `name` (of shape and dtype `meta`) as these byte ranges of other files, in order."""
-        offset = self._where(name)
+        self._check_open()
         sources = self._sources.accept(self._layout, name, meta, pieces)
-        self._guarded(_copy_pieces, sources, self._fd, offset, self.path)
+        self._guarded(_copy_pieces, sources, self._fd, self._place(name), self.path)
 
     def _guarded(self, action: Callable[..., object], *args: Any) -> None:
         """Run a write; a failure removes the partial file before it is reported."""
