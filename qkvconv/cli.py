@@ -11,7 +11,10 @@ Examples:
     qkvconv convert llama-hf/ --to hf --qkv fused --out phi3-style    # one qkv_proj (Phi3ForCausalLM)
 
 Exit codes: 0 done or nothing to do, 1 a check failed (inspect --expect, verify), 2 bad input or
-environment, 3 an internal error (a bug in qkvconv: please report it).
+environment, 3 an internal error (a bug in qkvconv: please report it), 130 interrupted.
+
+The library modules (and torch with them) are imported inside the commands, so `--help` and option
+errors answer without loading torch.
 """
 
 from __future__ import annotations
@@ -19,61 +22,122 @@ from __future__ import annotations
 import enum
 import functools
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from qkvconv import __version__
+try:  # newer typer carries its own copy of click, whose exceptions are not click's
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:
+    from click.exceptions import ClickException, UsageError
+
+from qkvconv import __version__, progress, render
 from qkvconv.errors import QkvconvError
-from qkvconv.rotary import RopeOrder
-from qkvconv import convert as converting
-from qkvconv import inspection, render, sources
-from qkvconv import upgrade as upgrading
-from qkvconv import verify as verifying
-from qkvconv.weights import open_weights
+
+EXIT_MEANINGS = {
+    0: "done, or nothing to do",
+    1: "a check failed",
+    2: "bad input or environment",
+    3: "internal error: a bug in qkvconv",
+    130: "interrupted",
+}
+
+EXIT_CODES_HELP = (
+    "\b\nExit codes: 0 done or nothing to do, 1 a check failed (verify, inspect --expect,\n"
+    "  a conversion's check), 2 bad input or environment, 3 a bug in qkvconv,\n"
+    "  130 interrupted. With --json, stdout holds exactly one JSON document, on\n"
+    "  failure too: {error, exit_code, meaning}."
+)
+
+
+def examples(*lines: str) -> str:
+    """A command's epilog: its examples, kept as written (\\b stops click re-wrapping them)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines) + "\n\n" + EXIT_CODES_HELP
+
+
+def fail(message: str, code: int, as_json: bool, report: dict[str, Any] | None = None) -> NoReturn:
+    """Print one error (a line on stderr, or the one JSON document on stdout) and exit with `code`."""
+    progress.clear()
+    if as_json:
+        render.emit_json({**(report or {}), "error": message, "exit_code": code, "meaning": EXIT_MEANINGS[code]})
+    else:
+        render.error(message)
+    raise typer.Exit(code)
+
 
 def reports_errors(command: Callable[..., None]) -> Callable[..., None]:
-    """One line and an exit code for every failure a user can cause; no tracebacks.
-
-    Usage errors (bad options) are Typer's own and exit 2, like bad input.
-    """
+    """One line (or one JSON document with --json) and an exit code for every failure; no tracebacks."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> None:
+        as_json = bool(kwargs.get("json"))
         try:
             command(*args, **kwargs)
         except QkvconvError as e:
-            render.error(str(e))
-            raise typer.Exit(e.exit_code) from None
+            fail(str(e), e.exit_code, as_json)
         except OSError as e:  # the environment said no: permissions, a full disk, a vanished file
             where = f" ({e.filename})" if e.filename else ""
-            render.error(f"{e.strerror or e}{where}")
-            raise typer.Exit(2) from None
+            fail(f"{e.strerror or e}{where}", 2, as_json)
         except KeyboardInterrupt:
-            render.error("interrupted; nothing was replaced")
-            raise typer.Exit(130) from None
+            fail("interrupted; nothing was replaced", 130, as_json)
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:
             if os.environ.get("QKVCONV_DEBUG"):
                 raise
-            render.error(
-                f"internal error ({type(e).__name__}: {e}); this is a bug in qkvconv, please report it "
-                "(set QKVCONV_DEBUG=1 for the traceback)"
-            )
-            raise typer.Exit(3) from None
+            fail(f"internal error ({type(e).__name__}: {e}); this is a bug in qkvconv, please report it "
+                 "(set QKVCONV_DEBUG=1 for the traceback)", 3, as_json)
 
     return wrapper
 
 
+class Commands(TyperGroup):
+    """The root group: option errors and Ctrl-C keep the exit-code and --json contract too."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except UsageError as e:
+            if "--json" in argv:
+                render.emit_json({"error": e.format_message(), "exit_code": 2, "meaning": EXIT_MEANINGS[2]})
+            else:
+                e.show()
+            code = 2
+        except (typer.Abort, KeyboardInterrupt):
+            progress.clear()
+            render.error("interrupted; nothing was replaced")
+            code = 130
+        except ClickException as e:
+            e.show()
+            code = e.exit_code
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
 app = typer.Typer(
     name="qkvconv",
+    cls=Commands,
     help="Inspect, upgrade, convert and verify the attention-weight layouts of LLM checkpoints.",
+    epilog=examples(
+        "qkvconv inspect checkpoints/my-run --expect current     # a CI gate",
+        "qkvconv upgrade checkpoints/my-run                      # legacy litgpt, in place",
+        "qkvconv convert hf-model/ --to litgpt --out lit-model",
+        "qkvconv verify hf-model/ lit-model/",
+        "qkvconv COMMAND -h                                      # options of a command",
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 SourceArg = Annotated[
@@ -86,9 +150,8 @@ VerifyOpt = Annotated[
     bool, typer.Option("--verify/--no-verify", help="Run a forward pass of source and result before writing or replacing anything.")
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (tensors, shapes, bytes, files); write nothing.")]
-MaxShardOpt = Annotated[str, typer.Option(help="Largest safetensors shard of hf output (0: one file).")]
+MaxShardOpt = Annotated[str, typer.Option(help="Largest safetensors shard of hf output, like 5GB or 500MB (0: one file).")]
 NEW_DIR_HELP = "New directory to write (must not exist or be empty)."
-NewDirOpt = Annotated[Path, typer.Option(help=NEW_DIR_HELP)]
 MaybeNewDirOpt = Annotated[Optional[Path], typer.Option(help=NEW_DIR_HELP)]
 AllowNonfiniteOpt = Annotated[
     bool, typer.Option("--allow-nonfinite", help="Convert even when weights hold NaN/inf (refused by default).")
@@ -111,27 +174,53 @@ class Expect(str, enum.Enum):
     legacy = "legacy"
 
 
-@app.command("inspect")
+class Target(str, enum.Enum):
+    litgpt = "litgpt"
+    litgpt_legacy = "litgpt-legacy"
+    hf = "hf"
+    meta = "meta"
+    peft = "peft"
+    litgpt_lora = "litgpt-lora"
+
+
+@app.command("inspect", epilog=examples(
+    "qkvconv inspect fixtures/legacy/gqa_llama",
+    "qkvconv inspect checkpoints/my-run --json --expect current",
+    "qkvconv inspect meta-llama/Llama-3.2-1B --revision main",
+))
 @reports_errors
 def inspect_cmd(
     source: SourceArg,
     revision: RevisionOpt = None,
+    base: Annotated[
+        Optional[Path], typer.Option(help="Base of a LoRA run, for --expect (default: hyperparameters.yaml).")
+    ] = None,
     json: JsonOpt = False,
     expect: Annotated[
-        Optional[Expect], typer.Option(help="Exit 1 unless the checkpoint is current (or legacy): a CI gate.")
+        Optional[Expect],
+        typer.Option(help="Exit 1 unless the checkpoint (and a LoRA run's base) is current, or legacy: a CI gate."),
     ] = None,
 ) -> None:
     """Show format, heads, QKV row order (with the evidence), LoRA settings, dtypes and sizes."""
-    report = inspection.inspect_path(sources.resolve(source, revision))
+    from qkvconv import inspection, sources
+
+    report = inspection.inspect_path(sources.resolve(source, revision), base=base)
+    failure = inspection.expectation_failure(report, expect.value) if expect is not None else None
+    if json and failure is not None:
+        fail(failure, 1, True, report)
     if json:
         render.emit_json(report)
-    else:
-        render.report_table(report, title=f"qkvconv inspect {source}")
-    if expect is not None:
-        inspection.check_expectation(report, expect.value)
+        return
+    render.report_table(report, title=f"qkvconv inspect {source}")
+    if failure is not None:
+        fail(failure, 1, False)
 
 
-@app.command("upgrade")
+@app.command("upgrade", epilog=examples(
+    "qkvconv upgrade checkpoints/my-run                      # in place, atomically",
+    "qkvconv upgrade out/lora-run --out out/lora-run-v2      # leave the source alone",
+    "qkvconv upgrade out/lora-run --lora-merge --out merged  # a full checkpoint",
+))
 @reports_errors
 def upgrade_cmd(
     source: SourceArg,
@@ -146,10 +235,17 @@ def upgrade_cmd(
     json: JsonOpt = False,
 ) -> None:
     """Legacy litgpt (grouped attn.attn, LoRA included) -> current litgpt (sequential attn.qkv)."""
+    from qkvconv import sources
+
     if out is None and not Path(source).exists() and sources.is_repo_id(source):
         raise QkvconvError(f"{source} is a Hub repo id: upgrade it into a directory of your own with --out DIR")
+    path = sources.resolve(source)
+    with progress.status("planning"):
+        from qkvconv import upgrade as upgrading
+        from qkvconv import verify as verifying
+
     check = verifying.upgrade_check(device) if verify else None
-    report = upgrading.upgrade(sources.resolve(source), out, lora_merge=lora_merge, base=base, forward_check=check,
+    report = upgrading.upgrade(path, out, lora_merge=lora_merge, base=base, forward_check=check,
                                allow_nonfinite=allow_nonfinite)
     if json:
         render.emit_json(report.as_dict())
@@ -157,6 +253,7 @@ def upgrade_cmd(
     for line in report.recovered:
         render.out.print(f"[yellow]{line}[/]")
     render.lines(f"[bold]{'upgraded' if report.changed else 'unchanged'}:[/] {report.destination}", report.actions)
+    render.notes(report.notes)
     if report.checks:
         render.lines("[bold green]checked before replacing anything:[/]", report.checks)
 
@@ -171,14 +268,32 @@ def parse_size(text: str) -> int | None:
         value = float(number) * units[t[len(number):]]
     except (ValueError, KeyError):
         raise QkvconvError(f"--max-shard-size must look like 5GB, 500MB or 2GiB, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # also refuses nan
+        raise QkvconvError(f"--max-shard-size must be a positive size like 5GB (or 0 for one file), got {text!r}")
+    if 0 < value < 1:
+        raise QkvconvError(f"--max-shard-size must be at least one byte (or 0 for one file), got {text!r}")
     return int(value) or None
 
 
-@app.command("convert")
+def transformations(rope: Rope | None, kv_heads: int | None, fold_norms: bool, qkv: Fusion | None) -> Any:
+    from qkvconv.convert import Transformations
+    from qkvconv.rotary import RopeOrder
+
+    return Transformations(RopeOrder(rope.value) if rope else None, kv_heads, fold_norms, qkv.value if qkv else None)
+
+
+@app.command("convert", epilog=examples(
+    "qkvconv convert hf-model/ --to litgpt --out lit-model",
+    "qkvconv convert llama-2-7b/ --to hf --out llama-2-7b-hf          # Meta's consolidated.00.pth",
+    "qkvconv convert hf-model/ --to litgpt --kv-heads 32 --rope pairs --out mha-pairs",
+    "qkvconv convert llama-hf/ --to hf --qkv fused --out phi3-style   # one qkv_proj",
+    "qkvconv convert lora-run/ --to peft --out adapter                # litgpt LoRA -> PEFT",
+    "qkvconv convert hf-model/ --to hf --dry-run --json               # the plan only",
+))
 @reports_errors
 def convert_cmd(
     source: SourceArg,
-    to: Annotated[str, typer.Option(help="Target format: litgpt, litgpt-legacy, hf, meta, peft or litgpt-lora.")],
+    to: Annotated[Target, typer.Option(help="Target format.", case_sensitive=False)],
     out: MaybeNewDirOpt = None,
     revision: RevisionOpt = None,
     base: BaseOpt = None,
@@ -211,17 +326,22 @@ def convert_cmd(
     allow_nonfinite: AllowNonfiniteOpt = False,
 ) -> None:
     """Convert between litgpt (current and legacy order), Hugging Face, Meta and PEFT, exactly."""
-    changes = converting.Transformations(RopeOrder(rope.value) if rope else None, kv_heads, fold_norms,
-                                         qkv.value if qkv else None)
+    from qkvconv import sources
+
+    shard_bytes = parse_size(max_shard_size)
+    path = sources.resolve(source, revision)
+    with progress.status("planning"):
+        from qkvconv import convert as converting
+
+        changes = transformations(rope, kv_heads, fold_norms, qkv)
     report = converting.convert(
-        sources.resolve(source, revision), to, out, base=base, max_shard_size=parse_size(max_shard_size),
-        dry_run=dry_run, forward_check=verify, device=device, changes=changes, merge=merge,
-        allow_nonfinite=allow_nonfinite,
+        path, to.value, out, base=base, max_shard_size=shard_bytes, dry_run=dry_run, forward_check=verify,
+        device=device, changes=changes, merge=merge, allow_nonfinite=allow_nonfinite,
     )
     _show_conversion(report, dry_run, json)
 
 
-def _show_conversion(report: converting.ConvertReport, dry_run: bool, json: bool) -> None:
+def _show_conversion(report: Any, dry_run: bool, json: bool) -> None:
     if json:
         render.emit_json(report.as_dict())
         return
@@ -234,38 +354,59 @@ def _show_conversion(report: converting.ConvertReport, dry_run: bool, json: bool
         render.lines("[bold green]checked before publishing:[/]", report.checks)
 
 
-@app.command("fold-norms")
+class FoldTarget(str, enum.Enum):
+    litgpt = "litgpt"
+    litgpt_legacy = "litgpt-legacy"
+    hf = "hf"
+    meta = "meta"
+
+
+@app.command("fold-norms", epilog=examples(
+    "qkvconv fold-norms hf-model/ --out folded",
+    "qkvconv fold-norms lit-model/ --to hf --out folded-hf",
+    "qkvconv fold-norms hf-model/ --dry-run",
+))
 @reports_errors
 def fold_norms_cmd(
     source: SourceArg,
-    out: NewDirOpt,
+    out: MaybeNewDirOpt = None,
     to: Annotated[
-        Optional[str], typer.Option(help="Output format: litgpt, litgpt-legacy, hf or meta (default: the source's).")
+        Optional[FoldTarget], typer.Option(help="Output format (default: the source's). Full models only.")
     ] = None,
     revision: RevisionOpt = None,
     max_shard_size: MaxShardOpt = "5GB",
     dry_run: DryRunOpt = False,
     verify: VerifyOpt = True,
     device: DeviceOpt = "cpu",
+    allow_nonfinite: AllowNonfiniteOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Fold every norm's gain (and LayerNorm bias) into the linears it feeds; the norms become identities."""
+    from qkvconv import sources
+
+    shard_bytes = parse_size(max_shard_size)
     path = sources.resolve(source, revision)
-    target = to or converting.detect_format(path.parent if path.is_file() else path)
-    report = converting.convert(
-        path, target, out, max_shard_size=parse_size(max_shard_size), dry_run=dry_run, forward_check=verify,
-        device=device, changes=converting.Transformations(fold_norms=True),
+    with progress.status("planning"):
+        from qkvconv import convert as converting
+
+    report = converting.convert_folding_norms(
+        path, to.value if to else None, out, max_shard_size=shard_bytes, dry_run=dry_run, forward_check=verify,
+        device=device, allow_nonfinite=allow_nonfinite,
     )
     _show_conversion(report, dry_run, json)
 
 
-@app.command("verify")
+@app.command("verify", epilog=examples(
+    "qkvconv verify hf-model/ lit-model/",
+    "qkvconv verify legacy-run/ upgraded-run/ --device cuda --json",
+    "qkvconv verify adapter/ lora-run/ --base hf-model/ --candidate-base lit-model/",
+))
 @reports_errors
 def verify_cmd(
     reference: Annotated[str, typer.Argument(help="The checkpoint you trust (directory or repo id).", show_default=False)],
     candidate: Annotated[str, typer.Argument(help="The checkpoint to check against it.", show_default=False)],
     device: DeviceOpt = "cpu",
-    tokens: Annotated[int, typer.Option(help="Sequence length of the random input.")] = 16,
+    tokens: Annotated[int, typer.Option(help="Sequence length of the random input (at most the model's block_size).")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the random tokens.")] = 0,
     atol: Annotated[Optional[float], typer.Option(help="Absolute tolerance (default: fits the dtype).")] = None,
     rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default: fits the dtype).")] = None,
@@ -282,11 +423,18 @@ def verify_cmd(
 
     Either side may be a full checkpoint (litgpt, HF, Meta) or an adapter on its base (litgpt LoRA run, PEFT).
     """
-    report = verifying.verify(
-        open_weights(sources.resolve(reference), base=base),
-        open_weights(sources.resolve(candidate), base=candidate_base or base),
-        device=device, tokens=tokens, seed=seed, atol=atol, rtol=rtol, dtype=dtype,
-    )
+    from qkvconv import sources
+
+    reference_path, candidate_path = sources.resolve(reference), sources.resolve(candidate)
+    with progress.status("loading"):
+        from qkvconv import verify as verifying
+        from qkvconv.weights import open_weights
+
+        ref = open_weights(reference_path, base=base, base_option="--base")
+        cand = open_weights(candidate_path, base=candidate_base or base,
+                            base_option="--candidate-base" if candidate_base else "--candidate-base (or --base)")
+    report = verifying.verify(ref, cand, device=device, tokens=tokens, seed=seed, atol=atol, rtol=rtol, dtype=dtype,
+                              progress=progress.layers("checking"))
     if json:
         render.emit_json(report.as_dict())
     else:

@@ -45,7 +45,7 @@ from qkvconv.litgpt_format import (
     open_litgpt,
 )
 from qkvconv.plan import Plan, Recipe, Reorder, copy
-from qkvconv.progress import progress_for
+from qkvconv.progress import layers, progress_for
 from qkvconv.readers import TensorMeta, TensorReader, open_reader
 from qkvconv.rotary import RopeOrder
 from qkvconv.sources import check_inside
@@ -483,6 +483,14 @@ def convert(
     return report
 
 
+def convert_folding_norms(source: Path, to: str | None, out: Path | None, **options: Any) -> ConvertReport:
+    """`qkvconv fold-norms`: a conversion with every norm folded into the linears it feeds, into the
+    source's own format unless `to` names another (full models only: an adapter is refused)."""
+    directory = source.parent if source.is_file() else source
+    target = to or (detect_format(directory) if directory.is_dir() else "litgpt")
+    return convert(source, target, out, changes=Transformations(fold_norms=True), **options)
+
+
 def _forward_check(reference: Path, candidate: Path, device: str, *, rounds: bool = False) -> str:
     """The converted model must compute what the source computes (verify.py); refuses otherwise.
 
@@ -499,7 +507,7 @@ def _forward_check(reference: Path, candidate: Path, device: str, *, rounds: boo
         stored = cand.dtype()
         if rounds and stored in (torch.bfloat16, torch.float16):
             atol, rtol = verifying.DEFAULT_TOLERANCE[stored]
-        report = verifying.verify(ref, cand, device=device, atol=atol, rtol=rtol)
+        report = verifying.verify(ref, cand, device=device, atol=atol, rtol=rtol, progress=layers("checking"))
     except UnsupportedFamily as e:
         return f"forward-pass check skipped: {e}"
     if not report.passed:
@@ -537,6 +545,11 @@ def _convert_adapter(
     elif src_format == "peft" and to in ("litgpt-lora", "litgpt"):
         hf_config, base_name = peft_base_config(directory, base)
         result = peft_format.peft_to_litgpt_lora(directory, out, hf_config=hf_config, checkpoint_dir=base_name)
+        if base_name is not None and not (Path(base_name) / WEIGHTS).is_file():
+            result.notes.append(
+                f"{HYPERPARAMETERS} checkpoint_dir is the Hugging Face base {base_name}: `qkvconv verify` reads it, "
+                f"but litgpt loads a litgpt base only: run `qkvconv convert {base_name} --to litgpt --out BASE` and "
+                "set checkpoint_dir to BASE")
     elif src_format == "peft" and to == "peft" and qkv is not None:
         result = _peft_to_peft(directory, out, base, qkv)
     else:
@@ -581,18 +594,24 @@ def _hf_config_of_litgpt_base(ckpt: LitgptCheckpoint, base_dir: Path | None, qkv
     return hf_config_for(cfg, kept, qkv)
 
 
-def peft_base_config(directory: Path, base: Path | None) -> tuple[dict[str, Any], str | None]:
-    """The base model's config.json: --base, or the adapter's base_model_name_or_path (a local
-    directory or a Hub repo id from the cache)."""
+def peft_base_config(
+    directory: Path, base: Path | None, *, option: str = "--base"
+) -> tuple[dict[str, Any], str | None]:
+    """The base model's config.json and its directory as an absolute path (a LoRA run written from it
+    must find it from anywhere): `base` (given as `option`), or the adapter's base_model_name_or_path
+    (a local directory or a Hub repo id from the cache)."""
     from qkvconv import sources
 
+    given = base is not None
     if base is None:
         name = read_json(directory / PEFT_CONFIG).get("base_model_name_or_path")
         if not name:
-            raise QkvconvError(f"{directory / PEFT_CONFIG} names no base model; pass the base HF directory with --base")
+            raise QkvconvError(f"{directory / PEFT_CONFIG} names no base model; pass the base HF directory with {option}")
         base = sources.resolve(name)
+    base = base.resolve()
     if (base / HF_CONFIG).is_file():
         return read_json(base / HF_CONFIG), str(base)
     if (base / CONFIG).is_file():
         return hf_config_from_litgpt(migrate_config(read_yaml(base / CONFIG))[0]), str(base)
-    raise QkvconvError(f"the base {base} has no {HF_CONFIG} or {CONFIG}")
+    where = f"{option} {base}" if given else f"the base {base}"
+    raise QkvconvError(f"{where} has no {HF_CONFIG} or {CONFIG}")

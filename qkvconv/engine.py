@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from qkvconv.errors import QkvconvError
+from qkvconv.progress import Progress
 from qkvconv.plan import Plan, Recipe
 from qkvconv.readers import RawBytes, TensorMeta, TensorReader, map_large_buffers
 
@@ -60,13 +61,6 @@ def schedule(plan: Plan, reader: TensorReader) -> list[Recipe]:
     """Recipes in the order their inputs appear in the source, consumers of one input together."""
     position = {name: i for i, name in enumerate(reader.names())}
     return sorted(plan.recipes, key=lambda r: (min(position[i] for i in r.inputs), r.output))
-
-
-@dataclass
-class Progress:
-    """Callback for bytes written, so the CLI can show a bar; the engine itself prints nothing."""
-
-    advance: Callable[[int], None] = lambda n: None
 
 
 def _batches(recipes: list[Recipe]) -> Iterator[list[Recipe]]:

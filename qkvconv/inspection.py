@@ -9,12 +9,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qkvconv.errors import CheckFailed, QkvconvError
+from qkvconv.errors import QkvconvError
 from qkvconv.litgpt_format import (
     CURRENT_NAMING,
     LEGACY_NAMING,
     LORA_WEIGHTS,
     NAMING_ORDER,
+    WEIGHTS,
     LitgptCheckpoint,
     ModelShape,
     check_full_shapes,
@@ -29,7 +30,7 @@ from qkvconv.transaction import JOURNAL_NAME, is_temporary
 
 # Report keys, in the order the table shows them; the JSON mode emits exactly these.
 FIELDS = (
-    "source", "format", "family", "legacy", "naming", "qkv_order", "evidence", "n_layer", "n_head",
+    "source", "format", "family", "model", "legacy", "naming", "qkv_order", "evidence", "n_layer", "n_head",
     "n_query_groups", "head_size", "n_embd", "attention", "lora", "dtype", "parameters", "files", "notes",
 )
 
@@ -49,8 +50,26 @@ def _order_evidence(naming: str | None, ckpt: LitgptCheckpoint) -> list[str]:
     return ev
 
 
-def inspect_litgpt(ckpt: LitgptCheckpoint) -> dict[str, Any]:
-    """Build the report for a litgpt directory; reads tensor metadata only (files are mmapped)."""
+def _litgpt_family(config: dict[str, Any]) -> str | None:
+    """The family (the same names as for HF directories) whose architecture computes this litgpt config."""
+    from qkvconv.hf_format import detect_family, hf_config_from_litgpt
+
+    try:
+        family = detect_family(hf_config_from_litgpt(migrate_config(config)[0]))
+    except QkvconvError:
+        return None
+    return family.name if family is not None else None
+
+
+def _base_is_legacy(base: Path) -> bool:
+    """Whether a LoRA run's base (a litgpt directory; an HF one never is) holds the legacy grouped layout."""
+    weights = base / WEIGHTS
+    return weights.is_file() and qkv_naming(load_state_dict_file(weights).tensors, weights) == LEGACY_NAMING
+
+
+def inspect_litgpt(ckpt: LitgptCheckpoint, base: Path | None = None) -> dict[str, Any]:
+    """Build the report for a litgpt directory; reads tensor metadata only (files are mmapped).
+    `base`: a LoRA run's base, where hyperparameters.yaml does not lead to it."""
     shape, heads = ckpt.shape, ckpt.shape.heads
     namings: set[str] = set()
     dtypes: Counter[str] = Counter()
@@ -85,12 +104,19 @@ def inspect_litgpt(ckpt: LitgptCheckpoint) -> dict[str, Any]:
     if ckpt.hyperparameters is not None:
         h = ckpt.hyperparameters
         s = h.settings
-        base = ckpt.find_base()
+        base = ckpt.find_base(base, hf=True)
+        base_legacy = _base_is_legacy(base) if base is not None else None
         lora = {
             "r": s.r, "alpha": s.alpha, "query": s.enable[0], "key": s.enable[1], "value": s.enable[2],
             "projection": h.projection, "mlp": h.mlp, "head": h.head,
-            "base": str(base) if base else None, "checkpoint_dir": h.checkpoint_dir,
+            "base": str(base) if base else None, "checkpoint_dir": h.checkpoint_dir, "base_legacy": base_legacy,
         }
+        if base_legacy:
+            notes.append(f"the base {base} is legacy (attn.attn): current litgpt computes wrong logits for this run "
+                         f"until it is upgraded: run `qkvconv upgrade {base}`")
+        elif base is None:
+            notes.append(f"the base of this LoRA run (checkpoint_dir={h.checkpoint_dir!r}) was not found, so its layout "
+                         "is unknown: pass --base DIR")
         if naming == LEGACY_NAMING and any(s.enable):
             plan = plan_reorder(s.enable, heads)
             if plan.expand:
@@ -101,7 +127,8 @@ def inspect_litgpt(ckpt: LitgptCheckpoint) -> dict[str, Any]:
     report = {
         "source": str(ckpt.directory),
         "format": ckpt.format,
-        "family": shape.name,
+        "family": _litgpt_family(ckpt.config),
+        "model": shape.name,
         "legacy": naming == LEGACY_NAMING or bool(config_changes),
         "naming": naming,
         "qkv_order": NAMING_ORDER[naming.split(".")[1]].value if naming else None,
@@ -158,7 +185,8 @@ def inspect_hf(directory: Path) -> dict[str, Any]:
                   "evidence": "architecture not in qkvconv's family table: the QKV order cannot be interpreted"}
         notes.append(f"{architecture} is not supported for conversion; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     report = {
-        "source": str(directory), "format": "hf", "family": layout["family"], "architecture": architecture,
+        "source": str(directory), "format": "hf", "family": layout["family"], "model": config_json.get("_name_or_path") or None,
+        "architecture": architecture,
         "legacy": False, "naming": layout["qkv"], "qkv_order": layout["qkv_order"], "evidence": [layout["evidence"]],
         "n_layer": config_json.get("num_hidden_layers", config_json.get("n_layer")),
         "n_head": layout["n_head"], "n_query_groups": layout["n_query_groups"], "head_size": layout["head_size"],
@@ -192,7 +220,7 @@ def inspect_meta(directory: Path) -> dict[str, Any]:
     shape = ModelShape.from_config(cfg, directory / meta_format.PARAMS)
     dtype, parameters = _tensor_summary(reader)
     return {
-        "source": str(directory), "format": "meta", "family": meta_format.LITGPT_NAME, "legacy": False,
+        "source": str(directory), "format": "meta", "family": "llama", "model": meta_format.LITGPT_NAME, "legacy": False,
         "naming": "attention.wq/wk/wv", "qkv_order": "split",
         "evidence": ["separate layers.{i}.attention.wq/wk/wv (Meta's original Llama code); Q/K rows in rotary "
                      "pairs order (dims 2i, 2i+1 rotate together)"],
@@ -205,8 +233,9 @@ def inspect_meta(directory: Path) -> dict[str, Any]:
     }
 
 
-def inspect_path(source: Path) -> dict[str, Any]:
-    """Inspect any supported checkpoint directory (litgpt, litgpt LoRA, Hugging Face, PEFT)."""
+def inspect_path(source: Path, base: Path | None = None) -> dict[str, Any]:
+    """Inspect any supported checkpoint directory (litgpt, litgpt LoRA, Hugging Face, Meta, PEFT).
+    `base`: the base of a LoRA run, where its hyperparameters.yaml does not lead to it."""
     from qkvconv.convert import detect_format
 
     directory = source.parent if source.is_file() else source
@@ -219,13 +248,24 @@ def inspect_path(source: Path) -> dict[str, Any]:
         from qkvconv.peft_format import inspect_peft
 
         return inspect_peft(directory)
-    return inspect_litgpt(open_litgpt(source))
+    return inspect_litgpt(open_litgpt(source), base)
 
 
-def check_expectation(report: dict[str, Any], expect: str) -> None:
-    """`--expect current|legacy`: raise CheckFailed (exit 1) when the checkpoint is not as expected."""
-    is_legacy = report["legacy"]
-    if expect == "current" and is_legacy:
-        raise CheckFailed(f"{report['source']} is legacy ({report['naming']}); run `qkvconv upgrade {report['source']}`")
-    if expect == "legacy" and not is_legacy:
-        raise CheckFailed(f"{report['source']} is current ({report['naming']}), not legacy")
+def expectation_failure(report: dict[str, Any], expect: str) -> str | None:
+    """`--expect current|legacy` as a CI gate: why the checkpoint is not as expected, or None.
+
+    `current` covers what litgpt will load with it: a LoRA run whose base is legacy computes wrong logits
+    under current litgpt, and one whose base cannot be found cannot be said to be current.
+    """
+    source, lora = report["source"], report.get("lora") or {}
+    if expect == "legacy":
+        return None if report["legacy"] else f"{source} is current ({report['naming']}), not legacy"
+    if report["legacy"]:
+        return f"{source} is legacy ({report['naming']}); run `qkvconv upgrade {source}`"
+    if "base_legacy" in lora and lora["base_legacy"] is None:
+        return (f"the base of the LoRA run {source} (checkpoint_dir={lora['checkpoint_dir']!r}) was not found, so it "
+                "is not known to be current; pass --base DIR")
+    if lora.get("base_legacy"):
+        return (f"the LoRA run {source} is current but its base {lora['base']} is legacy: current litgpt computes "
+                f"wrong logits with it; run `qkvconv upgrade {lora['base']}`")
+    return None

@@ -160,19 +160,28 @@ class LitgptCheckpoint:
     def weight_files(self) -> list[Path]:
         return [p for p in (self.weights, self.lora_weights) if p is not None]
 
-    def find_base(self, base: Path | None = None) -> Path | None:
+    def find_base(self, base: Path | None = None, *, option: str = "--base", hf: bool = False) -> Path | None:
         """The base checkpoint directory of a LoRA run: `base` if given, else `checkpoint_dir`
-        from hyperparameters.yaml, tried as given, then relative to this directory and its parents."""
+        from hyperparameters.yaml, tried as given, then relative to this directory and its parents.
+
+        A base is a litgpt directory; with `hf`, a Hugging Face directory (config.json) counts too (the
+        reference pass reads either, litgpt itself only the first). `option` names the command-line
+        option a wrong `base` came from, so the error points at what the user typed.
+        """
+        def usable(c: Path) -> bool:
+            return (c / WEIGHTS).is_file() or (hf and (c / "config.json").is_file())
+
         if base is not None:
-            if not (base / WEIGHTS).is_file():
-                raise QkvconvError(f"--base {base} has no {WEIGHTS}")
-            return base
+            if not usable(base):
+                wanted = f"{WEIGHTS} or config.json" if hf else WEIGHTS
+                raise QkvconvError(f"{option} {base} has no {wanted}")
+            return base.resolve()
         name = self.hyperparameters.checkpoint_dir if self.hyperparameters else None
         if not name:
             return None
         candidates = [Path(name)] + [d / name for d in (self.directory, *self.directory.parents[:3])]
         for c in candidates:
-            if (c / WEIGHTS).is_file():
+            if usable(c):
                 return c.resolve()
         return None
 

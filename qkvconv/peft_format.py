@@ -793,10 +793,9 @@ def _export_notes(
         how = "current sequential semantics"
         if legacy:
             how = "legacy all-q,k,v semantics: rows mix A blocks" if all(s.enable) else "legacy grouped semantics"
-        notes.append(
-            f"{_flags(s.enable)} adapter (lora_r {s.r}) exported as {listed(qkv_keys)} "
-            f"(exact; {how}; alpha grows with the rank, so alpha/r stays {s.alpha}/{s.r})"
-        )
+        grown = any(ranks[k] != s.r for k in qkv_keys)
+        alpha = f"; alpha grows with the rank, so alpha/r stays {s.alpha}/{s.r}" if grown else ""
+        notes.append(f"{_flags(s.enable)} adapter (lora_r {s.r}) exported as {listed(qkv_keys)} (exact; {how}{alpha})")
     if set(ranks) - qkv_keys:
         notes.append(f"{listed(set(ranks) - qkv_keys)} (exact copies of litgpt's matrices)")
     notes.append(

@@ -340,8 +340,20 @@ def _zip_byteorder(path: Path) -> str | None:
         return "unknown"
 
 
+def _is_legacy_pickle(path: Path) -> bool:
+    """A torch.save file of the pre-1.6 format: a bare pickle (protocol 2 opcode first), not a zip."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x80\x02"
+
+
 def safe_torch_load(path: Path, mmap: bool) -> Any:
     """torch.load with weights_only=True; every failure becomes one QkvconvError."""
+    if path.is_file() and not _is_zip(path) and _is_legacy_pickle(path):
+        raise QkvconvError(
+            f"{path} is in torch's legacy serialization format (torch.save before 1.6, or "
+            "_use_new_zipfile_serialization=False), which cannot be memory-mapped: re-save it in the zip format "
+            f"with python -c \"import torch; p='{path}'; torch.save(torch.load(p, weights_only=True), p)\""
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:

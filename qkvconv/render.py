@@ -48,6 +48,12 @@ def lines(header: str, items: list[str]) -> None:
         out.print(f"  - {item}")
 
 
+def notes(items: list[str]) -> None:
+    """What the user should know or do next, apart from what was done."""
+    if items:
+        lines("[bold yellow]notes:[/]", items)
+
+
 def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
 

@@ -31,7 +31,12 @@ def resolve(source: str | Path, revision: str | None = None) -> Path:
     text = str(source)
     if not is_repo_id(text):
         raise QkvconvError(f"{source} does not exist (neither a local path nor a Hub repo id like org/name)")
-    return _from_hub(text, revision)
+    if Path(Path(text).parts[0]).is_dir():  # "checkpoints/mymodel" beside a local checkpoints/: a typo, not a repo
+        raise QkvconvError(f"no such local path: {source} ({Path(text).parts[0]}/ exists, but has no {Path(text).name})")
+    try:
+        return _from_hub(text, revision)
+    except QkvconvError as e:
+        raise QkvconvError(f"no such local path: {source}; read as a Hub repo id: {e}") from None
 
 
 def _from_hub(repo_id: str, revision: str | None) -> Path:

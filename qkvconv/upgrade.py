@@ -64,6 +64,7 @@ class UpgradeReport:
     checks: list[str] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
     lora_rank: tuple[int, int] | None = None
+    notes: list[str] = field(default_factory=list)  # what the user should know or do next (not done here)
 
     def as_dict(self) -> dict:
         return {
@@ -74,6 +75,7 @@ class UpgradeReport:
             "checks": self.checks,
             "recovered": self.recovered,
             "lora_rank": list(self.lora_rank) if self.lora_rank else None,
+            "notes": self.notes,
         }
 
 
@@ -336,7 +338,7 @@ def upgrade(
                     f"LoRA on all of q, k, v: exact adapter at rank {s.r * factor} (was {s.r}); "
                     f"lora_alpha {s.alpha} -> {s.alpha * factor}, so alpha/r is unchanged"
                 )
-        report.actions += _legacy_base_warning(ckpt)
+        report.notes += _legacy_base_warning(ckpt)
         if out is None:
             _upgrade_in_place(ckpt, staged, new_config if config_changes else None,
                               new_hyper if factor > 1 else None, report, forward_check)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
 from qkvconv import forward
 from qkvconv.errors import CheckFailed, QkvconvError
+from qkvconv.progress import layers
 from qkvconv.weights import ModelWeights
 
 # Default tolerances per compute dtype: (atol, rtol), with a stage passing when
@@ -124,9 +126,10 @@ def verify(
     atol: float | None = None,
     rtol: float | None = None,
     dtype: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
     """Run both models on the same random tokens, stage by stage; never raises on a mismatch
-    (the report says it), only on bad input."""
+    (the report says it), only on bad input. `progress(done, total)` hears of each layer compared."""
     start = time.perf_counter()
     dev = resolve_device(device)
     arch_a, arch_b = architecture(reference), architecture(candidate)
@@ -159,6 +162,8 @@ def verify(
             xb = forward.block(arch_b, i, candidate, xb)
             candidate.release()
             compare(f"layer {i}", xa, xb)
+            if progress is not None:
+                progress(i + 1, arch_a.n_layer)
         la, lb = forward.head(arch_a, reference, xa), forward.head(arch_b, candidate, xb)
         compare("logits", la, lb)
         report.top1_agreement = float((la.argmax(-1) == lb.argmax(-1)).float().mean())
@@ -182,7 +187,7 @@ def upgrade_check(device: str = "cpu"):
             return f"forward-pass check skipped: {e}"
         after = litgpt_weights(original, overrides=staged)
         try:
-            report = verify(before, after, device=device)
+            report = verify(before, after, device=device, progress=layers("checking"))
         except forward.UnsupportedFamily as e:
             return f"forward-pass check skipped: {e}"
         if not report.passed:

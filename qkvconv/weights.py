@@ -21,6 +21,7 @@ from qkvconv.config_files import read_yaml
 from qkvconv.litgpt_format import (
     CONFIG,
     HYPERPARAMETERS,
+    LEGACY_NAMING,
     LORA_WEIGHTS,
     QKV_KEY,
     WEIGHTS,
@@ -33,6 +34,7 @@ from qkvconv.litgpt_format import (
     load_state_dict_file,
     migrate_config,
     open_litgpt,
+    qkv_naming,
 )
 from qkvconv.lora_layout import qkv_delta
 from qkvconv.plan import Recipe
@@ -113,9 +115,12 @@ class ModelWeights:
 
 
 def litgpt_weights(
-    ckpt: LitgptCheckpoint, *, base: Path | None = None, overrides: dict[str, Path] | None = None
-) -> ModelWeights:
-    """Weights of a litgpt checkpoint directory; `overrides` replaces files by name (a staged upgrade)."""
+    ckpt: LitgptCheckpoint, *, base: Path | None = None, overrides: dict[str, Path] | None = None,
+    base_option: str = "--base",
+) -> ModelWeights | AdaptedWeights:
+    """Weights of a litgpt checkpoint directory; `overrides` replaces files by name (a staged upgrade).
+    A LoRA run's base may be a litgpt or (as `convert --to litgpt-lora` of a PEFT adapter leaves it) an HF
+    directory."""
     files = {n: ckpt.directory / n for n in (WEIGHTS, LORA_WEIGHTS, CONFIG, HYPERPARAMETERS)}
     files.update(overrides or {})
     config = read_yaml(files[CONFIG]) if files[CONFIG].is_file() else ckpt.config
@@ -126,16 +131,24 @@ def litgpt_weights(
         check_full_shapes(sd, shape)
         return ModelWeights(str(ckpt.directory), config, shape.heads, sd)
     hyper = LoraHyperparameters.from_yaml(read_yaml(files[HYPERPARAMETERS]), files[HYPERPARAMETERS])
-    base_dir = ckpt.find_base(base)
+    base_dir = ckpt.find_base(base, option=base_option, hf=True)
     if base_dir is None:
         raise QkvconvError(
             f"cannot find the base checkpoint of the LoRA run {ckpt.directory} (hyperparameters.yaml "
-            f"checkpoint_dir={ckpt.hyperparameters.checkpoint_dir if ckpt.hyperparameters else None!r}); pass --base DIR"
+            f"checkpoint_dir={ckpt.hyperparameters.checkpoint_dir if ckpt.hyperparameters else None!r}); "
+            f"pass {base_option} DIR"
         )
-    base_sd = load_state_dict_file(base_dir / WEIGHTS)
-    check_full_shapes(base_sd, shape)
     adapter = load_state_dict_file(files[LORA_WEIGHTS])
     check_lora_shapes(adapter, shape, hyper)
+    if not (base_dir / WEIGHTS).is_file():  # a Hugging Face base
+        if qkv_naming(adapter.tensors, files[LORA_WEIGHTS]) == LEGACY_NAMING:
+            raise QkvconvError(f"{ckpt.directory} is a legacy LoRA run on the Hugging Face base {base_dir}: "
+                               f"upgrade it first (qkvconv upgrade {ckpt.directory} --out DIR --base LITGPT_BASE)")
+        inner = hf_weights(base_dir)
+        return AdaptedWeights(f"{ckpt.directory} (LoRA on {base_dir})", inner, dict(adapter.tensors), hyper,
+                              shape.heads)
+    base_sd = load_state_dict_file(base_dir / WEIGHTS)
+    check_full_shapes(base_sd, shape)
     return ModelWeights(f"{ckpt.directory} (LoRA on {base_dir})", config, shape.heads, base_sd, adapter, hyper)
 
 
@@ -220,14 +233,14 @@ class AdaptedWeights:
         return self.inner.dtype()
 
 
-def peft_weights(directory: Path, *, base: Path | None = None) -> AdaptedWeights:
+def peft_weights(directory: Path, *, base: Path | None = None, base_option: str = "--base") -> AdaptedWeights:
     """A PEFT adapter on its base (--base, else the adapter's base_model_name_or_path): HF or litgpt."""
     import tempfile
 
     from qkvconv.convert import peft_base_config
     from qkvconv.peft_format import peft_to_litgpt_lora
 
-    config_json, base_name = peft_base_config(directory, base)
+    config_json, base_name = peft_base_config(directory, base, option=base_option)
     assert base_name is not None
     inner = open_weights(Path(base_name))
     if not isinstance(inner, (ModelWeights, PlannedWeights)) or getattr(inner, "adapter", None) is not None:
@@ -243,7 +256,7 @@ def peft_weights(directory: Path, *, base: Path | None = None) -> AdaptedWeights
 
 
 def open_weights(
-    source: Path, *, base: Path | None = None
+    source: Path, *, base: Path | None = None, base_option: str = "--base"
 ) -> ModelWeights | PlannedWeights | AdaptedWeights:
     """Any supported checkpoint directory, as weights under current litgpt names; `base`: the base
     of a LoRA run or PEFT adapter, where its own files do not say."""
@@ -257,5 +270,5 @@ def open_weights(
         if kind == "meta":
             return meta_weights(directory)
         if kind == "peft":
-            return peft_weights(directory, base=base)
-    return litgpt_weights(open_litgpt(source), base=base)
+            return peft_weights(directory, base=base, base_option=base_option)
+    return litgpt_weights(open_litgpt(source), base=base, base_option=base_option)

@@ -560,3 +560,24 @@ def test_inspect_peft(bases, tmp_path):
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     assert any("DoRA" in n for n in inspect_peft(tmp_path / "peft")["notes"])
+
+
+def test_imported_run_points_at_its_base_from_anywhere(plain_adapter, tmp_path, monkeypatch):
+    """`convert ADAPTER --to litgpt-lora --base HF_DIR` with a relative --base: checkpoint_dir is absolute,
+    so `verify` of the run finds its (HF) base from another directory, and the notes say what litgpt needs."""
+    from typer.testing import CliRunner
+
+    from qkvconv.cli import app
+
+    base, adapter = plain_adapter
+    monkeypatch.chdir(base.directory.parent)
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", str(adapter), "--to", "litgpt-lora", "--base", base.directory.name,
+                                 "--out", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    hyper = yaml.safe_load((tmp_path / "run" / "hyperparameters.yaml").read_text())
+    assert Path(hyper["checkpoint_dir"]).is_absolute() and Path(hyper["checkpoint_dir"]) == base.directory.resolve()
+    assert any("--to litgpt" in note for note in json.loads(result.stdout)["actions"])
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["verify", str(adapter), "run"])
+    assert result.exit_code == 0, result.output
