@@ -1,20 +1,28 @@
 """`python -m qkvconv` and the `qkvconv` console script.
 
-Kept apart from cli.py so that a Ctrl-C while Python loads the command line (typer, rich) ends with
-one line and exit code 130, not a traceback: the import itself runs inside the guard.
+A Ctrl-C while Python loads the command line and its libraries (typer, rich, torch) must end with one
+line and exit code 130, not a traceback; and some libraries' imports swallow a KeyboardInterrupt
+(bare `except:`), so the run would go on as if nothing was pressed. Until a command starts working,
+SIGINT therefore exits at once (nothing has been written yet); `cli.working()` then gives Python's own
+handler back, so the commands clean up after themselves on Ctrl-C.
 """
 
 from __future__ import annotations
 
-import sys
+import os
+import signal
+from types import FrameType
+
+
+def _interrupted_while_starting(signum: int, frame: FrameType | None) -> None:
+    os.write(2, b"error: interrupted while starting; nothing was done\n")
+    os._exit(130)
 
 
 def main() -> None:
-    try:
-        from qkvconv.cli import main as run
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted while starting; nothing was done\n")
-        raise SystemExit(130) from None
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    from qkvconv.cli import main as run
+
     run()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,11 @@ EXIT_CODES_HELP = (
 def examples(*lines: str) -> str:
     """A command's epilog: its examples, kept as written (\\b stops click re-wrapping them)."""
     return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines) + "\n\n" + EXIT_CODES_HELP
+
+
+def working() -> None:
+    """From here on a Ctrl-C raises KeyboardInterrupt, which the commands clean up after (see __main__)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def fail(message: str, code: int, as_json: bool, report: dict[str, Any] | None = None) -> NoReturn:
@@ -243,7 +249,7 @@ def upgrade_cmd(
     with progress.status("planning"):
         from qkvconv import upgrade as upgrading
         from qkvconv import verify as verifying
-
+    working()
     check = verifying.upgrade_check(device) if verify else None
     report = upgrading.upgrade(path, out, lora_merge=lora_merge, base=base, forward_check=check,
                                allow_nonfinite=allow_nonfinite)
@@ -334,6 +340,7 @@ def convert_cmd(
         from qkvconv import convert as converting
 
         changes = transformations(rope, kv_heads, fold_norms, qkv)
+    working()
     report = converting.convert(
         path, to.value, out, base=base, max_shard_size=shard_bytes, dry_run=dry_run, forward_check=verify,
         device=device, changes=changes, merge=merge, allow_nonfinite=allow_nonfinite,
@@ -388,7 +395,7 @@ def fold_norms_cmd(
     path = sources.resolve(source, revision)
     with progress.status("planning"):
         from qkvconv import convert as converting
-
+    working()
     report = converting.convert_folding_norms(
         path, to.value if to else None, out, max_shard_size=shard_bytes, dry_run=dry_run, forward_check=verify,
         device=device, allow_nonfinite=allow_nonfinite,
@@ -433,6 +440,7 @@ def verify_cmd(
         ref = open_weights(reference_path, base=base, base_option="--base")
         cand = open_weights(candidate_path, base=candidate_base or base,
                             base_option="--candidate-base" if candidate_base else "--candidate-base (or --base)")
+    working()
     report = verifying.verify(ref, cand, device=device, tokens=tokens, seed=seed, atol=atol, rtol=rtol, dtype=dtype,
                               progress=progress.layers("checking"))
     if json:

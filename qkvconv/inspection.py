@@ -56,7 +56,7 @@ def _litgpt_family(config: dict[str, Any]) -> str | None:
 
     try:
         family = detect_family(hf_config_from_litgpt(migrate_config(config)[0]))
-    except QkvconvError:
+    except (QkvconvError, ValueError, TypeError, KeyError):  # informative only: a bad config is reported elsewhere
         return None
     return family.name if family is not None else None
 

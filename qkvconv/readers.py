@@ -347,8 +347,9 @@ def _is_legacy_pickle(path: Path) -> bool:
 
 
 def safe_torch_load(path: Path, mmap: bool) -> Any:
-    """torch.load with weights_only=True; every failure becomes one QkvconvError."""
-    if path.is_file() and not _is_zip(path) and _is_legacy_pickle(path):
+    """torch.load with weights_only=True; every failure becomes one QkvconvError. `mmap`: the caller
+    streams the file (litgpt checkpoints), which the legacy pickle format cannot serve."""
+    if mmap and path.is_file() and not _is_zip(path) and _is_legacy_pickle(path):
         raise QkvconvError(
             f"{path} is in torch's legacy serialization format (torch.save before 1.6, or "
             "_use_new_zipfile_serialization=False), which cannot be memory-mapped: re-save it in the zip format "

@@ -346,4 +346,4 @@ def test_verify_tells_an_adapter_from_its_base(bases, tmp_path):  # noqa: F811
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
     result = cli("verify", base.directory, tmp_path / "peft")
-    assert result.exit_code == 2 and "names no base model; pass the base HF directory with --base" in result.output
+    assert result.exit_code == 2 and "names no base model; pass the base HF directory with --candidate-base" in result.output

@@ -58,7 +58,7 @@ def test_lora_upgrade_reproduces_legacy_logits(name: str, legacy) -> None:
         litgpt_logits(base, ref["tokens"], lora_dir=_migrated_copy(directory))
     report = upgrade(directory)
     assert report.changed
-    assert any("base" in a and "legacy" in a for a in report.actions)  # told to upgrade the base too
+    assert any("base" in a and "legacy" in a for a in report.notes)  # told to upgrade the base too
     upgrade(base)
     logits = litgpt_logits(base, ref["tokens"], lora_dir=directory)
     assert (logits - ref["logits"]).abs().max() < 1e-5
