@@ -14,7 +14,6 @@ architecture (hf_config_for), since every format fixes the fusion per architectu
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ from qkvconv.sources import check_inside
 from qkvconv.transaction import is_temporary
 from qkvconv.transforms import ModelPlan, compose, expand_kv_heads, fold_norms, set_rope
 from qkvconv.config_files import read_json, read_yaml
-from qkvconv.transaction import new_directory
+from qkvconv.transaction import copy_new, new_directory
 from qkvconv.upgrade import full_upgrade_plan, merge_lora
 from qkvconv.writers import SafetensorsWriter, TorchWriter, plan_shards
 
@@ -156,7 +155,7 @@ def _copy_other_files(src: Path, dst: Path, skip: set[str]) -> None:
             continue
         check_inside(item, src)
         if item.is_file():
-            shutil.copy2(item, dst / item.name)
+            copy_new(item, dst / item.name)
 
 
 def _dry_run_lines(plan: Plan, layout: dict[str, TensorMeta], shards: dict[str, list[str]]) -> list[dict[str, Any]]:

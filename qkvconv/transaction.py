@@ -11,6 +11,11 @@ moved beside their targets under hidden temporary names, a journal lists the ren
 run, the journal goes. A run that finds a journal finishes the renames (the staged files were
 complete and checked before the journal existed); staged files without a journal are deleted.
 A lock on the directory keeps two qkvconv runs off it.
+
+Modes: a replaced directory or file keeps the mode bits (and, where this process may set them, the
+owner and group) of the one it replaces, so an upgrade never widens who may read a private checkpoint
+nor makes a read-only one writable. A new directory (`new_directory`) and the files in it are new
+files of this user: the umask decides.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -44,8 +51,77 @@ def fsync_dir(directory: Path) -> None:
 
 
 def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    """Make a file's content and mode durable. Opened read-only: a new version may already be 0444."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _keep_owner(path: Path, original: os.stat_result) -> None:
+    """Give `path` the owner and group of `original` where this process may.
+
+    Root keeps a user's checkpoint theirs; an ordinary user cannot give a file away but may still
+    keep its group when they belong to it; otherwise (EPERM) the new file stays this user's.
+    """
+    now = os.lstat(path)
+    if (now.st_uid, now.st_gid) == (original.st_uid, original.st_gid):
+        return
+    for uid in (original.st_uid, -1):
+        try:
+            os.chown(path, uid, original.st_gid, follow_symlinks=False)
+            return
+        except PermissionError:
+            continue
+
+
+def keep_mode(path: Path, original: os.stat_result) -> None:
+    """Give a new version (file or directory) the owner, group and mode bits of the one it replaces.
+
+    The owner first: chown clears set-user/group-ID bits, which the chmod then restores.
+    """
+    _keep_owner(path, original)
+    os.chmod(path, stat.S_IMODE(original.st_mode))
+
+
+def take_modes(staged: Mapping[Path, Path]) -> None:
+    """Each staged file (target -> new version) takes the mode and owner of the file it will replace,
+    so rewriting `lit_model.pth` does not turn a 0600 file into a 0644 one. A file with no
+    predecessor stays as created (the umask's mode), like any new file of this user."""
+    for target, path in staged.items():
+        try:
+            original = os.stat(target)
+        except FileNotFoundError:
+            continue
+        keep_mode(path, original)
+
+
+def remove_tree(path: Path, *, ignore_errors: bool = False) -> None:
+    """Delete a directory tree, read-only directories included.
+
+    The old version of a 0555 checkpoint (after the swap) or a build that already took that mode
+    cannot be emptied by its owner as it is: deleting an entry needs write permission on its
+    directory. The owner may grant it, so each directory gets u+rwx first (the tree is going away).
+    """
+    if not path.is_dir() or path.is_symlink():
+        return
+    for root, _, _ in os.walk(path):  # top-down: each directory is writable before rmtree empties it
+        try:
+            os.chmod(root, stat.S_IMODE(os.lstat(root).st_mode) | stat.S_IRWXU)
+        except OSError:
+            pass
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
+def require_writable(directory: Path, why: str) -> None:
+    """Refuse, before anything is written, to stage files inside a directory this process cannot
+    write (a 0555 checkpoint on the journal path): say how to get the upgrade anyway."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise QkvconvError(
+            f"{directory} is read-only and {why}, so the new files would have to be written inside it; "
+            f"make it writable (chmod u+w) and run again, or upgrade into a new directory with --out DIR"
+        )
 
 
 def staged_name(target: Path) -> Path:
@@ -99,7 +175,7 @@ def recover(directory: Path) -> list[str]:
     done: list[str] = []
     leftover_build = sibling(directory.resolve())
     if leftover_build.exists():
-        shutil.rmtree(leftover_build, ignore_errors=True)
+        remove_tree(leftover_build, ignore_errors=True)
         done.append(f"removed an interrupted run's leftover {leftover_build.name}")
     journal = directory / JOURNAL_NAME
     if journal.exists():
@@ -120,7 +196,7 @@ def recover(directory: Path) -> list[str]:
     for leftover in directory.iterdir():
         if leftover.name.endswith(TMP_SUFFIX):
             if leftover.is_dir():
-                shutil.rmtree(leftover)
+                remove_tree(leftover)
             else:
                 leftover.unlink()
             done.append(f"removed a leftover temporary file: {leftover.name}")
@@ -142,6 +218,7 @@ class Transaction:
         return path
 
     def commit(self) -> None:
+        take_modes(self.staged)  # before the journal: a roll-forward renames files that have their modes
         for path in self.staged.values():
             fsync_file(path)
         crash_point("before-journal")
@@ -195,17 +272,22 @@ def exchange(a: Path, b: Path) -> bool:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    """Put an unchanged entry into the build: a hard link where possible (same inode, so same mode and
+    owner); a copy, a new symlink or a new subdirectory takes the original's mode and owner."""
     if src.is_symlink():
         os.symlink(os.readlink(src), dst)
+        _keep_owner(dst, src.lstat())
     elif src.is_dir():
         dst.mkdir()
         for child in src.iterdir():
             _link_or_copy(child, dst / child.name)
+        keep_mode(dst, src.stat())  # after its entries: a read-only subdirectory can still be filled
     else:
         try:
             os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
+            keep_mode(dst, src.stat())
 
 
 class Replacement:
@@ -223,11 +305,12 @@ class Replacement:
     def __enter__(self) -> "Replacement":
         assert self.build is not None
         if self.build.exists():
-            shutil.rmtree(self.build)
+            remove_tree(self.build)
         try:
-            self.build.mkdir()
+            self.build.mkdir()  # writable whatever the original's mode: it takes that mode just before the swap
         except OSError:
             self.build = None  # parent not writable: stage inside the directory (journal mode)
+            require_writable(self.directory, "its parent directory is not writable")
         return self
 
     def stage(self, target_name: str) -> Path:
@@ -244,19 +327,23 @@ class Replacement:
         for item in self.directory.iterdir():
             if item.name not in names and not is_temporary(item):
                 _link_or_copy(item, self.build / item.name)
+        take_modes(self.staged)
         for path in self.staged.values():
             fsync_file(path)
+        keep_mode(self.build, self.directory.stat())  # last: a 0555 original makes the build read-only
         fsync_dir(self.build)
         crash_point("before-exchange")
         if exchange(self.directory, self.build):
             fsync_dir(self.directory.parent)
             crash_point("after-exchange")
-            shutil.rmtree(self.build, ignore_errors=True)  # the old version now lives there
+            remove_tree(self.build, ignore_errors=True)  # the old version now lives there
         else:
+            os.chmod(self.build, stat.S_IRWXU)  # the staged files move out of it again
             self._commit_by_journal()
         self.staged.clear()
 
     def _commit_by_journal(self) -> None:
+        require_writable(self.directory, "this filesystem cannot exchange two directories")
         tx = Transaction(self.directory)
         for target, path in self.staged.items():
             staged = tx.stage(target.name)
@@ -264,12 +351,12 @@ class Replacement:
                 os.replace(path, staged)
         tx.commit()
         if self.build is not None:
-            shutil.rmtree(self.build, ignore_errors=True)
+            remove_tree(self.build, ignore_errors=True)
         self.staged.clear()
 
     def abort(self) -> None:
         if self.build is not None:
-            shutil.rmtree(self.build, ignore_errors=True)
+            remove_tree(self.build, ignore_errors=True)
         for path in self.staged.values():
             path.unlink(missing_ok=True)
         self.staged.clear()
@@ -295,12 +382,24 @@ def fresh_output(out: Path) -> Path:
 
 
 def publish(tmp: Path, out: Path) -> None:
-    """Make a finished build directory appear at `out`, in one rename."""
+    """Make a finished build directory appear at `out`, in one rename.
+
+    The build was made by mkdir, so it has the umask's mode; an empty directory the user made for
+    `out` beforehand is replaced, and the build takes its mode and owner instead.
+    """
     fsync_dir(tmp)
     if out.exists():
+        keep_mode(tmp, out.stat())
         out.rmdir()  # empty, checked by fresh_output
     os.rename(tmp, out)
     fsync_dir(out.parent)
+
+
+def copy_new(src: Path, dst: Path) -> None:
+    """Copy a file's content into a new output directory as a new file of this user: the umask sets
+    its mode, as for the files qkvconv writes there (shutil.copy2 would carry the source's mode over,
+    so a 0444 source made a read-only copy and a 0644 one ignored a private umask)."""
+    shutil.copyfile(src, dst)
 
 
 @contextmanager

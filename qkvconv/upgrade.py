@@ -8,7 +8,6 @@ untouched and a complete new directory appears at `out` in one rename.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +46,7 @@ from qkvconv.transaction import (
     JOURNAL_NAME,
     DirectoryLock,
     Replacement,
+    copy_new,
     is_temporary,
     new_directory,
     recover,
@@ -391,7 +391,7 @@ def _copy_files(src: Path, dst: Path, skip: set[str]) -> None:
             continue
         check_inside(item, src)
         if item.is_file():
-            shutil.copy2(item, dst / item.name)  # follows a (checked) symlink: copies the content
+            copy_new(item, dst / item.name)  # follows a (checked) symlink: copies the content
 
 
 def _upgrade_into(

@@ -78,9 +78,13 @@ class _Layout:
 
 
 def _create(path: Path) -> int:
-    """A new file for writing; an existing file is never overwritten (the caller picks fresh names)."""
+    """A new file for writing; an existing file is never overwritten (the caller picks fresh names).
+
+    Created 0666 less the umask, like open(path, "w"): a new file's mode is the user's to choose (a
+    file that replaces another takes that one's mode when it is swapped in: transaction.py).
+    """
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     except FileExistsError:
         raise QkvconvError(f"cannot write {path}: it already exists") from None
     except OSError as e:
