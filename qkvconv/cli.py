@@ -248,13 +248,14 @@ def fold_norms_cmd(
     verify: VerifyOpt = True,
     device: DeviceOpt = "cpu",
     json: JsonOpt = False,
+    allow_nonfinite: AllowNonfiniteOpt = False,
 ) -> None:
     """Fold every norm's gain (and LayerNorm bias) into the linears it feeds; the norms become identities."""
     path = sources.resolve(source, revision)
     target = to or converting.detect_format(path.parent if path.is_file() else path)
     report = converting.convert(
         path, target, out, max_shard_size=parse_size(max_shard_size), dry_run=dry_run, forward_check=verify,
-        device=device, changes=converting.Transformations(fold_norms=True),
+        device=device, changes=converting.Transformations(fold_norms=True), allow_nonfinite=allow_nonfinite,
     )
     _show_conversion(report, dry_run, json)
 
