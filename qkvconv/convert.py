@@ -23,7 +23,7 @@ import yaml
 
 from qkvconv import meta_format
 from qkvconv.engine import execute, output_layout
-from qkvconv.errors import CheckFailed, QkvconvError
+from qkvconv.errors import QkvconvError
 from qkvconv.hf_format import (
     describe_layout,
     detect_family,
@@ -429,7 +429,8 @@ def convert(
                                "(convert the merged result onwards in a second step)")
         from qkvconv.verify import upgrade_check
 
-        merged = merge_lora(directory, out, base=base, forward_check=upgrade_check(device) if forward_check else None)
+        merged = merge_lora(directory, out, base=base, forward_check=upgrade_check(device) if forward_check else None,
+                            allow_nonfinite=allow_nonfinite)
         report.actions += merged.actions
         report.checks += merged.checks
         return report
@@ -439,7 +440,8 @@ def convert(
                 "--rope, --kv-heads and --fold-norms transform full models, not LoRA adapters: transform the base "
                 "model, or merge the adapter first (`--to litgpt --merge`)"
             )
-        return _convert_adapter(directory, src_format, to, out, base, report, dry_run, changes.qkv)
+        return _convert_adapter(directory, src_format, to, out, base, report, dry_run, changes.qkv,
+                                allow_nonfinite=allow_nonfinite)
     if out is None and not dry_run:
         raise QkvconvError("convert writes a new directory: give it with --out DIR")
     # litgpt can hold pairs rotary (rope_interleave); a target that holds half only must re-order it
@@ -510,24 +512,23 @@ def _forward_check(reference: Path, candidate: Path, device: str, *, rounds: boo
     except UnsupportedFamily as e:
         return f"forward-pass check skipped: {e}"
     if not report.passed:
-        raise CheckFailed(
-            f"the converted checkpoint computes something else (first difference at {report.first_difference}, "
-            f"logits differ by {report.logits_max_abs_diff:.3g}); nothing was written"
-        )
+        raise verifying.mismatch(report, "the converted checkpoint", "nothing was written")
     if all(s.max_abs_diff == 0 for s in report.stages):
         how = "bitwise equal"
     else:
         worst = max(s.max_abs_diff / s.scale if s.scale else s.max_abs_diff for s in report.stages)
         how = (f"max logit difference {report.logits_max_abs_diff:.2g}, largest stage difference {worst:.2g} of its "
                f"scale (tolerance atol {report.atol:g} + rtol {report.rtol:g} x scale)")
-    return f"forward pass on {report.device} ({report.dtype}): every layer and the logits agree, {how}"
+    nonfinite = f"; {report.nonfinite_summary}" if report.nonfinite_summary else ""
+    return f"forward pass on {report.device} ({report.dtype}): every layer and the logits agree, {how}{nonfinite}"
 
 
 def _convert_adapter(
     directory: Path, src_format: str, to: str, out: Path | None, base: Path | None, report: ConvertReport,
-    dry_run: bool, qkv: str | None = None,
+    dry_run: bool, qkv: str | None = None, *, allow_nonfinite: bool = False,
 ) -> ConvertReport:
-    """litgpt-lora <-> peft, and peft -> peft with another QKV fusion (--qkv: Phi-3 <-> Llama)."""
+    """litgpt-lora <-> peft, and peft -> peft with another QKV fusion (--qkv: Phi-3 <-> Llama); NaN/inf in
+    the adapter is refused unless `allow_nonfinite`."""
     from qkvconv import peft_format
 
     if out is None:
@@ -540,17 +541,19 @@ def _convert_adapter(
         base_dir = ckpt.find_base(base)
         hf_config = _hf_config_of_litgpt_base(ckpt, base_dir, qkv)
         result = peft_format.litgpt_lora_to_peft(directory, out, hf_config=hf_config,
-                                                 base_model_name_or_path=str(base_dir) if base_dir else None)
+                                                 base_model_name_or_path=str(base_dir) if base_dir else None,
+                                                 allow_nonfinite=allow_nonfinite)
     elif src_format == "peft" and to in ("litgpt-lora", "litgpt"):
         hf_config, base_name = peft_base_config(directory, base)
-        result = peft_format.peft_to_litgpt_lora(directory, out, hf_config=hf_config, checkpoint_dir=base_name)
+        result = peft_format.peft_to_litgpt_lora(directory, out, hf_config=hf_config, checkpoint_dir=base_name,
+                                                 allow_nonfinite=allow_nonfinite)
         if base_name is not None and not (Path(base_name) / WEIGHTS).is_file():
             result.notes.append(
                 f"{HYPERPARAMETERS} checkpoint_dir is the Hugging Face base {base_name}: `qkvconv verify` reads it, "
                 f"but litgpt loads a litgpt base only: run `qkvconv convert {base_name} --to litgpt --out BASE` and "
                 "set checkpoint_dir to BASE")
     elif src_format == "peft" and to == "peft" and qkv is not None:
-        result = _peft_to_peft(directory, out, base, qkv)
+        result = _peft_to_peft(directory, out, base, qkv, allow_nonfinite=allow_nonfinite)
     else:
         raise QkvconvError(
             f"cannot convert {src_format} to {to}: adapters convert between litgpt-lora and peft, and peft to peft "
@@ -560,7 +563,7 @@ def _convert_adapter(
     return report
 
 
-def _peft_to_peft(directory: Path, out: Path, base: Path | None, qkv: str) -> Any:
+def _peft_to_peft(directory: Path, out: Path, base: Path | None, qkv: str, *, allow_nonfinite: bool = False) -> Any:
     """A PEFT adapter for the architecture with the other QKV fusion (Phi-3 qkv_proj <-> Llama q/k/v_proj).
 
     Goes through a litgpt LoRA run in a temporary directory: litgpt's fused adapter holds a block per
@@ -576,8 +579,9 @@ def _peft_to_peft(directory: Path, out: Path, base: Path | None, qkv: str) -> An
     target_json = hf_config_for(litgpt_config_from_hf(source_json), source_json, qkv)
     with tempfile.TemporaryDirectory(prefix="qkvconv-") as tmp:
         run = Path(tmp) / "run"
-        imported = peft_format.peft_to_litgpt_lora(directory, run, hf_config=source_json, checkpoint_dir=base_name)
-        result = peft_format.litgpt_lora_to_peft(run, out, hf_config=target_json)
+        imported = peft_format.peft_to_litgpt_lora(directory, run, hf_config=source_json, checkpoint_dir=base_name,
+                                                   allow_nonfinite=allow_nonfinite)
+        result = peft_format.litgpt_lora_to_peft(run, out, hf_config=target_json, allow_nonfinite=allow_nonfinite)
     result.notes[:0] = [qkv_note(target_json, source_json, qkv), *imported.rounding,
                         f"base_model_name_or_path is left empty: load the adapter on the base converted alike "
                         f"(qkvconv convert {base_name or 'BASE'} --to hf --qkv {qkv} --out DIR)"]

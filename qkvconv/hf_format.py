@@ -44,6 +44,7 @@ from qkvconv.families import (
 )
 from qkvconv.forward import Architecture
 from qkvconv.layout import HeadLayout, LayoutError, QKVOrder, permutation
+from qkvconv.nonfinite import same_bits
 from qkvconv.plan import Fuse, Meta, Plan, Recipe, Reorder, Step, TakePart, concat_rows
 
 LITGPT_CONFIG = "model_config.yaml"
@@ -105,7 +106,7 @@ class Tied(Step):
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         first, *others = tensors
         for other in others:
-            if other.shape != first.shape or (not first.is_meta and not torch.equal(other, first)):
+            if other.shape != first.shape or (not first.is_meta and not same_bits(other, first)):
                 raise QkvconvError(
                     "the output head differs from the token embedding, but config.json ties them "
                     "(tie_word_embeddings); write the head separately with tie_word_embeddings=false"

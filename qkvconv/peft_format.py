@@ -45,7 +45,8 @@ with another scaling (alpha_pattern, rank_pattern, rslora) has the ratio folded 
 Before anything is published, the written files are read back and every adapted module's update is
 compared with the source's, layer by layer, on random probe vectors (update @ X computed as
 B @ (A @ X) in float64, so memory stays that of the adapters): equal to float64 rounding, plus one
-rounding of a folded lora_B; a module only one side adapts must be exactly zero on the other.
+rounding of a folded lora_B, with an allowed NaN/inf in the same places (nonfinite.within); a module
+only one side adapts must be exactly zero on the other. NaN/inf in an adapter is refused unless allowed.
 PEFT features with no litgpt equivalent are refused with one line (QkvconvError, exit 2): DoRA and the
 other LoRA variants, fan_in_fan_out, trained biases, modules_to_save, trainable tokens, targets
 litgpt cannot adapt (embeddings), initialisations with which PEFT rewrites the base weights on load
@@ -100,6 +101,7 @@ from qkvconv.lora_layout import (
     qkv_delta,
     target_rows,
 )
+from qkvconv.nonfinite import check_all_finite, check_finite, max_difference, same_bits, within
 from qkvconv.readers import TensorMeta, open_reader
 from qkvconv.sources import check_inside
 from qkvconv.transaction import is_temporary
@@ -354,8 +356,9 @@ def _peft_config(directory: Path) -> dict[str, Any]:
     return read_json(directory / PEFT_CONFIG)
 
 
-def _read_peft(directory: Path) -> _PeftAdapter:
-    """Open a PEFT LoRA adapter; refuse what litgpt cannot hold, with the first reason."""
+def _read_peft(directory: Path, *, allow_nonfinite: bool = False) -> _PeftAdapter:
+    """Open a PEFT LoRA adapter; refuse what litgpt cannot hold, with the first reason, and NaN/inf
+    values (naming the tensor) unless `allow_nonfinite`."""
     config = _peft_config(directory)
     problems = unsupported_features(config)
     if problems:
@@ -367,6 +370,8 @@ def _read_peft(directory: Path) -> _PeftAdapter:
     for name in reader.names():
         if m := ADAPTER_KEY.match(name):
             tensors.setdefault(m.group(1), {})[m.group(2)] = reader.read(name)
+            if not allow_nonfinite:
+                check_finite(name, tensors[m.group(1)][m.group(2)])
         elif m := BASE_COPY_KEY.match(name):
             base_copies[m.group(1)] = reader.meta(name)
         else:
@@ -530,11 +535,11 @@ def _check_updates(
             else:
                 value = limit = torch.zeros_like(lit[name])
             other = lit.get(name, torch.zeros_like(value))
-            if other.shape != value.shape or not bool(((other - value).abs() <= limit).all()):
+            if not within(other, value, limit):  # an allowed NaN/inf must show in the same probes
                 raise CheckFailed(
                     f"{what}: the update of {name} differs from the source adapter's; nothing was written"
                 )
-            worst = max(worst, float((other - value).abs().max()) if value.numel() else 0.0)
+            worst = max(worst, max_difference(other, value))
     return (f"{what}: every adapted module's update equals the source's on {PROBES} random probes "
             f"(float64; max abs difference {worst:.2g})")
 
@@ -658,7 +663,7 @@ def _compact(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch
         for a, _ in pairs:
             h.update(a[i].contiguous().view(torch.uint8).numpy().tobytes())
         for g in by_signature.setdefault(h.hexdigest(), []):
-            if all(torch.equal(a[i], a[g[0]]) and not bool(((b[:, [i]] != 0) & (b[:, g] != 0)).any())
+            if all(same_bits(a[i], a[g[0]]) and not bool(((b[:, [i]] != 0) & (b[:, g] != 0)).any())
                    for a, b in pairs):
                 g.append(i)
                 break
@@ -736,9 +741,11 @@ def _check_same_model(lit_cfg: dict[str, Any], hf_config: dict[str, Any]) -> Non
 
 
 def litgpt_lora_to_peft(
-    lora_dir: Path, out: Path, *, hf_config: dict, base_model_name_or_path: str | None = None
+    lora_dir: Path, out: Path, *, hf_config: dict, base_model_name_or_path: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> AdapterConversion:
-    """Export a litgpt LoRA run (current `attn.qkv` or legacy `attn.attn`) as a PEFT LoRA adapter at `out`."""
+    """Export a litgpt LoRA run (current `attn.qkv` or legacy `attn.attn`) as a PEFT LoRA adapter at `out`;
+    NaN/inf in the run's adapter is refused unless `allow_nonfinite`."""
     ckpt = open_litgpt(lora_dir)
     if ckpt.lora_weights is None or ckpt.hyperparameters is None:
         raise QkvconvError(f"{lora_dir} is not a litgpt LoRA run (no {LORA_WEIGHTS} with {HYPERPARAMETERS})")
@@ -750,6 +757,8 @@ def litgpt_lora_to_peft(
     table = _ModuleTable(family, ckpt.shape.n_layer)
     sd = load_state_dict_file(ckpt.lora_weights)
     check_lora_shapes(sd, ckpt.shape, hyper)
+    if not allow_nonfinite:
+        check_all_finite(sd.tensors)
     legacy = qkv_naming(sd.tensors, sd.path) == LEGACY_NAMING
     exported = _export_modules(sd.tensors, hyper, heads, table, sd.path)
     if not exported:
@@ -766,7 +775,7 @@ def litgpt_lora_to_peft(
             for name, t in tensors.items():
                 writer.write(name, t)
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        written = _read_peft(tmp)  # what is on disk, read as an import would
+        written = _read_peft(tmp, allow_nonfinite=allow_nonfinite)  # what is on disk, read as an import would
         _modules_of(written, table, lit_cfg, heads)
         notes.append(_check_updates(written, sd.tensors, hyper, heads, table, rounded=False, what="PEFT adapter"))
     return AdapterConversion(out, notes)
@@ -857,10 +866,11 @@ def _all_pieces(pieces: dict[str, Any]) -> list[_Piece]:
 
 
 def peft_to_litgpt_lora(
-    peft_dir: Path, out: Path, *, hf_config: dict, checkpoint_dir: str | None = None
+    peft_dir: Path, out: Path, *, hf_config: dict, checkpoint_dir: str | None = None, allow_nonfinite: bool = False
 ) -> AdapterConversion:
-    """Import a PEFT LoRA adapter as a litgpt LoRA run (current `attn.qkv`) at `out`."""
-    adapter = _read_peft(peft_dir)
+    """Import a PEFT LoRA adapter as a litgpt LoRA run (current `attn.qkv`) at `out`; NaN/inf in the
+    adapter is refused unless `allow_nonfinite`."""
+    adapter = _read_peft(peft_dir, allow_nonfinite=allow_nonfinite)
     family = _require_family(hf_config)
     lit_cfg, shape = _shape_of(hf_config)
     heads = shape.heads

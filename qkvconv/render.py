@@ -69,6 +69,8 @@ def verify_table(report) -> None:
     first = report.first_difference
     for s in report.stages:
         mark = "[green]ok[/]" if s.within else ("[bold red]differs (first)[/]" if s.name == first else "[red]differs[/]")
+        if s.nonfinite:
+            mark += f" ({s.nonfinite:,} NaN/inf" + (", the same in the candidate)" if s.within else " in the reference)")
         table.add_row(s.name, f"{s.max_abs_diff:.3g}", f"{s.scale:.3g}", mark)
     out.print(table)
     out.print(f"reference: {report.reference}\ncandidate: {report.candidate}")
@@ -77,6 +79,8 @@ def verify_table(report) -> None:
         memory += f", peak GPU {report.peak_gpu_bytes / 2**20:,.0f} MiB"
     out.print(f"top-1 agreement {report.top1_agreement:.1%}; tolerance atol={report.atol:g} rtol={report.rtol:g}; "
               f"{report.seconds:.2f} s, {memory}")
+    if report.nonfinite_summary:
+        out.print(f"[yellow]{report.nonfinite_summary}[/]")
     if report.passed:
         out.print("[bold green]same function[/] within tolerance")
     else:

@@ -36,7 +36,8 @@ from qkvconv.litgpt_format import (
     qkv_naming,
 )
 from qkvconv.lora_layout import LoraSettings, apply_reorder, expand_rank, plan_reorder, qkv_delta
-from qkvconv.engine import check_finite, execute, output_layout
+from qkvconv.engine import execute, output_layout
+from qkvconv.nonfinite import check_all_finite, max_difference, same_bits, within
 from qkvconv.plan import Meta, Plan, Recipe, Reorder, Step, copy
 from qkvconv.progress import progress_for
 from qkvconv.readers import TensorReader, open_reader
@@ -147,10 +148,11 @@ def full_upgrade_plan(names: list[str], heads: HeadLayout) -> Plan:
 
 def check_upgraded(
     old: TensorReader, new: TensorReader, label: str, heads: HeadLayout,
-    hyper: LoraHyperparameters | None, factor: int, *, check_nonfinite: bool = True,
+    hyper: LoraHyperparameters | None, factor: int,
 ) -> list[str]:
     """Check the upgraded file, tensor by tensor as read back from disk, against the original;
-    raise CheckFailed on any difference. Holds about two tensors at a time."""
+    raise CheckFailed on any difference (an allowed NaN/inf must be where it was, bit for bit). Holds
+    about two tensors at a time."""
     mapping = {k: current_name(k) for k in old.names()}
     new_names = set(new.names())
     if set(mapping.values()) != new_names:
@@ -169,15 +171,10 @@ def check_upgraded(
             n_lora += 1
         elif m and m.group(2) == "attn":
             a, b = old.peek(old_name), new.peek(new_name)
-            if check_nonfinite:
-                check_finite(old_name, a)
-            ok = b.shape == a.shape and torch.equal(b, a[perm])
+            ok = b.shape == a.shape and same_bits(b, a[perm])
             n_reordered += 1
         else:
-            a, b = old.peek(old_name), new.peek(new_name)
-            if check_nonfinite:
-                check_finite(old_name, a)
-            ok = torch.equal(a, b)
+            ok = same_bits(old.peek(old_name), new.peek(new_name))
             n_same += 1
         old.release()
         new.release()
@@ -209,7 +206,7 @@ def _lora_update_equal(
     else:
         before = b0.double() @ a0.double()
         after = b1.double() @ a1.double()
-    return torch.allclose(before, after, rtol=1e-12, atol=1e-12)
+    return within(before, after, 1e-12 + 1e-12 * after.abs())  # torch.allclose's test, NaN equal to NaN
 
 
 @dataclass
@@ -222,7 +219,7 @@ class _StagedFile:
     factor: int = 1
     tensors: dict[str, torch.Tensor] | None = None  # in-memory result
     plan: Plan | None = None  # streamed result
-    allow_nonfinite: bool = False  # NaN/inf weights are refused unless the user accepts them
+    allow_nonfinite: bool = False  # streamed: NaN/inf inputs are refused unless the user accepts them
 
 
 def _needs_upgrade(ckpt: LitgptCheckpoint) -> tuple[list[StateDictFile], bool]:
@@ -273,10 +270,8 @@ def _write_and_check(
         written = open_reader(path)  # check what is on disk, not what is in memory
         if getattr(written, "wrapped", None) != item.original.wrapped:
             raise CheckFailed(f"{path.name}: wrapping changed")
-        # a streamed file's inputs were checked for NaN/inf by the engine as it read them
         report.checks += check_upgraded(open_reader(item.original.path), written, path.name, ckpt.shape.heads,
-                                        ckpt.hyperparameters, item.factor,
-                                        check_nonfinite=item.plan is None and not item.allow_nonfinite)
+                                        ckpt.hyperparameters, item.factor)
 
 
 def upgrade(
@@ -295,7 +290,7 @@ def upgrade(
     if lora_merge:
         if out is None:
             raise QkvconvError("--lora-merge writes a full checkpoint: give it a new directory with --out")
-        return merge_lora(directory, out, base=base, forward_check=forward_check)
+        return merge_lora(directory, out, base=base, forward_check=forward_check, allow_nonfinite=allow_nonfinite)
     with DirectoryLock(directory):
         if out is None:
             recovered = recover(directory)
@@ -318,8 +313,10 @@ def upgrade(
         staged: list[_StagedFile] = []
         for sd in legacy_files:
             if sd.path.name == LORA_WEIGHTS or sd.extra:  # small, or with non-tensor entries: in memory
+                if not allow_nonfinite:  # a streamed file's inputs are checked by the engine as it reads them
+                    check_all_finite(sd.tensors)
                 tensors, factor = upgrade_tensors(sd, ckpt.shape.heads, ckpt.hyperparameters)
-                staged.append(_StagedFile(sd.path.name, sd, factor, tensors=tensors, allow_nonfinite=allow_nonfinite))
+                staged.append(_StagedFile(sd.path.name, sd, factor, tensors=tensors))
             else:
                 plan = full_upgrade_plan(list(sd.tensors), ckpt.shape.heads)
                 staged.append(_StagedFile(sd.path.name, sd, plan=plan, allow_nonfinite=allow_nonfinite))
@@ -415,9 +412,13 @@ def _upgrade_into(
             report.checks.append(forward_check(ckpt, {p.name: p for p in tmp.iterdir()}))
 
 
-def merge_lora(directory: Path, out: Path, *, base: Path | None, forward_check: ForwardCheck | None) -> UpgradeReport:
+def merge_lora(
+    directory: Path, out: Path, *, base: Path | None, forward_check: ForwardCheck | None,
+    allow_nonfinite: bool = False,
+) -> UpgradeReport:
     """Merge a (legacy or current) LoRA run into its base weights: a current full checkpoint at `out`,
-    streamed tensor by tensor through the engine (the adapter is small; the base never is in memory)."""
+    streamed tensor by tensor through the engine (the adapter is small; the base never is in memory).
+    NaN/inf in the adapter or the base is refused unless `allow_nonfinite`."""
     ckpt = open_litgpt(directory)
     if ckpt.lora_weights is None or ckpt.hyperparameters is None:
         raise QkvconvError(f"--lora-merge needs a LoRA run directory ({LORA_WEIGHTS}); {directory} has none")
@@ -432,6 +433,8 @@ def merge_lora(directory: Path, out: Path, *, base: Path | None, forward_check: 
         raise QkvconvError(f"the base {base_dir} has a different model config than the LoRA run {directory}")
     adapter = load_state_dict_file(ckpt.lora_weights)
     check_lora_shapes(adapter, ckpt.shape, ckpt.hyperparameters)
+    if not allow_nonfinite:
+        check_all_finite(adapter.tensors)
     base_sd = load_state_dict_file(base_ckpt.weights)  # type: ignore[arg-type]
     check_full_shapes(base_sd, base_ckpt.shape)
     plan = merge_plan(list(base_sd.tensors), adapter, ckpt.shape.heads, ckpt.hyperparameters.settings)
@@ -444,7 +447,8 @@ def merge_lora(directory: Path, out: Path, *, base: Path | None, forward_check: 
         reader = open_reader(base_sd.path)
         layout = output_layout(plan, reader)
         with TorchWriter(tmp / WEIGHTS, layout, wrapped=base_sd.wrapped) as writer:
-            execute(plan, reader, writer, progress_for(sum(m.nbytes for m in layout.values()), f"writing {WEIGHTS}"))
+            execute(plan, reader, writer, progress_for(sum(m.nbytes for m in layout.values()), f"writing {WEIGHTS}"),
+                    allow_nonfinite=allow_nonfinite)
         write_yaml(new_config, tmp / CONFIG)
         report.checks.append(_check_merged(open_reader(base_sd.path), adapter, open_reader(tmp / WEIGHTS),
                                            ckpt.shape.heads, ckpt.hyperparameters.settings))
@@ -538,22 +542,22 @@ def _check_merged(
         got = written.read(target)
         if m and not m.group(3).startswith("lora"):
             got = reorder(got, QKVOrder.SEQUENTIAL, NAMING_ORDER[m.group(2)], heads)
-        diff = got.double() - t.double()
+        expected = t.double()
         if target in pairs:
             a, b, legacy = pairs[target]
             delta = lora_update(target, a, b, legacy, heads, settings)
             if m and NAMING_ORDER[m.group(2)] is QKVOrder.GROUPED:
                 delta = reorder(delta, QKVOrder.SEQUENTIAL, QKVOrder.GROUPED, heads)
-            diff = diff - delta
+            expected = expected + delta
         if t.is_floating_point():
             # rounding the float64 sum to the stored dtype costs at most half an ulp of the result
             bound = torch.finfo(t.dtype).eps * got.double().abs() + torch.finfo(t.dtype).tiny
-            ok = bool((diff.abs() <= bound).all())
+            ok = within(got, expected, bound)  # an allowed NaN/inf must be where base + update has it
         else:
             ok = torch.equal(got, t)
         if not ok:
             raise CheckFailed(f"merged {target} differs from base + LoRA update beyond rounding")
-        worst = max(worst, float(diff.abs().max()) if diff.numel() else 0.0)
+        worst = max(worst, max_difference(got, expected))
         base.release()
         written.release()
     return f"{WEIGHTS}: every merged tensor equals base + LoRA update (max rounding {worst:.2g})"

@@ -4,6 +4,14 @@ Both sides run the same random tokens through the reference forward pass (forwar
 a time: embed both, compare; run block i of both, compare; and so on. So checking two models needs
 about two layers of weights in memory (plus embeddings), not two models. Each stage reports the max
 absolute difference of the hidden states; the logits also report top-1 agreement.
+
+NaN/inf weights (verify compares and reports them; convert and upgrade refuse them unless allowed):
+stages are compared NaN for NaN (the same non-finite values in the same places, the finite rest to
+the tolerance), so a NaN on one side only is a difference. A NaN spreads: past the first layer that
+holds one every stage is NaN on both sides and compares nothing. So when a stage holds NaN/inf, a
+second pass runs with each side's NaN/inf weights read as 0 (and named in the report), which holds the
+rest of the two models to the same test as any other. Weights are only scanned in that second pass:
+a scan of every weight would cost a checkpoint's worth of CPU reads on every verify.
 """
 
 from __future__ import annotations
@@ -12,11 +20,13 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 
 from qkvconv import forward
 from qkvconv.errors import CheckFailed, QkvconvError
+from qkvconv.nonfinite import is_finite, max_difference
 from qkvconv.progress import layers
 from qkvconv.weights import ModelWeights
 
@@ -33,9 +43,10 @@ DEFAULT_TOLERANCE = {
 @dataclass
 class Stage:
     name: str
-    max_abs_diff: float
-    scale: float  # max |reference| at this stage, for judging the difference
+    max_abs_diff: float  # where both sides are finite; inf where a NaN/inf is not the same on both sides
+    scale: float  # max |reference| (finite values) at this stage, for judging the difference
     within: bool
+    nonfinite: int = 0  # NaN/inf values of the reference at this stage (the candidate holds the same)
 
 
 @dataclass
@@ -53,6 +64,8 @@ class VerifyReport:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     peak_gpu_bytes: int | None = None
+    # weights holding NaN/inf, per side; only looked for when a stage held NaN/inf (see the module's doc)
+    nonfinite_weights: dict[str, list[str]] = field(default_factory=lambda: {"reference": [], "candidate": []})
 
     @property
     def passed(self) -> bool:
@@ -64,7 +77,20 @@ class VerifyReport:
 
     @property
     def logits_max_abs_diff(self) -> float:
-        return self.stages[-1].max_abs_diff if self.stages else float("nan")
+        """The largest logit difference of any pass (with NaN/inf weights there are two)."""
+        logits = [s.max_abs_diff for s in self.stages if s.name.startswith("logits")]
+        return max(logits) if logits else float("nan")
+
+    @property
+    def nonfinite_summary(self) -> str | None:
+        """What was made of NaN/inf weights, in words; None when neither side has any."""
+        sides = {side: names for side, names in self.nonfinite_weights.items() if names}
+        if not sides:
+            return None
+        listed = "; ".join(f"{side}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                           for side, names in sides.items())
+        return (f"weights with NaN/inf ({listed}) compared as they are, NaN for NaN in the same places, "
+                "and again read as 0")
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -102,6 +128,69 @@ def architecture(weights: ModelWeights) -> forward.Architecture:
 # Config fields in which two layouts of one model may differ (pairs vs half rotary, K/V heads repeated
 # for MHA, a zero bias made explicit by norm folding): each side runs with its own, the numbers decide.
 REPRESENTATION_FIELDS = frozenset({"rope_interleave", "n_query_groups", "qkv_bias", "proj_bias", "lm_head_bias"})
+
+
+ZEROED = " (NaN/inf weights as 0)"  # the names of the second pass's stages
+
+
+class _Zeroed:
+    """One side's weights for the second pass: NaN/inf values handed over as 0, each such weight noted."""
+
+    def __init__(self, weights: ModelWeights) -> None:
+        self.weights = weights
+        self.nonfinite: list[str] = []
+
+    def __call__(self, name: str) -> torch.Tensor:
+        t = self.weights(name)
+        if is_finite(t):
+            return t
+        if name not in self.nonfinite:
+            self.nonfinite.append(name)
+        return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def release(self) -> None:
+        self.weights.release()
+
+
+def _stage(name: str, a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> Stage:
+    """Compare one stage: the same NaN/inf in the same places, the finite rest within atol + rtol * scale."""
+    a, b = a.float(), b.float()
+    finite = torch.isfinite(a)
+    scale = float(a[finite].abs().max()) if bool(finite.any()) else 0.0
+    diff = max_difference(a, b)
+    return Stage(name, diff, scale, diff <= atol + rtol * scale, int((~finite).sum()))
+
+
+def _forward_pass(
+    report: VerifyReport, archs: tuple[forward.Architecture, forward.Architecture], sides: tuple[Any, Any],
+    ids: torch.Tensor, cdtype: torch.dtype, suffix: str = "", progress: Callable[[int, int], None] | None = None,
+) -> bool:
+    """Both sides, layer by layer, each stage compared and appended to the report (names + `suffix`);
+    returns whether any stage held NaN/inf on either side."""
+    (arch_a, arch_b), (reference, candidate) = archs, sides
+    nonfinite = False
+
+    def compare(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        nonlocal nonfinite
+        report.stages.append(_stage(name + suffix, a, b, report.atol, report.rtol))
+        nonfinite = nonfinite or not (is_finite(a) and is_finite(b))
+
+    with torch.inference_mode():
+        xa = forward.embed(arch_a, reference, ids, dtype=cdtype)
+        xb = forward.embed(arch_b, candidate, ids, dtype=cdtype)
+        compare("embed", xa, xb)
+        for i in range(arch_a.n_layer):
+            xa = forward.block(arch_a, i, reference, xa)
+            reference.release()
+            xb = forward.block(arch_b, i, candidate, xb)
+            candidate.release()
+            compare(f"layer {i}", xa, xb)
+            if progress is not None:
+                progress(i + 1, arch_a.n_layer)
+        la, lb = forward.head(arch_a, reference, xa), forward.head(arch_b, candidate, xb)
+        compare("logits", la, lb)
+        report.top1_agreement = float((la.argmax(-1) == lb.argmax(-1)).float().mean())
+    return nonfinite
 
 
 def _comparable(a: forward.Architecture, b: forward.Architecture) -> None:
@@ -147,32 +236,30 @@ def verify(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
-    def compare(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        diff = float((a.float() - b.float()).abs().max())
-        scale = float(a.float().abs().max())
-        report.stages.append(Stage(name, diff, scale, diff <= atol + rtol * scale and diff == diff))
-
-    with torch.inference_mode():
-        xa = forward.embed(arch_a, reference, ids, dtype=cdtype)
-        xb = forward.embed(arch_b, candidate, ids, dtype=cdtype)
-        compare("embed", xa, xb)
-        for i in range(arch_a.n_layer):
-            xa = forward.block(arch_a, i, reference, xa)
-            reference.release()
-            xb = forward.block(arch_b, i, candidate, xb)
-            candidate.release()
-            compare(f"layer {i}", xa, xb)
-            if progress is not None:
-                progress(i + 1, arch_a.n_layer)
-        la, lb = forward.head(arch_a, reference, xa), forward.head(arch_b, candidate, xb)
-        compare("logits", la, lb)
-        report.top1_agreement = float((la.argmax(-1) == lb.argmax(-1)).float().mean())
+    if _forward_pass(report, (arch_a, arch_b), (reference, candidate), ids, cdtype, progress=progress):
+        zeroed = (_Zeroed(reference), _Zeroed(candidate))
+        _forward_pass(report, (arch_a, arch_b), zeroed, ids, cdtype, ZEROED)
+        report.nonfinite_weights = {"reference": zeroed[0].nonfinite, "candidate": zeroed[1].nonfinite}
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(dev))
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return report
+
+
+def mismatch(report: VerifyReport, subject: str, undone: str) -> CheckFailed:
+    """The error of a failed forward-pass check (convert, upgrade). Where the NaN/inf agreed and only
+    the second pass differs, say what that pass cannot tell apart."""
+    where = f"first difference at {report.first_difference}, logits differ by {report.logits_max_abs_diff:.3g}"
+    if (report.first_difference or "").endswith(ZEROED):
+        return CheckFailed(
+            f"{subject} holds NaN/inf in the same places as the source but computes something else with them "
+            f"read as 0 ({where}): either it is wrong past the first NaN, or the conversion summed a NaN into "
+            f"other values (a LayerNorm bias folded through a linear that holds one), which this check cannot "
+            f"tell apart; {undone}"
+        )
+    return CheckFailed(f"{subject} computes something else ({where}); {undone}")
 
 
 def upgrade_check(device: str = "cpu"):
@@ -191,13 +278,11 @@ def upgrade_check(device: str = "cpu"):
         except forward.UnsupportedFamily as e:
             return f"forward-pass check skipped: {e}"
         if not report.passed:
-            raise CheckFailed(
-                f"the upgraded checkpoint computes something else (first difference at {report.first_difference}, "
-                f"logits differ by {report.logits_max_abs_diff:.3g}); nothing was replaced"
-            )
+            raise mismatch(report, "the upgraded checkpoint", "nothing was replaced")
         exact = "bitwise equal" if all(s.max_abs_diff == 0 for s in report.stages) else (
             f"max logit difference {report.logits_max_abs_diff:.2g}")
+        nonfinite = f"; {report.nonfinite_summary}" if report.nonfinite_summary else ""
         return (f"forward pass on {report.device} ({report.dtype}, {report.tokens} tokens): every layer and the logits "
-                f"agree, {exact}")
+                f"agree, {exact}{nonfinite}")
 
     return check

@@ -247,7 +247,7 @@ def peft_weights(directory: Path, *, base: Path | None = None, base_option: str 
         raise QkvconvError(f"the base of {directory} must be a full model, not an adapter: {base_name}")
     with tempfile.TemporaryDirectory(prefix="qkvconv-") as tmp:
         run = Path(tmp) / "run"
-        peft_to_litgpt_lora(directory, run, hf_config=config_json)
+        peft_to_litgpt_lora(directory, run, hf_config=config_json, allow_nonfinite=True)  # verify reports NaN/inf
         adapter = load_state_dict_file(run / LORA_WEIGHTS)
         tensors = {k: v.clone() for k, v in adapter.tensors.items()}  # off the temporary file
         lora = LoraHyperparameters.from_yaml(read_yaml(run / HYPERPARAMETERS), run / HYPERPARAMETERS)

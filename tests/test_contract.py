@@ -19,8 +19,8 @@ UPGRADE_KEYS = ["source", "destination", "changed", "actions", "checks", "recove
 ERROR_KEYS = ["error", "exit_code", "meaning"]
 CONVERT_KEYS = ["source", "destination", "source_format", "target_format", "actions", "checks", "plan"]
 VERIFY_KEYS = ["reference", "candidate", "device", "dtype", "tokens", "seed", "atol", "rtol", "stages",
-               "top1_agreement", "seconds", "peak_rss_bytes", "peak_gpu_bytes", "passed", "first_difference",
-               "logits_max_abs_diff"]
+               "top1_agreement", "seconds", "peak_rss_bytes", "peak_gpu_bytes", "nonfinite_weights", "passed",
+               "first_difference", "logits_max_abs_diff"]
 
 
 def run_json(*args) -> tuple[int, dict]:
@@ -42,7 +42,7 @@ def test_json_outputs_have_exactly_the_documented_keys(legacy, tmp_path: Path) -
     assert code == 0 and list(report) == UPGRADE_KEYS
     code, report = run_json("verify", directory, tmp_path / "up", "--json")
     assert code == 0 and list(report) == VERIFY_KEYS
-    assert list(report["stages"][0]) == ["name", "max_abs_diff", "scale", "within"]
+    assert list(report["stages"][0]) == ["name", "max_abs_diff", "scale", "within", "nonfinite"]
     code, report = run_json("convert", legacy("gqa_llama"), "--to", "hf", "--out", tmp_path / "hf", "--json")
     assert code == 0 and list(report) == CONVERT_KEYS
 
