@@ -44,7 +44,7 @@ from qkvconv.litgpt_format import (
     open_litgpt,
 )
 from qkvconv.plan import Plan, Recipe, Reorder, copy
-from qkvconv.progress import layers, progress_for
+from qkvconv.progress import layers, progress_for, status
 from qkvconv.readers import TensorMeta, TensorReader, open_reader
 from qkvconv.rotary import RopeOrder
 from qkvconv.sources import check_inside
@@ -503,7 +503,8 @@ def _forward_check(reference: Path, candidate: Path, device: str, *, rounds: boo
     from qkvconv.weights import open_weights
 
     try:
-        ref, cand = open_weights(reference), open_weights(candidate)
+        with status("checking: opening both sides"):
+            ref, cand = open_weights(reference), open_weights(candidate)
         atol = rtol = None
         stored = cand.dtype()
         if rounds and stored in (torch.bfloat16, torch.float16):

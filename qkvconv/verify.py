@@ -27,7 +27,7 @@ import torch
 from qkvconv import forward
 from qkvconv.errors import CheckFailed, QkvconvError
 from qkvconv.nonfinite import is_finite, max_difference
-from qkvconv.progress import layers
+from qkvconv.progress import layers, status
 from qkvconv.weights import ModelWeights
 
 # Default tolerances per compute dtype: (atol, rtol), with a stage passing when
@@ -175,6 +175,9 @@ def _forward_pass(
         report.stages.append(_stage(name + suffix, a, b, report.atol, report.rtol))
         nonfinite = nonfinite or not (is_finite(a) and is_finite(b))
 
+    stages = arch_a.n_layer + 1  # the blocks, then the head
+    tick = progress or (lambda done, total: None)
+    tick(0, stages)
     with torch.inference_mode():
         xa = forward.embed(arch_a, reference, ids, dtype=cdtype)
         xb = forward.embed(arch_b, candidate, ids, dtype=cdtype)
@@ -185,11 +188,11 @@ def _forward_pass(
             xb = forward.block(arch_b, i, candidate, xb)
             candidate.release()
             compare(f"layer {i}", xa, xb)
-            if progress is not None:
-                progress(i + 1, arch_a.n_layer)
+            tick(i + 1, stages)
         la, lb = forward.head(arch_a, reference, xa), forward.head(arch_b, candidate, xb)
         compare("logits", la, lb)
         report.top1_agreement = float((la.argmax(-1) == lb.argmax(-1)).float().mean())
+    tick(stages, stages)
     return nonfinite
 
 
@@ -218,7 +221,7 @@ def verify(
     progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
     """Run both models on the same random tokens, stage by stage; never raises on a mismatch
-    (the report says it), only on bad input. `progress(done, total)` hears of each layer compared."""
+    (the report says it), only on bad input. `progress(done, total)` hears of each layer compared (and of the head, the last stage)."""
     start = time.perf_counter()
     dev = resolve_device(device)
     arch_a, arch_b = architecture(reference), architecture(candidate)
@@ -268,11 +271,12 @@ def upgrade_check(device: str = "cpu"):
     from qkvconv.weights import litgpt_weights
 
     def check(original: LitgptCheckpoint, staged: dict) -> str:
-        try:
-            before = litgpt_weights(original)
-        except QkvconvError as e:
-            return f"forward-pass check skipped: {e}"
-        after = litgpt_weights(original, overrides=staged)
+        with status("checking: opening both sides"):
+            try:
+                before = litgpt_weights(original)
+            except QkvconvError as e:
+                return f"forward-pass check skipped: {e}"
+            after = litgpt_weights(original, overrides=staged)
         try:
             report = verify(before, after, device=device, progress=layers("checking"))
         except forward.UnsupportedFamily as e:
