@@ -68,9 +68,9 @@ def write_hf(sd: dict[str, torch.Tensor], cfg: dict, out: Path, max_shard_size: 
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from qkvconv.hf_format import hf_config_from_litgpt, plan_litgpt_to_hf
-    from qkvconv.readers import TensorMeta
-    from qkvconv.writers import SafetensorsWriter
+    from qkvconv.formats.hf import hf_config_from_litgpt, plan_litgpt_to_hf
+    from qkvconv.io.readers import TensorMeta
+    from qkvconv.io.writers import SafetensorsWriter
 
     config_json = hf_config_from_litgpt(cfg, "LlamaForCausalLM")
     plan = plan_litgpt_to_hf(cfg, list(sd), config_json)

@@ -208,7 +208,8 @@ def inspect_cmd(
     ] = None,
 ) -> None:
     """Show format, heads, QKV row order (with the evidence), LoRA settings, dtypes and sizes."""
-    from qkvconv import inspection, sources
+    from qkvconv.io import sources
+    from qkvconv.ops import inspect as inspection
 
     report = inspection.inspect_path(sources.resolve(source, revision), base=base)
     failure = inspection.expectation_failure(report, expect.value) if expect is not None else None
@@ -241,14 +242,14 @@ def upgrade_cmd(
     json: JsonOpt = False,
 ) -> None:
     """Legacy litgpt (grouped attn.attn, LoRA included) -> current litgpt (sequential attn.qkv)."""
-    from qkvconv import sources
+    from qkvconv.io import sources
 
     if out is None and not Path(source).exists() and sources.is_repo_id(source):
         raise QkvconvError(f"{source} is a Hub repo id: upgrade it into a directory of your own with --out DIR")
     path = sources.resolve(source)
     with progress.status("planning"):
-        from qkvconv import upgrade as upgrading
-        from qkvconv import verify as verifying
+        from qkvconv.ops import upgrade as upgrading
+        from qkvconv.ops import verify as verifying
     working()
     check = verifying.upgrade_check(device) if verify else None
     report = upgrading.upgrade(path, out, lora_merge=lora_merge, base=base, forward_check=check,
@@ -282,8 +283,8 @@ def parse_size(text: str) -> int | None:
 
 
 def transformations(rope: Rope | None, kv_heads: int | None, fold_norms: bool, qkv: Fusion | None) -> Any:
-    from qkvconv.convert import Transformations
-    from qkvconv.rotary import RopeOrder
+    from qkvconv.ops.convert import Transformations
+    from qkvconv.model.rotary import RopeOrder
 
     return Transformations(RopeOrder(rope.value) if rope else None, kv_heads, fold_norms, qkv.value if qkv else None)
 
@@ -332,12 +333,12 @@ def convert_cmd(
     allow_nonfinite: AllowNonfiniteOpt = False,
 ) -> None:
     """Convert between litgpt (current and legacy order), Hugging Face, Meta and PEFT, exactly."""
-    from qkvconv import sources
+    from qkvconv.io import sources
 
     shard_bytes = parse_size(max_shard_size)
     path = sources.resolve(source, revision)
     with progress.status("planning"):
-        from qkvconv import convert as converting
+        from qkvconv.ops import convert as converting
 
         changes = transformations(rope, kv_heads, fold_norms, qkv)
     working()
@@ -389,12 +390,12 @@ def fold_norms_cmd(
     json: JsonOpt = False,
 ) -> None:
     """Fold every norm's gain (and LayerNorm bias) into the linears it feeds; the norms become identities."""
-    from qkvconv import sources
+    from qkvconv.io import sources
 
     shard_bytes = parse_size(max_shard_size)
     path = sources.resolve(source, revision)
     with progress.status("planning"):
-        from qkvconv import convert as converting
+        from qkvconv.ops import convert as converting
     working()
     report = converting.convert_folding_norms(
         path, to.value if to else None, out, max_shard_size=shard_bytes, dry_run=dry_run, forward_check=verify,
@@ -430,12 +431,12 @@ def verify_cmd(
 
     Either side may be a full checkpoint (litgpt, HF, Meta) or an adapter on its base (litgpt LoRA run, PEFT).
     """
-    from qkvconv import sources
+    from qkvconv.io import sources
 
     reference_path, candidate_path = sources.resolve(reference), sources.resolve(candidate)
     with progress.status("loading"):
-        from qkvconv import verify as verifying
-        from qkvconv.weights import open_weights
+        from qkvconv.ops import verify as verifying
+        from qkvconv.formats.weights import open_weights
 
         ref = open_weights(reference_path, base=base, base_option="--base")
         cand = open_weights(candidate_path, base=candidate_base or base,

@@ -114,8 +114,8 @@ def test_progress_clear_takes_every_display_off(monkeypatch) -> None:
 
 
 def test_verify_reports_each_layer(legacy) -> None:
-    from qkvconv.verify import verify
-    from qkvconv.weights import open_weights
+    from qkvconv.ops.verify import verify
+    from qkvconv.formats.weights import open_weights
 
     seen: list[tuple[int, int]] = []
     directory = legacy("gqa_llama")

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import populate_hub_cache
 from test_hf_mapping import BY_ID, TOKENS, TOL, built, hf_logits, litgpt_logits  # noqa: F401 (fixture)
 from qkvconv.cli import app
-from qkvconv.hf_format import litgpt_config_from_hf, plan_hf_to_litgpt
+from qkvconv.formats.hf import litgpt_config_from_hf, plan_hf_to_litgpt
 
 runner = CliRunner()
 
@@ -66,7 +66,7 @@ def test_hf_to_litgpt_legacy(case_id: str, built, tmp_path: Path) -> None:  # no
 
 
 def test_verify_catches_a_wrong_order_across_formats(built, tmp_path: Path) -> None:  # noqa: F811
-    from qkvconv.layout import HeadLayout, QKVOrder, reorder
+    from qkvconv.model.layout import HeadLayout, QKVOrder, reorder
 
     b = built("falcon-40b-grouped")
     lit = tmp_path / "litgpt"

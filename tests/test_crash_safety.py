@@ -17,8 +17,8 @@ import torch
 import yaml
 
 from conftest import FIXTURES
-from qkvconv.transaction import sibling
-from qkvconv.upgrade import upgrade
+from qkvconv.io.transaction import sibling
+from qkvconv.ops.upgrade import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,9 +161,9 @@ def test_kill_at_each_commit_step(cases, case: str, point: str, tmp_path: Path) 
 JOURNAL_CHILD = """
 import sys
 from pathlib import Path
-import qkvconv.transaction as t
+import qkvconv.io.transaction as t
 t.exchange = lambda a, b: False  # a filesystem without RENAME_EXCHANGE: the journal fallback
-from qkvconv.upgrade import upgrade
+from qkvconv.ops.upgrade import upgrade
 upgrade(Path(sys.argv[1]))
 """
 
@@ -193,7 +193,7 @@ def check_after_kill_journal(target: Path, original: dict, upgraded: dict) -> st
 @pytest.mark.slow
 def test_random_sigkill_during_sharded_convert(cases, tmp_path: Path) -> None:
     """A conversion into sharded safetensors: after any kill, --out is absent or complete, never partial."""
-    from qkvconv.readers import open_reader
+    from qkvconv.io.readers import open_reader
 
     source = cases["full"][0]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from test_crash_safety import make_legacy_checkpoint, same, snapshot
 from qkvconv.cli import app
-from qkvconv.transaction import DirectoryLock, sibling
+from qkvconv.io.transaction import DirectoryLock, sibling
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()

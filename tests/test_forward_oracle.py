@@ -1,4 +1,4 @@
-"""qkvconv.forward against the oracle it imitates: current litgpt's own `litgpt.model.GPT`.
+"""qkvconv.reference.forward against the oracle it imitates: current litgpt's own `litgpt.model.GPT`.
 
 Every family runs from a real litgpt config shrunk to toy sizes (each family keeps its own norm,
 MLP, residual, rotary, bias and GQA/MQA flags), with every parameter random and nonzero, so a wrong
@@ -20,7 +20,7 @@ from litgpt import Config  # noqa: E402
 from litgpt.model import GPT  # noqa: E402
 
 from qkvconv.errors import UnsupportedFamily  # noqa: E402
-from qkvconv.forward import SUPPORTED_FAMILIES, Architecture, forward  # noqa: E402
+from qkvconv.reference.forward import SUPPORTED_FAMILIES, Architecture, forward  # noqa: E402
 
 B, T = 2, 12
 VOCAB = 96
@@ -193,7 +193,7 @@ def test_block_asks_only_for_its_own_layer() -> None:
 
 
 def _pairs_to_half(state: dict[str, torch.Tensor], arch: Architecture) -> dict[str, torch.Tensor]:
-    """LAYOUTS.md: within each Q and K head's rotary dims, new row j <- old row (2j if j < d/2 else 2(j-d/2)+1)."""
+    """docs/layouts.md: within each Q and K head's rotary dims, new row j <- old row (2j if j < d/2 else 2(j-d/2)+1)."""
     d, hs = arch.rope_n_elem, arch.head_size
     within = list(range(0, d, 2)) + list(range(1, d, 2)) + list(range(d, hs))  # new j <- old within[j]
     n_rotating_heads = arch.n_head + arch.n_query_groups  # Q heads then K heads; V rows stay
@@ -216,7 +216,7 @@ def _pairs_to_half(state: dict[str, torch.Tensor], arch: Architecture) -> dict[s
     ids=["llama-3-gqa", "pythia-partial-rotary-bias"],
 )
 def test_rotary_pairs_equal_half_after_row_permutation(name: str, overrides: dict[str, Any]) -> None:
-    """A checkpoint in Meta's pairs order, permuted per LAYOUTS.md, is the same model in half order."""
+    """A checkpoint in Meta's pairs order, permuted per docs/layouts.md, is the same model in half order."""
     half_config = tiny(name, **overrides)
     pairs_config = tiny(name, **overrides, rope_interleave=True)
     model = randomized(half_config)  # its weights, read as a pairs-order checkpoint

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from conftest import FIXTURES
 from qkvconv.errors import QkvconvError
-from qkvconv.inspection import inspect_path
-from qkvconv.readers import open_reader
-from qkvconv.weights import open_weights
+from qkvconv.ops.inspect import inspect_path
+from qkvconv.io.readers import open_reader
+from qkvconv.formats.weights import open_weights
 
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -32,9 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
-from qkvconv.families import FAMILIES
-from qkvconv.forward import Architecture
-from qkvconv.hf_format import (
+from qkvconv.formats.families import FAMILIES
+from qkvconv.reference.forward import Architecture
+from qkvconv.formats.hf import (
     detect_family,
     hf_config_from_litgpt,
     litgpt_config_from_hf,
@@ -42,7 +42,7 @@ from qkvconv.hf_format import (
     plan_hf_to_litgpt,
     plan_litgpt_to_hf,
 )
-from qkvconv.layout import HeadLayout, QKVOrder, reorder
+from qkvconv.model.layout import HeadLayout, QKVOrder, reorder
 
 transformers = pytest.importorskip("transformers")
 litgpt = pytest.importorskip("litgpt")

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qkvconv.layout import (
+from qkvconv.model.layout import (
     HeadLayout,
     LayoutError,
     QKVOrder,

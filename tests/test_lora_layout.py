@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qkvconv.layout import HeadLayout, QKVOrder, reorder
-from qkvconv.lora_layout import (
+from qkvconv.model.layout import HeadLayout, QKVOrder, reorder
+from qkvconv.model.lora import (
     LoraSettings,
     apply_reorder,
     expand_rank,
@@ -90,7 +90,7 @@ def test_plan_is_exact_and_minimal(H: int, G: int, hs: int, enable: tuple[bool, 
 
 
 def test_naive_rename_is_wrong_when_all_enabled() -> None:
-    """The trap LAYOUTS.md warns about: keeping lora_A/lora_B as they are changes the model."""
+    """The trap docs/layouts.md warns about: keeping lora_A/lora_B as they are changes the model."""
     heads = HeadLayout(8, 2, 2)
     settings = LoraSettings(2, 4, (True, True, True))
     a, b = torch.randn(6, 5, dtype=torch.float64), torch.randn(heads.rows, 2, dtype=torch.float64)
@@ -110,7 +110,7 @@ def test_expand_rank_keeps_the_update() -> None:
 @pytest.mark.parametrize("H,G,hs", HEADS)
 @pytest.mark.parametrize("enable", ENABLES, ids=lambda e: "".join(n for n, on in zip("qkv", e) if on))
 def test_split_join_and_fused_adapters_keep_the_update(H: int, G: int, hs: int, enable) -> None:
-    from qkvconv.lora_layout import from_fused_adapter, join_adapters, split_adapter, to_fused_adapter
+    from qkvconv.model.lora import from_fused_adapter, join_adapters, split_adapter, to_fused_adapter
 
     heads = HeadLayout(H, G, hs)
     r, n_embd = 2, 5
@@ -135,7 +135,7 @@ def test_split_join_and_fused_adapters_keep_the_update(H: int, G: int, hs: int, 
 
 
 def test_join_pads_different_ranks() -> None:
-    from qkvconv.lora_layout import join_adapters
+    from qkvconv.model.lora import join_adapters
 
     heads = HeadLayout(4, 2, 2)
     parts = {"q": (torch.randn(2, 3), torch.randn(8, 2)), "v": (torch.randn(4, 3), torch.randn(4, 4))}

@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from qkvconv.cli import app
-from qkvconv.layout import QKVOrder, permutation
-from qkvconv.litgpt_format import open_litgpt
-from qkvconv.nonfinite import max_difference, same_bits, within
-from qkvconv.weights import open_weights
+from qkvconv.model.layout import QKVOrder, permutation
+from qkvconv.formats.litgpt import open_litgpt
+from qkvconv.model.nonfinite import max_difference, same_bits, within
+from qkvconv.formats.weights import open_weights
 
 runner = CliRunner()
 NAN, INF = float("nan"), float("inf")

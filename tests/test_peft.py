@@ -29,12 +29,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
-from qkvconv.hf_format import hf_config_from_litgpt, litgpt_config_from_hf, plan_hf_to_litgpt, plan_litgpt_to_hf
-from qkvconv.layout import HeadLayout
-from qkvconv.config_files import read_yaml
-from qkvconv.litgpt_format import migrate_config
-from qkvconv.lora_layout import LoraSettings, qkv_delta
-from qkvconv.peft_format import (
+from qkvconv.formats.hf import hf_config_from_litgpt, litgpt_config_from_hf, plan_hf_to_litgpt, plan_litgpt_to_hf
+from qkvconv.model.layout import HeadLayout
+from qkvconv.io.config_files import read_yaml
+from qkvconv.formats.litgpt import migrate_config
+from qkvconv.model.lora import LoraSettings, qkv_delta
+from qkvconv.formats.peft import (
     KNOWN_FIELDS,
     REFUSED_SETTINGS,
     inspect_peft,
@@ -42,7 +42,7 @@ from qkvconv.peft_format import (
     litgpt_lora_to_peft,
     peft_to_litgpt_lora,
 )
-from qkvconv.upgrade import upgrade
+from qkvconv.ops.upgrade import upgrade
 
 from conftest import CASES as LEGACY_CASES
 from conftest import FIXTURES, LORA_CASES, reference
@@ -518,7 +518,7 @@ def test_export_refusals(bases, tmp_path):
 def test_a_wrong_conversion_is_caught_before_publishing(bases, tmp_path, monkeypatch):
     """The check of the written files against the source catches rows in the wrong place: CheckFailed
     (exit 1), and neither `out` nor a temporary directory is left."""
-    from qkvconv import peft_format
+    from qkvconv.formats import peft as peft_format
     from qkvconv.errors import CheckFailed
 
     base = bases("falcon40b")

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import qkvconv.transaction as transaction
+import qkvconv.io.transaction as transaction
 from conftest import FIXTURES
-from qkvconv.convert import convert
-from qkvconv.transaction import sibling
-from qkvconv.upgrade import upgrade
+from qkvconv.ops.convert import convert
+from qkvconv.io.transaction import sibling
+from qkvconv.ops.upgrade import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,7 +117,7 @@ def test_in_place_upgrade_keeps_owner_and_group(legacy, how: str, tmp_path: Path
 
 CHILD = """
 import sys
-import qkvconv.transaction as t
+import qkvconv.io.transaction as t
 if sys.argv[1] == "no-exchange":
     t.exchange = lambda a, b: False
 from qkvconv.cli import main

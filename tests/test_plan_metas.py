@@ -12,16 +12,18 @@ import pytest
 import torch
 
 from test_hf_mapping import BY_ID, built  # noqa: F401 (fixture)
-from qkvconv import hf_format, plan as plan_module, transforms, upgrade
-from qkvconv.convert import Transformations, transformed_plan
-from qkvconv.engine import output_layout
+from qkvconv.formats import hf as hf_format
+from qkvconv.ops import upgrade
+from qkvconv.plans import plan as plan_module, transforms
+from qkvconv.ops.convert import Transformations, transformed_plan
+from qkvconv.io.engine import output_layout
 from qkvconv.errors import QkvconvError
-from qkvconv.hf_format import ConcatRows, TakeRows, Tied
-from qkvconv.layout import HeadLayout, LayoutError, QKVOrder
-from qkvconv.plan import Fuse, Plan, Recipe, Reorder, Step, TakePart, Transpose
-from qkvconv.readers import open_reader
-from qkvconv.rotary import RopeOrder
-from qkvconv.transforms import FoldBias, RowIndex, ScaleColumns
+from qkvconv.formats.hf import ConcatRows, TakeRows, Tied
+from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
+from qkvconv.plans.plan import Fuse, Plan, Recipe, Reorder, Step, TakePart, Transpose
+from qkvconv.io.readers import open_reader
+from qkvconv.model.rotary import RopeOrder
+from qkvconv.plans.transforms import FoldBias, RowIndex, ScaleColumns
 
 
 def by_meta_tensors(recipe: Recipe, metas: list) -> tuple[tuple[int, ...], torch.dtype]:
@@ -64,8 +66,8 @@ def test_shape_rules_match_meta_tensors(case_id, change, built, tmp_path):  # no
 
 def test_upgrade_and_merge_plans(legacy):
     """The legacy re-order and a LoRA merge (AddUpdate) through output_layout, against meta tensors."""
-    from qkvconv.litgpt_format import load_state_dict_file, open_litgpt
-    from qkvconv.upgrade import full_upgrade_plan, merge_plan
+    from qkvconv.formats.litgpt import load_state_dict_file, open_litgpt
+    from qkvconv.ops.upgrade import full_upgrade_plan, merge_plan
 
     run = open_litgpt(legacy("lora_qkv_gqa"))
     base = open_litgpt(run.find_base(None))

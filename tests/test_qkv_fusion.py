@@ -38,9 +38,9 @@ from test_peft import (  # noqa: F401 (fixture)
 )
 from qkvconv.cli import app
 from qkvconv.errors import UnsupportedFamily
-from qkvconv.families import FAMILIES
-from qkvconv.hf_format import hf_config_from_litgpt, litgpt_config_from_hf
-from qkvconv.layout import QKVOrder
+from qkvconv.formats.families import FAMILIES
+from qkvconv.formats.hf import hf_config_from_litgpt, litgpt_config_from_hf
+from qkvconv.model.layout import QKVOrder
 
 runner = CliRunner()
 

@@ -20,12 +20,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qkvconv.engine import execute, output_layout
+from qkvconv.io.engine import execute, output_layout
 from qkvconv.errors import QkvconvError
-from qkvconv.layout import HeadLayout, QKVOrder
-from qkvconv.plan import Plan, Recipe, Reorder, copy
-from qkvconv.readers import open_reader
-from qkvconv.writers import SafetensorsWriter
+from qkvconv.model.layout import HeadLayout, QKVOrder
+from qkvconv.plans.plan import Plan, Recipe, Reorder, copy
+from qkvconv.io.readers import open_reader
+from qkvconv.io.writers import SafetensorsWriter
 from test_hf_mapping import built  # noqa: F401 (fixture)
 
 HEADS = HeadLayout(4, 2, 3)
@@ -107,7 +107,7 @@ def test_raw_copies_write_the_same_bytes(source: Path, tmp_path: Path, monkeypat
 def test_rows_moved_by_steps_are_copied_in_pieces(source: Path, tmp_path: Path, monkeypatch) -> None:
     """A re-order of grouped QKV rows is a list of row ranges of the source: copied piece by piece
     (here every piece is small, so the size floor is lifted), the same bytes as through memory."""
-    from qkvconv import engine
+    from qkvconv.io import engine
 
     pieces = []
     real = os.copy_file_range
@@ -158,8 +158,8 @@ def test_torch_bytes_are_raw_only_when_they_are_the_tensor(tmp_path: Path) -> No
     assert open_reader(tmp_path / "big.pth").raw("whole") is None
     # qkvconv's own .pth (CRC-32 fields 0, which zipfile would reject) is a raw source too: chains of
     # conversions keep the kernel copies
-    from qkvconv.readers import TensorMeta
-    from qkvconv.writers import TorchWriter
+    from qkvconv.io.readers import TensorMeta
+    from qkvconv.io.writers import TorchWriter
 
     with TorchWriter(tmp_path / "ours.pth", {"whole": TensorMeta((10,), torch.float32)}) as writer:
         writer.write("whole", base)
@@ -171,9 +171,9 @@ def test_torch_bytes_are_raw_only_when_they_are_the_tensor(tmp_path: Path) -> No
 def test_real_plans_write_the_same_bytes_both_ways(case_id, to, built, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
     """Every family's HF -> litgpt plan (fused q/k/v, grouped and per-head orders, Phi-3's gate_up
     rows), through the kernel copies and through memory, gives one file, byte for byte."""
-    from qkvconv import engine
-    from qkvconv.convert import Transformations, transformed_plan
-    from qkvconv.writers import TorchWriter
+    from qkvconv.io import engine
+    from qkvconv.ops.convert import Transformations, transformed_plan
+    from qkvconv.io.writers import TorchWriter
 
     monkeypatch.setattr(engine, "MIN_PIECE_BYTES", 0)  # tiny models: let every row move go raw
     outputs = []

@@ -20,8 +20,8 @@ import safetensors.torch
 import torch
 
 from qkvconv.errors import QkvconvError
-from qkvconv.readers import SafetensorsReader, ShardedReader, TensorMeta, TorchReader, open_reader
-from qkvconv.writers import LayoutViolation, SafetensorsWriter, TorchWriter, plan_shards
+from qkvconv.io.readers import SafetensorsReader, ShardedReader, TensorMeta, TorchReader, open_reader
+from qkvconv.io.writers import LayoutViolation, SafetensorsWriter, TorchWriter, plan_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
@@ -257,7 +257,7 @@ def test_zip64_records_load_in_torch_and_zipfile(tmp_path: Path, monkeypatch) ->
     must load in torch (both readers), litgpt and Python's zipfile, tensor for tensor."""
     from litgpt.utils import lazy_load
 
-    from qkvconv import torch_zip
+    from qkvconv.io import torch_zip
 
     monkeypatch.setattr(torch_zip, "ZIP64_LIMIT", 1)
     tensors = every_dtype()
@@ -540,8 +540,8 @@ import os, resource, signal, sys
 from pathlib import Path
 import torch
 from qkvconv.errors import QkvconvError
-from qkvconv.readers import TensorMeta
-from qkvconv.writers import SafetensorsWriter, TorchWriter
+from qkvconv.io.readers import TensorMeta
+from qkvconv.io.writers import SafetensorsWriter, TorchWriter
 
 out = Path(sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
@@ -577,8 +577,8 @@ STREAM_SCRIPT = r"""
 import json, sys, time
 from pathlib import Path
 import torch
-from qkvconv.readers import open_reader
-from qkvconv.writers import SafetensorsWriter, TorchWriter
+from qkvconv.io.readers import open_reader
+from qkvconv.io.writers import SafetensorsWriter, TorchWriter
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 
-from qkvconv.layout import HeadLayout, LayoutError, QKVOrder, reorder
-from qkvconv.rotary import (
+from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder, reorder
+from qkvconv.model.rotary import (
     RopeOrder,
     expand_kv_index,
     head_permutation,

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import FIXTURES, populate_hub_cache
 from qkvconv.cli import app
-from qkvconv.sources import is_repo_id
+from qkvconv.io.sources import is_repo_id
 
 runner = CliRunner()
 

@@ -29,17 +29,17 @@ from typer.testing import CliRunner
 
 from test_hf_mapping import BY_ID, TOKENS, TOL, Case, _build, built, hf_logits, litgpt_logits  # noqa: F401 (fixture)
 from qkvconv.cli import app
-from qkvconv.convert import Transformations, transformed_plan
-from qkvconv.verify import verify as verify_across
-from qkvconv.engine import execute, output_layout
+from qkvconv.ops.convert import Transformations, transformed_plan
+from qkvconv.ops.verify import verify as verify_across
+from qkvconv.io.engine import execute, output_layout
 from qkvconv.errors import QkvconvError
-from qkvconv.hf_format import litgpt_config_from_hf
-from qkvconv.layout import HeadLayout, QKVOrder
-from qkvconv.meta_format import ffn_hidden_dim, params_from_litgpt
-from qkvconv.plan import Plan, Recipe
-from qkvconv.rotary import RopeOrder, expand_kv_index
-from qkvconv.transforms import Fill, Inline, RowIndex, ScaleColumns, compose, kv_repeat_index
-from qkvconv.weights import open_weights
+from qkvconv.formats.hf import litgpt_config_from_hf
+from qkvconv.model.layout import HeadLayout, QKVOrder
+from qkvconv.formats.meta import ffn_hidden_dim, params_from_litgpt
+from qkvconv.plans.plan import Plan, Recipe
+from qkvconv.model.rotary import RopeOrder, expand_kv_index
+from qkvconv.plans.transforms import Fill, Inline, RowIndex, ScaleColumns, compose, kv_repeat_index
+from qkvconv.formats.weights import open_weights
 
 runner = CliRunner()
 FOLD_RTOL = 1e-5  # folding, relative to the logits' scale: observed <= 1.1e-6 (Gemma: 7.8e-6 of 7.5); rounding only

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import CASES, FULL_CASES, LORA_CASES, litgpt_logits, reference, state_dict
 from qkvconv.cli import app
-from qkvconv.upgrade import upgrade
+from qkvconv.ops.upgrade import upgrade
 
 runner = CliRunner()
 
@@ -146,7 +146,7 @@ def test_naive_rename_would_be_silently_wrong(legacy) -> None:
     directory = legacy("gqa_llama")
     upgrade(directory)
     sd = state_dict(directory / "lit_model.pth")
-    from qkvconv.layout import HeadLayout, QKVOrder, reorder
+    from qkvconv.model.layout import HeadLayout, QKVOrder, reorder
 
     heads = HeadLayout(8, 2, 4)
     for k in [k for k in sd if ".attn.qkv." in k]:

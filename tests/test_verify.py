@@ -10,11 +10,11 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import CASES, FULL_CASES, LORA_CASES, reference
-from qkvconv import forward
+from qkvconv.reference import forward
 from qkvconv.cli import app
-from qkvconv.layout import HeadLayout, QKVOrder, reorder
-from qkvconv.upgrade import upgrade
-from qkvconv.weights import open_weights
+from qkvconv.model.layout import HeadLayout, QKVOrder, reorder
+from qkvconv.ops.upgrade import upgrade
+from qkvconv.formats.weights import open_weights
 
 runner = CliRunner()
 
@@ -88,12 +88,12 @@ def test_verify_catches_mis_ordered_copy_at_the_first_layer(legacy, tmp_path: Pa
 def test_upgrade_refuses_to_replace_when_the_forward_pass_disagrees(legacy, monkeypatch) -> None:
     """A re-ordering bug shared by the writer and the tensor-level check is still caught by the
     forward pass, and the original stays in place."""
-    import qkvconv.upgrade as upgrading
+    import qkvconv.ops.upgrade as upgrading
 
     directory = legacy("gqa_llama")
     before = (directory / "lit_model.pth").read_bytes()
     # the naive rename (no re-ordering) in both the writer and the tensor-level check
-    from qkvconv.plan import Plan, Recipe
+    from qkvconv.plans.plan import Plan, Recipe
 
     monkeypatch.setattr(upgrading, "full_upgrade_plan",
                         lambda names, heads: Plan([Recipe(upgrading.current_name(n), (n,)) for n in names]))

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from qkvconv.errors import QkvconvError
-from qkvconv.nonfinite import check_finite
+from qkvconv.model.nonfinite import check_finite
 from qkvconv.progress import Progress
-from qkvconv.plan import Plan, Recipe
-from qkvconv.readers import RawBytes, TensorMeta, TensorReader, map_large_buffers
+from qkvconv.plans.plan import Plan, Recipe
+from qkvconv.io.readers import RawBytes, TensorMeta, TensorReader, map_large_buffers
 
 
 class Writer:

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from qkvconv.errors import QkvconvError
-from qkvconv.layout import HeadLayout, QKVOrder, reorder
-from qkvconv.config_files import read_yaml
-from qkvconv.litgpt_format import (
+from qkvconv.model.layout import HeadLayout, QKVOrder, reorder
+from qkvconv.io.config_files import read_yaml
+from qkvconv.formats.litgpt import (
     CONFIG,
     HYPERPARAMETERS,
     LEGACY_NAMING,
@@ -36,8 +36,8 @@ from qkvconv.litgpt_format import (
     open_litgpt,
     qkv_naming,
 )
-from qkvconv.lora_layout import qkv_delta
-from qkvconv.plan import Recipe
+from qkvconv.model.lora import qkv_delta
+from qkvconv.plans.plan import Recipe
 
 
 def _current_key(name: str) -> tuple[str, str | None]:
@@ -175,9 +175,9 @@ class PlannedWeights:
 
 def hf_weights(directory: Path) -> PlannedWeights:
     """A Hugging Face checkpoint directory, read through the family table's HF -> litgpt plan."""
-    from qkvconv.convert import HF_CONFIG, read_json
-    from qkvconv.hf_format import litgpt_config_from_hf, plan_hf_to_litgpt
-    from qkvconv.readers import open_reader
+    from qkvconv.ops.convert import HF_CONFIG, read_json
+    from qkvconv.formats.hf import litgpt_config_from_hf, plan_hf_to_litgpt
+    from qkvconv.io.readers import open_reader
 
     config_json = read_json(directory / HF_CONFIG)
     reader = open_reader(directory)
@@ -189,9 +189,9 @@ def hf_weights(directory: Path) -> PlannedWeights:
 def meta_weights(directory: Path) -> PlannedWeights:
     """A Meta Llama checkpoint (consolidated.00.pth + params.json), read through meta_format's plan:
     rows stay in Meta's pairs rotary order, which the config's rope_interleave says."""
-    from qkvconv import meta_format
-    from qkvconv.convert import read_json
-    from qkvconv.readers import open_reader
+    from qkvconv.formats import meta as meta_format
+    from qkvconv.ops.convert import read_json
+    from qkvconv.io.readers import open_reader
 
     params = read_json(directory / meta_format.PARAMS)
     reader = open_reader(meta_format.weights_file(directory))
@@ -237,8 +237,8 @@ def peft_weights(directory: Path, *, base: Path | None = None, base_option: str 
     """A PEFT adapter on its base (--base, else the adapter's base_model_name_or_path): HF or litgpt."""
     import tempfile
 
-    from qkvconv.convert import peft_base_config
-    from qkvconv.peft_format import peft_to_litgpt_lora
+    from qkvconv.ops.convert import peft_base_config
+    from qkvconv.formats.peft import peft_to_litgpt_lora
 
     config_json, base_name = peft_base_config(directory, base, option=base_option)
     assert base_name is not None
@@ -260,7 +260,7 @@ def open_weights(
 ) -> ModelWeights | PlannedWeights | AdaptedWeights:
     """Any supported checkpoint directory, as weights under current litgpt names; `base`: the base
     of a LoRA run or PEFT adapter, where its own files do not say."""
-    from qkvconv.convert import detect_format
+    from qkvconv.ops.convert import detect_format
 
     directory = source.parent if source.is_file() else source
     if directory.is_dir():

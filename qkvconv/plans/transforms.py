@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from qkvconv.errors import QkvconvError
-from qkvconv.forward import Architecture
-from qkvconv.layout import HeadLayout, QKVOrder
-from qkvconv.plan import Meta, Plan, Recipe, Step
-from qkvconv.rotary import RopeOrder, rope_permutation
+from qkvconv.reference.forward import Architecture
+from qkvconv.model.layout import HeadLayout, QKVOrder
+from qkvconv.plans.plan import Meta, Plan, Recipe, Step
+from qkvconv.model.rotary import RopeOrder, rope_permutation
 
 QKV_OUTPUT = re.compile(r"^transformer\.h\.(\d+)\.attn\.qkv\.(weight|bias)$")
 

@@ -1,7 +1,7 @@
 """A reference forward pass of litgpt-style decoder models, in plain torch.
 
 `qkvconv verify` uses it to decide, from the numbers alone, whether a converted checkpoint computes
-the same function as its source: shapes never tell a QKV row order (see LAYOUTS.md), logits do.
+the same function as its source: shapes never tell a QKV row order (see docs/layouts.md), logits do.
 It mirrors current litgpt's `litgpt.model.GPT` (0.5.13) operation for operation, so in float32 it
 matches litgpt to 1e-6 or better (bitwise where the op order is the same), yet it imports neither
 litgpt nor transformers, and it reads weights through a getter one layer at a time, so a caller can

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from qkvconv.errors import CheckFailed, QkvconvError
-from qkvconv.layout import HeadLayout, QKVOrder, permutation, reorder
-from qkvconv.config_files import write_yaml
-from qkvconv.litgpt_format import (
+from qkvconv.model.layout import HeadLayout, QKVOrder, permutation, reorder
+from qkvconv.io.config_files import write_yaml
+from qkvconv.formats.litgpt import (
     CONFIG,
     HYPERPARAMETERS,
     LEGACY_NAMING,
@@ -35,15 +35,15 @@ from qkvconv.litgpt_format import (
     open_litgpt,
     qkv_naming,
 )
-from qkvconv.lora_layout import LoraSettings, apply_reorder, expand_rank, plan_reorder, qkv_delta
-from qkvconv.engine import execute, output_layout
-from qkvconv.nonfinite import check_all_finite, max_difference, same_bits, within
-from qkvconv.plan import Meta, Plan, Recipe, Reorder, Step, copy
+from qkvconv.model.lora import LoraSettings, apply_reorder, expand_rank, plan_reorder, qkv_delta
+from qkvconv.io.engine import execute, output_layout
+from qkvconv.model.nonfinite import check_all_finite, max_difference, same_bits, within
+from qkvconv.plans.plan import Meta, Plan, Recipe, Reorder, Step, copy
 from qkvconv.progress import progress_for
-from qkvconv.readers import TensorReader, open_reader
-from qkvconv.sources import check_inside
-from qkvconv.writers import TorchWriter
-from qkvconv.transaction import (
+from qkvconv.io.readers import TensorReader, open_reader
+from qkvconv.io.sources import check_inside
+from qkvconv.io.writers import TorchWriter
+from qkvconv.io.transaction import (
     JOURNAL_NAME,
     DirectoryLock,
     Replacement,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qkvconv.layout import HeadLayout, LayoutError, QKVOrder, check_parts, check_reorder, fuse, reorder, split
+from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder, check_parts, check_reorder, fuse, reorder, split
 
 # What a tensor will be: its shape and dtype (the engine plans every output before reading any data)
 Meta = tuple[tuple[int, ...], torch.dtype]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qkvconv.errors import QkvconvError
-from qkvconv.litgpt_format import (
+from qkvconv.formats.litgpt import (
     CURRENT_NAMING,
     LEGACY_NAMING,
     LORA_WEIGHTS,
@@ -25,8 +25,8 @@ from qkvconv.litgpt_format import (
     open_litgpt,
     qkv_naming,
 )
-from qkvconv.lora_layout import plan_reorder
-from qkvconv.transaction import JOURNAL_NAME, is_temporary
+from qkvconv.model.lora import plan_reorder
+from qkvconv.io.transaction import JOURNAL_NAME, is_temporary
 
 # Report keys, in the order the table shows them; the JSON mode emits exactly these.
 FIELDS = (
@@ -52,7 +52,7 @@ def _order_evidence(naming: str | None, ckpt: LitgptCheckpoint) -> list[str]:
 
 def _litgpt_family(config: dict[str, Any]) -> str | None:
     """The family (the same names as for HF directories) whose architecture computes this litgpt config."""
-    from qkvconv.hf_format import detect_family, hf_config_from_litgpt
+    from qkvconv.formats.hf import detect_family, hf_config_from_litgpt
 
     try:
         family = detect_family(hf_config_from_litgpt(migrate_config(config)[0]))
@@ -150,8 +150,8 @@ def inspect_litgpt(ckpt: LitgptCheckpoint, base: Path | None = None) -> dict[str
 
 def _check_hf_shapes(config_json: dict[str, Any], reader: Any, directory: Path) -> None:
     """config.json's head counts must fit the tensors: plan the litgpt view on metadata alone."""
-    from qkvconv.engine import output_layout
-    from qkvconv.hf_format import plan_hf_to_litgpt
+    from qkvconv.io.engine import output_layout
+    from qkvconv.formats.hf import plan_hf_to_litgpt
 
     try:
         output_layout(plan_hf_to_litgpt(config_json, reader.names()), reader)
@@ -162,10 +162,10 @@ def _check_hf_shapes(config_json: dict[str, Any], reader: Any, directory: Path) 
 def inspect_hf(directory: Path) -> dict[str, Any]:
     """The report for a Hugging Face directory: the family table says where q/k/v live and in which
     order; an architecture outside the table still gets what config.json and the files tell."""
-    from qkvconv.convert import HF_CONFIG, read_json
-    from qkvconv.families import SUPPORTED_ARCHITECTURES
-    from qkvconv.hf_format import describe_layout
-    from qkvconv.readers import open_reader
+    from qkvconv.ops.convert import HF_CONFIG, read_json
+    from qkvconv.formats.families import SUPPORTED_ARCHITECTURES
+    from qkvconv.formats.hf import describe_layout
+    from qkvconv.io.readers import open_reader
 
     config_json = read_json(directory / HF_CONFIG)
     reader = open_reader(directory)
@@ -210,9 +210,9 @@ def _tensor_summary(reader: Any) -> tuple[Any, int]:
 def inspect_meta(directory: Path) -> dict[str, Any]:
     """The report for Meta's original layout (consolidated.00.pth + params.json): separate wq/wk/wv,
     rotary in adjacent pairs."""
-    from qkvconv import meta_format
-    from qkvconv.config_files import read_json
-    from qkvconv.readers import open_reader
+    from qkvconv.formats import meta as meta_format
+    from qkvconv.io.config_files import read_json
+    from qkvconv.io.readers import open_reader
 
     reader = open_reader(meta_format.weights_file(directory))
     shapes = {n: reader.meta(n).shape for n in reader.names()}
@@ -236,7 +236,7 @@ def inspect_meta(directory: Path) -> dict[str, Any]:
 def inspect_path(source: Path, base: Path | None = None) -> dict[str, Any]:
     """Inspect any supported checkpoint directory (litgpt, litgpt LoRA, Hugging Face, Meta, PEFT).
     `base`: the base of a LoRA run, where its hyperparameters.yaml does not lead to it."""
-    from qkvconv.convert import detect_format
+    from qkvconv.ops.convert import detect_format
 
     directory = source.parent if source.is_file() else source
     kind = detect_format(directory) if directory.is_dir() else "litgpt"
@@ -245,7 +245,7 @@ def inspect_path(source: Path, base: Path | None = None) -> dict[str, Any]:
     if kind == "meta":
         return inspect_meta(directory)
     if kind == "peft":
-        from qkvconv.peft_format import inspect_peft
+        from qkvconv.formats.peft import inspect_peft
 
         return inspect_peft(directory)
     return inspect_litgpt(open_litgpt(source), base)

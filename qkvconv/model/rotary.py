@@ -12,7 +12,7 @@ from enum import Enum
 
 import torch
 
-from qkvconv.layout import HeadLayout, LayoutError, QKVOrder, canonical_index
+from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder, canonical_index
 
 
 class RopeOrder(str, Enum):
@@ -28,7 +28,7 @@ def head_permutation(head_size: int, rope_n_elem: int, src: RopeOrder, dst: Rope
     if src == dst:
         return index
     d, j = rope_n_elem, torch.arange(rope_n_elem)
-    # pairs -> half: new row j takes old row 2j (j < d/2) or 2(j - d/2) + 1 (see LAYOUTS.md)
+    # pairs -> half: new row j takes old row 2j (j < d/2) or 2(j - d/2) + 1 (see docs/layouts.md)
     pairs_to_half = torch.where(j < d // 2, 2 * j, 2 * (j - d // 2) + 1)
     if src is RopeOrder.PAIRS:
         index[:d] = pairs_to_half

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from qkvconv import forward
+from qkvconv.reference import forward
 from qkvconv.errors import CheckFailed, QkvconvError
-from qkvconv.nonfinite import is_finite, max_difference
+from qkvconv.model.nonfinite import is_finite, max_difference
 from qkvconv.progress import layers, status
-from qkvconv.weights import ModelWeights
+from qkvconv.formats.weights import ModelWeights
 
 # Default tolerances per compute dtype: (atol, rtol), with a stage passing when
 # max|a - b| <= atol + rtol * max|a|. Pure re-orderings are bitwise equal in float32 on CPU.
@@ -267,8 +267,8 @@ def mismatch(report: VerifyReport, subject: str, undone: str) -> CheckFailed:
 
 def upgrade_check(device: str = "cpu"):
     """A forward-pass check for `upgrade`: the staged result must compute what the original computes."""
-    from qkvconv.litgpt_format import LitgptCheckpoint
-    from qkvconv.weights import litgpt_weights
+    from qkvconv.formats.litgpt import LitgptCheckpoint
+    from qkvconv.formats.weights import litgpt_weights
 
     def check(original: LitgptCheckpoint, staged: dict) -> str:
         with status("checking: opening both sides"):

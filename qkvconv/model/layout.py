@@ -6,7 +6,7 @@ We describe each order by its *canonical index*: for every row position, the ind
 row has in sequential order (all Q heads, then all K heads, then all V heads). Two orders
 are then related by `permutation(src, dst, heads)`, which satisfies
 ``dst_rows = src_rows[permutation(src, dst, heads)]``. Biases and LoRA-B rows use the same
-index because they follow the weight rows exactly (see ../shared/LAYOUTS.md).
+index because they follow the weight rows exactly (see docs/layouts.md).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 
 from qkvconv.errors import QkvconvError
-from qkvconv.faults import crash_point
+from qkvconv.io.faults import crash_point
 
 TMP_SUFFIX = ".qkvconv-tmp"
 JOURNAL_NAME = ".qkvconv-journal.json"

@@ -34,7 +34,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from qkvconv.errors import QkvconvError
-from qkvconv.pages import MappedFile
+from qkvconv.io.pages import MappedFile
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".lora")
 SAFETENSORS_SUFFIX = ".safetensors"

@@ -10,7 +10,7 @@ The two formats hold the same kind of update, per adapted linear layer W (out, i
   B @ A * lora_alpha / lora_r, with ONE r and alpha for the whole model. The fused `attn.qkv` adapter
   has blocks (lora_layout.py): A (r * n_enabled, in), B (rows of the enabled q/k/v, r), block c of B
   multiplying rows [c*r, (c+1)*r) of A. Legacy `attn.attn` adapters (litgpt <= 0.5.4) land on the
-  grouped rows, and with all of q, k, v enabled without the scatter (see ../shared/LAYOUTS.md).
+  grouped rows, and with all of q, k, v enabled without the scatter (see docs/layouts.md).
   `lora_mlp` adapts every MLP linear together; `lora_projection` the attention output; `lora_head`
   the output head.
 - PEFT (`adapter_config.json` + `adapter_model.safetensors`): `base_model.model.<HF module>.lora_A.weight`
@@ -67,8 +67,8 @@ from typing import Any
 import torch
 
 from qkvconv.errors import CheckFailed, QkvconvError, UnsupportedFamily
-from qkvconv.families import Block, Family, Fused, Split, supported
-from qkvconv.hf_format import (
+from qkvconv.formats.families import Block, Family, Fused, Split, supported
+from qkvconv.formats.hf import (
     describe_layout,
     detect_family,
     hf_config_from_litgpt,
@@ -76,8 +76,8 @@ from qkvconv.hf_format import (
     litgpt_state_names,
     plan_litgpt_to_hf,
 )
-from qkvconv.layout import HeadLayout, QKVOrder, reorder, split
-from qkvconv.litgpt_format import (
+from qkvconv.model.layout import HeadLayout, QKVOrder, reorder, split
+from qkvconv.formats.litgpt import (
     CONFIG,
     HYPERPARAMETERS,
     LEGACY_NAMING,
@@ -91,7 +91,7 @@ from qkvconv.litgpt_format import (
     open_litgpt,
     qkv_naming,
 )
-from qkvconv.lora_layout import (
+from qkvconv.model.lora import (
     PARTS,
     block_of_rows,
     from_fused_adapter,
@@ -101,14 +101,14 @@ from qkvconv.lora_layout import (
     qkv_delta,
     target_rows,
 )
-from qkvconv.nonfinite import check_all_finite, check_finite, max_difference, same_bits, within
-from qkvconv.readers import TensorMeta, open_reader
-from qkvconv.sources import check_inside
-from qkvconv.transaction import is_temporary
-from qkvconv.config_files import read_json, read_yaml, write_yaml
-from qkvconv.transaction import new_directory
-from qkvconv.upgrade import _save
-from qkvconv.writers import SafetensorsWriter
+from qkvconv.model.nonfinite import check_all_finite, check_finite, max_difference, same_bits, within
+from qkvconv.io.readers import TensorMeta, open_reader
+from qkvconv.io.sources import check_inside
+from qkvconv.io.transaction import is_temporary
+from qkvconv.io.config_files import read_json, read_yaml, write_yaml
+from qkvconv.io.transaction import new_directory
+from qkvconv.ops.upgrade import _save
+from qkvconv.io.writers import SafetensorsWriter
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

@@ -33,10 +33,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from qkvconv import torch_zip
+from qkvconv.io import torch_zip
 from qkvconv.errors import QkvconvError
-from qkvconv.transaction import fsync_dir
-from qkvconv.readers import MAX_IO_BYTES, SAFETENSORS_DTYPES, RawBytes, TensorMeta, byte_view
+from qkvconv.io.transaction import fsync_dir
+from qkvconv.io.readers import MAX_IO_BYTES, SAFETENSORS_DTYPES, RawBytes, TensorMeta, byte_view
 
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 HEADER_ALIGNMENT = 8  # the safetensors library pads its JSON header with spaces to a multiple of 8

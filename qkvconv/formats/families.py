@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from qkvconv.errors import UnsupportedFamily
-from qkvconv.layout import QKVOrder
+from qkvconv.model.layout import QKVOrder
 
 REQUIRED: Any = object()  # a Read default: config.json must hold one of the keys
 
@@ -76,7 +76,7 @@ class Split:
 
 @dataclass(frozen=True)
 class Fused:
-    """One fused QKV projection whose rows are in `order` (see ../shared/LAYOUTS.md)."""
+    """One fused QKV projection whose rows are in `order` (see docs/layouts.md)."""
 
     name: str
     order: QKVOrder

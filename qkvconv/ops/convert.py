@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import yaml
 
-from qkvconv import meta_format
-from qkvconv.engine import execute, output_layout
+from qkvconv.formats import meta as meta_format
+from qkvconv.io.engine import execute, output_layout
 from qkvconv.errors import QkvconvError
-from qkvconv.hf_format import (
+from qkvconv.formats.hf import (
     describe_layout,
     detect_family,
     hf_config_from_litgpt,
@@ -32,8 +32,8 @@ from qkvconv.hf_format import (
     plan_hf_to_litgpt,
     plan_litgpt_to_hf,
 )
-from qkvconv.layout import QKVOrder
-from qkvconv.litgpt_format import (
+from qkvconv.model.layout import QKVOrder
+from qkvconv.formats.litgpt import (
     CONFIG,
     HYPERPARAMETERS,
     LORA_WEIGHTS,
@@ -43,17 +43,17 @@ from qkvconv.litgpt_format import (
     migrate_config,
     open_litgpt,
 )
-from qkvconv.plan import Plan, Recipe, Reorder, copy
+from qkvconv.plans.plan import Plan, Recipe, Reorder, copy
 from qkvconv.progress import layers, progress_for, status
-from qkvconv.readers import TensorMeta, TensorReader, open_reader
-from qkvconv.rotary import RopeOrder
-from qkvconv.sources import check_inside
-from qkvconv.transaction import is_temporary
-from qkvconv.transforms import ModelPlan, compose, expand_kv_heads, fold_norms, set_rope
-from qkvconv.config_files import read_json, read_yaml
-from qkvconv.transaction import copy_new, new_directory
-from qkvconv.upgrade import full_upgrade_plan, merge_lora
-from qkvconv.writers import SafetensorsWriter, TorchWriter, plan_shards
+from qkvconv.io.readers import TensorMeta, TensorReader, open_reader
+from qkvconv.model.rotary import RopeOrder
+from qkvconv.io.sources import check_inside
+from qkvconv.io.transaction import is_temporary
+from qkvconv.plans.transforms import ModelPlan, compose, expand_kv_heads, fold_norms, set_rope
+from qkvconv.io.config_files import read_json, read_yaml
+from qkvconv.io.transaction import copy_new, new_directory
+from qkvconv.ops.upgrade import full_upgrade_plan, merge_lora
+from qkvconv.io.writers import SafetensorsWriter, TorchWriter, plan_shards
 
 HF_CONFIG = "config.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -130,7 +130,7 @@ def _legacy_litgpt_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def litgpt_plan(names: list[str], cfg: dict[str, Any], legacy: bool) -> Plan:
     """litgpt -> litgpt in the requested order (current sequential `attn.qkv` or legacy grouped `attn.attn`)."""
-    from qkvconv.litgpt_format import ModelShape
+    from qkvconv.formats.litgpt import ModelShape
 
     heads = ModelShape.from_config(cfg, Path(CONFIG)).heads
     if not legacy:
@@ -302,7 +302,7 @@ def _source_model(directory: Path, src_format: str) -> tuple[ModelPlan, TensorRe
 def _same_function(cfg: dict[str, Any], config_json: dict[str, Any]) -> bool:
     from dataclasses import asdict
 
-    from qkvconv.forward import Architecture
+    from qkvconv.reference.forward import Architecture
 
     try:
         a = asdict(Architecture.from_litgpt_config(cfg))
@@ -427,7 +427,7 @@ def convert(
         if src_format != "litgpt-lora" or to != "litgpt" or changes.any() or out is None:
             raise QkvconvError("--merge turns a litgpt LoRA run into a full litgpt checkpoint: --to litgpt --out DIR "
                                "(convert the merged result onwards in a second step)")
-        from qkvconv.verify import upgrade_check
+        from qkvconv.ops.verify import upgrade_check
 
         merged = merge_lora(directory, out, base=base, forward_check=upgrade_check(device) if forward_check else None,
                             allow_nonfinite=allow_nonfinite)
@@ -498,9 +498,9 @@ def _forward_check(reference: Path, candidate: Path, device: str, *, rounds: boo
     `rounds`: the conversion rounds products to the stored dtype (norm folding), so a half-precision
     checkpoint is held to that dtype's tolerance even where the pass computes in float32.
     """
-    from qkvconv import verify as verifying
+    from qkvconv.ops import verify as verifying
     from qkvconv.errors import UnsupportedFamily
-    from qkvconv.weights import open_weights
+    from qkvconv.formats.weights import open_weights
 
     try:
         with status("checking: opening both sides"):
@@ -530,7 +530,7 @@ def _convert_adapter(
 ) -> ConvertReport:
     """litgpt-lora <-> peft, and peft -> peft with another QKV fusion (--qkv: Phi-3 <-> Llama); NaN/inf in
     the adapter is refused unless `allow_nonfinite`."""
-    from qkvconv import peft_format
+    from qkvconv.formats import peft as peft_format
 
     if out is None:
         raise QkvconvError("convert writes a new directory: give it with --out DIR")
@@ -574,7 +574,7 @@ def _peft_to_peft(directory: Path, out: Path, base: Path | None, qkv: str, *, al
     """
     import tempfile
 
-    from qkvconv import peft_format
+    from qkvconv.formats import peft as peft_format
 
     source_json, base_name = peft_base_config(directory, base)
     target_json = hf_config_for(litgpt_config_from_hf(source_json), source_json, qkv)
@@ -604,7 +604,7 @@ def peft_base_config(
     """The base model's config.json and its directory as an absolute path (a LoRA run written from it
     must find it from anywhere): `base` (given as `option`), or the adapter's base_model_name_or_path
     (a local directory or a Hub repo id from the cache)."""
-    from qkvconv import sources
+    from qkvconv.io import sources
 
     given = base is not None
     if base is None:

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from qkvconv.errors import QkvconvError
-from qkvconv.sources import check_inside
+from qkvconv.io.sources import check_inside
 
 
 def _read_mapping(path: Path, parse: Callable[[str], Any], kind: str, errors: tuple[type[Exception], ...]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
-from qkvconv.families import (
+from qkvconv.formats.families import (
     FAMILIES,
     GELU_APPROXIMATE,
     REQUIRED,
@@ -42,10 +42,10 @@ from qkvconv.families import (
     Split,
     supported,
 )
-from qkvconv.forward import Architecture
-from qkvconv.layout import HeadLayout, LayoutError, QKVOrder, permutation
-from qkvconv.nonfinite import same_bits
-from qkvconv.plan import Fuse, Meta, Plan, Recipe, Reorder, Step, TakePart, concat_rows
+from qkvconv.reference.forward import Architecture
+from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder, permutation
+from qkvconv.model.nonfinite import same_bits
+from qkvconv.plans.plan import Fuse, Meta, Plan, Recipe, Reorder, Step, TakePart, concat_rows
 
 LITGPT_CONFIG = "model_config.yaml"
 HF_CONFIG = "config.json"

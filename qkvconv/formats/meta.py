@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
-from qkvconv.forward import Architecture
-from qkvconv.layout import HeadLayout, LayoutError, QKVOrder
-from qkvconv.plan import Fuse, Plan, Recipe, TakePart
+from qkvconv.reference.forward import Architecture
+from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
+from qkvconv.plans.plan import Fuse, Plan, Recipe, TakePart
 
 PARAMS = "params.json"
 WEIGHTS = "consolidated.00.pth"

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from qkvconv.errors import QkvconvError
-from qkvconv.layout import HeadLayout, LayoutError, QKVOrder
-from qkvconv.lora_layout import LoraSettings, block_sizes
-from qkvconv.pages import MappedFile
-from qkvconv.config_files import read_yaml
-from qkvconv.sources import check_inside
+from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
+from qkvconv.model.lora import LoraSettings, block_sizes
+from qkvconv.io.pages import MappedFile
+from qkvconv.io.config_files import read_yaml
+from qkvconv.io.sources import check_inside
 
 WEIGHTS = "lit_model.pth"
 LORA_WEIGHTS = "lit_model.pth.lora"
@@ -58,7 +58,7 @@ class StateDictFile:
 
 def load_state_dict_file(path: Path) -> StateDictFile:
     """Open a litgpt .pth file safely (weights_only) and lazily (mmap); any failure is one QkvconvError."""
-    from qkvconv.readers import safe_torch_load, split_state_dict
+    from qkvconv.io.readers import safe_torch_load, split_state_dict
 
     if not path.is_file():
         raise QkvconvError(f"{path} does not exist")

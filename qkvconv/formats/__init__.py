@@ -1,0 +1,80 @@
+"""Checkpoint formats (litgpt, Hugging Face, PEFT, Meta): how each is detected, read into litgpt's
+names (the pivot), written from them, and inspected. Imports `model`, `plans`, `io`.
+
+This module is the registry, and imports no format module (nor torch): detecting a directory and
+listing `--to` choices cost nothing, and a format's module is imported when it is used.
+
+    entry = detect(Path("checkpoints/llama"))   # FormatEntry('hf', ...) from the files it holds
+    fmt = entry.load()                          # the Format object: qkvconv/formats/hf.py's FORMAT
+    fmt.inspect(directory)                      # the report; fmt.read(directory), fmt.write_plan(...), ...
+
+A new format is one module (a `Format` subclass, see base.py, as `FORMAT`) plus one `FormatEntry` line
+below. The order of ENTRIES is the order of detection: the first entry whose markers all match wins.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qkvconv.errors import QkvconvError
+
+if TYPE_CHECKING:
+    from qkvconv.formats.base import Format
+
+
+@dataclass(frozen=True)
+class FormatEntry:
+    """One format in the registry: its `--to` name, where its module lives, how a directory shows it."""
+
+    name: str
+    module: str  # the module whose FORMAT implements it (imported on first use)
+    summary: str  # for --help and error messages
+    markers: tuple[str, ...] = ()  # glob patterns a directory must all match; () = written only, never detected
+    attribute: str = "FORMAT"
+
+    def matches(self, directory: Path) -> bool:
+        return bool(self.markers) and all(any(directory.glob(pattern)) for pattern in self.markers)
+
+    def load(self) -> Format:
+        return getattr(importlib.import_module(self.module), self.attribute)
+
+
+ENTRIES: tuple[FormatEntry, ...] = (
+    FormatEntry("litgpt-lora", "qkvconv.formats.litgpt_lora", "litgpt LoRA run (lit_model.pth.lora)",
+                ("lit_model.pth.lora",)),
+    FormatEntry("litgpt", "qkvconv.formats.litgpt", "litgpt checkpoint (lit_model.pth, sequential attn.qkv)",
+                ("lit_model.pth",)),
+    FormatEntry("litgpt-legacy", "qkvconv.formats.litgpt", "litgpt <= 0.5.4 (grouped attn.attn); read as litgpt",
+                attribute="LEGACY"),
+    FormatEntry("peft", "qkvconv.formats.peft", "PEFT LoRA adapter (adapter_config.json)", ("adapter_config.json",)),
+    FormatEntry("hf", "qkvconv.formats.hf", "Hugging Face transformers (config.json, safetensors)", ("config.json",)),
+    FormatEntry("meta", "qkvconv.formats.meta", "Meta's original Llama (params.json, consolidated.00.pth)",
+                ("params.json", "consolidated.*.pth")),
+)
+BY_NAME = {e.name: e for e in ENTRIES}
+NAMES = tuple(e.name for e in ENTRIES)
+
+
+def get(name: str) -> FormatEntry:
+    """The entry of a `--to` name."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise QkvconvError(f"--to must be one of {', '.join(NAMES)}, got {name!r}") from None
+
+
+def detect(directory: Path) -> FormatEntry:
+    """The format of a checkpoint directory, from the files it holds."""
+    if directory.is_dir():
+        for entry in ENTRIES:
+            if entry.matches(directory):
+                return entry
+    known = "; ".join(f"{e.name}: {' + '.join(e.markers)}" for e in ENTRIES if e.markers)
+    raise QkvconvError(f"{directory} holds no checkpoint qkvconv knows (expected {known})")
+
+
+def detect_name(directory: Path) -> str:
+    return detect(directory).name

@@ -1,0 +1,2 @@
+"""What the commands do: convert, upgrade, merge, verify, inspect. Imports everything below; only the
+CLI imports it."""

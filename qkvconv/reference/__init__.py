@@ -1,0 +1,1 @@
+"""qkvconv's own forward pass (no litgpt or transformers needed), layer by layer, for `verify`."""
