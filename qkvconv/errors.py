@@ -19,4 +19,13 @@ class CheckFailed(QkvconvError):
 
 
 class UnsupportedFamily(QkvconvError):
-    """The model family is outside what this operation covers."""
+    """The model family is outside what this operation covers.
+
+    `reason` is the refusal alone (what the model has that the operation cannot express), without the
+    list of what is covered that the message may append: code that combines refusals reads `reason`,
+    never the message.
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.families import FAMILIES
-from qkvconv.reference.forward import Architecture
+from qkvconv.model.architecture import Architecture
 from qkvconv.formats.hf import (
     detect_family,
     hf_config_from_litgpt,

@@ -190,10 +190,9 @@ class Family:
                         break
                 else:
                     seen = {k: self.flag(config_json, k) for flags, _ in value.cases for k in flags}
-                    raise UnsupportedFamily(
-                        f"{self.architecture} with {', '.join(f'{k}={v!r}' for k, v in seen.items())} is no layout "
-                        f"transformers can run (no case of `{f.name}` matches); qkvconv maps: {supported()}"
-                    )
+                    reason = (f"{self.architecture} with {', '.join(f'{k}={v!r}' for k, v in seen.items())} is no "
+                              f"layout transformers can run (no case of `{f.name}` matches)")
+                    raise UnsupportedFamily(f"{reason}; qkvconv maps: {supported()}", reason=reason)
         return replace(self, **changes)
 
 

@@ -42,7 +42,7 @@ from qkvconv.formats.families import (
     Split,
     supported,
 )
-from qkvconv.reference.forward import Architecture
+from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder, permutation
 from qkvconv.model.nonfinite import same_bits
 from qkvconv.plans.plan import Fuse, Meta, Plan, Recipe, Reorder, Step, TakePart, concat_rows
@@ -196,14 +196,14 @@ def _require_family(config_json: Mapping[str, Any]) -> Family:
     family = detect_family(config_json)
     if family is None:
         what = config_json.get("architectures") or config_json.get("model_type") or "no architecture"
-        raise UnsupportedFamily(f"config.json describes {what}, which qkvconv cannot map; supported: {supported()}")
+        reason = f"config.json describes {what}, which qkvconv cannot map"
+        raise UnsupportedFamily(f"{reason}; supported: {supported()}", reason=reason)
     return family
 
 
 def _refuse(family: Family, feature: str) -> UnsupportedFamily:
-    return UnsupportedFamily(
-        f"{family.architecture} with {feature} has no litgpt equivalent; qkvconv maps: {supported()}"
-    )
+    reason = f"{family.architecture} with {feature} has no litgpt equivalent"
+    return UnsupportedFamily(f"{reason}; qkvconv maps: {supported()}", reason=reason)
 
 
 def _heads(family: Family, cfg: Mapping[str, Any]) -> tuple[int, HeadLayout]:
@@ -464,7 +464,8 @@ def hf_config_from_litgpt(
     and must give the same forward pass, field for field.
     """
     if architecture is not None and architecture not in FAMILIES:
-        raise UnsupportedFamily(f"{architecture} is not an architecture qkvconv maps; supported: {supported()}")
+        reason = f"{architecture} is not an architecture qkvconv maps"
+        raise UnsupportedFamily(f"{reason}; supported: {supported()}", reason=reason)
     candidates = [FAMILIES[architecture]] if architecture else list(FAMILIES.values())
     if qkv is not None:
         candidates = [f for f in candidates if f.fusion == qkv]
@@ -484,7 +485,7 @@ def hf_config_from_litgpt(
             except QkvconvError as e:  # the nearer miss: the family whose norm and MLP are the model's
                 same_kind = (family.norm_class_name, family.mlp_class_name) == \
                     (target["norm_class_name"], target["mlp_class_name"])
-                why = str(e).split("; qkvconv maps:")[0]  # the list of families comes once, below
+                why = e.reason if isinstance(e, UnsupportedFamily) else str(e)  # the families come once, below
                 reason = (98 if same_kind else 99, f"{family.architecture}: {why.removeprefix(family.architecture + ' ')}")
             else:
                 if got == target:
@@ -494,10 +495,10 @@ def hf_config_from_litgpt(
             if closest is None or reason[0] < closest[0]:
                 closest = reason
     assert closest is not None
+    reason = f"no {wanted} computes this model (nearest: {closest[1]})"
     raise UnsupportedFamily(
-        f"no {wanted} computes this model (nearest: {closest[1]}); "
-        f"{f'with {qkv} QKV qkvconv maps' if qkv else 'supported'}: {', '.join(f.architecture for f in candidates)}"
-    )
+        f"{reason}; {f'with {qkv} QKV qkvconv maps' if qkv else 'supported'}: "
+        f"{', '.join(f.architecture for f in candidates)}", reason=reason)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
-from qkvconv.reference.forward import Architecture
+from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
 from qkvconv.plans.plan import Fuse, Plan, Recipe, TakePart
 

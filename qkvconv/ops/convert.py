@@ -23,7 +23,7 @@ import yaml
 
 from qkvconv.formats import meta as meta_format
 from qkvconv.io.engine import execute, output_layout
-from qkvconv.errors import QkvconvError
+from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.hf import (
     describe_layout,
     detect_family,
@@ -302,7 +302,7 @@ def _source_model(directory: Path, src_format: str) -> tuple[ModelPlan, TensorRe
 def _same_function(cfg: dict[str, Any], config_json: dict[str, Any]) -> bool:
     from dataclasses import asdict
 
-    from qkvconv.reference.forward import Architecture
+    from qkvconv.model.architecture import Architecture
 
     try:
         a = asdict(Architecture.from_litgpt_config(cfg))
@@ -345,6 +345,8 @@ def _expressible(to: str, source_json: dict[str, Any] | None) -> Any:
                 hf_config_for(cfg, source_json)
             elif to == "meta":
                 meta_format.params_from_litgpt({**cfg, "rope_interleave": True})
+        except UnsupportedFamily as e:
+            return e.reason
         except QkvconvError as e:
             return str(e)
         return None

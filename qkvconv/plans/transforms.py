@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from qkvconv.errors import QkvconvError
-from qkvconv.reference.forward import Architecture
+from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, QKVOrder
 from qkvconv.plans.plan import Meta, Plan, Recipe, Step
 from qkvconv.model.rotary import RopeOrder, rope_permutation
@@ -427,7 +427,7 @@ def fold_norms(model: ModelPlan, *, tied: bool = False, expressible: Expressible
             if reason is None:
                 chosen, flags = folds, trial
                 break
-            why = why or reason.split("; supported:")[0]
+            why = why or reason
         if chosen is not None:
             break
     if chosen is None:

@@ -1,0 +1,234 @@
+"""What the reference forward pass needs to know of a model, read once from a litgpt config.
+
+`Architecture.from_litgpt_config(cfg)` applies litgpt.Config's defaults (a hand-written dict means what
+it means to litgpt) and refuses, naming the feature, what the forward pass does not implement. The
+format modules use it too, to tell whether two configs compute the same function. Pure data: no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from qkvconv.errors import UnsupportedFamily
+
+
+# litgpt.Config's defaults for the fields read here, so a hand-written config dict that omits
+# a field means what it means to litgpt (a saved model_config.yaml holds every field).
+_LITGPT_DEFAULTS: dict[str, Any] = {
+    "name": "",
+    "n_layer": 16,
+    "n_embd": 4096,
+    "vocab_size": 50254,
+    "padding_multiple": 512,
+    "padded_vocab_size": None,
+    "norm_class_name": "LayerNorm",
+    "norm_eps": 1e-5,
+    "norm_qk": False,
+    "post_attention_norm": False,
+    "post_mlp_norm": False,
+    "parallel_residual": True,
+    "shared_attention_norm": False,
+    "n_head": 32,
+    "head_size": None,
+    "n_query_groups": None,
+    "attn_bias": False,
+    "attention_scores_scalar": None,
+    "sliding_window_size": None,
+    "sliding_window_indices": None,
+    "attention_logit_softcapping": None,
+    "rope_base": 10000,
+    "rotary_percentage": 0.25,
+    "rope_condense_ratio": 1,
+    "rope_adjustments": None,
+    "rope_interleave": False,
+    "bias": True,
+    "mlp_class_name": "GptNeoxMLP",
+    "gelu_approximate": "none",
+    "n_expert": 0,
+    "first_k_dense_replace": None,
+    "scale_embeddings": False,
+    "lm_head_bias": False,
+    "final_logit_softcapping": None,
+    "norm_1": True,
+    "norm_2": True,
+    "latent_attention": None,
+    "rope_local_base_freq": None,
+}
+
+
+def _refuse(name: str, feature: str) -> UnsupportedFamily:
+    """One line: what the config asks for, and what is covered instead."""
+    who = repr(name) if name else "this model"
+    return UnsupportedFamily(f"{who} uses {feature}, which qkvconv's reference forward pass does not implement",
+                             reason=feature)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything the forward pass needs, read once from a litgpt config (model_config.yaml)."""
+
+    name: str
+    n_layer: int
+    n_embd: int
+    n_head: int  # query heads
+    n_query_groups: int  # key/value heads
+    head_size: int
+    padded_vocab_size: int
+    norm_class_name: str  # "LayerNorm" | "RMSNorm"
+    norm_eps: float
+    norm_unit_offset: bool  # Gemma's RMSNorm scales by (1 + weight)
+    parallel_residual: bool
+    shared_attention_norm: bool  # parallel residual: MLP reuses norm_1's output (Falcon-7B)
+    mlp_class_name: str  # "GptNeoxMLP" | "LLaMAMLP" | "GemmaMLP"
+    gelu_approximate: str  # "none" | "tanh"
+    qkv_bias: bool
+    proj_bias: bool  # attn.proj and the MLP linears
+    lm_head_bias: bool
+    scale_embeddings: bool
+    attention_scale: float  # multiplies q @ k^T
+    rope_n_elem: int  # leading dims of each Q/K head that rotate
+    rope_base: float
+    rope_condense_ratio: float
+    rope_interleave: bool  # True: dims (2i, 2i+1) rotate together; False: (i, i + n/2)
+    rope_scaling: str  # "none" | "linear" | "llama3"
+    rope_factor: float
+    rope_low_freq_factor: float
+    rope_high_freq_factor: float
+    rope_original_max_seq_len: int
+    sliding_window_size: int | None
+    sliding_window_layers: tuple[bool, ...]  # per layer: does the window apply
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.n_head // self.n_query_groups
+
+    @classmethod
+    def from_litgpt_config(cls, cfg: Mapping[str, Any]) -> Architecture:
+        """Derive the architecture the way litgpt.Config.__post_init__ and GPT.__init__ do.
+
+        Raises UnsupportedFamily for any config feature this pass does not compute, so that
+        `verify` never reports a match or mismatch from a model it silently mis-computed.
+        """
+        c = {**_LITGPT_DEFAULTS, **{k: v for k, v in cfg.items() if k in _LITGPT_DEFAULTS}}
+        # A yaml `null` means the litgpt default as well.
+        c = {k: (_LITGPT_DEFAULTS[k] if v is None else v) for k, v in c.items()}
+        name: str = c["name"]
+
+        def refuse_if(condition: Any, feature: str) -> None:
+            if condition:
+                raise _refuse(name, feature)
+
+        refuse_if(c["latent_attention"], "multi-head latent attention (latent_attention, DeepSeek)")
+        refuse_if(
+            c["mlp_class_name"] == "LLaMAMoE" or c["n_expert"] or c["first_k_dense_replace"] is not None,
+            "a mixture-of-experts MLP (LLaMAMoE)",
+        )
+        refuse_if(
+            c["mlp_class_name"] not in ("GptNeoxMLP", "LLaMAMLP", "GemmaMLP"),
+            f"the MLP class {c['mlp_class_name']!r}",
+        )
+        refuse_if(c["norm_class_name"] not in ("LayerNorm", "RMSNorm"), f"the norm {c['norm_class_name']!r}")
+        # litgpt.Config.norm_class: OLMo's LayerNorm has no weight or bias.
+        refuse_if(c["norm_class_name"] == "LayerNorm" and "OLMo" in name, "a LayerNorm without weights (OLMo)")
+        refuse_if(c["norm_qk"], "query/key norms (norm_qk)")
+        refuse_if(
+            c["post_attention_norm"] or c["post_mlp_norm"],
+            "post-attention/post-MLP norms (post_attention_norm, post_mlp_norm)",
+        )
+        refuse_if(not c["norm_1"] or not c["norm_2"], "blocks without an input norm (norm_1/norm_2 = False)")
+        refuse_if(
+            c["attention_logit_softcapping"] is not None or c["final_logit_softcapping"] is not None,
+            "logit soft-capping (attention_logit_softcapping, final_logit_softcapping; Gemma-2)",
+        )
+        refuse_if(
+            c["rope_local_base_freq"] is not None, "separate local/global RoPE bases (rope_local_base_freq; Gemma-3)"
+        )
+        # litgpt's Block raises NotImplementedError on this combination itself.
+        refuse_if(
+            not c["parallel_residual"] and c["shared_attention_norm"],
+            "a shared attention norm without parallel residual",
+        )
+
+        n_head: int = c["n_head"]
+        head_size: int = c["head_size"] or c["n_embd"] // n_head
+        n_query_groups: int = c["n_query_groups"] or n_head
+        if n_head % n_query_groups:
+            raise _refuse(name, f"n_head={n_head} not divisible by n_query_groups={n_query_groups}")
+        rope_n_elem = int(c["rotary_percentage"] * head_size)
+        # litgpt's rotary for an odd n_elem concatenates halves of unequal size: no real model does it.
+        refuse_if(rope_n_elem % 2, f"an odd number of rotary dims ({rope_n_elem})")
+
+        rope_scaling, factor, low, high, original = _rope_scaling(name, c["rope_adjustments"])
+
+        padded_vocab_size = c["padded_vocab_size"]
+        if padded_vocab_size is None:
+            multiple = c["padding_multiple"]
+            padded_vocab_size = -(-c["vocab_size"] // multiple) * multiple
+
+        window = c["sliding_window_size"]
+        if window is None:
+            window_layers = (False,) * c["n_layer"]
+        else:
+            indices = c["sliding_window_indices"] or [1] * c["n_layer"]
+            if len(indices) < c["n_layer"]:
+                raise _refuse(name, f"sliding_window_indices shorter than n_layer ({len(indices)})")
+            window_layers = tuple(bool(i) for i in indices[: c["n_layer"]])
+
+        return cls(
+            name=name,
+            n_layer=c["n_layer"],
+            n_embd=c["n_embd"],
+            n_head=n_head,
+            n_query_groups=n_query_groups,
+            head_size=head_size,
+            padded_vocab_size=padded_vocab_size,
+            norm_class_name=c["norm_class_name"],
+            norm_eps=c["norm_eps"],
+            # litgpt.Config.norm_class decides this by name: partial(RMSNorm, add_unit_offset="Gemma" in name).
+            norm_unit_offset=c["norm_class_name"] == "RMSNorm" and "Gemma" in name,
+            parallel_residual=c["parallel_residual"],
+            shared_attention_norm=c["shared_attention_norm"],
+            mlp_class_name=c["mlp_class_name"],
+            gelu_approximate=c["gelu_approximate"],
+            qkv_bias=bool(c["bias"] or c["attn_bias"]),
+            proj_bias=bool(c["bias"]),
+            lm_head_bias=bool(c["lm_head_bias"]),
+            scale_embeddings=bool(c["scale_embeddings"]),
+            attention_scale=1.0 / math.sqrt(c["attention_scores_scalar"] or head_size),
+            rope_n_elem=rope_n_elem,
+            rope_base=c["rope_base"],
+            rope_condense_ratio=c["rope_condense_ratio"],
+            rope_interleave=bool(c["rope_interleave"]),
+            rope_scaling=rope_scaling,
+            rope_factor=factor,
+            rope_low_freq_factor=low,
+            rope_high_freq_factor=high,
+            rope_original_max_seq_len=original,
+            sliding_window_size=window,
+            sliding_window_layers=window_layers,
+        )
+
+
+def _rope_scaling(name: str, adj: Mapping[str, Any] | None) -> tuple[str, float, float, float, int]:
+    """Classify `rope_adjustments` the way litgpt's GPT.rope_cache does: Llama-3, linear, or none."""
+    if not adj:
+        return "none", 1.0, 0.0, 0.0, 0
+    if "beta_fast" in adj or "beta_slow" in adj:
+        raise _refuse(name, "YaRN RoPE scaling (rope_adjustments with beta_fast/beta_slow)")
+    if "low_freq_factor" in adj or "high_freq_factor" in adj:
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len") if k not in adj]
+        if missing:
+            raise _refuse(name, f"Llama-3 RoPE scaling without {', '.join(missing)}")
+        return (
+            "llama3",
+            float(adj["factor"]),
+            float(adj["low_freq_factor"]),
+            float(adj["high_freq_factor"]),
+            int(adj["original_max_seq_len"]),
+        )
+    if "factor" in adj:
+        return "linear", float(adj["factor"]), 0.0, 0.0, 0
+    return "none", 1.0, 0.0, 0.0, 0
