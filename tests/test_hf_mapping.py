@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
-from qkvconv.formats.families import FAMILIES
+from qkvconv.formats.hf.families import FAMILIES
 from qkvconv.model.architecture import Architecture
 from qkvconv.formats.hf import (
     detect_family,

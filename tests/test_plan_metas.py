@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from test_hf_mapping import BY_ID, built  # noqa: F401 (fixture)
-from qkvconv.formats import hf as hf_format
+from qkvconv.formats.hf import steps as hf_format
 from qkvconv.ops import upgrade
 from qkvconv.plans import plan as plan_module, transforms
 from qkvconv.ops.convert import Transformations, transformed_plan

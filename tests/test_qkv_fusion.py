@@ -38,7 +38,7 @@ from test_peft import (  # noqa: F401 (fixture)
 )
 from qkvconv.cli import app
 from qkvconv.errors import UnsupportedFamily
-from qkvconv.formats.families import FAMILIES
+from qkvconv.formats.hf.families import FAMILIES
 from qkvconv.formats.hf import hf_config_from_litgpt, litgpt_config_from_hf
 from qkvconv.model.layout import QKVOrder
 

@@ -67,7 +67,7 @@ from typing import Any
 import torch
 
 from qkvconv.errors import CheckFailed, QkvconvError, UnsupportedFamily
-from qkvconv.formats.families import Block, Family, Fused, Split, supported
+from qkvconv.formats.hf.families import Block, Family, Fused, Split, supported
 from qkvconv.formats.hf import (
     describe_layout,
     detect_family,

@@ -14,7 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: QKVOrder and HeadLayout serve torch-free code
+    import torch
 
 
 class LayoutError(ValueError):
@@ -75,6 +78,8 @@ class HeadLayout:
 
 def canonical_index(order: QKVOrder, heads: HeadLayout) -> torch.Tensor:
     """For each row position in `order`, the index of that row in sequential order."""
+    import torch
+
     H, G, hs = heads.n_head, heads.n_query_groups, heads.head_size
     pos = torch.arange(heads.rows)
     if order in (QKVOrder.SEQUENTIAL, QKVOrder.SPLIT):
@@ -94,6 +99,8 @@ def canonical_index(order: QKVOrder, heads: HeadLayout) -> torch.Tensor:
 
 
 def _inverse(index: torch.Tensor) -> torch.Tensor:
+    import torch
+
     inverse = torch.empty_like(index)
     inverse[index] = torch.arange(index.numel())
     return inverse
@@ -136,11 +143,15 @@ def reorder(tensor: torch.Tensor, src: QKVOrder, dst: QKVOrder, heads: HeadLayou
 
 def split(tensor: torch.Tensor, order: QKVOrder, heads: HeadLayout) -> tuple[torch.Tensor, ...]:
     """Fused rows in `order` -> separate (q, k, v) tensors."""
+    import torch
+
     sequential = reorder(tensor, order, QKVOrder.SEQUENTIAL, heads)
     return tuple(torch.split(sequential, [heads.q_rows, heads.kv_rows, heads.kv_rows], dim=0))
 
 
 def fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: QKVOrder, heads: HeadLayout) -> torch.Tensor:
     """Separate (q, k, v) tensors -> one fused tensor with rows in `order`."""
+    import torch
+
     check_parts([tuple(q.shape), tuple(k.shape), tuple(v.shape)], heads)
     return reorder(torch.cat([q, k, v], dim=0), QKVOrder.SEQUENTIAL, order, heads)

@@ -163,7 +163,7 @@ def inspect_hf(directory: Path) -> dict[str, Any]:
     """The report for a Hugging Face directory: the family table says where q/k/v live and in which
     order; an architecture outside the table still gets what config.json and the files tell."""
     from qkvconv.ops.convert import HF_CONFIG, read_json
-    from qkvconv.formats.families import SUPPORTED_ARCHITECTURES
+    from qkvconv.formats.hf.families import SUPPORTED_ARCHITECTURES
     from qkvconv.formats.hf import describe_layout
     from qkvconv.io.readers import open_reader
 

@@ -1,0 +1,82 @@
+"""Row steps the Hugging Face mappings need beyond plans/plan.py's q/k/v steps: take or concatenate row
+blocks (Phi-3's fused gate_up_proj, Falcon's per-head blocks) and a tied head checked against the
+embedding it copies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qkvconv.errors import QkvconvError
+from qkvconv.model.nonfinite import same_bits
+from qkvconv.model.layout import LayoutError
+from qkvconv.plans.plan import Meta, Step, concat_rows
+
+@dataclass(frozen=True)
+class TakeRows(Step):
+    """Row block `index` of `parts` equal blocks (Phi-3's gate_up_proj: gate rows, then up rows)."""
+
+    moves_rows = True
+
+    index: int
+    parts: int
+
+    def _check(self, shape: tuple[int, ...]) -> None:
+        if not shape or shape[0] % self.parts:
+            raise LayoutError(f"{shape[0] if shape else 0} rows do not split into {self.parts} equal blocks")
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        (t,) = tensors
+        self._check(tuple(t.shape))
+        return [t.chunk(self.parts, dim=0)[self.index]]
+
+    def describe(self) -> str:
+        return f"take row block {self.index + 1} of {self.parts}"
+
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        ((shape, dtype),) = inputs
+        self._check(shape)
+        return [((shape[0] // self.parts, *shape[1:]), dtype)]
+
+
+@dataclass(frozen=True)
+class ConcatRows(Step):
+    """Stack the inputs' rows in input order (litgpt fc_1, fc_2 -> Phi-3 gate_up_proj)."""
+
+    moves_rows = True
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat(tensors, dim=0)]
+
+    def describe(self) -> str:
+        return "concatenate rows"
+
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        return [concat_rows(inputs)]
+
+
+@dataclass(frozen=True)
+class Tied(Step):
+    """All inputs must be equal (a tied embedding and output head); the output is the first."""
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        first, *others = tensors
+        for other in others:
+            if other.shape != first.shape or (not first.is_meta and not same_bits(other, first)):
+                raise QkvconvError(
+                    "the output head differs from the token embedding, but config.json ties them "
+                    "(tie_word_embeddings); write the head separately with tie_word_embeddings=false"
+                )
+        return [first]
+
+    def describe(self) -> str:
+        return "check tied tensors are equal"
+
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        first, *others = inputs
+        if any(shape != first[0] for shape, _ in others):
+            self.apply([torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in inputs])  # its error
+        return [first]
+
+
