@@ -248,12 +248,17 @@ def upgrade_cmd(
         raise QkvconvError(f"{source} is a Hub repo id: upgrade it into a directory of your own with --out DIR")
     path = sources.resolve(source)
     with progress.status("planning"):
+        from qkvconv.ops import merge as merging
         from qkvconv.ops import upgrade as upgrading
         from qkvconv.ops import verify as verifying
     working()
     check = verifying.upgrade_check(device) if verify else None
-    report = upgrading.upgrade(path, out, lora_merge=lora_merge, base=base, forward_check=check,
-                               allow_nonfinite=allow_nonfinite)
+    if lora_merge:
+        if out is None:
+            raise QkvconvError("--lora-merge writes a full checkpoint: give it a new directory with --out")
+        report = merging.merge_lora(path, out, base=base, forward_check=check, allow_nonfinite=allow_nonfinite)
+    else:
+        report = upgrading.upgrade(path, out, base=base, forward_check=check, allow_nonfinite=allow_nonfinite)
     if json:
         render.emit_json(report.as_dict())
         return

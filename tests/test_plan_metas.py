@@ -13,7 +13,7 @@ import torch
 
 from test_hf_mapping import BY_ID, built  # noqa: F401 (fixture)
 from qkvconv.formats.hf import steps as hf_format
-from qkvconv.ops import upgrade
+from qkvconv.ops import merge
 from qkvconv.plans import plan as plan_module, transforms
 from qkvconv.ops.convert import Transformations, transformed_plan
 from qkvconv.io.engine import output_layout
@@ -32,7 +32,7 @@ def by_meta_tensors(recipe: Recipe, metas: list) -> tuple[tuple[int, ...], torch
 
 
 def test_every_step_has_a_shape_rule():
-    steps = [cls for module in (plan_module, hf_format, transforms, upgrade) for cls in vars(module).values()
+    steps = [cls for module in (plan_module, hf_format, transforms, merge) for cls in vars(module).values()
              if isinstance(cls, type) and issubclass(cls, Step) and cls is not Step]
     assert len(steps) >= 14
     assert [cls.__name__ for cls in steps if cls.metas is Step.metas] == []
@@ -67,7 +67,8 @@ def test_shape_rules_match_meta_tensors(case_id, change, built, tmp_path):  # no
 def test_upgrade_and_merge_plans(legacy):
     """The legacy re-order and a LoRA merge (AddUpdate) through output_layout, against meta tensors."""
     from qkvconv.formats.litgpt import load_state_dict_file, open_litgpt
-    from qkvconv.ops.upgrade import full_upgrade_plan, merge_plan
+    from qkvconv.formats.litgpt.plans import full_upgrade_plan
+    from qkvconv.ops.merge import merge_plan
 
     run = open_litgpt(legacy("lora_qkv_gqa"))
     base = open_litgpt(run.find_base(None))

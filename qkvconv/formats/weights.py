@@ -33,32 +33,25 @@ from qkvconv.formats.litgpt import (
     check_lora_shapes,
     load_state_dict_file,
     migrate_config,
+    current_name,
     open_litgpt,
     qkv_naming,
 )
-from qkvconv.model.lora import qkv_delta
+from qkvconv.model.lora import lora_update
 from qkvconv.plans.plan import Recipe
 
 
 def _current_key(name: str) -> tuple[str, str | None]:
-    """(current name, 'attn'|'qkv'|None): the name under current litgpt and which naming it had."""
+    """(current plain name, 'attn'|'qkv'|None): the name under current litgpt and which QKV naming it had."""
     m = QKV_KEY.match(name)
-    if not m:
-        return name, None
-    kind = m.group(3).replace("linear.", "")
-    return f"transformer.h.{m.group(1)}.attn.qkv.{kind}", m.group(2)
+    return current_name(name, drop_linear=True), (m.group(2) if m else None)
 
 
 def merged(t: torch.Tensor, name: str, a: torch.Tensor, b: torch.Tensor, lora: LoraHyperparameters,
            heads: HeadLayout, *, legacy: bool = False) -> torch.Tensor:
     """Weight `name` (current litgpt name and order) plus its litgpt LoRA update, summed in float64,
     handed over in float32 (or the stored dtype if wider)."""
-    if QKV_KEY.match(name):
-        delta = qkv_delta(a, b, lora.settings, heads, legacy=legacy)
-        if legacy:
-            delta = reorder(delta, QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
-    else:
-        delta = (b.double() @ a.double()) * lora.settings.scaling
+    delta = lora_update(bool(QKV_KEY.match(name)), a, b, lora.settings, heads, legacy=legacy)
     return (t.double() + delta).to(torch.promote_types(t.dtype, torch.float32))
 
 

@@ -402,6 +402,20 @@ def copy_new(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
+def copy_other_files(src: Path, dst: Path, skip: set[str], skip_suffixes: tuple[str, ...] = ()) -> None:
+    """Copy a checkpoint's other files (configs, tokenizer, generation config) from `src` into a new
+    output directory `dst`: every file but those named in `skip` or ending in `skip_suffixes`, and
+    qkvconv's own temporaries. Symlinks are followed only where they stay inside the checkpoint."""
+    from qkvconv.io.sources import check_inside
+
+    for item in src.iterdir():
+        if item.name in skip or is_temporary(item) or item.name.endswith(skip_suffixes):
+            continue
+        check_inside(item, src)
+        if item.is_file():
+            copy_new(item, dst / item.name)  # follows a (checked) symlink: copies the content
+
+
 @contextmanager
 def new_directory(out: Path) -> Iterator[Path]:
     """Build a new directory beside `out`; it appears at `out` in one rename when the block succeeds,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qkvconv.model.layout import HeadLayout, QKVOrder, canonical_index
+from qkvconv.model.layout import HeadLayout, QKVOrder, canonical_index, reorder
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def to_fused_adapter(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A current litgpt fused-QKV adapter -> one plain adapter (A, B) on the fused matrix with rows
     in `order`, rank r * n_enabled (every row sees all A blocks; its own block's columns set)."""
-    from qkvconv.model.layout import reorder
+
 
     n = sum(enable)
     r = lora_a.shape[0] // n
@@ -223,6 +223,17 @@ def from_fused_adapter(
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[bool, bool, bool]]:
     """One plain adapter on a fused matrix (rows in `order`, rank r) -> a current litgpt fused-QKV
     adapter with q, k, v enabled at rank r: each block gets its own copy of A."""
-    from qkvconv.model.layout import reorder
+
 
     return a.repeat(3, 1), reorder(b, order, QKVOrder.SEQUENTIAL, heads), (True, True, True)
+
+
+def lora_update(qkv: bool, a: torch.Tensor, b: torch.Tensor, settings: LoraSettings, heads: HeadLayout,
+                *, legacy: bool = False) -> torch.Tensor:
+    """The float64 update a litgpt LoRA pair makes to its weight, rows in current (sequential) order:
+    the fused QKV's through `qkv_delta` (legacy semantics re-ordered from grouped rows), any other
+    linear's B @ A * scaling. The one definition of a LoRA delta: merging, verifying and the checks use it."""
+    if qkv:
+        delta = qkv_delta(a, b, settings, heads, legacy=legacy)
+        return reorder(delta, QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads) if legacy else delta
+    return (b.double() @ a.double()) * settings.scaling

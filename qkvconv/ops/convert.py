@@ -52,7 +52,8 @@ from qkvconv.io.transaction import is_temporary
 from qkvconv.plans.transforms import ModelPlan, compose, expand_kv_heads, fold_norms, set_rope
 from qkvconv.io.config_files import read_json, read_yaml
 from qkvconv.io.transaction import copy_new, new_directory
-from qkvconv.ops.upgrade import full_upgrade_plan, merge_lora
+from qkvconv.formats.litgpt.plans import full_upgrade_plan, litgpt_plan
+from qkvconv.ops.merge import merge_lora
 from qkvconv.io.writers import SafetensorsWriter, TorchWriter, plan_shards
 
 HF_CONFIG = "config.json"
@@ -63,18 +64,6 @@ FORMAT_CONFIGS = (CONFIG, HYPERPARAMETERS, HF_CONFIG, meta_format.PARAMS)
 # Files that hold weights (rewritten by a conversion, never copied across formats)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".lora", ".safetensors.index.json", ".bin.index.json",
                    ".chk")  # Meta's checklist.chk: checksums of its .pth files
-# Fields litgpt 0.5.4's Config accepts (its dataclass fields): a legacy model_config.yaml keeps only these.
-LITGPT_054_FIELDS = frozenset({
-    "attention_logit_softcapping", "attention_scores_scalar", "attn_bias", "bias", "block_size",
-    "final_logit_softcapping", "gelu_approximate", "head_size", "hf_config", "intermediate_size", "lm_head_bias",
-    "mlp_class_name", "n_embd", "n_expert", "n_expert_per_token", "n_head", "n_layer", "n_query_groups", "name",
-    "norm_class_name", "norm_eps", "padded_vocab_size", "padding_multiple", "parallel_residual",
-    "post_attention_norm", "post_mlp_norm", "rope_adjustments", "rope_base", "rope_condense_ratio",
-    "rotary_percentage", "scale_embeddings", "shared_attention_norm", "sliding_window_layer_placing",
-    "sliding_window_size", "vocab_size",
-})
-
-
 def detect_format(directory: Path) -> str:
     """litgpt | litgpt-lora | peft | hf | meta, from the files a directory holds."""
     if (directory / LORA_WEIGHTS).is_file():
@@ -110,42 +99,6 @@ class ConvertReport:
             "source_format": self.source_format, "target_format": self.target_format,
             "actions": self.actions, "checks": self.checks, "plan": self.plan,
         }
-
-
-def _legacy_litgpt_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A model_config.yaml litgpt <= 0.5.4 accepts: its own fields only, the window in its old form."""
-    out = {k: v for k, v in cfg.items() if k in LITGPT_054_FIELDS}
-    indices = cfg.get("sliding_window_indices")
-    if cfg.get("sliding_window_size") is not None and indices is not None:
-        n = len(indices)
-        if all(indices):
-            out["sliding_window_layer_placing"] = "all"
-        elif indices == [1 if i % 2 == 0 else 0 for i in range(n)]:
-            out["sliding_window_layer_placing"] = "interleaved"
-        else:
-            raise QkvconvError("litgpt <= 0.5.4 can express a sliding window on all or every other layer only")
-    out.setdefault("sliding_window_layer_placing", None)
-    return out
-
-
-def litgpt_plan(names: list[str], cfg: dict[str, Any], legacy: bool) -> Plan:
-    """litgpt -> litgpt in the requested order (current sequential `attn.qkv` or legacy grouped `attn.attn`)."""
-    from qkvconv.formats.litgpt import ModelShape
-
-    heads = ModelShape.from_config(cfg, Path(CONFIG)).heads
-    if not legacy:
-        plan = full_upgrade_plan(names, heads)
-        plan.texts[CONFIG] = yaml.safe_dump(migrate_config(cfg)[0], sort_keys=False)
-        return plan
-    recipes = []
-    for name in names:
-        m = QKV_KEY.match(name)
-        if m and m.group(2) == "qkv" and not m.group(3).startswith("lora"):
-            out = f"transformer.h.{m.group(1)}.attn.attn.{m.group(3)}"
-            recipes.append(Recipe(out, (name,), (Reorder(QKVOrder.SEQUENTIAL, QKVOrder.GROUPED, heads),)))
-        else:
-            recipes.append(copy(name))
-    return Plan(recipes, {CONFIG: yaml.safe_dump(_legacy_litgpt_config(migrate_config(cfg)[0]), sort_keys=False)})
 
 
 def _copy_other_files(src: Path, dst: Path, skip: set[str]) -> None:

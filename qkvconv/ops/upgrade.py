@@ -9,7 +9,7 @@ untouched and a complete new directory appears at `out` in one rename.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,11 +18,11 @@ from qkvconv.errors import CheckFailed, QkvconvError
 from qkvconv.model.layout import HeadLayout, QKVOrder, permutation, reorder
 from qkvconv.io.config_files import write_yaml
 from qkvconv.formats.litgpt import (
+    current_name,
     CONFIG,
     HYPERPARAMETERS,
     LEGACY_NAMING,
     LORA_WEIGHTS,
-    NAMING_ORDER,
     QKV_KEY,
     WEIGHTS,
     LitgptCheckpoint,
@@ -37,18 +37,17 @@ from qkvconv.formats.litgpt import (
 )
 from qkvconv.model.lora import LoraSettings, apply_reorder, expand_rank, plan_reorder, qkv_delta
 from qkvconv.io.engine import execute, output_layout
-from qkvconv.model.nonfinite import check_all_finite, max_difference, same_bits, within
-from qkvconv.plans.plan import Meta, Plan, Recipe, Reorder, Step, copy
+from qkvconv.model.nonfinite import check_all_finite, same_bits, within
+from qkvconv.formats.litgpt.plans import full_upgrade_plan
+from qkvconv.plans.plan import Plan
 from qkvconv.progress import progress_for
 from qkvconv.io.readers import TensorReader, open_reader
-from qkvconv.io.sources import check_inside
 from qkvconv.io.writers import TorchWriter
 from qkvconv.io.transaction import (
+    copy_other_files,
     JOURNAL_NAME,
     DirectoryLock,
     Replacement,
-    copy_new,
-    is_temporary,
     new_directory,
     recover,
 )
@@ -82,14 +81,6 @@ class UpgradeReport:
 
 # A forward-pass check (see verify.py): called with (original dir, staged dir or file map), raises CheckFailed.
 ForwardCheck = Callable[[LitgptCheckpoint, dict[str, Path]], str]
-
-
-def current_name(name: str) -> str:
-    """`...attn.attn.X` -> `...attn.qkv.X`; any other name unchanged."""
-    m = QKV_KEY.match(name)
-    if m and m.group(2) == "attn":
-        return f"transformer.h.{m.group(1)}.attn.qkv.{m.group(3)}"
-    return name
 
 
 def lora_plan_for(hyper: LoraHyperparameters | None, heads: HeadLayout):
@@ -131,19 +122,6 @@ def upgrade_tensors(
     # keep the original key order (lora_A before lora_B, as litgpt writes them)
     ordered = {current_name(k): new[current_name(k)] for k in sd.tensors}
     return ordered, factor
-
-
-def full_upgrade_plan(names: list[str], heads: HeadLayout) -> Plan:
-    """Recipes for a legacy full state dict: re-order the fused QKV rows, copy everything else."""
-    to_sequential = Reorder(QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
-    recipes = []
-    for name in names:
-        m = QKV_KEY.match(name)
-        if m and m.group(2) == "attn" and not m.group(3).startswith("lora"):
-            recipes.append(Recipe(current_name(name), (name,), (to_sequential,)))
-        else:
-            recipes.append(copy(name))
-    return Plan(recipes)
 
 
 def check_upgraded(
@@ -278,7 +256,6 @@ def upgrade(
     source: Path,
     out: Path | None = None,
     *,
-    lora_merge: bool = False,
     base: Path | None = None,
     forward_check: ForwardCheck | None = None,
     allow_nonfinite: bool = False,
@@ -287,10 +264,6 @@ def upgrade(
     directory = source.parent if source.is_file() else source
     if not directory.is_dir():
         raise QkvconvError(f"{source} does not exist")
-    if lora_merge:
-        if out is None:
-            raise QkvconvError("--lora-merge writes a full checkpoint: give it a new directory with --out")
-        return merge_lora(directory, out, base=base, forward_check=forward_check, allow_nonfinite=allow_nonfinite)
     with DirectoryLock(directory):
         if out is None:
             recovered = recover(directory)
@@ -378,17 +351,7 @@ def _upgrade_in_place(
 def _copy_tree(src: Path, dst: Path, skip: set[str]) -> None:
     """Copy a checkpoint directory's other files (configs, tokenizer) into a fresh `dst`, atomically."""
     with new_directory(dst) as tmp:
-        _copy_files(src, tmp, skip)
-
-
-def _copy_files(src: Path, dst: Path, skip: set[str]) -> None:
-    """Copy the checkpoint's other files (configs, tokenizer), following links that stay inside it."""
-    for item in src.iterdir():
-        if item.name in skip or is_temporary(item):
-            continue
-        check_inside(item, src)
-        if item.is_file():
-            copy_new(item, dst / item.name)  # follows a (checked) symlink: copies the content
+        copy_other_files(src, tmp, skip)
 
 
 def _upgrade_into(
@@ -397,7 +360,7 @@ def _upgrade_into(
 ) -> None:
     with new_directory(out) as tmp:
         rewritten = {s.target for s in staged} | {CONFIG} | ({HYPERPARAMETERS} if new_hyper is not None else set())
-        _copy_files(ckpt.directory, tmp, skip=rewritten)
+        copy_other_files(ckpt.directory, tmp, skip=rewritten)
         paths = {s.target: tmp / s.target for s in staged}
         _write_and_check(staged, paths, ckpt, report)
         write_yaml(new_config, tmp / CONFIG)
@@ -412,152 +375,3 @@ def _upgrade_into(
             report.checks.append(forward_check(ckpt, {p.name: p for p in tmp.iterdir()}))
 
 
-def merge_lora(
-    directory: Path, out: Path, *, base: Path | None, forward_check: ForwardCheck | None,
-    allow_nonfinite: bool = False,
-) -> UpgradeReport:
-    """Merge a (legacy or current) LoRA run into its base weights: a current full checkpoint at `out`,
-    streamed tensor by tensor through the engine (the adapter is small; the base never is in memory).
-    NaN/inf in the adapter or the base is refused unless `allow_nonfinite`."""
-    ckpt = open_litgpt(directory)
-    if ckpt.lora_weights is None or ckpt.hyperparameters is None:
-        raise QkvconvError(f"--lora-merge needs a LoRA run directory ({LORA_WEIGHTS}); {directory} has none")
-    base_dir = ckpt.find_base(base)
-    if base_dir is None:
-        raise QkvconvError(
-            f"cannot find the base checkpoint of {directory} (hyperparameters.yaml checkpoint_dir="
-            f"{ckpt.hyperparameters.checkpoint_dir!r}); pass it with --base DIR"
-        )
-    base_ckpt = open_litgpt(base_dir)
-    if base_ckpt.shape != replace(ckpt.shape, name=base_ckpt.shape.name):
-        raise QkvconvError(f"the base {base_dir} has a different model config than the LoRA run {directory}")
-    adapter = load_state_dict_file(ckpt.lora_weights)
-    check_lora_shapes(adapter, ckpt.shape, ckpt.hyperparameters)
-    if not allow_nonfinite:
-        check_all_finite(adapter.tensors)
-    base_sd = load_state_dict_file(base_ckpt.weights)  # type: ignore[arg-type]
-    check_full_shapes(base_sd, base_ckpt.shape)
-    plan = merge_plan(list(base_sd.tensors), adapter, ckpt.shape.heads, ckpt.hyperparameters.settings)
-    report = UpgradeReport(directory, out, changed=True)
-    report.actions.append(f"merged {len(adapter.tensors) // 2} LoRA updates into the weights of {base_dir / WEIGHTS}")
-    new_config, changes = migrate_config(ckpt.config)
-    report.actions += [f"{CONFIG}: {c}" for c in changes]
-    with new_directory(out) as tmp:
-        _copy_files(ckpt.directory, tmp, skip={WEIGHTS, LORA_WEIGHTS, CONFIG})
-        reader = open_reader(base_sd.path)
-        layout = output_layout(plan, reader)
-        with TorchWriter(tmp / WEIGHTS, layout, wrapped=base_sd.wrapped) as writer:
-            execute(plan, reader, writer, progress_for(sum(m.nbytes for m in layout.values()), f"writing {WEIGHTS}"),
-                    allow_nonfinite=allow_nonfinite)
-        write_yaml(new_config, tmp / CONFIG)
-        report.checks.append(_check_merged(open_reader(base_sd.path), adapter, open_reader(tmp / WEIGHTS),
-                                           ckpt.shape.heads, ckpt.hyperparameters.settings))
-        if forward_check is not None:
-            report.checks.append(forward_check(ckpt, {p.name: p for p in tmp.iterdir()}))
-    return report
-
-
-def _lora_pairs(adapter: StateDictFile) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
-    """weight name (current naming) -> (lora_A, lora_B, is_fused_qkv_with_legacy_semantics)."""
-    pairs = {}
-    for name, a in adapter.tensors.items():
-        if not name.endswith("lora_A"):
-            continue
-        stem = name[: -len("lora_A")]
-        b = adapter.tensors[stem + "lora_B"]
-        m = QKV_KEY.match(name)
-        legacy = bool(m and m.group(2) == "attn")
-        pairs[current_name(stem + "weight")] = (a, b, legacy)
-    return pairs
-
-
-def lora_update(
-    target: str, a: torch.Tensor, b: torch.Tensor, legacy: bool, heads: HeadLayout, settings: LoraSettings
-) -> torch.Tensor:
-    """The float64 update a LoRA pair makes to weight `target` (current naming, sequential QKV rows)."""
-    if QKV_KEY.match(target):
-        delta = qkv_delta(a, b, settings, heads, legacy=legacy)
-        return reorder(delta, QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads) if legacy else delta
-    return (b.double() @ a.double()) * settings.scaling
-
-
-@dataclass(frozen=True, eq=False)
-class AddUpdate(Step):
-    """Add a LoRA update to a weight, in float64, rounding once to the weight's dtype."""
-
-    target: str
-    a: torch.Tensor
-    b: torch.Tensor
-    legacy: bool
-    heads: HeadLayout
-    settings: LoraSettings
-
-    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        (t,) = tensors
-        if t.is_meta:
-            return [t]
-        delta = lora_update(self.target, self.a, self.b, self.legacy, self.heads, self.settings)
-        return [(t.double() + delta).to(t.dtype)]
-
-    def describe(self) -> str:
-        return "add the LoRA update"
-
-    def metas(self, inputs: list[Meta]) -> list[Meta]:
-        return list(inputs)  # the update has the weight's shape (check_lora_shapes)
-
-
-def merge_plan(names: list[str], adapter: StateDictFile, heads: HeadLayout, settings: LoraSettings) -> Plan:
-    """Recipes for base tensors in current naming and order, each LoRA'd weight with its update added."""
-    pairs = _lora_pairs(adapter)
-    recipes = []
-    for name in names:
-        m = QKV_KEY.match(name)
-        target = current_name(name).replace(".linear.", ".")
-        steps: list[Step] = []
-        if m and not m.group(3).startswith("lora") and NAMING_ORDER[m.group(2)] is not QKVOrder.SEQUENTIAL:
-            steps.append(Reorder(NAMING_ORDER[m.group(2)], QKVOrder.SEQUENTIAL, heads))
-        if target in pairs:
-            a, b, legacy = pairs.pop(target)
-            steps.append(AddUpdate(target, a, b, legacy, heads, settings))
-        recipes.append(Recipe(target, (name,), tuple(steps)))
-    if pairs:
-        raise QkvconvError(f"LoRA tensors with no base weight to merge into: {sorted(pairs)[:3]}")
-    return Plan(recipes)
-
-
-def _check_merged(
-    base: TensorReader, adapter: StateDictFile, written: TensorReader, heads: HeadLayout, settings: LoraSettings
-) -> str:
-    """Each merged tensor, read back from disk, minus the (re-ordered) base equals the LoRA update to
-    float precision. Compared in the base's own order: another path than the one that wrote it."""
-    pairs = _lora_pairs(adapter)
-    worst = 0.0
-    written_names = set(written.names())
-    for name in base.names():
-        m = QKV_KEY.match(name)
-        target = current_name(name).replace(".linear.", ".")
-        t = base.read(name)
-        if target not in written_names or written.meta(target).dtype != t.dtype:
-            raise CheckFailed(f"merged checkpoint lacks {target} or changed its dtype")
-        got = written.read(target)
-        if m and not m.group(3).startswith("lora"):
-            got = reorder(got, QKVOrder.SEQUENTIAL, NAMING_ORDER[m.group(2)], heads)
-        expected = t.double()
-        if target in pairs:
-            a, b, legacy = pairs[target]
-            delta = lora_update(target, a, b, legacy, heads, settings)
-            if m and NAMING_ORDER[m.group(2)] is QKVOrder.GROUPED:
-                delta = reorder(delta, QKVOrder.SEQUENTIAL, QKVOrder.GROUPED, heads)
-            expected = expected + delta
-        if t.is_floating_point():
-            # rounding the float64 sum to the stored dtype costs at most half an ulp of the result
-            bound = torch.finfo(t.dtype).eps * got.double().abs() + torch.finfo(t.dtype).tiny
-            ok = within(got, expected, bound)  # an allowed NaN/inf must be where base + update has it
-        else:
-            ok = torch.equal(got, t)
-        if not ok:
-            raise CheckFailed(f"merged {target} differs from base + LoRA update beyond rounding")
-        worst = max(worst, max_difference(got, expected))
-        base.release()
-        written.release()
-    return f"{WEIGHTS}: every merged tensor equals base + LoRA update (max rounding {worst:.2g})"

@@ -256,3 +256,19 @@ def check_lora_shapes(sd: StateDictFile, shape: ModelShape, hyper: LoraHyperpara
     for name, t in sd.tensors.items():
         if name.endswith("lora_A") and name not in qkv and t.shape[0] != s.r:
             raise QkvconvError(f"{sd.path}: {name} has rank {t.shape[0]}, but hyperparameters.yaml says lora_r={s.r}")
+
+
+def current_name(name: str, *, drop_linear: bool = False) -> str:
+    """The name litgpt >= 0.5.5 gives a tensor: `...attn.attn.X` -> `...attn.qkv.X`, any other name
+    unchanged. `drop_linear`: a LoRA model's `....linear.weight` becomes the plain model's `....weight`."""
+    m = QKV_KEY.match(name)
+    if m and m.group(2) == "attn":
+        name = f"transformer.h.{m.group(1)}.attn.qkv.{m.group(3)}"
+    return name.replace(".linear.", ".") if drop_linear else name
+
+
+__all__ = [
+    "CONFIG", "CURRENT_NAMING", "HYPERPARAMETERS", "LEGACY_CONFIG_FIELDS", "LEGACY_NAMING", "LORA_WEIGHTS",
+    "NAMING_ORDER", "QKV_KEY", "WEIGHTS", "LitgptCheckpoint", "LoraHyperparameters", "ModelShape", "StateDictFile",
+    "check_full_shapes", "check_lora_shapes", "current_name", "load_state_dict_file", "migrate_config", "open_litgpt", "qkv_naming",
+]
