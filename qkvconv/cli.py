@@ -36,7 +36,7 @@ try:  # newer typer carries its own copy of click, whose exceptions are not clic
 except ImportError:
     from click.exceptions import ClickException, UsageError
 
-from qkvconv import __version__, progress, render
+from qkvconv import __version__, formats, progress, render
 from qkvconv.errors import QkvconvError
 
 EXIT_MEANINGS = {
@@ -180,13 +180,10 @@ class Expect(str, enum.Enum):
     legacy = "legacy"
 
 
-class Target(str, enum.Enum):
-    litgpt = "litgpt"
-    litgpt_legacy = "litgpt-legacy"
-    hf = "hf"
-    meta = "meta"
-    peft = "peft"
-    litgpt_lora = "litgpt-lora"
+# --to choices come from the format registry (torch-free): a new format appears here by itself
+Target = enum.Enum("Target", {name.replace("-", "_"): name for name in formats.NAMES}, type=str)  # type: ignore[misc]
+FoldTarget = enum.Enum(  # type: ignore[misc]
+    "FoldTarget", {name.replace("-", "_"): name for name in formats.MODEL_NAMES}, type=str)
 
 
 @app.command("inspect", epilog=examples(
@@ -365,13 +362,6 @@ def _show_conversion(report: Any, dry_run: bool, json: bool) -> None:
                  f"({report.target_format})", report.actions)
     if report.checks:
         render.lines("[bold green]checked before publishing:[/]", report.checks)
-
-
-class FoldTarget(str, enum.Enum):
-    litgpt = "litgpt"
-    litgpt_legacy = "litgpt-legacy"
-    hf = "hf"
-    meta = "meta"
 
 
 @app.command("fold-norms", epilog=examples(

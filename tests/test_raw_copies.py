@@ -178,7 +178,7 @@ def test_real_plans_write_the_same_bytes_both_ways(case_id, to, built, tmp_path:
     monkeypatch.setattr(engine, "MIN_PIECE_BYTES", 0)  # tiny models: let every row move go raw
     outputs = []
     for raw in (True, False):
-        plan, reader, _, _ = transformed_plan(built(case_id).directory, "hf", to, Transformations())
+        plan, reader, _ = transformed_plan(built(case_id).directory, "hf", to, Transformations())
         layout = output_layout(plan, reader)
         path = tmp_path / f"{raw}.pth"
         with TorchWriter(path, layout) as writer:

@@ -34,6 +34,7 @@ class FormatEntry:
     summary: str  # for --help and error messages
     markers: tuple[str, ...] = ()  # glob patterns a directory must all match; () = written only, never detected
     attribute: str = "FORMAT"
+    adapter: bool = False  # a LoRA adapter on a base model (the Format says so too; here for torch-free listings)
 
     def matches(self, directory: Path) -> bool:
         return bool(self.markers) and all(any(directory.glob(pattern)) for pattern in self.markers)
@@ -43,19 +44,22 @@ class FormatEntry:
 
 
 ENTRIES: tuple[FormatEntry, ...] = (
-    FormatEntry("litgpt-lora", "qkvconv.formats.litgpt_lora", "litgpt LoRA run (lit_model.pth.lora)",
-                ("lit_model.pth.lora",)),
-    FormatEntry("litgpt", "qkvconv.formats.litgpt", "litgpt checkpoint (lit_model.pth, sequential attn.qkv)",
+    FormatEntry("litgpt-lora", "qkvconv.formats.litgpt.format", "litgpt LoRA run (lit_model.pth.lora)",
+                ("lit_model.pth.lora",), attribute="LORA", adapter=True),
+    FormatEntry("litgpt", "qkvconv.formats.litgpt.format", "litgpt checkpoint (lit_model.pth, sequential attn.qkv)",
                 ("lit_model.pth",)),
-    FormatEntry("litgpt-legacy", "qkvconv.formats.litgpt", "litgpt <= 0.5.4 (grouped attn.attn); read as litgpt",
-                attribute="LEGACY"),
-    FormatEntry("peft", "qkvconv.formats.peft", "PEFT LoRA adapter (adapter_config.json)", ("adapter_config.json",)),
-    FormatEntry("hf", "qkvconv.formats.hf", "Hugging Face transformers (config.json, safetensors)", ("config.json",)),
+    FormatEntry("litgpt-legacy", "qkvconv.formats.litgpt.format",
+                "litgpt <= 0.5.4 (grouped attn.attn); read as litgpt", attribute="LEGACY"),
+    FormatEntry("peft", "qkvconv.formats.peft_entry", "PEFT LoRA adapter (adapter_config.json)",
+                ("adapter_config.json",), adapter=True),
+    FormatEntry("hf", "qkvconv.formats.hf.format", "Hugging Face transformers (config.json, safetensors)",
+                ("config.json",)),
     FormatEntry("meta", "qkvconv.formats.meta", "Meta's original Llama (params.json, consolidated.00.pth)",
                 ("params.json", "consolidated.*.pth")),
 )
 BY_NAME = {e.name: e for e in ENTRIES}
 NAMES = tuple(e.name for e in ENTRIES)
+MODEL_NAMES = tuple(e.name for e in ENTRIES if not e.adapter)  # formats that hold a full model
 
 
 def get(name: str) -> FormatEntry:

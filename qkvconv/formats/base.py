@@ -90,9 +90,9 @@ class Format:
         """The pivot model written in this format (notes go to `model.notes`)."""
         raise self._cannot("convert to")
 
-    def expressible(self, cfg: dict[str, Any], source_json: dict[str, Any] | None) -> str | None:
-        """None when this format can hold a model with this litgpt config, else why not (for norm folding)."""
-        return None
+    def expressible(self, cfg: dict[str, Any], source_json: dict[str, Any] | None) -> None:
+        """Raise a QkvconvError saying why, when this format cannot hold a model with this litgpt config
+        (norm folding asks before it adds biases the target may have no place for)."""
 
     def files(self, layout: dict[str, TensorMeta], max_shard_size: int | None) -> dict[str, list[str]]:
         """Output file -> the tensors it holds."""

@@ -27,7 +27,11 @@ from typing import Any
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
+from qkvconv.formats.base import Source, TorchFileFormat, Transformations, file_list, tensor_summary
+from qkvconv.formats.litgpt.checkpoint import ModelShape
+from qkvconv.model.rotary import RopeOrder
 from qkvconv.plans.plan import Fuse, Plan, Recipe, TakePart
+from qkvconv.plans.transforms import ModelPlan, compose
 
 PARAMS = "params.json"
 WEIGHTS = "consolidated.00.pth"
@@ -280,6 +284,80 @@ def plan_litgpt_to_meta(cfg: Mapping[str, Any], names: Iterable[str]) -> Plan:
     text = json.dumps(params, indent=2) + "\n"
     return Plan(recipes, {PARAMS: text}, [f"Meta Llama: {WEIGHTS} + {PARAMS}, rotary in pairs order"])
 
+# ---------------------------------------------------------------------------------------------
+# the registry's Format
+
+
+def _read(directory: Path) -> tuple[dict[str, Any], Any, Plan, dict[str, Any]]:
+    """params.json, the reader of consolidated.00.pth, the plan into litgpt names and the litgpt config."""
+    from qkvconv.io.config_files import read_json
+    from qkvconv.io.readers import open_reader
+
+    params = read_json(directory / PARAMS)
+    reader = open_reader(weights_file(directory))
+    names = reader.names()
+    shapes = {n: reader.meta(n).shape for n in names}
+    return params, reader, plan_meta_to_litgpt(params, names, shapes), litgpt_config_from_params(params, shapes)
+
+
+def _inspect(directory: Path) -> dict[str, Any]:
+    """The report for Meta's original layout (consolidated.00.pth + params.json): separate wq/wk/wv,
+    rotary in adjacent pairs."""
+    _, reader, _, cfg = _read(directory)
+    shape = ModelShape.from_config(cfg, directory / PARAMS)
+    dtype, parameters = tensor_summary(reader)
+    return {
+        "source": str(directory), "format": "meta", "family": "llama", "model": LITGPT_NAME, "legacy": False,
+        "naming": "attention.wq/wk/wv", "qkv_order": "split",
+        "evidence": ["separate layers.{i}.attention.wq/wk/wv (Meta's original Llama code); Q/K rows in rotary "
+                     "pairs order (dims 2i, 2i+1 rotate together)"],
+        "n_layer": shape.n_layer, "n_head": shape.heads.n_head, "n_query_groups": shape.heads.n_query_groups,
+        "head_size": shape.heads.head_size, "n_embd": shape.n_embd, "attention": shape.heads.attention,
+        "lora": None, "dtype": dtype, "parameters": parameters,
+        "files": file_list(directory),
+        "notes": [],
+    }
+
+
+class Meta(TorchFileFormat):
+    """Meta's consolidated.00.pth + params.json: split wq/wk/wv, rotary in pairs order only."""
+
+    name = "meta"
+    rope = RopeOrder.PAIRS
+    rope_refusal = "Meta's Llama code rotates pairs of dims (2i, 2i + 1) only; for half write --to litgpt or --to hf"
+    qkv = "split"
+    qkv_refusal = ("Meta's Llama code has separate wq/wk/wv projections only; for one fused QKV matrix write --to "
+                   "litgpt, or --to hf / --to peft with --qkv fused (Phi-3's qkv_proj for Llama-family models)")
+    configs = (PARAMS,)
+    weights_file = WEIGHTS
+
+    def inspect(self, directory: Path, base: Path | None = None) -> dict[str, Any]:
+        return _inspect(directory)
+
+    def weights(self, source: Path, base: Path | None = None, base_option: str = "--base") -> Any:
+        """Read through the plan: rows stay in pairs rotary order, which the config's rope_interleave says."""
+        from qkvconv.formats.weights import PlannedWeights
+
+        _, reader, plan, cfg = _read(source)
+        return PlannedWeights(str(source), cfg, reader, {r.output: r for r in plan.recipes})
+
+    def source(self, directory: Path) -> Source:
+        _, reader, plan, cfg = _read(directory)
+        model = ModelPlan(plan, cfg)
+        model.notes.append(f"{PARAMS} gives no context length: block_size (HF max_position_embeddings) "
+                           f"set to {model.config['block_size']}; it changes no weight")
+        return Source(model, reader, None, "output.weight" not in reader.names())
+
+    def target_plan(self, model: ModelPlan, source_json: dict[str, Any] | None, changes: Transformations,
+                    source_format: str) -> Plan:
+        return compose(plan_litgpt_to_meta(model.config, model.outputs()), model.plan)
+
+    def expressible(self, cfg: dict[str, Any], source_json: dict[str, Any] | None) -> None:
+        params_from_litgpt({**cfg, "rope_interleave": True})
+
+
+FORMAT = Meta()
+
 
 __all__ = [
     "PARAMS",
@@ -291,4 +369,5 @@ __all__ = [
     "plan_litgpt_to_meta",
     "plan_meta_to_litgpt",
     "weights_file",
+    "FORMAT",
 ]

@@ -34,7 +34,6 @@ from qkvconv.formats.litgpt import (
     load_state_dict_file,
     migrate_config,
     current_name,
-    open_litgpt,
     qkv_naming,
 )
 from qkvconv.model.lora import lora_update
@@ -168,30 +167,15 @@ class PlannedWeights:
 
 def hf_weights(directory: Path) -> PlannedWeights:
     """A Hugging Face checkpoint directory, read through the family table's HF -> litgpt plan."""
-    from qkvconv.ops.convert import HF_CONFIG, read_json
-    from qkvconv.formats.hf import litgpt_config_from_hf, plan_hf_to_litgpt
+    from qkvconv.formats.hf.config import HF_CONFIG, litgpt_config_from_hf
+    from qkvconv.formats.hf.plans import plan_hf_to_litgpt
+    from qkvconv.io.config_files import read_json
     from qkvconv.io.readers import open_reader
 
     config_json = read_json(directory / HF_CONFIG)
     reader = open_reader(directory)
     plan = plan_hf_to_litgpt(config_json, reader.names())
     return PlannedWeights(str(directory), litgpt_config_from_hf(config_json), reader,
-                          {r.output: r for r in plan.recipes})
-
-
-def meta_weights(directory: Path) -> PlannedWeights:
-    """A Meta Llama checkpoint (consolidated.00.pth + params.json), read through meta_format's plan:
-    rows stay in Meta's pairs rotary order, which the config's rope_interleave says."""
-    from qkvconv.formats import meta as meta_format
-    from qkvconv.ops.convert import read_json
-    from qkvconv.io.readers import open_reader
-
-    params = read_json(directory / meta_format.PARAMS)
-    reader = open_reader(meta_format.weights_file(directory))
-    names = reader.names()
-    shapes = {n: reader.meta(n).shape for n in names}
-    plan = meta_format.plan_meta_to_litgpt(params, names, shapes)
-    return PlannedWeights(str(directory), meta_format.litgpt_config_from_params(params, shapes), reader,
                           {r.output: r for r in plan.recipes})
 
 
@@ -226,42 +210,15 @@ class AdaptedWeights:
         return self.inner.dtype()
 
 
-def peft_weights(directory: Path, *, base: Path | None = None, base_option: str = "--base") -> AdaptedWeights:
-    """A PEFT adapter on its base (--base, else the adapter's base_model_name_or_path): HF or litgpt."""
-    import tempfile
-
-    from qkvconv.ops.convert import peft_base_config
-    from qkvconv.formats.peft import peft_to_litgpt_lora
-
-    config_json, base_name = peft_base_config(directory, base, option=base_option)
-    assert base_name is not None
-    inner = open_weights(Path(base_name))
-    if not isinstance(inner, (ModelWeights, PlannedWeights)) or getattr(inner, "adapter", None) is not None:
-        raise QkvconvError(f"the base of {directory} must be a full model, not an adapter: {base_name}")
-    with tempfile.TemporaryDirectory(prefix="qkvconv-") as tmp:
-        run = Path(tmp) / "run"
-        peft_to_litgpt_lora(directory, run, hf_config=config_json, allow_nonfinite=True)  # verify reports NaN/inf
-        adapter = load_state_dict_file(run / LORA_WEIGHTS)
-        tensors = {k: v.clone() for k, v in adapter.tensors.items()}  # off the temporary file
-        lora = LoraHyperparameters.from_yaml(read_yaml(run / HYPERPARAMETERS), run / HYPERPARAMETERS)
-        shape = ModelShape.from_config(read_yaml(run / CONFIG), run / CONFIG)
-    return AdaptedWeights(f"{directory} (PEFT on {base_name})", inner, tensors, lora, shape.heads)
-
-
 def open_weights(
     source: Path, *, base: Path | None = None, base_option: str = "--base"
 ) -> ModelWeights | PlannedWeights | AdaptedWeights:
-    """Any supported checkpoint directory, as weights under current litgpt names; `base`: the base
-    of a LoRA run or PEFT adapter, where its own files do not say."""
-    from qkvconv.ops.convert import detect_format
+    """Any supported checkpoint directory (or a file in it), as weights under current litgpt names, by
+    its format's `weights`; `base`: the base of a LoRA run or PEFT adapter, where its own files do not
+    say (`base_option` names the option it came from, for errors)."""
+    from qkvconv import formats
 
     directory = source.parent if source.is_file() else source
-    if directory.is_dir():
-        kind = detect_format(directory)
-        if kind == "hf":
-            return hf_weights(directory)
-        if kind == "meta":
-            return meta_weights(directory)
-        if kind == "peft":
-            return peft_weights(directory, base=base, base_option=base_option)
-    return litgpt_weights(open_litgpt(source), base=base, base_option=base_option)
+    if not directory.is_dir():
+        raise QkvconvError(f"{source} does not exist")
+    return formats.detect(directory).load().weights(source, base=base, base_option=base_option)

@@ -265,28 +265,52 @@ def mismatch(report: VerifyReport, subject: str, undone: str) -> CheckFailed:
     return CheckFailed(f"{subject} computes something else ({where}); {undone}")
 
 
+def forward_check(open_sides: Callable[[], tuple[Any, Any]], device: str, subject: str, undone: str, *,
+                  rounds: bool = False, optional: bool = False) -> str:
+    """The check `convert` and `upgrade` run before publishing: the result must compute what the source
+    computes. Raises CheckFailed (`subject` computes something else; `undone`) when it does not, and says
+    what it proved when it does. `open_sides()` gives (source, result) weights; a model the reference pass
+    does not implement is reported as skipped, never passed. `rounds`: the conversion rounds products to
+    the stored dtype (norm folding), so a half-precision result is held to that dtype's tolerance.
+    `optional`: a source that cannot be opened for the pass (a LoRA run whose base is not found) skips the
+    check, said in its line, rather than stopping a conversion that its tensor-level checks prove."""
+    with status("checking: opening both sides"):
+        try:
+            before, after = open_sides()
+        except forward.UnsupportedFamily as e:
+            return f"forward-pass check skipped: {e}"
+        except QkvconvError as e:
+            if not optional:
+                raise
+            return f"forward-pass check skipped: {e}"
+    atol = rtol = None
+    stored = after.dtype()
+    if rounds and stored in (torch.bfloat16, torch.float16):
+        atol, rtol = DEFAULT_TOLERANCE[stored]
+    try:
+        report = verify(before, after, device=device, atol=atol, rtol=rtol, progress=layers("checking"))
+    except forward.UnsupportedFamily as e:
+        return f"forward-pass check skipped: {e}"
+    if not report.passed:
+        raise mismatch(report, subject, undone)
+    if all(s.max_abs_diff == 0 for s in report.stages):
+        how = "bitwise equal"
+    else:
+        worst = max(s.max_abs_diff / s.scale if s.scale else s.max_abs_diff for s in report.stages)
+        how = (f"max logit difference {report.logits_max_abs_diff:.2g}, largest stage difference {worst:.2g} of its "
+               f"scale (tolerance atol {report.atol:g} + rtol {report.rtol:g} x scale)")
+    nonfinite = f"; {report.nonfinite_summary}" if report.nonfinite_summary else ""
+    return (f"forward pass on {report.device} ({report.dtype}, {report.tokens} tokens): every layer and the logits "
+            f"agree, {how}{nonfinite}")
+
+
 def upgrade_check(device: str = "cpu"):
     """A forward-pass check for `upgrade`: the staged result must compute what the original computes."""
     from qkvconv.formats.litgpt import LitgptCheckpoint
     from qkvconv.formats.weights import litgpt_weights
 
     def check(original: LitgptCheckpoint, staged: dict) -> str:
-        with status("checking: opening both sides"):
-            try:
-                before = litgpt_weights(original)
-            except QkvconvError as e:
-                return f"forward-pass check skipped: {e}"
-            after = litgpt_weights(original, overrides=staged)
-        try:
-            report = verify(before, after, device=device, progress=layers("checking"))
-        except forward.UnsupportedFamily as e:
-            return f"forward-pass check skipped: {e}"
-        if not report.passed:
-            raise mismatch(report, "the upgraded checkpoint", "nothing was replaced")
-        exact = "bitwise equal" if all(s.max_abs_diff == 0 for s in report.stages) else (
-            f"max logit difference {report.logits_max_abs_diff:.2g}")
-        nonfinite = f"; {report.nonfinite_summary}" if report.nonfinite_summary else ""
-        return (f"forward pass on {report.device} ({report.dtype}, {report.tokens} tokens): every layer and the logits "
-                f"agree, {exact}{nonfinite}")
+        return forward_check(lambda: (litgpt_weights(original), litgpt_weights(original, overrides=staged)),
+                             device, "the upgraded checkpoint", "nothing was replaced", optional=True)
 
     return check

@@ -1,0 +1,114 @@
+"""The Hugging Face format in the registry: a directory with config.json and safetensors (or .bin)
+weights, read and written through the family table (families.py); rotary in half order only."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from qkvconv.errors import QkvconvError
+from qkvconv.formats.base import Format, Source, Transformations, file_list, tensor_summary
+from qkvconv.formats.hf.config import HF_CONFIG, describe_layout, litgpt_config_from_hf
+from qkvconv.formats.hf.families import SUPPORTED_ARCHITECTURES
+from qkvconv.formats.hf.plans import plan_hf_to_litgpt, plan_litgpt_to_hf
+from qkvconv.formats.hf.rules import hf_config_for, qkv_note, tied
+from qkvconv.io.config_files import read_json
+from qkvconv.io.readers import TensorMeta, TensorReader, open_reader
+from qkvconv.model.rotary import RopeOrder
+from qkvconv.plans.plan import Plan, copy
+from qkvconv.plans.transforms import ModelPlan, compose
+
+
+class HuggingFace(Format):
+    name = "hf"
+    rope = RopeOrder.HALF
+    rope_refusal = ("transformers' models of the families qkvconv maps apply rotary in half order only (rotate_half), "
+                    "so --to hf writes half; for pairs write --to litgpt (rope_interleave: true) or --to meta")
+    configs = (HF_CONFIG,)
+
+    def inspect(self, directory: Path, base: Path | None = None) -> dict[str, Any]:
+        """The family table says where q/k/v live and in which order; an architecture outside the table
+        still gets what config.json and the files tell."""
+        config_json = read_json(directory / HF_CONFIG)
+        reader = open_reader(directory)
+        dtype, parameters = tensor_summary(reader)
+        architecture = (config_json.get("architectures") or [config_json.get("model_type")])[0]
+        layout = describe_layout(config_json)
+        notes: list[str] = []
+        if layout is not None:
+            check_shapes(config_json, reader, directory)
+        else:
+            n_head = config_json.get("num_attention_heads")
+            layout = {"family": None, "qkv": None, "qkv_order": None, "n_head": n_head,
+                      "n_query_groups": config_json.get("num_key_value_heads", n_head),
+                      "head_size": config_json.get("head_dim"), "attention": None,
+                      "evidence": "architecture not in qkvconv's family table: the QKV order cannot be interpreted"}
+            notes.append(f"{architecture} is not supported for conversion; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        return {
+            "source": str(directory), "format": self.name, "family": layout["family"],
+            "model": config_json.get("_name_or_path") or None, "architecture": architecture,
+            "legacy": False, "naming": layout["qkv"], "qkv_order": layout["qkv_order"], "evidence": [layout["evidence"]],
+            "n_layer": config_json.get("num_hidden_layers", config_json.get("n_layer")),
+            "n_head": layout["n_head"], "n_query_groups": layout["n_query_groups"], "head_size": layout["head_size"],
+            "n_embd": config_json.get("hidden_size", config_json.get("n_embd")), "attention": layout["attention"],
+            "lora": None, "dtype": dtype, "parameters": parameters, "files": file_list(directory), "notes": notes,
+        }
+
+    def weights(self, source: Path, base: Path | None = None, base_option: str = "--base") -> Any:
+        from qkvconv.formats.weights import hf_weights
+
+        return hf_weights(source)
+
+    def source(self, directory: Path) -> Source:
+        config_json = read_json(directory / HF_CONFIG)
+        reader = open_reader(directory)
+        plan = plan_hf_to_litgpt(config_json, reader.names())
+        model = ModelPlan(Plan(plan.recipes, notes=plan.notes), litgpt_config_from_hf(config_json))
+        return Source(model, reader, config_json, tied(config_json))
+
+    def direct_plan(self, directory: Path, to: str) -> tuple[Plan, TensorReader] | None:
+        if to not in ("litgpt", "litgpt-legacy", "hf"):
+            return None
+        config_json = read_json(directory / HF_CONFIG)
+        reader = open_reader(directory)
+        if to == "hf":  # re-shard (and check) as it is; config.json travels with the other files
+            plan_hf_to_litgpt(config_json, reader.names())  # refuses what the family table can't account for
+            return Plan([copy(n) for n in reader.names()]), reader
+        return plan_hf_to_litgpt(config_json, reader.names(), legacy=to == "litgpt-legacy"), reader
+
+    def target_plan(self, model: ModelPlan, source_json: dict[str, Any] | None, changes: Transformations,
+                    source_format: str) -> Plan:
+        kept = source_json if changes.any() or source_format == "hf" else None
+        config_json = hf_config_for(model.config, kept, changes.qkv)
+        plan = compose(plan_litgpt_to_hf(model.config, model.outputs(), config_json), model.plan)
+        if changes.qkv is not None:
+            model.notes.append(qkv_note(config_json, source_json, changes.qkv))
+        return plan
+
+    def expressible(self, cfg: dict[str, Any], source_json: dict[str, Any] | None) -> None:
+        hf_config_for(cfg, source_json)  # raises why not
+
+    def files(self, layout: dict[str, TensorMeta], max_shard_size: int | None) -> dict[str, list[str]]:
+        from qkvconv.io.writers import plan_shards
+
+        return plan_shards(layout, max_shard_size)
+
+    def writer(self, directory: Path, layout: dict[str, TensorMeta], max_shard_size: int | None
+               ) -> AbstractContextManager[Any]:
+        from qkvconv.io.writers import SafetensorsWriter
+
+        return SafetensorsWriter(directory, layout, max_shard_size=max_shard_size)
+
+
+def check_shapes(config_json: dict[str, Any], reader: Any, directory: Path) -> None:
+    """config.json's head counts must fit the tensors: plan the litgpt view on metadata alone."""
+    from qkvconv.io.engine import output_layout
+
+    try:
+        output_layout(plan_hf_to_litgpt(config_json, reader.names()), reader)
+    except QkvconvError as e:
+        raise QkvconvError(f"{directory}: config.json does not match the tensors ({e})") from None
+
+
+FORMAT = HuggingFace()
