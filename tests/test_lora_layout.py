@@ -12,6 +12,10 @@ import torch
 
 from qkvconv.model.layout import HeadLayout, QKVOrder, reorder
 from qkvconv.model.lora import (
+    PARTS,
+    block_of_rows,
+    block_sizes,
+    target_rows,
     LoraSettings,
     apply_reorder,
     expand_rank,
@@ -107,10 +111,39 @@ def test_expand_rank_keeps_the_update() -> None:
     assert expand_rank(a, b, 1) == (a, b)
 
 
+# The inverse directions, as references for join_adapters and from_fused_adapter (the library only ever
+# goes one way; these show that way keeps B @ A).
+
+
+def split_adapter(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, enable: tuple[bool, bool, bool], heads: HeadLayout
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A current litgpt fused-QKV adapter -> {part: (A, B)} for the enabled parts, each rank r."""
+    n = sum(enable)
+    r = lora_a.shape[0] // n
+    parts = [p for p, on in zip(PARTS, enable) if on]
+    b_blocks = torch.split(lora_b, block_sizes(enable, heads), dim=0)
+    return {p: (lora_a[c * r:(c + 1) * r], b_blocks[c]) for c, p in enumerate(parts)}
+
+
+def to_fused_adapter(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, enable: tuple[bool, bool, bool], heads: HeadLayout, order: QKVOrder
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A current litgpt fused-QKV adapter -> one plain adapter (A, B) on the fused matrix with rows
+    in `order`, rank r * n_enabled (every row sees all A blocks; its own block's columns set)."""
+    n = sum(enable)
+    r = lora_a.shape[0] // n
+    rows_b = torch.zeros(heads.rows, n * r, dtype=lora_b.dtype)
+    rows = target_rows(enable, heads, legacy=False)
+    cols = block_of_rows(enable, heads).unsqueeze(1) * r + torch.arange(r).unsqueeze(0)
+    rows_b[rows.unsqueeze(1), cols] = lora_b
+    return lora_a, reorder(rows_b, QKVOrder.SEQUENTIAL, order, heads)
+
+
 @pytest.mark.parametrize("H,G,hs", HEADS)
 @pytest.mark.parametrize("enable", ENABLES, ids=lambda e: "".join(n for n, on in zip("qkv", e) if on))
 def test_split_join_and_fused_adapters_keep_the_update(H: int, G: int, hs: int, enable) -> None:
-    from qkvconv.model.lora import from_fused_adapter, join_adapters, split_adapter, to_fused_adapter
+    from qkvconv.model.lora import from_fused_adapter, join_adapters
 
     heads = HeadLayout(H, G, hs)
     r, n_embd = 2, 5

@@ -20,7 +20,7 @@ from qkvconv.io.engine import output_layout
 from qkvconv.errors import QkvconvError
 from qkvconv.formats.hf import ConcatRows, TakeRows, Tied
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
-from qkvconv.plans.plan import Fuse, Plan, Recipe, Reorder, Step, TakePart, Transpose
+from qkvconv.plans.plan import Fuse, Plan, Recipe, Reorder, Step, TakePart
 from qkvconv.io.readers import open_reader
 from qkvconv.model.rotary import RopeOrder
 from qkvconv.plans.transforms import FoldBias, RowIndex, ScaleColumns
@@ -94,7 +94,6 @@ H = HeadLayout(4, 2, 3)  # 24 rows, odd head size
     (Recipe("x", ("a",), (TakePart("k", QKVOrder.SEQUENTIAL, H),)), [((25,), torch.float32)]),
     (Recipe("x", ("a",), (TakeRows(1, 2),)), [((7, 3), torch.float32)]),
     (Recipe("x", ("a", "b"), (ConcatRows(),)), [((2, 3), torch.float32), ((2, 4), torch.float32)]),
-    (Recipe("x", ("a",), (Transpose(),)), [((2, 3, 4), torch.float32)]),
     (Recipe("x", ("a",), (RowIndex(torch.tensor([0, 5]), "pick"),)), [((5, 2), torch.float32)]),
     (Recipe("x", ("w", "g"), (ScaleColumns(),)), [((3, 4), torch.float32), ((3,), torch.float32)]),
     (Recipe("x", ("w", "b"), (FoldBias(),)), [((3, 4), torch.float32), ((3,), torch.float32)]),

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder, reorder
+from qkvconv.plans.transforms import kv_repeat_index
 from qkvconv.model.rotary import (
     RopeOrder,
-    expand_kv_index,
     head_permutation,
-    projection_rope_permutation,
     rope_permutation,
 )
 
@@ -25,6 +24,13 @@ def hf_llama_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """transformers' convert_llama_weights_to_hf.py `permute` (Meta pairs -> HF half), verbatim."""
     dim1, dim2 = w.shape
     return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def projection_rope_permutation(  # q_proj / k_proj rows, head by head
+    n_heads: int, head_size: int, rope_n_elem: int, src: RopeOrder, dst: RopeOrder) -> torch.Tensor:
+    """Row index for a separate q_proj (n_heads = H) or k_proj (n_heads = G) weight or bias."""
+    per_head = head_permutation(head_size, rope_n_elem, src, dst)
+    return (torch.arange(n_heads).unsqueeze(1) * head_size + per_head.unsqueeze(0)).flatten()
 
 
 @pytest.mark.parametrize("n_heads,hs", [(1, 2), (4, 8), (3, 16), (8, 128)])
@@ -95,9 +101,8 @@ def test_expand_kv_heads(H: int, G: int, hs: int, src: QKVOrder, dst: QKVOrder) 
         return
     heads = HeadLayout(H, G, hs)
     w = torch.randn(heads.rows, 5)
-    index, new = expand_kv_index(src, heads, dst)
-    assert new == HeadLayout(H, H, hs)
-    out = w[index]
+    new = HeadLayout(H, H, hs)
+    out = reorder(reorder(w, src, QKVOrder.SEQUENTIAL, heads)[kv_repeat_index(heads, H)], QKVOrder.SEQUENTIAL, dst, new)
     q, k, v = torch.split(reorder(w, src, QKVOrder.SEQUENTIAL, heads), [H * hs, G * hs, G * hs])
     nq, nk, nv = torch.split(reorder(out, dst, QKVOrder.SEQUENTIAL, new), [H * hs, H * hs, H * hs])
     assert torch.equal(nq, q)

@@ -37,7 +37,7 @@ from qkvconv.formats.hf import litgpt_config_from_hf
 from qkvconv.model.layout import HeadLayout, QKVOrder
 from qkvconv.formats.meta import ffn_hidden_dim, params_from_litgpt
 from qkvconv.plans.plan import Plan, Recipe
-from qkvconv.model.rotary import RopeOrder, expand_kv_index
+from qkvconv.model.rotary import RopeOrder
 from qkvconv.plans.transforms import Fill, Inline, RowIndex, ScaleColumns, compose, kv_repeat_index
 from qkvconv.formats.weights import open_weights
 
@@ -189,9 +189,11 @@ def test_kv_heads_between_and_refusals(eight_heads, built, tmp_path):
 
 def test_kv_repeat_index_is_llamas_repeat_kv():
     heads = HeadLayout(8, 2, 3)
-    full, _ = expand_kv_index(QKVOrder.SEQUENTIAL, heads, QKVOrder.SEQUENTIAL)
-    assert torch.equal(kv_repeat_index(heads, 8), full)
-    assert kv_repeat_index(heads, 4).numel() == (8 + 2 * 4) * 3
+    w = torch.randn(heads.rows, 5)
+    q, k, v = torch.split(w, [8 * 3, 2 * 3, 2 * 3])
+    rep = lambda t, n: t.view(2, 3, -1).repeat_interleave(n // 2, dim=0).reshape(n * 3, -1)  # noqa: E731
+    for n in (2, 4, 8):  # llama's repeat_kv, for each n_kv that 2 divides and that divides 8
+        assert torch.equal(w[kv_repeat_index(heads, n)], torch.cat([q, rep(k, n), rep(v, n)]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,17 +166,6 @@ def qkv_delta(
 PARTS = ("q", "k", "v")
 
 
-def split_adapter(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, enable: tuple[bool, bool, bool], heads: HeadLayout
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A current litgpt fused-QKV adapter -> {part: (A, B)} for the enabled parts, each rank r."""
-    n = sum(enable)
-    r = lora_a.shape[0] // n
-    parts = [p for p, on in zip(PARTS, enable) if on]
-    b_blocks = torch.split(lora_b, block_sizes(enable, heads), dim=0)
-    return {p: (lora_a[c * r:(c + 1) * r], b_blocks[c]) for c, p in enumerate(parts)}
-
-
 def pad_rank(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad an adapter to rank r (same update)."""
     extra = r - a.shape[0]
@@ -202,29 +191,11 @@ def join_adapters(
     return torch.cat([a for a, _ in padded]), torch.cat([b for _, b in padded]), enable  # type: ignore[return-value]
 
 
-def to_fused_adapter(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, enable: tuple[bool, bool, bool], heads: HeadLayout, order: QKVOrder
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A current litgpt fused-QKV adapter -> one plain adapter (A, B) on the fused matrix with rows
-    in `order`, rank r * n_enabled (every row sees all A blocks; its own block's columns set)."""
-
-
-    n = sum(enable)
-    r = lora_a.shape[0] // n
-    rows_b = torch.zeros(heads.rows, n * r, dtype=lora_b.dtype)
-    rows = target_rows(enable, heads, legacy=False)
-    cols = block_of_rows(enable, heads).unsqueeze(1) * r + torch.arange(r).unsqueeze(0)
-    rows_b[rows.unsqueeze(1), cols] = lora_b
-    return lora_a, reorder(rows_b, QKVOrder.SEQUENTIAL, order, heads)
-
-
 def from_fused_adapter(
     a: torch.Tensor, b: torch.Tensor, heads: HeadLayout, order: QKVOrder
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[bool, bool, bool]]:
     """One plain adapter on a fused matrix (rows in `order`, rank r) -> a current litgpt fused-QKV
     adapter with q, k, v enabled at rank r: each block gets its own copy of A."""
-
-
     return a.repeat(3, 1), reorder(b, order, QKVOrder.SEQUENTIAL, heads), (True, True, True)
 
 

@@ -55,28 +55,3 @@ def rope_permutation(
     position = torch.empty_like(canon)
     position[canon] = torch.arange(canon.numel())  # canonical -> position
     return position[_sequential_rope_index(heads, rope_n_elem, src, dst)[canon]]
-
-
-def projection_rope_permutation(n_heads: int, head_size: int, rope_n_elem: int, src: RopeOrder, dst: RopeOrder) -> torch.Tensor:
-    """Row index for a separate q_proj (n_heads = H) or k_proj (n_heads = G) weight or bias."""
-    per_head = head_permutation(head_size, rope_n_elem, src, dst)
-    return (torch.arange(n_heads).unsqueeze(1) * head_size + per_head.unsqueeze(0)).flatten()
-
-
-def expand_kv_index(order: QKVOrder, heads: HeadLayout, dst_order: QKVOrder) -> tuple[torch.Tensor, HeadLayout]:
-    """Row index (rows repeat) turning G key/value heads into H, each K/V head repeated for the
-    q_per_kv query heads that share it, as llama's repeat_kv does at run time: exact.
-    Returns the index into `order` rows and the new head layout (MHA), rows in `dst_order`."""
-    H, G, hs = heads.n_head, heads.n_query_groups, heads.head_size
-    new = HeadLayout(H, H, hs)
-    canon = canonical_index(order, heads)
-    position = torch.empty_like(canon)
-    position[canon] = torch.arange(canon.numel())
-    q = torch.arange(H * hs)
-    head = torch.arange(H).repeat_interleave(hs) // heads.q_per_kv  # old K/V head of each new head
-    dim = torch.arange(H * hs) % hs
-    k = H * hs + head * hs + dim
-    v = (H + G) * hs + head * hs + dim
-    sequential = torch.cat([q, k, v])  # canonical old row for each new sequential row
-    new_canon = canonical_index(dst_order, new)  # new position -> new canonical (sequential) row
-    return position[sequential[new_canon]], new

@@ -123,24 +123,6 @@ class TakePart(Step):
 
 
 @dataclass(frozen=True)
-class Transpose(Step):
-    """Swap the two dims of a matrix (GPT-2's Conv1D stores weights transposed)."""
-
-    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        (t,) = tensors
-        return [t.t().contiguous()]
-
-    def describe(self) -> str:
-        return "transpose"
-
-    def metas(self, inputs: list[Meta]) -> list[Meta]:
-        ((shape, dtype),) = inputs
-        if len(shape) > 2:
-            raise LayoutError(f"cannot transpose a tensor of shape {shape}")
-        return [(tuple(reversed(shape)), dtype)]
-
-
-@dataclass(frozen=True)
 class Recipe:
     """One output tensor made from `inputs` by `steps` (no steps: a plain copy of one input)."""
 

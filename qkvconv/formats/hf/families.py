@@ -1,6 +1,6 @@
 """Hugging Face model families as data: per architecture, where every tensor lives and what it means.
 
-    family = find("FalconForCausalLM").resolve(json.load(open("config.json")))
+    family = FAMILIES["FalconForCausalLM"].resolve(json.load(open("config.json")))
     family.qkv        # Fused(name='self_attention.query_key_value', order=<QKVOrder.GROUPED>, ...)
     family.block.norms  # {'ln_attn': 'norm_1', 'ln_mlp': 'norm_2'}
 
@@ -467,10 +467,6 @@ FALCON = Family(
 # to pick an architecture (hf_config_from_litgpt): the first whose config can express it.
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, GEMMA, GPT_NEOX, FALCON, PHI3)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)
-
-
-def find(architecture: str) -> Family | None:
-    return FAMILIES.get(architecture)
 
 
 def supported() -> str:
