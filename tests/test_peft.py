@@ -1,4 +1,4 @@
-"""litgpt LoRA runs <-> PEFT LoRA adapters (peft_format.py), with the real libraries as oracles.
+"""litgpt LoRA runs <-> PEFT LoRA adapters (qkvconv/formats/peft/), with the real libraries as oracles.
 
 Tiny random models (2 layers; 4 query heads, 2 key/value heads where the family has GQA) of Llama
 (split q/k/v), GPT-NeoX (fused per-head), Falcon 40B (fused grouped), Phi-3 (fused sequential
@@ -518,7 +518,7 @@ def test_export_refusals(bases, tmp_path):
 def test_a_wrong_conversion_is_caught_before_publishing(bases, tmp_path, monkeypatch):
     """The check of the written files against the source catches rows in the wrong place: CheckFailed
     (exit 1), and neither `out` nor a temporary directory is left."""
-    from qkvconv.formats import peft as peft_format
+    from qkvconv.formats.peft import export as peft_format
     from qkvconv.errors import CheckFailed
 
     base = bases("falcon40b")

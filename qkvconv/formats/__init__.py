@@ -50,7 +50,7 @@ ENTRIES: tuple[FormatEntry, ...] = (
                 ("lit_model.pth",)),
     FormatEntry("litgpt-legacy", "qkvconv.formats.litgpt.format",
                 "litgpt <= 0.5.4 (grouped attn.attn); read as litgpt", attribute="LEGACY"),
-    FormatEntry("peft", "qkvconv.formats.peft_entry", "PEFT LoRA adapter (adapter_config.json)",
+    FormatEntry("peft", "qkvconv.formats.peft.format", "PEFT LoRA adapter (adapter_config.json)",
                 ("adapter_config.json",), adapter=True),
     FormatEntry("hf", "qkvconv.formats.hf.format", "Hugging Face transformers (config.json, safetensors)",
                 ("config.json",)),

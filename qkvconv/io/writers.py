@@ -15,6 +15,9 @@ another file inside the kernel (copy_file_range), for tensors a conversion leave
 
 A tensor that does not match the announced layout, or a close() with tensors missing, is a bug in
 the caller (LayoutViolation); a file that cannot be written is the environment (QkvconvError).
+
+save_torch is plain torch.save for what is small and already in memory (LoRA adapters), with the
+same QkvconvError when the file cannot be written.
 """
 
 from __future__ import annotations
@@ -523,3 +526,14 @@ class TorchWriter:
             self.abort()
         elif self._fd is not None:
             self.close()
+
+
+def save_torch(payload: object, path: Path) -> None:
+    """torch.save of a small payload held in memory (a LoRA adapter, a state dict the caller built),
+    with a file that cannot be written (a full disk, no permission) as a QkvconvError."""
+    try:
+        torch.save(payload, path)
+    except OSError as e:
+        raise QkvconvError(f"cannot write {path}: {e.strerror or e}") from None
+    except RuntimeError as e:  # torch wraps write failures (e.g. a full disk) in RuntimeError
+        raise QkvconvError(f"cannot write {path}: {str(e).splitlines()[0]}") from None

@@ -14,7 +14,7 @@ from qkvconv.errors import QkvconvError
 from qkvconv.formats.hf.config import detect_family, litgpt_config_from_hf
 from qkvconv.formats.hf.rules import hf_config_for, kept_config, qkv_note
 from qkvconv.formats.litgpt import HYPERPARAMETERS, WEIGHTS, LitgptCheckpoint, migrate_config, open_litgpt
-from qkvconv.formats.peft_entry import peft_base_config
+from qkvconv.formats.peft.format import peft_base_config
 
 
 def check_qkv_target(qkv: str | None, to: str) -> None:

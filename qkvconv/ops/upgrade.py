@@ -42,7 +42,7 @@ from qkvconv.formats.litgpt.plans import full_upgrade_plan
 from qkvconv.plans.plan import Plan
 from qkvconv.progress import progress_for
 from qkvconv.io.readers import TensorReader, open_reader
-from qkvconv.io.writers import TorchWriter
+from qkvconv.io.writers import TorchWriter, save_torch
 from qkvconv.io.transaction import (
     copy_other_files,
     JOURNAL_NAME,
@@ -216,15 +216,6 @@ def _needs_upgrade(ckpt: LitgptCheckpoint) -> tuple[list[StateDictFile], bool]:
     return legacy, bool(config_changes)
 
 
-def _save(payload: object, path: Path) -> None:
-    try:
-        torch.save(payload, path)
-    except OSError as e:
-        raise QkvconvError(f"cannot write {path}: {e.strerror or e}") from None
-    except RuntimeError as e:  # torch wraps write failures (e.g. a full disk) in RuntimeError
-        raise QkvconvError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
-
-
 def _stream(item: _StagedFile, path: Path) -> None:
     """Write a full model file through the engine: each tensor read once, re-ordered, written."""
     assert item.plan is not None
@@ -244,7 +235,7 @@ def _write_and_check(
             _stream(item, path)
         else:
             assert item.tensors is not None
-            _save(item.original.payload(item.tensors), path)
+            save_torch(item.original.payload(item.tensors), path)
         written = open_reader(path)  # check what is on disk, not what is in memory
         if getattr(written, "wrapped", None) != item.original.wrapped:
             raise CheckFailed(f"{path.name}: wrapping changed")

@@ -20,8 +20,7 @@ from qkvconv.formats.litgpt.checkpoint import (
 )
 from qkvconv.formats.weights import AdaptedWeights, ModelWeights, PlannedWeights, open_weights
 from qkvconv.io.config_files import read_json, read_yaml
-
-PEFT_CONFIG = "adapter_config.json"
+from qkvconv.formats.peft.modules import PEFT_CONFIG
 
 
 class Peft(Format):
@@ -30,7 +29,7 @@ class Peft(Format):
     configs = (PEFT_CONFIG,)
 
     def inspect(self, directory: Path, base: Path | None = None) -> dict[str, Any]:
-        from qkvconv.formats.peft import inspect_peft
+        from qkvconv.formats.peft.inspect import inspect_peft
 
         return inspect_peft(directory)
 
