@@ -83,3 +83,33 @@ def populate_hub_cache(cache: Path, repo_id: str, source: Path, commit: str = "0
             blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
             blob.write_bytes(data)
             os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Tiny random transformers models by case id (hf_models.CASES), built on first use in this module."""
+    from hf_models import BY_ID, _build
+
+    cache: dict = {}
+
+    def get(case_id: str):
+        if case_id not in cache:
+            cache[case_id] = _build(BY_ID[case_id], tmp_path_factory.mktemp(case_id))
+        return cache[case_id]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """Tiny random HF base models with their litgpt twins by kind (peft_models.BASES), built on first use."""
+    from peft_models import _build_base
+
+    cache: dict = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = _build_base(kind, tmp_path_factory.mktemp(f"base-{kind}"))
+        return cache[kind]
+
+    return get

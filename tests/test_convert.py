@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import populate_hub_cache
-from test_hf_mapping import BY_ID, TOKENS, TOL, built, hf_logits, litgpt_logits  # noqa: F401 (fixture)
+from hf_models import BY_ID, TOKENS, TOL, hf_logits, litgpt_logits  # noqa: F401
 from qkvconv.cli import app
 from qkvconv.formats.hf import litgpt_config_from_hf, plan_hf_to_litgpt
 

@@ -23,17 +23,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.hf.families import FAMILIES
-from qkvconv.model.architecture import Architecture
 from qkvconv.formats.hf import (
     detect_family,
     hf_config_from_litgpt,
@@ -47,159 +45,19 @@ from qkvconv.model.layout import HeadLayout, QKVOrder, reorder
 transformers = pytest.importorskip("transformers")
 litgpt = pytest.importorskip("litgpt")
 from litgpt import Config  # noqa: E402
-from litgpt.model import GPT  # noqa: E402
 
-TOL = 1e-5
-VOCAB, POSITIONS = 96, 64
-TOKENS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    hf: dict[str, Any]  # config.json settings for AutoConfig.for_model
-    expect_order: QKVOrder  # where transformers keeps q/k/v
-    litgpt_real: str | None = None  # litgpt's config of a real model of this family (None: litgpt has none)
-    litgpt_tiny: dict[str, Any] = field(default_factory=dict)  # its sizes, for the tiny model
-    converter: bool = True  # litgpt's convert_hf_checkpoint covers this layout
-    inferred: str | None = None  # what hf_config_from_litgpt picks without an architecture (default: the same)
-    converter_name: str | None = None  # name to register for litgpt's converter (default: "<litgpt_real>-tiny-qkvconv")
-
-
-def tiny(**kw: Any) -> dict[str, Any]:
-    """litgpt sizes of the tiny models: 2 layers, 4 query heads."""
-    return {"n_layer": 2, "vocab_size": VOCAB, "padded_vocab_size": VOCAB, "block_size": POSITIONS, "n_head": 4, **kw}
-
-
-LLAMA_SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=POSITIONS)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-NEOX_SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-                  max_position_embeddings=POSITIONS)
-FALCON_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-                    max_position_embeddings=POSITIONS)
-
-CASES = [
-    Case("llama3-gqa", {"model_type": "llama", **LLAMA_SIZES, "rms_norm_eps": 1e-5, "rope_parameters": LLAMA3_ROPE},
-         QKVOrder.SPLIT, "Llama-3.1-8B", tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=48)),
-    Case("mistral-window", {"model_type": "mistral", **LLAMA_SIZES, "rms_norm_eps": 1e-5, "sliding_window": 4},
-         QKVOrder.SPLIT, "Mistral-7B-v0.1",
-         tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=48, sliding_window_size=4,
-              sliding_window_indices=[1, 1])),
-    # q/k/v biases; the window on layer 1 only (max_window_layers); tied head (as Qwen2.5-0.5B)
-    Case("qwen2-bias-tied", {"model_type": "qwen2", **LLAMA_SIZES, "rope_parameters": {"rope_theta": 1e6},
-                             "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1,
-                             "tie_word_embeddings": True},
-         QKVOrder.SPLIT, "Qwen2.5-0.5B",
-         tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=48, sliding_window_size=4,
-              sliding_window_indices=[0, 1])),
-    # head_dim 16 != hidden / heads; (1 + w) RMSNorm; scaled and tied embeddings. litgpt's Gemma
-    # configs use norm_eps 1e-5 where the HF files say 1e-6 (see test_real_configs): set here.
-    Case("gemma-head-dim", {"model_type": "gemma", **LLAMA_SIZES, "head_dim": 16},
-         QKVOrder.SPLIT, "Gemma-2b",
-         tiny(n_embd=32, n_query_groups=2, head_size=16, intermediate_size=48, norm_eps=1e-6),
-         # "Gemma-2b-..." would send litgpt's converter to its Gemma-2 code (name.lower().startswith("gemma-2"))
-         converter_name="Gemma-tiny-qkvconv"),
-    Case("neox-parallel", {"model_type": "gpt_neox", **NEOX_SIZES, "rotary_pct": 0.25},
-         QKVOrder.PER_HEAD, "pythia-160m", tiny(n_embd=64, n_query_groups=4, head_size=16, intermediate_size=96)),
-    Case("neox-sequential",
-         {"model_type": "gpt_neox", **NEOX_SIZES, "rotary_pct": 0.25, "use_parallel_residual": False},
-         QKVOrder.PER_HEAD, "pythia-160m",
-         tiny(n_embd=64, n_query_groups=4, head_size=16, intermediate_size=96, parallel_residual=False)),
-    Case("falcon-7b-mqa", {"model_type": "falcon", **FALCON_SIZES, "multi_query": True, "parallel_attn": True},
-         QKVOrder.SEQUENTIAL, "falcon-7b", tiny(n_embd=32, n_query_groups=1, head_size=8, intermediate_size=128)),
-    Case("falcon-40b-grouped",
-         {"model_type": "falcon", **FALCON_SIZES, "new_decoder_architecture": True, "num_kv_heads": 2},
-         QKVOrder.GROUPED, "falcon-40b", tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=128)),
-    # falcon-rw's layout (per-head MHA, two sequential norms, biases) without its ALiBi. litgpt has no
-    # such config and its falcon converter knows only the 7b/40b norm names. The same function is a
-    # GPT-NeoX with full rotary and no parallel residual, which hf_config_from_litgpt prefers.
-    Case("falcon-rw-per-head", {"model_type": "falcon", **FALCON_SIZES, "multi_query": False, "parallel_attn": False,
-                                "bias": True},
-         QKVOrder.PER_HEAD, converter=False, inferred="GPTNeoXForCausalLM"),
-    # Falcon2-11B's layout: grouped GQA, one shared norm (num_ln_in_parallel_attn = 1); not in litgpt.
-    Case("falcon2-shared-norm", {"model_type": "falcon", **FALCON_SIZES, "new_decoder_architecture": True,
-                                 "num_kv_heads": 2, "num_ln_in_parallel_attn": 1},
-         QKVOrder.GROUPED, converter=False),
-    # fused sequential qkv_proj, fused gate_up_proj, partial rotary (as Phi-4-mini), a sliding window
-    Case("phi3-fused", {"model_type": "phi3", **LLAMA_SIZES, "original_max_position_embeddings": POSITIONS,
-                        "sliding_window": 5, "partial_rotary_factor": 0.5, "pad_token_id": 0, "bos_token_id": 1,
-                        "eos_token_id": 2},
-         QKVOrder.SEQUENTIAL, "Phi-3-mini-4k-instruct",
-         tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=48, rotary_percentage=0.5,
-              sliding_window_size=5, sliding_window_indices=[1, 1])),
-]
-BY_ID = {c.id: c for c in CASES}
-
-
-@dataclass
-class Built:
-    case: Case
-    directory: Path  # save_pretrained output
-    config_json: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
-    logits: torch.Tensor
-
-
-def _build(case: Case, directory: Path) -> Built:
-    config = transformers.AutoConfig.for_model(**case.hf)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # nonzero random everything: norms and biases too
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    model.eval()
-    model.save_pretrained(directory)
-    with torch.no_grad():
-        logits = model(TOKENS).logits
-    config_json = json.loads((directory / "config.json").read_text())
-    return Built(case, directory, config_json, load_file(directory / "model.safetensors"), logits)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    cache: dict[str, Built] = {}
-
-    def get(case_id: str) -> Built:
-        if case_id not in cache:
-            cache[case_id] = _build(BY_ID[case_id], tmp_path_factory.mktemp(case_id))
-        return cache[case_id]
-
-    return get
-
-
-def litgpt_logits(litgpt_cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.Tensor:
-    model = GPT(Config(**litgpt_cfg))
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    with torch.no_grad():
-        return model(TOKENS)
-
-
-def hf_logits(directory: Path) -> torch.Tensor:
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    model.eval()
-    with torch.no_grad():
-        return model(TOKENS).logits
-
-
-def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert got[name].dtype == want[name].dtype, name
-        assert torch.equal(got[name], want[name]), name
-
-
-def forward_fields(cfg: dict[str, Any]) -> dict[str, Any]:
-    fields = asdict(Architecture.from_litgpt_config(cfg))
-    del fields["name"]
-    return fields
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
+from hf_models import (  # noqa: E402
+    TOL,
+    LLAMA_SIZES,
+    FALCON_SIZES,
+    CASES,
+    BY_ID,
+    litgpt_logits,
+    hf_logits,
+    assert_same_tensors,
+    forward_fields,
+    max_diff,
+)
 
 
 # ---------------------------------------------------------------------------------------------

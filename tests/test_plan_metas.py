@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_hf_mapping import BY_ID, built  # noqa: F401 (fixture)
+from hf_models import BY_ID  # noqa: F401
 from qkvconv.formats.hf import steps as hf_format
 from qkvconv.ops import merge
 from qkvconv.plans import plan as plan_module, transforms

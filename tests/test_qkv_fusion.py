@@ -26,11 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from test_hf_mapping import TOKENS, TOL, Case, _build, built, hf_logits, litgpt_logits, LLAMA_SIZES  # noqa: F401
-from test_peft import (  # noqa: F401 (fixture)
+from hf_models import TOKENS, TOL, Case, _build, hf_logits, litgpt_logits, LLAMA_SIZES  # noqa: F401
+from peft_models import (  # noqa: F401
     TOKENS as PEFT_TOKENS,
     assert_same_updates,
-    bases,
     make_lora_run,
     make_peft_adapter,
     peft_logits,

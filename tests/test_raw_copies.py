@@ -26,7 +26,6 @@ from qkvconv.model.layout import HeadLayout, QKVOrder
 from qkvconv.plans.plan import Plan, Recipe, Reorder, copy
 from qkvconv.io.readers import open_reader
 from qkvconv.io.writers import SafetensorsWriter
-from test_hf_mapping import built  # noqa: F401 (fixture)
 
 HEADS = HeadLayout(4, 2, 3)
 

@@ -27,7 +27,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from test_hf_mapping import BY_ID, TOKENS, TOL, Case, _build, built, hf_logits, litgpt_logits  # noqa: F401 (fixture)
+from hf_models import BY_ID, TOKENS, TOL, Case, _build, hf_logits, litgpt_logits  # noqa: F401
 from qkvconv.cli import app
 from qkvconv.ops.convert import Transformations, transformed_plan
 from qkvconv.ops.verify import verify as verify_across

@@ -107,7 +107,7 @@ def detect_family(config_json: Mapping[str, Any]) -> Family | None:
     return FAMILIES[architecture].resolve(config_json)
 
 
-def _require_family(config_json: Mapping[str, Any]) -> Family:
+def require_family(config_json: Mapping[str, Any]) -> Family:
     family = detect_family(config_json)
     if family is None:
         what = config_json.get("architectures") or config_json.get("model_type") or "no architecture"
@@ -200,7 +200,7 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
     `name` defaults to the architecture ("LlamaForCausalLM"); litgpt decides Gemma's (1 + weight) RMSNorm
     by "Gemma" in the name, so a name that disagrees with the family is refused.
     """
-    family = _require_family(config_json)
+    family = require_family(config_json)
     cfg = config_json
     for flags, feature in family.unsupported:
         if family.matches(cfg, flags):

@@ -29,7 +29,7 @@ from qkvconv.formats.hf.config import (
     _heads,
     _qkv_evidence,
     _read,
-    _require_family,
+    require_family,
     hf_config_from_litgpt,
     litgpt_config_from_hf,
 )
@@ -129,7 +129,7 @@ def plan_hf_to_litgpt(config_json: Mapping[str, Any], hf_names: Iterable[str], *
     family does not account for, or a tensor the config promises but the files lack, is refused.
     The plan carries model_config.yaml.
     """
-    family = _require_family(config_json)
+    family = require_family(config_json)
     lit = litgpt_config_from_hf(config_json)
     _, heads = _heads(family, config_json)
     src = _Names(hf_names, "Hugging Face checkpoint")
@@ -202,7 +202,7 @@ def plan_litgpt_to_hf(
     """
     if config_json is None:
         config_json = hf_config_from_litgpt(litgpt_cfg)
-    family = _require_family(config_json)
+    family = require_family(config_json)
     want, have = _forward_fields(litgpt_config_from_hf(config_json)), _forward_fields(litgpt_cfg)
     if want != have:
         diff = ", ".join(f"{k} {have[k]!r} vs {want[k]!r}" for k in want if want[k] != have[k])

@@ -45,6 +45,7 @@ from qkvconv.formats.litgpt import (
     open_litgpt,
     qkv_naming,
 )
+from qkvconv.formats.hf.config import require_family
 from qkvconv.formats.peft.modules import (
     PEFT_CONFIG,
     PEFT_PREFIX,
@@ -52,7 +53,6 @@ from qkvconv.formats.peft.modules import (
     _Module,
     _ModuleTable,
     _number,
-    _require_family,
 )
 from qkvconv.formats.peft.probes import _check_updates
 from qkvconv.formats.peft.reading import _modules_of, _read_peft
@@ -260,7 +260,7 @@ def litgpt_lora_to_peft(
     if ckpt.lora_weights is None or ckpt.hyperparameters is None:
         raise QkvconvError(f"{lora_dir} is not a litgpt LoRA run (no {LORA_WEIGHTS} with {HYPERPARAMETERS})")
     hyper = ckpt.hyperparameters
-    family = _require_family(hf_config)
+    family = require_family(hf_config)
     lit_cfg, _ = migrate_config(ckpt.config)
     _check_same_model(lit_cfg, hf_config)
     heads = ckpt.shape.heads

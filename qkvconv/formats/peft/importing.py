@@ -30,13 +30,13 @@ from qkvconv.formats.litgpt import (
     check_lora_shapes,
     load_state_dict_file,
 )
+from qkvconv.formats.hf.config import require_family
 from qkvconv.formats.peft.modules import (
     AdapterConversion,
     _litgpt_flags,
     _Module,
     _ModuleTable,
     _number,
-    _require_family,
     _shape_of,
 )
 from qkvconv.formats.peft.probes import _check_updates
@@ -86,7 +86,7 @@ def peft_to_litgpt_lora(
     """Import a PEFT LoRA adapter as a litgpt LoRA run (current `attn.qkv`) at `out`; NaN/inf in the
     adapter is refused unless `allow_nonfinite`."""
     adapter = _read_peft(peft_dir, allow_nonfinite=allow_nonfinite)
-    family = _require_family(hf_config)
+    family = require_family(hf_config)
     lit_cfg, shape = _shape_of(hf_config)
     heads = shape.heads
     table = _ModuleTable(family, shape.n_layer)

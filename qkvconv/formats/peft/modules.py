@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qkvconv.errors import QkvconvError, UnsupportedFamily
-from qkvconv.formats.hf.families import Block, Family, Fused, Split, supported
-from qkvconv.formats.hf import detect_family, litgpt_config_from_hf
+from qkvconv.errors import QkvconvError
+from qkvconv.formats.hf.families import Block, Family, Fused, Split
+from qkvconv.formats.hf.config import litgpt_config_from_hf
 from qkvconv.formats.litgpt import ModelShape
 from qkvconv.model.layout import HeadLayout, QKVOrder
 from qkvconv.model.lora import PARTS
@@ -106,16 +106,6 @@ class _ModuleTable:
             if {n for n in self.names if n == key or n.endswith("." + key)} == same:
                 return key
         raise QkvconvError(f"no PEFT target name selects exactly {module.key} in {self.family.architecture}")
-
-
-def _require_family(hf_config: dict[str, Any]) -> Family:
-    family = detect_family(hf_config)
-    if family is None:
-        what = hf_config.get("architectures") or hf_config.get("model_type") or "no architecture"
-        raise UnsupportedFamily(
-            f"the base config.json describes {what}, which qkvconv cannot map; supported: {supported()}"
-        )
-    return family
 
 
 def _shape_of(hf_config: dict[str, Any]) -> tuple[dict[str, Any], ModelShape]:
