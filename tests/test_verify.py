@@ -172,3 +172,35 @@ def test_verify_on_cuda(name: str, legacy, tmp_path: Path) -> None:
     logits = dict(forward.forward(arch, weights, ref["tokens"].cuda(), dtype=torch.float32))["logits"]
     # TF32 may be on for GPU matmuls; litgpt 0.5.4's CPU logits agree to GPU float32 precision
     assert (logits.cpu() - ref["logits"]).abs().max() < 1e-3
+
+
+def test_releasing_pages_leaves_other_owners_of_the_same_file_alone(legacy) -> None:
+    """`verify DIR DIR` maps one file twice. Each side's release() between layers must drop only its own
+    mapping: once the other owner is freed, the allocator may put live tensors at that address, and
+    MADV_DONTNEED there zeroed them (numbers that change with where memory happens to land)."""
+    import ctypes
+    import gc
+    import mmap
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("page release is Linux only")
+    directory = legacy("gqa_llama")
+    first, second = open_weights(directory), open_weights(directory)
+    (start, end, _), = first.base.mapped.ranges
+    del first
+    gc.collect()
+    # Live memory of our own where the first mapping was, as the allocator may place it.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                             ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    map_fixed_noreplace = 0x100000
+    address = libc.mmap(start, end - start, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | map_fixed_noreplace, -1, 0)
+    assert address == start, "the first mapping's address range should be free once it is dropped"
+    try:
+        ctypes.memset(start, 7, end - start)
+        second.release()
+        assert ctypes.string_at(start, end - start) == b"\x07" * (end - start)
+    finally:
+        libc.munmap(ctypes.c_void_p(start), ctypes.c_size_t(end - start))
