@@ -409,7 +409,10 @@ def verify_cmd(
     reference: Annotated[str, typer.Argument(help="The checkpoint you trust (directory or repo id).", show_default=False)],
     candidate: Annotated[str, typer.Argument(help="The checkpoint to check against it.", show_default=False)],
     device: DeviceOpt = "cpu",
-    tokens: Annotated[int, typer.Option(help="Sequence length of the random input (at most the model's block_size).")] = 16,
+    tokens: Annotated[
+        Optional[int], typer.Option(help="Sequence length of the random input: at most the model's block_size "
+                                         "(default: 16, or block_size where shorter).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random tokens.")] = 0,
     atol: Annotated[Optional[float], typer.Option(help="Absolute tolerance (default: fits the dtype).")] = None,
     rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance (default: fits the dtype).")] = None,

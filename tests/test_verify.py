@@ -172,3 +172,103 @@ def test_verify_on_cuda(name: str, legacy, tmp_path: Path) -> None:
     logits = dict(forward.forward(arch, weights, ref["tokens"].cuda(), dtype=torch.float32))["logits"]
     # TF32 may be on for GPU matmuls; litgpt 0.5.4's CPU logits agree to GPU float32 precision
     assert (logits.cpu() - ref["logits"]).abs().max() < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism, and the limits of --tokens, --atol and --rtol
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tokens", "33"], "--tokens 33 is longer than the model's block_size (32)"),
+    (["--tokens", "1000"], "pass --tokens 32 or less"),
+    (["--tokens", "0"], "--tokens must be at least 1"),
+    (["--atol", "-1"], "--atol must be a number >= 0"),
+    (["--rtol", "-1e-5"], "--rtol must be a number >= 0"),
+    (["--atol", "nan"], "--atol must be a number >= 0"),
+])
+def test_verify_refuses_tokens_past_block_size_and_negative_tolerances(args: list[str], message: str, legacy) -> None:
+    """Bad input is exit 2 with the reason, never a verdict: past block_size (32 in the fixtures) the model
+    is not defined, and a negative tolerance would fail identical checkpoints (exit 1)."""
+    directory = legacy("gqa_llama")
+    result = cli("verify", directory, directory, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_verify_library_refuses_tokens_past_block_size(legacy) -> None:
+    """The limit lives in the library (convert and upgrade call it too); its default fits any block_size."""
+    from qkvconv.errors import QkvconvError
+    from qkvconv.ops.verify import verify
+
+    weights = open_weights(legacy("gqa_llama"))
+    with pytest.raises(QkvconvError, match=r"block_size \(32\)"):
+        verify(weights, weights, tokens=33)
+    assert verify(weights, weights, tokens=32).tokens == 32
+
+
+def _busy_processes(n: int) -> list:
+    """CPU load beside the test: n processes spinning until killed."""
+    import subprocess
+    import sys
+
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def test_verify_gives_the_same_numbers_every_time_under_load(legacy, tmp_path: Path) -> None:
+    """A directory against itself at zero tolerance, and against its Meta conversion (pairs rotary:
+    float rounding differences), several times at the longest allowed sequence, with one and with two
+    threads, while busy processes load every core: every report is the same, bit for bit."""
+    from qkvconv.ops.verify import verify
+
+    directory = legacy("gqa_llama")
+    meta = tmp_path / "meta"
+    assert cli("convert", directory, "--to", "meta", "--out", meta).exit_code == 0
+    pairs = {"itself": (directory, directory), "meta": (directory, meta)}
+    seen: dict[str, set] = {name: set() for name in pairs}
+    threads = torch.get_num_threads()
+    load = _busy_processes(2 * threads)
+    try:
+        for n in [1, threads] * 2:
+            torch.set_num_threads(n)
+            for name, (a, b) in pairs.items():
+                report = verify(open_weights(a), open_weights(b), tokens=32, atol=0.0, rtol=0.0)
+                seen[name].add(tuple(s.max_abs_diff for s in report.stages))
+    finally:
+        torch.set_num_threads(threads)
+        for p in load:
+            p.kill()
+            p.wait()
+    assert seen["itself"] == {(0.0,) * 4}
+    assert len(seen["meta"]) == 1 and max(next(iter(seen["meta"]))) > 0  # differs, by the same amount each time
+
+
+def test_releasing_pages_leaves_other_owners_of_the_same_file_alone(legacy) -> None:
+    """`verify DIR DIR` maps one file twice. Each side's release() between layers must drop only its own
+    mapping: once the other owner is freed, the allocator may put live tensors at that address, and
+    MADV_DONTNEED there zeroed them (numbers that change with where memory happens to land)."""
+    import ctypes
+    import gc
+    import mmap
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("page release is Linux only")
+    directory = legacy("gqa_llama")
+    first, second = open_weights(directory), open_weights(directory)
+    (start, end, _), = first.base.mapped.ranges
+    del first
+    gc.collect()
+    # Live memory of our own where the first mapping was, as the allocator may place it.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                             ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    map_fixed_noreplace = 0x100000
+    address = libc.mmap(start, end - start, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | map_fixed_noreplace, -1, 0)
+    assert address == start, "the first mapping's address range should be free once it is dropped"
+    try:
+        ctypes.memset(start, 7, end - start)
+        second.release()
+        assert ctypes.string_at(start, end - start) == b"\x07" * (end - start)
+    finally:
+        libc.munmap(ctypes.c_void_p(start), ctypes.c_size_t(end - start))

@@ -394,7 +394,7 @@ class TorchReader:
         self.path = path
         self.mmapped = _is_zip(path)
         self._tensors, self.wrapped, self.extra = split_state_dict(safe_torch_load(path, self.mmapped), path)
-        self._mapped = MappedFile(path) if self.mmapped else None
+        self._mapped = MappedFile(path, (t.data_ptr() for t in self._tensors.values())) if self.mmapped else None
         # raw bytes are what this machine reads only when the file and the machine are little-endian
         self._raw_ok = self.mmapped and sys.byteorder == "little" and _zip_byteorder(path) in ("little", None)
 

@@ -12,6 +12,15 @@ holds one every stage is NaN on both sides and compares nothing. So when a stage
 second pass runs with each side's NaN/inf weights read as 0 (and named in the report), which holds the
 rest of the two models to the same test as any other. Weights are only scanned in that second pass:
 a scan of every weight would cost a checkpoint's worth of CPU reads on every verify.
+
+Determinism: both sides run the same functions (but where REPRESENTATION_FIELDS differ, as pairs
+rotary) on tensors of the same shapes, one after the other in one process, so on CPU they share kernels
+and thread count, and a run repeats bit for bit (a checkpoint against itself is exactly 0), under load
+too. The thread count is not neutral (on a 16-core host, 512- and 2048-wide models moved by ~2e-6
+between some counts; the 32-wide fixtures never), but it is the same for both sides. The one mechanism
+found that changes numbers from run to run is memory, not arithmetic: the page release between layers
+could zero the freed mapping of another owner of the same file (pages.py); the CLI's commands were not
+seen to free one first, library callers could.
 """
 
 from __future__ import annotations
@@ -129,6 +138,51 @@ def architecture(weights: ModelWeights) -> forward.Architecture:
 # for MHA, a zero bias made explicit by norm folding): each side runs with its own, the numbers decide.
 REPRESENTATION_FIELDS = frozenset({"rope_interleave", "n_query_groups", "qkv_bias", "proj_bias", "lm_head_bias"})
 
+DEFAULT_TOKENS = 16  # enough for every position-dependent path (RoPE, causal mask) to matter; fast on CPU
+LITGPT_BLOCK_SIZE = 4096  # litgpt.Config's default block_size
+
+
+def block_size(weights: ModelWeights) -> int:
+    """The longest sequence the model is defined for (litgpt's block_size, HF's max_position_embeddings).
+
+    Read from the config, not part of forward.Architecture: it changes no computation, and files of one
+    model may record different ones (Mistral-7B: 32768 on the Hub, 4096 in litgpt; Meta's params.json
+    has none)."""
+    return int(weights.config.get("block_size") or LITGPT_BLOCK_SIZE)
+
+
+def _check_tolerance(option: str, value: float | None) -> None:
+    """A negative (or NaN) tolerance fails every stage, identical checkpoints included: that is a usage
+    error (exit 2), not a verdict about the checkpoints (exit 1)."""
+    if value is not None and not value >= 0:
+        raise QkvconvError(f"{option} must be a number >= 0, got {value}")
+
+
+def sequence_length(tokens: int | None, reference: int, candidate: int) -> int:
+    """The number of tokens to run: `tokens` (default 16, or block_size where shorter), refused past
+    either side's block_size (`reference`, `candidate`).
+
+    Past block_size the model is not defined: litgpt refuses such input (GPT.forward: "Cannot forward
+    sequence of length T, max seq length is only block_size") and builds its rotary cache and masks only
+    that far, so agreement computed there proves nothing about the model as anyone runs it. The forward
+    pass here would compute it anyway (its rotary angles are made for exactly the T positions asked
+    for: nothing is read past a cache), so the limit has to be checked here.
+    """
+    limit = min(reference, candidate)
+    if tokens is None:
+        return min(DEFAULT_TOKENS, limit)
+    if tokens < 1:
+        raise QkvconvError(f"--tokens must be at least 1, got {tokens}")
+    if tokens > limit:
+        whose = "the model's" if reference == candidate else (
+            "the reference's" if reference == limit else "the candidate's")
+        raise QkvconvError(
+            f"--tokens {tokens} is longer than {whose} block_size ({limit}), the longest sequence it is "
+            f"defined for (model_config.yaml block_size, config.json max_position_embeddings); "
+            f"pass --tokens {limit} or less"
+        )
+    return tokens
+
 
 ZEROED = " (NaN/inf weights as 0)"  # the names of the second pass's stages
 
@@ -212,7 +266,7 @@ def verify(
     candidate: ModelWeights,
     *,
     device: str = "cpu",
-    tokens: int = 16,
+    tokens: int | None = None,
     batch: int = 2,
     seed: int = 0,
     atol: float | None = None,
@@ -221,17 +275,20 @@ def verify(
     progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
     """Run both models on the same random tokens, stage by stage; never raises on a mismatch
-    (the report says it), only on bad input. `progress(done, total)` hears of each layer compared (and of the head, the last stage)."""
+    (the report says it), only on bad input. `progress(done, total)` hears of each layer compared (and of
+    the head, the last stage). `tokens`: the sequence length, at most block_size (default: 16, or
+    block_size where shorter)."""
     start = time.perf_counter()
+    _check_tolerance("--atol", atol)
+    _check_tolerance("--rtol", rtol)
     dev = resolve_device(device)
     arch_a, arch_b = architecture(reference), architecture(candidate)
     _comparable(arch_a, arch_b)
+    tokens = sequence_length(tokens, block_size(reference), block_size(candidate))
     cdtype = compute_dtype(reference, dev, dtype)
     d_atol, d_rtol = DEFAULT_TOLERANCE[cdtype]
     # --atol alone means a purely absolute tolerance; neither means the dtype's defaults
     atol, rtol = (d_atol if atol is None else atol), ((d_rtol if atol is None else 0.0) if rtol is None else rtol)
-    if tokens < 1:
-        raise QkvconvError("--tokens must be at least 1")
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, arch_a.padded_vocab_size, (batch, tokens), generator=generator).to(dev)
     report = VerifyReport(reference.description, candidate.description, str(dev), str(cdtype).removeprefix("torch."),

@@ -63,7 +63,7 @@ def load_state_dict_file(path: Path) -> StateDictFile:
     if not path.is_file():
         raise QkvconvError(f"{path} does not exist")
     tensors, wrapped, extra = split_state_dict(safe_torch_load(path, mmap=True), path)
-    return StateDictFile(path, tensors, wrapped, extra, MappedFile(path))
+    return StateDictFile(path, tensors, wrapped, extra, MappedFile(path, (t.data_ptr() for t in tensors.values())))
 
 
 @dataclass(frozen=True)
