@@ -129,7 +129,7 @@ def test_ctrl_c_at_any_moment_prints_one_line(legacy, delay: float) -> None:
     """SIGINT while the CLI starts (importing typer, torch) or works: one line on stderr, exit 130."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     proc = subprocess.Popen([sys.executable, "-m", "qkvconv", "verify", str(legacy("gqa_llama")),
-                             str(legacy("gqa_llama")), "--tokens", "64"],
+                             str(legacy("gqa_llama"))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
