@@ -26,6 +26,7 @@ from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.model.architecture import Architecture
+from qkvconv.model import names as L  # litgpt's names
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
 from qkvconv.formats.base import Source, TorchFileFormat, Transformations, file_list, tensor_summary
 from qkvconv.formats.litgpt.checkpoint import ModelShape
@@ -42,14 +43,14 @@ BLOCK_SIZE = 4096  # params.json has no context length; Meta's code takes max_se
 # Meta module -> litgpt module; "{i}" is the layer
 QKV = ("layers.{i}.attention.wq", "layers.{i}.attention.wk", "layers.{i}.attention.wv")
 LAYER = {
-    "layers.{i}.attention.wo": "transformer.h.{i}.attn.proj",
-    "layers.{i}.feed_forward.w1": "transformer.h.{i}.mlp.fc_1",  # the activated one: silu(w1(x))
-    "layers.{i}.feed_forward.w3": "transformer.h.{i}.mlp.fc_2",
-    "layers.{i}.feed_forward.w2": "transformer.h.{i}.mlp.proj",
-    "layers.{i}.attention_norm": "transformer.h.{i}.norm_1",
-    "layers.{i}.ffn_norm": "transformer.h.{i}.norm_2",
+    "layers.{i}.attention.wo": L.layer("{i}", L.ATTN_PROJ),
+    "layers.{i}.feed_forward.w1": L.layer("{i}", L.MLP_FC_1),  # the activated one: silu(w1(x))
+    "layers.{i}.feed_forward.w3": L.layer("{i}", L.MLP_FC_2),
+    "layers.{i}.feed_forward.w2": L.layer("{i}", L.MLP_PROJ),
+    "layers.{i}.attention_norm": L.layer("{i}", L.NORM_1),
+    "layers.{i}.ffn_norm": L.layer("{i}", L.NORM_2),
 }
-GLOBAL = {"tok_embeddings": "transformer.wte", "norm": "transformer.ln_f", "output": "lm_head"}
+GLOBAL = {"tok_embeddings": L.EMBEDDING, "norm": L.FINAL_NORM, "output": L.HEAD}
 IGNORED = (re.compile(r"^rope\.freqs$"),)  # Llama 2 files carry the rotary frequencies as a buffer
 
 # Meta's llama3 `apply_scaling` (Llama 3.1): these constants, with rope_scaling_factor /
@@ -239,18 +240,18 @@ def plan_meta_to_litgpt(params: Mapping[str, Any], names: Iterable[str], shapes:
         used.add(name)
         return name
 
-    recipes = [Recipe("transformer.wte.weight", (take("tok_embeddings.weight"),))]
+    recipes = [Recipe(f"{L.EMBEDDING}.weight", (take("tok_embeddings.weight"),))]
     for i in range(cfg["n_layer"]):
-        recipes.append(Recipe(f"transformer.h.{i}.attn.qkv.weight",
+        recipes.append(Recipe(f"{L.layer(i, L.QKV)}.weight",
                               tuple(take(f"{_layer(m, i)}.weight") for m in QKV), (Fuse(QKVOrder.SEQUENTIAL, heads),)))
         recipes += [Recipe(f"{_layer(lit, i)}.weight", (take(f"{_layer(meta, i)}.weight"),)) for meta, lit in LAYER.items()]
-    recipes.append(Recipe("transformer.ln_f.weight", (take("norm.weight"),)))
+    recipes.append(Recipe(f"{L.FINAL_NORM}.weight", (take("norm.weight"),)))
     notes = [f"Meta Llama: separate layers.{{i}}.attention.{{wq,wk,wv}} with rotary in pairs order "
              f"(H={heads.n_head}, G={heads.n_query_groups}, hs={heads.head_size})"]
     if "output.weight" in present:
-        recipes.append(Recipe("lm_head.weight", (take("output.weight"),)))
+        recipes.append(Recipe(f"{L.HEAD}.weight", (take("output.weight"),)))
     else:
-        recipes.append(Recipe("lm_head.weight", ("tok_embeddings.weight",)))
+        recipes.append(Recipe(f"{L.HEAD}.weight", ("tok_embeddings.weight",)))
         notes.append("no output.weight: the head is the token embedding (tied)")
     left = sorted(n for n in present - used if not any(p.search(n) for p in IGNORED))
     if left:
@@ -267,17 +268,17 @@ def plan_litgpt_to_meta(cfg: Mapping[str, Any], names: Iterable[str]) -> Plan:
     params = params_from_litgpt(cfg)
     heads = HeadLayout(params["n_heads"], params["n_kv_heads"], params["dim"] // params["n_heads"])
     present = set(names)
-    expected = {"transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight"}
-    recipes = [Recipe("tok_embeddings.weight", ("transformer.wte.weight",))]
+    expected = {f"{L.EMBEDDING}.weight", f"{L.FINAL_NORM}.weight", f"{L.HEAD}.weight"}
+    recipes = [Recipe("tok_embeddings.weight", (f"{L.EMBEDDING}.weight",))]
     for i in range(params["n_layers"]):
-        qkv = f"transformer.h.{i}.attn.qkv.weight"
+        qkv = f"{L.layer(i, L.QKV)}.weight"
         expected.add(qkv)
         recipes += [Recipe(f"{_layer(m, i)}.weight", (qkv,), (TakePart(part, QKVOrder.SEQUENTIAL, heads),))
                     for part, m in zip("qkv", QKV)]
         for meta, lit in LAYER.items():
             expected.add(f"{_layer(lit, i)}.weight")
             recipes.append(Recipe(f"{_layer(meta, i)}.weight", (f"{_layer(lit, i)}.weight",)))
-    recipes += [Recipe("norm.weight", ("transformer.ln_f.weight",)), Recipe("output.weight", ("lm_head.weight",))]
+    recipes += [Recipe("norm.weight", (f"{L.FINAL_NORM}.weight",)), Recipe("output.weight", (f"{L.HEAD}.weight",))]
     if present != expected:
         odd = sorted(present ^ expected)
         raise UnsupportedFamily(f"Meta's Llama format has no place for (or needs) {', '.join(odd[:5])}")

@@ -27,6 +27,7 @@ import torch
 
 from qkvconv.errors import QkvconvError
 from qkvconv.model.architecture import Architecture
+from qkvconv.model import names
 from qkvconv.model.layout import HeadLayout, QKVOrder
 from qkvconv.plans.plan import Meta, Plan, Recipe, Step
 from qkvconv.model.rotary import RopeOrder, rope_permutation
@@ -351,7 +352,7 @@ class _NormFold:
     per_layer: bool = True
 
     def prefixes(self, n_layer: int) -> list[str]:
-        return [f"transformer.h.{i}." for i in range(n_layer)] if self.per_layer else [""]
+        return [names.layer(i) + "." for i in range(n_layer)] if self.per_layer else [""]
 
     def label(self) -> str:
         if not self.per_layer:

@@ -20,16 +20,13 @@ promises but the checkpoint lacks surfaces as that KeyError instead of being rea
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from qkvconv.errors import UnsupportedFamily
 from qkvconv.model.architecture import Architecture
+from qkvconv.model import names
 
 Getter = Callable[[str], torch.Tensor]
 
@@ -99,7 +96,7 @@ def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> 
     """litgpt's CausalSelfAttention without KV cache: fused sequential QKV, RoPE, GQA, causal SDPA."""
     B, T, _ = x.shape
     H, G, hs, n = arch.n_head, arch.n_query_groups, arch.head_size, arch.rope_n_elem
-    prefix = f"transformer.h.{index}.attn"
+    prefix = names.layer(index, "attn")
 
     qkv = _linear(get, f"{prefix}.qkv", x, arch.qkv_bias)  # (B, T, (H + 2G) * hs)
     q, k, v = qkv.split((H * hs, G * hs, G * hs), dim=-1)
@@ -132,7 +129,7 @@ def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> 
 
 
 def _mlp(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch.Tensor:
-    prefix = f"transformer.h.{index}.mlp"
+    prefix = names.layer(index, "mlp")
     if arch.mlp_class_name == "GptNeoxMLP":
         h = F.gelu(_linear(get, f"{prefix}.fc", x, arch.proj_bias), approximate=arch.gelu_approximate)
     else:
@@ -154,7 +151,7 @@ def embed(arch: Architecture, get: Getter, tokens: torch.Tensor, *, dtype: torch
 
     The dtype chosen here is the compute dtype of every later stage (they follow x).
     """
-    weight = get("transformer.wte.weight")
+    weight = get(f"{names.EMBEDDING}.weight")
     x = F.embedding(tokens.to(weight.device), weight)  # (B, T, n_embd); gather first, then move
     x = x.to(device=tokens.device, dtype=dtype or weight.dtype)
     if arch.scale_embeddings:
@@ -170,23 +167,23 @@ def block(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch
     + mlp(n(x)) where n is norm_1 when shared_attention_norm (Falcon-7B) else norm_2 applied to the
     same input x (NeoX, Falcon-40B).
     """
-    prefix = f"transformer.h.{index}"
-    x_normed = _norm(arch, get, f"{prefix}.norm_1", x)
+    prefix = names.layer(index)
+    x_normed = _norm(arch, get, f"{prefix}.{names.NORM_1}", x)
     attention_output = _attention(arch, index, get, x_normed)
     if arch.parallel_residual:
         if not arch.shared_attention_norm:
-            x_normed = _norm(arch, get, f"{prefix}.norm_2", x)
+            x_normed = _norm(arch, get, f"{prefix}.{names.NORM_2}", x)
         x = attention_output + x
     else:
         x = attention_output + x
-        x_normed = _norm(arch, get, f"{prefix}.norm_2", x)
+        x_normed = _norm(arch, get, f"{prefix}.{names.NORM_2}", x)
     return _mlp(arch, index, get, x_normed) + x
 
 
 def head(arch: Architecture, get: Getter, x: torch.Tensor) -> torch.Tensor:
     """Final norm and lm_head: (B, T, n_embd) -> (B, T, padded_vocab_size) logits."""
-    x = _norm(arch, get, "transformer.ln_f", x)
-    return _linear(get, "lm_head", x, arch.lm_head_bias)
+    x = _norm(arch, get, names.FINAL_NORM, x)
+    return _linear(get, names.HEAD, x, arch.lm_head_bias)
 
 
 def forward(

@@ -37,6 +37,7 @@ from qkvconv.formats.hf.steps import ConcatRows, TakeRows, Tied
 from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, QKVOrder, permutation
 from qkvconv.plans.plan import Fuse, Plan, Recipe, Reorder, Step, TakePart
+from qkvconv.model import names
 
 LITGPT_CONFIG = "model_config.yaml"
 PARAMS = ("weight", "bias")
@@ -50,20 +51,21 @@ def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -
     arch = Architecture.from_litgpt_config(litgpt_cfg)
     norm = ["weight", "bias"] if arch.norm_class_name == "LayerNorm" else ["weight"]
     linear = ["weight", "bias"] if arch.proj_bias else ["weight"]
-    qkv = "attn.attn" if legacy else "attn.qkv"
-    mlp = ["mlp.fc", "mlp.proj"] if arch.mlp_class_name == "GptNeoxMLP" else ["mlp.fc_1", "mlp.fc_2", "mlp.proj"]
-    names = ["transformer.wte.weight"]
+    qkv = names.LEGACY_QKV if legacy else names.QKV
+    mlp = [names.MLP_FC, names.MLP_PROJ] if arch.mlp_class_name == "GptNeoxMLP" else \
+        [names.MLP_FC_1, names.MLP_FC_2, names.MLP_PROJ]
+    out = [f"{names.EMBEDDING}.weight"]
     for i in range(arch.n_layer):
-        p = f"transformer.h.{i}"
-        names += [f"{p}.norm_1.{x}" for x in norm]
-        names += [f"{p}.{qkv}.weight"] + ([f"{p}.{qkv}.bias"] if arch.qkv_bias else [])
-        names += [f"{p}.attn.proj.{x}" for x in linear]
+        p = names.layer(i)
+        out += [f"{p}.{names.NORM_1}.{x}" for x in norm]
+        out += [f"{p}.{qkv}.weight"] + ([f"{p}.{qkv}.bias"] if arch.qkv_bias else [])
+        out += [f"{p}.{names.ATTN_PROJ}.{x}" for x in linear]
         if not arch.shared_attention_norm:
-            names += [f"{p}.norm_2.{x}" for x in norm]
-        names += [f"{p}.{m}.{x}" for m in mlp for x in linear]
-    names += [f"transformer.ln_f.{x}" for x in norm]
-    names += ["lm_head.weight"] + (["lm_head.bias"] if arch.lm_head_bias else [])
-    return names
+            out += [f"{p}.{names.NORM_2}.{x}" for x in norm]
+        out += [f"{p}.{m}.{x}" for m in mlp for x in linear]
+    out += [f"{names.FINAL_NORM}.{x}" for x in norm]
+    out += [f"{names.HEAD}.weight"] + ([f"{names.HEAD}.bias"] if arch.lm_head_bias else [])
+    return out
 
 
 def _reorder_steps(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> tuple[Step, ...]:
@@ -142,7 +144,7 @@ def plan_hf_to_litgpt(config_json: Mapping[str, Any], hf_names: Iterable[str], *
     block = family.block
     assert isinstance(block, Block)
     for i in range(lit["n_layer"]):
-        hf, to = family.layer_prefix.format(i=i), f"transformer.h.{i}"
+        hf, to = family.layer_prefix.format(i=i), names.layer(i)
         qkv = family.qkv
         if isinstance(qkv, Split):
             parts = [f"{hf}.{m}" for m in (qkv.q, qkv.k, qkv.v)]
@@ -165,8 +167,8 @@ def plan_hf_to_litgpt(config_json: Mapping[str, Any], hf_names: Iterable[str], *
                     for j, m in enumerate(lit_modules)
                 )
 
-    copy(family.embedding, "transformer.wte")
-    copy(family.final_norm, "transformer.ln_f")
+    copy(family.embedding, names.EMBEDDING)
+    copy(family.final_norm, names.FINAL_NORM)
     head, embedding = f"{family.lm_head}.weight", f"{family.embedding}.weight"
     notes = [_qkv_evidence(family, heads)]
     tied = bool(_read(config_json, family.config.tie_embeddings))
@@ -229,7 +231,7 @@ def plan_litgpt_to_hf(
     block = family.block
     assert isinstance(block, Block)
     for i in range(int(litgpt_cfg["n_layer"])):
-        hf, lit = family.layer_prefix.format(i=i), f"transformer.h.{i}"
+        hf, lit = family.layer_prefix.format(i=i), names.layer(i)
         qkv = family.qkv
         for p in src.params(f"{lit}.{qkv_in}"):
             name = f"{lit}.{qkv_in}.{p}"
@@ -248,7 +250,7 @@ def plan_litgpt_to_hf(
                 inputs = tuple(src.take(f"{lit}.{m}.{p}") for m in lit_modules)
                 recipes.append(Recipe(f"{hf}.{module}.{p}", inputs, (ConcatRows(),)))
 
-    copy("transformer.ln_f", family.final_norm)
+    copy(names.FINAL_NORM, family.final_norm)
     embedding = f"{family.embedding}.weight"
     notes = [_qkv_evidence(family, heads)]
     if _read(config_json, family.config.tie_embeddings):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from qkvconv.errors import QkvconvError
+from qkvconv.model import names
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
 from qkvconv.model.lora import LoraSettings, block_sizes
 from qkvconv.io.pages import MappedFile
@@ -263,7 +264,7 @@ def current_name(name: str, *, drop_linear: bool = False) -> str:
     unchanged. `drop_linear`: a LoRA model's `....linear.weight` becomes the plain model's `....weight`."""
     m = QKV_KEY.match(name)
     if m and m.group(2) == "attn":
-        name = f"transformer.h.{m.group(1)}.attn.qkv.{m.group(3)}"
+        name = f"{names.layer(m.group(1), names.QKV)}.{m.group(3)}"
     return name.replace(".linear.", ".") if drop_linear else name
 
 

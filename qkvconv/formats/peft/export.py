@@ -59,6 +59,7 @@ from qkvconv.formats.peft.reading import _modules_of, _read_peft
 from qkvconv.io.readers import TensorMeta
 from qkvconv.io.transaction import new_directory
 from qkvconv.io.writers import SafetensorsWriter
+from qkvconv.model import names
 from qkvconv.model.layout import HeadLayout, QKVOrder, reorder
 from qkvconv.model.lora import PARTS, block_of_rows, plan_reorder, target_rows
 from qkvconv.model.nonfinite import check_all_finite, same_bits
@@ -102,7 +103,7 @@ def _export_qkv(
     s = hyper.settings
     plain, owner = _qkv_plain(a, b, s.enable, heads, legacy)
     r = s.r
-    modules = table.by_lit[f"transformer.h.{layer}.attn.qkv"]
+    modules = table.by_lit[names.layer(layer, names.QKV)]
     if modules[0].kind == "fused-qkv":
         b_fused = reorder(plain, QKVOrder.SEQUENTIAL, table.qkv_order, heads)
         return [_Exported(modules[0], a, b_fused, s.alpha * s.n_enabled)]

@@ -44,6 +44,7 @@ from qkvconv.formats.peft.reading import _modules_of, _PeftAdapter, _read_peft
 from qkvconv.io.config_files import write_yaml
 from qkvconv.io.transaction import new_directory
 from qkvconv.io.writers import save_torch
+from qkvconv.model import names
 from qkvconv.model.layout import HeadLayout, QKVOrder, reorder
 from qkvconv.model.lora import PARTS, from_fused_adapter, join_adapters, pad_rank
 
@@ -137,7 +138,7 @@ def peft_to_litgpt_lora(
         linear("lm_head", int(lit_cfg["padded_vocab_size"]), n_embd)
     inter = int(lit_cfg["intermediate_size"])
     for i in range(shape.n_layer):
-        stem = f"transformer.h.{i}.attn.qkv"
+        stem = names.layer(i, names.QKV)
         if any(enable):
             got = pieces.get(stem)
             if fused:
@@ -151,11 +152,11 @@ def peft_to_litgpt_lora(
                 a, b, _ = join_adapters(parts, heads)
                 put(stem, a, b)
         if flags["lora_projection"]:
-            linear(f"transformer.h.{i}.attn.proj", n_embd, heads.q_rows)
+            linear(names.layer(i, names.ATTN_PROJ), n_embd, heads.q_rows)
         if flags["lora_mlp"]:
             for lit in table.mlp_lit:
-                out_rows, in_features = (n_embd, inter) if lit == "mlp.proj" else (inter, n_embd)
-                linear(f"transformer.h.{i}.{lit}", out_rows, in_features)
+                out_rows, in_features = (n_embd, inter) if lit == names.MLP_PROJ else (inter, n_embd)
+                linear(names.layer(i, lit), out_rows, in_features)
 
     raw = {
         "lora_r": rank,

@@ -22,6 +22,7 @@ from qkvconv.errors import QkvconvError
 from qkvconv.formats.hf.families import Block, Family, Fused, Split
 from qkvconv.formats.hf.config import litgpt_config_from_hf
 from qkvconv.formats.litgpt import ModelShape
+from qkvconv.model import names
 from qkvconv.model.layout import HeadLayout, QKVOrder
 from qkvconv.model.lora import PARTS
 
@@ -59,7 +60,7 @@ class _Module:
     part: str | None = None
 
     def lit_stem(self, j: int = 0) -> str:
-        return self.lit[j] if self.layer is None else f"transformer.h.{self.layer}.{self.lit[j]}"
+        return self.lit[j] if self.layer is None else names.layer(self.layer, self.lit[j])
 
 
 class _ModuleTable:

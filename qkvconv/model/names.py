@@ -1,0 +1,30 @@
+"""litgpt's state-dict names, defined once: the pivot every format is read into and written from.
+
+    layer(3, QKV)          # "transformer.h.3.attn.qkv"
+    layer(3, NORM_1)       # "transformer.h.3.norm_1"
+    f"{EMBEDDING}.weight"  # "transformer.wte.weight"
+
+Modules are named without `.weight` / `.bias`. The fused QKV is `attn.qkv` (litgpt >= 0.5.5, sequential
+rows) or `attn.attn` (litgpt <= 0.5.4, grouped rows); a LoRA model names a base linear's weight
+`<module>.linear.weight` and its adapter `<module>.lora_A` / `<module>.lora_B`.
+"""
+
+from __future__ import annotations
+
+LAYER = "transformer.h.{i}"  # every per-layer module lives under it
+EMBEDDING = "transformer.wte"
+FINAL_NORM = "transformer.ln_f"
+HEAD = "lm_head"
+
+QKV = "attn.qkv"  # current fused QKV (sequential rows)
+LEGACY_QKV = "attn.attn"  # litgpt <= 0.5.4 (grouped rows)
+ATTN_PROJ = "attn.proj"
+NORM_1, NORM_2 = "norm_1", "norm_2"  # before attention; before the MLP (when not shared)
+MLP_FC = "mlp.fc"  # GptNeoxMLP: proj(act(fc(x)))
+MLP_FC_1, MLP_FC_2, MLP_PROJ = "mlp.fc_1", "mlp.fc_2", "mlp.proj"  # LLaMAMLP: proj(act(fc_1(x)) * fc_2(x))
+
+
+def layer(i: int | str, module: str = "") -> str:
+    """The name of `module` under layer i (the layer's prefix itself when `module` is empty)."""
+    prefix = LAYER.format(i=i)
+    return f"{prefix}.{module}" if module else prefix
