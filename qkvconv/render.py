@@ -1,15 +1,39 @@
-"""Rendering reports for people (Rich tables) and pipelines (JSON on stdout). No logic lives here."""
+"""Rendering reports for people (Rich tables) and pipelines (JSON on stdout). No logic lives here.
+
+Rich is imported when something is first drawn (`out`, `err`, a table): `--help` and `--json` runs,
+whose start-up time is most of what they cost, do not pay for it.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+
+@cache
+def _console(stderr: bool) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _out() -> Console:
+    return _console(False)
+
+
+def _err() -> Console:
+    return _console(True)
+
+
+def __getattr__(name: str) -> Any:
+    """`render.out` (stdout) and `render.err` (stderr): Rich consoles, made on first use."""
+    if name in ("out", "err"):
+        return _console(name == "err")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def emit_json(data: Any) -> None:
@@ -34,18 +58,20 @@ def _cell(value: Any) -> str:
 
 
 def report_table(report: dict[str, Any], title: str) -> None:
+    from rich.table import Table
+
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in report.items():
         table.add_row(key, _cell(value))
-    out.print(table)
+    _out().print(table)
 
 
 def lines(header: str, items: list[str]) -> None:
-    out.print(header)
+    _out().print(header)
     for item in items:
-        out.print(f"  - {item}")
+        _out().print(f"  - {item}")
 
 
 def notes(items: list[str]) -> None:
@@ -55,12 +81,14 @@ def notes(items: list[str]) -> None:
 
 
 def error(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    _err().print(f"[bold red]error:[/] {message}", soft_wrap=True)
 
 
 def verify_table(report) -> None:
     """Per-stage differences, the first stage that differs in red, then a one-line verdict."""
-    out.print(f"[bold]qkvconv verify[/] on {report.device}, {report.dtype}, {report.tokens} tokens, seed {report.seed}")
+    from rich.table import Table
+
+    _out().print(f"[bold]qkvconv verify[/] on {report.device}, {report.dtype}, {report.tokens} tokens, seed {report.seed}")
     table = Table()
     table.add_column("stage")
     table.add_column("max |diff|", justify="right")
@@ -72,23 +100,25 @@ def verify_table(report) -> None:
         if s.nonfinite:
             mark += f" ({s.nonfinite:,} NaN/inf" + (", the same in the candidate)" if s.within else " in the reference)")
         table.add_row(s.name, f"{s.max_abs_diff:.3g}", f"{s.scale:.3g}", mark)
-    out.print(table)
-    out.print(f"reference: {report.reference}\ncandidate: {report.candidate}")
+    _out().print(table)
+    _out().print(f"reference: {report.reference}\ncandidate: {report.candidate}")
     memory = f"peak RSS {report.peak_rss_bytes / 2**20:,.0f} MiB"
     if report.peak_gpu_bytes is not None:
         memory += f", peak GPU {report.peak_gpu_bytes / 2**20:,.0f} MiB"
-    out.print(f"top-1 agreement {report.top1_agreement:.1%}; tolerance atol={report.atol:g} rtol={report.rtol:g}; "
+    _out().print(f"top-1 agreement {report.top1_agreement:.1%}; tolerance atol={report.atol:g} rtol={report.rtol:g}; "
               f"{report.seconds:.2f} s, {memory}")
     if report.nonfinite_summary:
-        out.print(f"[yellow]{report.nonfinite_summary}[/]")
+        _out().print(f"[yellow]{report.nonfinite_summary}[/]")
     if report.passed:
-        out.print("[bold green]same function[/] within tolerance")
+        _out().print("[bold green]same function[/] within tolerance")
     else:
-        out.print(f"[bold red]different[/]: they part at {first}")
+        _out().print(f"[bold red]different[/]: they part at {first}")
 
 
 def plan_table(plan: list[dict[str, Any]]) -> None:
     """`convert --dry-run`: every output tensor, where it comes from, its size and file."""
+    from rich.table import Table
+
     table = Table()
     for col, justify in (("output", "left"), ("from", "left"), ("how", "left"), ("shape", "right"),
                          ("dtype", "left"), ("bytes", "right"), ("file", "left")):
@@ -96,4 +126,4 @@ def plan_table(plan: list[dict[str, Any]]) -> None:
     for row in plan:
         table.add_row(row["output"], "\n".join(row["inputs"]), row["steps"], "x".join(map(str, row["shape"])),
                       row["dtype"], f"{row['bytes']:,}", row["file"])
-    out.print(table)
+    _out().print(table)

@@ -17,6 +17,7 @@ from qkvconv.model.layout import (
     fuse,
     permutation,
     reorder,
+    same_rows,
     split,
 )
 
@@ -74,6 +75,18 @@ def test_every_order_against_every_other(H: int, G: int, hs: int, src: QKVOrder,
     assert [src_labels[i] for i in perm.tolist()] == dst_labels
     # every row accounted for: a bijection
     assert sorted(perm.tolist()) == list(range(heads.rows))
+
+
+@pytest.mark.parametrize("H,G,hs", HEADS)
+def test_same_rows_is_exactly_an_identity_permutation(H: int, G: int, hs: int) -> None:
+    """The torch-free predicate the planners use to skip a re-order, against the permutation itself."""
+    heads = HeadLayout(H, G, hs)
+    for src, dst in itertools.product(FUSED, FUSED):
+        if not (valid(src, H, G) and valid(dst, H, G)):
+            with pytest.raises(LayoutError, match="per-head order exists only for MHA"):
+                same_rows(src, dst, heads)
+            continue
+        assert same_rows(src, dst, heads) == torch.equal(permutation(src, dst, heads), torch.arange(heads.rows))
 
 
 @pytest.mark.parametrize("H,G,hs", HEADS)

@@ -119,7 +119,8 @@ class TorchFileFormat(Format):
 
 
 def tensor_summary(reader: Any) -> tuple[Any, int]:
-    """(dtype or counts per dtype, parameter count) from tensor metadata alone (for inspect)."""
+    """(dtype or counts per dtype, parameter count) from tensor metadata alone (for inspect). A meta's
+    dtype is a torch dtype (readers.py) or torch's name for it (safetensors_header.py): the same name."""
     dtypes: Counter[str] = Counter()
     for name in reader.names():
         meta = reader.meta(name)

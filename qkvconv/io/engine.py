@@ -14,16 +14,14 @@ through a read-only mapping: those bytes never enter this process's memory.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
-from qkvconv.errors import QkvconvError
 from qkvconv.model.nonfinite import check_finite
 from qkvconv.progress import Progress
-from qkvconv.plans.plan import Plan, Recipe
+from qkvconv.plans.plan import Meta, Plan, Recipe, output_metas
 from qkvconv.io.readers import RawBytes, TensorMeta, TensorReader, map_large_buffers
 
 
@@ -37,25 +35,13 @@ class Writer:
 
 def output_layout(plan: Plan, reader: TensorReader) -> dict[str, TensorMeta]:
     """Shape and dtype of every output tensor, from the steps' shape rules (no data is read); a step
-    without one runs on meta tensors instead."""
-    layout: dict[str, TensorMeta] = {}
-    names = set(reader.names())
-    for recipe in plan.recipes:
-        missing = [i for i in recipe.inputs if i not in names]
-        if missing:
-            raise QkvconvError(f"the source has no tensor {missing[0]!r} (needed for {recipe.output})")
-        metas = [reader.meta(i) for i in recipe.inputs]
-        try:
-            known = recipe.meta([(m.shape, m.dtype) for m in metas])
-            if known is None:
-                out = recipe.apply([torch.empty(m.shape, dtype=m.dtype, device="meta") for m in metas])
-                known = (tuple(out.shape), out.dtype)
-        except (ValueError, RuntimeError) as e:
-            raise QkvconvError(f"cannot build {recipe.output}: {e}") from None
-        if recipe.output in layout:
-            raise QkvconvError(f"two recipes write {recipe.output}")
-        layout[recipe.output] = TensorMeta(tuple(known[0]), known[1])
-    return layout
+    without one runs on meta tensors instead (plans/plan.py output_metas)."""
+    def meta(name: str) -> Meta:
+        m = reader.meta(name)
+        return m.shape, m.dtype
+
+    layout = output_metas(plan, set(reader.names()), meta)
+    return {name: TensorMeta(shape, dtype) for name, (shape, dtype) in layout.items()}
 
 
 def schedule(plan: Plan, reader: TensorReader) -> list[Recipe]:

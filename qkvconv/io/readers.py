@@ -7,9 +7,8 @@
         ...
         reader.release()                             # give back the pages read so far
 
-safetensors files are parsed here (8-byte little-endian header length, JSON header), checked
-against the file before anything is trusted, and each tensor is read with preadv straight into a
-fresh tensor: no mmap, so the memory used is exactly what was read. torch pickles are opened with
+safetensors headers are parsed and checked by safetensors_header.py (torch-free, so `inspect` can
+use it alone), and each tensor is read with preadv straight into a fresh tensor: no mmap, so the memory used is exactly what was read. torch pickles are opened with
 weights_only=True (no code from a checkpoint ever runs) and, when they are zip files, mmap=True;
 `read` copies, so `release` can drop the mapping's pages (qkvconv.pages). Every problem with a file
 is one QkvconvError saying which file and what is wrong.
@@ -18,9 +17,7 @@ is one QkvconvError saying which file and what is wrong.
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
-import os
 import pickle
 import struct
 import sys
@@ -29,35 +26,22 @@ import zipfile
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from qkvconv.errors import QkvconvError
 from qkvconv.io.pages import MappedFile
 
+from qkvconv.io.safetensors_header import DTYPES, Header, one_line, pread_exact, read_header
+from qkvconv.io.sharded import HF_SAFETENSORS, HF_SAFETENSORS_INDEX, HF_TORCH, HF_TORCH_INDEX, ShardedReader
+
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".lora")
 SAFETENSORS_SUFFIX = ".safetensors"
 
-# Hugging Face weight files, in the order transformers looks for them.
-HF_SAFETENSORS, HF_SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
-HF_TORCH, HF_TORCH_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
-MAX_IO_BYTES = 1 << 30  # one preadv/pwrite call moves at most this much (Linux caps at ~2 GiB)
-
-# safetensors dtype names; the float8 and unsigned ones only where this torch has them.
+# safetensors dtype names -> the torch dtypes this torch has (the float8 and unsigned ones are newer)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    name: dtype
-    for name, dtype in (
-        ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
-        ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8),
-        ("U8", torch.uint8), ("BOOL", torch.bool),
-        ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)), ("F8_E5M2", getattr(torch, "float8_e5m2", None)),
-        ("U16", getattr(torch, "uint16", None)), ("U32", getattr(torch, "uint32", None)),
-        ("U64", getattr(torch, "uint64", None)),
-    )
-    if dtype is not None
+    name: getattr(torch, torch_name) for name, (torch_name, _) in DTYPES.items() if hasattr(torch, torch_name)
 }
 
 
@@ -144,11 +128,6 @@ def give_back_heap() -> None:
         _malloc_trim(0)
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _missing(path: Path, name: str) -> QkvconvError:
     return QkvconvError(f"{path} has no tensor {name!r}")
 
@@ -163,64 +142,9 @@ class _Entry:
     end: int
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"key {dup!r} appears twice")
-    return dict(pairs)
-
-
-def _is_count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
-def _parse_entry(path: Path, name: str, spec: Any, data_size: int) -> _Entry:
-    """One header entry, checked against the dtype table and the size of the file."""
-    if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= spec.keys():
-        raise QkvconvError(f"{path}: header entry {name!r} lacks dtype, shape or data_offsets; the file is corrupt")
-    dtype = SAFETENSORS_DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
-    if dtype is None:
-        raise QkvconvError(f"{path}: tensor {name!r} has unknown dtype {spec['dtype']!r}")
-    shape, offsets = spec["shape"], spec["data_offsets"]
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise QkvconvError(f"{path}: tensor {name!r} has an invalid shape {shape!r}; the header is corrupt")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-        raise QkvconvError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}; the header is corrupt")
-    meta, (begin, end) = TensorMeta(tuple(shape), dtype), offsets
-    if end < begin or end - begin != meta.nbytes:
-        raise QkvconvError(
-            f"{path}: tensor {name!r} ({spec['dtype']} {shape}) needs {meta.nbytes} bytes but its data_offsets "
-            f"span {end - begin}; the header is corrupt"
-        )
-    if end > data_size:
-        raise QkvconvError(
-            f"{path}: tensor {name!r} ends at data byte {end} but the file holds only {data_size} bytes of data; "
-            f"the file is truncated or its header is corrupt"
-        )
-    return _Entry(meta, begin, end)
-
-
-def _check_no_overlap(path: Path, entries: dict[str, _Entry]) -> None:
-    previous: tuple[str, int] | None = None
-    for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
-        if previous is not None and e.begin < previous[1] and e.end > e.begin:
-            raise QkvconvError(f"{path}: tensors {previous[0]!r} and {name!r} overlap; the header is corrupt")
-        if e.end > e.begin:
-            previous = (name, e.end)
-
-
-def _pread_exact(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
-    """Fill `buffer` from `offset`; a file that ends early is truncated."""
-    done = 0
-    while done < len(buffer):
-        try:
-            n = os.preadv(fd, [buffer[done:done + MAX_IO_BYTES]], offset + done)
-        except OSError as e:
-            raise QkvconvError(f"cannot read {path}: {e.strerror}") from None
-        if n == 0:
-            raise QkvconvError(f"{path} ends at byte {offset + done}, in the middle of a tensor; the file is truncated")
-        done += n
+def _entries(header: Header) -> dict[str, _Entry]:
+    return {name: _Entry(TensorMeta(e.shape, SAFETENSORS_DTYPES[e.dtype]), e.begin, e.end)
+            for name, e in header.entries.items()}
 
 
 class SafetensorsReader:
@@ -233,41 +157,13 @@ class SafetensorsReader:
         except OSError as e:
             raise QkvconvError(f"cannot open {path}: {e.strerror}") from None
         try:
-            self.metadata, self._entries, self._data_start = self._parse_header()
+            header = read_header(self._file.fileno(), path, known=SAFETENSORS_DTYPES)
         except BaseException:
             self._file.close()
             raise
-        self._order = [n for n, _ in sorted(self._entries.items(), key=lambda item: item[1].begin)]
+        self.metadata, self._data_start, self._order = header.metadata, header.data_start, header.names()
+        self._entries = _entries(header)
         self._map: mmap.mmap | None = None
-
-    def _pread(self, size: int, offset: int) -> bytes:
-        buffer = bytearray(size)
-        _pread_exact(self._file.fileno(), memoryview(buffer), offset, self.path)
-        return bytes(buffer)
-
-    def _parse_header(self) -> tuple[dict[str, str], dict[str, _Entry], int]:
-        path, size = self.path, os.fstat(self._file.fileno()).st_size
-        if size < 8:
-            raise QkvconvError(f"{path} is {size} bytes, too short for a safetensors file; it is truncated")
-        (header_len,) = struct.unpack("<Q", self._pread(8, 0))
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise QkvconvError(
-                f"{path}: the header claims {header_len} bytes but the file has {size}; "
-                f"the file is truncated or not a safetensors file"
-            )
-        try:
-            header = json.loads(self._pread(header_len, 8).decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise QkvconvError(f"{path}: the safetensors header is not valid JSON ({_one_line(e)})") from None
-        if not isinstance(header, dict):
-            raise QkvconvError(f"{path}: the safetensors header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise QkvconvError(f"{path}: __metadata__ must map names to strings")
-        data_size = size - 8 - header_len
-        entries = {name: _parse_entry(path, name, spec, data_size) for name, spec in header.items()}
-        _check_no_overlap(path, entries)
-        return metadata, entries, 8 + header_len
 
     def names(self) -> list[str]:
         return list(self._order)
@@ -282,7 +178,7 @@ class SafetensorsReader:
         if entry is None:
             raise _missing(self.path, name)
         data = torch.empty(entry.meta.nbytes, dtype=torch.uint8)  # uninitialised: no page is touched twice
-        _pread_exact(self._file.fileno(), byte_view(data), self._data_start + entry.begin, self.path)
+        pread_exact(self._file.fileno(), byte_view(data), self._data_start + entry.begin, self.path)
         return data.view(entry.meta.dtype).reshape(entry.meta.shape)
 
     def peek(self, name: str) -> torch.Tensor:
@@ -360,11 +256,11 @@ def safe_torch_load(path: Path, mmap: bool) -> Any:
     except pickle.UnpicklingError as e:
         raise QkvconvError(
             f"{path} holds more than tensors and was refused (weights_only=True; qkvconv never runs code "
-            f"from a checkpoint): {_one_line(e)}"
+            f"from a checkpoint): {one_line(e)}"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError, TypeError,
             AttributeError, struct.error) as e:
-        raise QkvconvError(f"cannot read {path}: the file is truncated or corrupt ({_one_line(e)})") from None
+        raise QkvconvError(f"cannot read {path}: the file is truncated or corrupt ({one_line(e)})") from None
 
 
 def split_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], bool, dict[str, Any]]:
@@ -442,79 +338,6 @@ class TorchReader:
 
     def files(self) -> list[Path]:
         return [self.path]
-
-
-# ---------------------------------------------------------------------------------------- sharded
-
-
-def _read_index(path: Path) -> dict[str, str]:
-    """The weight_map of an HF index file: tensor name -> shard file name."""
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise QkvconvError(f"cannot read {path}: {e.strerror}") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise QkvconvError(f"{path} is not valid JSON ({_one_line(e)})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise QkvconvError(f"{path} has no weight_map (tensor name -> shard file); it is not a sharded-weights index")
-    return weight_map
-
-
-def _shard_path(index: Path, name: str) -> Path:
-    """Where a shard named in an index lives; names that leave the directory are refused."""
-    directory = index.parent.resolve()
-    path = (directory / name).resolve()
-    if not path.is_relative_to(directory):
-        raise QkvconvError(f"{index} names shard {name!r}, outside its directory; refusing to read it")
-    if not path.is_file():
-        raise QkvconvError(f"{index} names shard {name}, which is missing from {index.parent}")
-    return path
-
-
-class ShardedReader:
-    """HF sharded weights: the index's weight_map decides which shard holds which tensor."""
-
-    def __init__(self, index: Path, open_shard: Callable[[Path], TensorReader]) -> None:
-        self.index = index
-        weight_map = _read_index(index)
-        shard_names = sorted(set(weight_map.values()))
-        self._shards = {s: open_shard(_shard_path(index, s)) for s in shard_names}
-        self._where: dict[str, TensorReader] = {}
-        for shard in shard_names:
-            listed = {t for t, s in weight_map.items() if s == shard}
-            held = self._shards[shard].names()
-            absent = listed.difference(held)
-            if absent:
-                raise QkvconvError(f"{index} puts {min(absent)!r} in {shard}, but that file does not hold it")
-            self._where.update((t, self._shards[shard]) for t in held if t in listed)
-
-    def _reader(self, name: str) -> TensorReader:
-        if name not in self._where:
-            raise QkvconvError(f"{self.index} lists no tensor {name!r}")
-        return self._where[name]
-
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def meta(self, name: str) -> TensorMeta:
-        return self._reader(name).meta(name)
-
-    def read(self, name: str) -> torch.Tensor:
-        return self._reader(name).read(name)
-
-    def peek(self, name: str) -> torch.Tensor:
-        return self._reader(name).peek(name)
-
-    def raw(self, name: str) -> RawBytes | None:
-        return self._reader(name).raw(name)
-
-    def release(self) -> None:
-        for shard in self._shards.values():
-            shard.release()
-
-    def files(self) -> list[Path]:
-        return [self.index] + [p for shard in self._shards.values() for p in shard.files()]
 
 
 # ---------------------------------------------------------------------------------------- entry point

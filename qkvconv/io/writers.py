@@ -39,7 +39,8 @@ import torch
 from qkvconv.io import torch_zip
 from qkvconv.errors import QkvconvError
 from qkvconv.io.transaction import fsync_dir
-from qkvconv.io.readers import MAX_IO_BYTES, SAFETENSORS_DTYPES, RawBytes, TensorMeta, byte_view
+from qkvconv.io.readers import SAFETENSORS_DTYPES, RawBytes, TensorMeta, byte_view
+from qkvconv.io.safetensors_header import MAX_IO_BYTES
 
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 HEADER_ALIGNMENT = 8  # the safetensors library pads its JSON header with spaces to a multiple of 8

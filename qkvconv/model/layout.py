@@ -76,6 +76,12 @@ class HeadLayout:
         return "GQA"
 
 
+def _per_head_needs_mha(heads: HeadLayout) -> LayoutError:
+    return LayoutError(
+        f"per-head order exists only for MHA (n_head == n_query_groups), got H={heads.n_head}, G={heads.n_query_groups}"
+    )
+
+
 def canonical_index(order: QKVOrder, heads: HeadLayout) -> torch.Tensor:
     """For each row position in `order`, the index of that row in sequential order."""
     import torch
@@ -85,9 +91,7 @@ def canonical_index(order: QKVOrder, heads: HeadLayout) -> torch.Tensor:
     if order in (QKVOrder.SEQUENTIAL, QKVOrder.SPLIT):
         return pos
     if order is QKVOrder.PER_HEAD and G != H:
-        raise LayoutError(
-            f"per-head order exists only for MHA (n_head == n_query_groups), got H={H}, G={G}"
-        )
+        raise _per_head_needs_mha(heads)
     # GROUPED, and PER_HEAD which is GROUPED with G == H: blocks of (q_per_kv + 2) heads.
     q = heads.q_per_kv
     slot_head, dim = pos // hs, pos % hs
@@ -104,6 +108,26 @@ def _inverse(index: torch.Tensor) -> torch.Tensor:
     inverse = torch.empty_like(index)
     inverse[index] = torch.arange(index.numel())
     return inverse
+
+
+def _row_order(order: QKVOrder, heads: HeadLayout) -> QKVOrder:
+    """The order whose canonical index `order` has for these heads: per-head is grouped with G = H,
+    grouped with G = 1 is sequential (one group: all Q heads, then K, then V), split is sequential."""
+    if order is QKVOrder.PER_HEAD:
+        if heads.n_query_groups != heads.n_head:
+            raise _per_head_needs_mha(heads)
+        order = QKVOrder.GROUPED
+    if order is QKVOrder.SPLIT or (order is QKVOrder.GROUPED and heads.n_query_groups == 1):
+        return QKVOrder.SEQUENTIAL
+    return order
+
+
+def same_rows(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> bool:
+    """Whether `permutation(src, dst, heads)` is the identity, without torch: planners skip a re-order
+    that moves nothing (MQA's grouped rows are sequential; per-head is grouped for MHA). With G > 1
+    grouped puts K_0 where sequential has Q head q_per_kv, so it never coincides with sequential.
+    tests/test_layout.py checks this against the permutation for many head layouts."""
+    return _row_order(src, heads) is _row_order(dst, heads)
 
 
 def permutation(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> torch.Tensor:

@@ -3,14 +3,17 @@
 "half" (rotate_half: dims i and i + d/2 rotate together; GPT-NeoX, HF Llama, litgpt) and "pairs"
 (dims 2i and 2i + 1; Meta's original Llama, GPT-J, ChatGLM) differ by one permutation of each Q and
 K head's first `rope_n_elem` rows (partial rotary leaves the other rows alone). V rows never move.
-Like layout.py, every function returns a row index `p` with ``new_rows = old_rows[p]``.
+Like layout.py, every function returns a row index `p` with ``new_rows = old_rows[p]``, and torch is
+imported where an index is made: RopeOrder serves torch-free code (the format registry, inspect).
 """
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder, canonical_index
 
@@ -22,6 +25,8 @@ class RopeOrder(str, Enum):
 
 def head_permutation(head_size: int, rope_n_elem: int, src: RopeOrder, dst: RopeOrder) -> torch.Tensor:
     """Index over one head's rows taking `src` rotary order to `dst`."""
+    import torch
+
     if rope_n_elem % 2 or not 0 <= rope_n_elem <= head_size:
         raise LayoutError(f"rope_n_elem must be even and at most head_size={head_size}, got {rope_n_elem}")
     index = torch.arange(head_size)
@@ -39,6 +44,8 @@ def head_permutation(head_size: int, rope_n_elem: int, src: RopeOrder, dst: Rope
 
 def _sequential_rope_index(heads: HeadLayout, rope_n_elem: int, src: RopeOrder, dst: RopeOrder) -> torch.Tensor:
     """For sequential (canonical) rows: each Q and K head permuted, V untouched."""
+    import torch
+
     per_head = head_permutation(heads.head_size, rope_n_elem, src, dst)
     hs = heads.head_size
     qk_heads = heads.n_head + heads.n_query_groups
@@ -51,6 +58,8 @@ def rope_permutation(
     order: QKVOrder, heads: HeadLayout, rope_n_elem: int, src: RopeOrder, dst: RopeOrder
 ) -> torch.Tensor:
     """Row index for a fused QKV matrix (rows in `order`) taking Q/K rotary order `src` to `dst`."""
+    import torch
+
     canon = canonical_index(order, heads)  # position -> canonical
     position = torch.empty_like(canon)
     position[canon] = torch.arange(canon.numel())  # canonical -> position

@@ -5,18 +5,27 @@ A `Recipe` names one output tensor, the source tensors it is made from and a sho
 executed later by the streaming engine (engine.py), which reads each source tensor once, applies
 the steps and writes the result; `--dry-run` prints them. Anyone can also run a recipe in memory
 with `Recipe.apply`, which is what the tests of the mapping tables do.
+
+Planning imports no torch (tensors are touched only in `apply`): `inspect` checks that an HF
+config.json fits its tensors by planning the conversion on the safetensors headers alone
+(`output_metas`), without paying for torch's import.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from qkvconv.errors import QkvconvError
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder, check_parts, check_reorder, fuse, reorder, split
 
-# What a tensor will be: its shape and dtype (the engine plans every output before reading any data)
-Meta = tuple[tuple[int, ...], torch.dtype]
+if TYPE_CHECKING:
+    import torch
+
+# What a tensor will be: its shape and dtype (the engine plans every output before reading any data).
+# The dtype is a torch.dtype, or None where only shapes are checked (inspect, without torch).
+Meta = tuple[tuple[int, ...], Any]
 
 
 class Step:
@@ -47,7 +56,10 @@ def concat_rows(inputs: list[Meta]) -> Meta:
     for other, other_dtype in others:
         if len(other) != len(shape) or other[1:] != shape[1:]:
             raise LayoutError(f"cannot stack rows of shapes {shape} and {other}")
-        dtype = torch.promote_types(dtype, other_dtype)
+        if other_dtype != dtype:  # only mixed dtypes need torch's promotion table
+            import torch
+
+            dtype = torch.promote_types(dtype, other_dtype)
     return (sum(s[0] for s, _ in inputs), *shape[1:]), dtype
 
 
@@ -176,3 +188,32 @@ class Plan:
     def apply_in_memory(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run every recipe on an in-memory state dict (small models, tests)."""
         return {r.output: r.apply([tensors[i] for i in r.inputs]) for r in self.recipes}
+
+
+def _on_meta_tensors(recipe: Recipe, inputs: list[Meta]) -> Meta:
+    """A recipe with a step that has no shape rule, run on meta tensors (about a second on first use)."""
+    import torch
+
+    out = recipe.apply([torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in inputs])
+    return tuple(out.shape), out.dtype
+
+
+def output_metas(plan: Plan, names: Collection[str], meta: Callable[[str], Meta]) -> dict[str, Meta]:
+    """Shape and dtype of every output tensor from the steps' shape rules, no data read: the source
+    holds `names`, `meta(name)` describes one. Any error is a QkvconvError naming the output."""
+    layout: dict[str, Meta] = {}
+    for recipe in plan.recipes:
+        missing = [i for i in recipe.inputs if i not in names]
+        if missing:
+            raise QkvconvError(f"the source has no tensor {missing[0]!r} (needed for {recipe.output})")
+        inputs = [meta(i) for i in recipe.inputs]
+        try:
+            known = recipe.meta(inputs)
+            if known is None:
+                known = _on_meta_tensors(recipe, inputs)
+        except (ValueError, RuntimeError) as e:
+            raise QkvconvError(f"cannot build {recipe.output}: {e}") from None
+        if recipe.output in layout:
+            raise QkvconvError(f"two recipes write {recipe.output}")
+        layout[recipe.output] = (tuple(known[0]), known[1])
+    return layout

@@ -4,8 +4,9 @@
     config.py    config.json <-> litgpt config, family detection, the rules that pick an architecture
                  (torch-free: `inspect` reads configs and headers without torch)
     steps.py     row steps the HF mappings need (take or concatenate row blocks, tied heads)
-    plans.py     HF state dict <-> litgpt state dict, as plans
-    format.py    the registry's Format: detect, read, write, inspect
+    plans.py     HF state dict <-> litgpt state dict, as plans (planned without torch: steps touch
+                 tensors only when they run)
+    format.py    the registry's Format: detect, read, write, inspect (torch-free for safetensors)
 
 Names are re-exported lazily (PEP 562), so importing the torch-free parts never pulls in torch.
 """

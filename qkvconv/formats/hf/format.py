@@ -1,23 +1,31 @@
 """The Hugging Face format in the registry: a directory with config.json and safetensors (or .bin)
-weights, read and written through the family table (families.py); rotary in half order only."""
+weights, read and written through the family table (families.py); rotary in half order only.
+
+`inspect` of a safetensors directory imports no torch (importing it costs seconds, more than the rest
+of the command): the tensors' names, shapes and dtypes come from the safetensors headers
+(io/safetensors_header.py), and config.json is checked against them by planning the conversion on
+shapes alone. The modules that touch tensors (readers, transforms, writers) are imported by the
+methods that need them.
+"""
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qkvconv.errors import QkvconvError
 from qkvconv.formats.base import Format, Source, Transformations, file_list, tensor_summary
 from qkvconv.formats.hf.config import HF_CONFIG, describe_layout, litgpt_config_from_hf
 from qkvconv.formats.hf.families import SUPPORTED_ARCHITECTURES
-from qkvconv.formats.hf.plans import plan_hf_to_litgpt, plan_litgpt_to_hf
 from qkvconv.formats.hf.rules import hf_config_for, qkv_note, tied
 from qkvconv.io.config_files import read_json
-from qkvconv.io.readers import TensorMeta, TensorReader, open_reader
 from qkvconv.model.rotary import RopeOrder
-from qkvconv.plans.plan import Plan, copy
-from qkvconv.plans.transforms import ModelPlan, compose
+
+if TYPE_CHECKING:
+    from qkvconv.io.readers import TensorMeta, TensorReader
+    from qkvconv.plans.plan import Plan
+    from qkvconv.plans.transforms import ModelPlan
 
 
 class HuggingFace(Format):
@@ -29,9 +37,21 @@ class HuggingFace(Format):
 
     def inspect(self, directory: Path, base: Path | None = None) -> dict[str, Any]:
         """The family table says where q/k/v live and in which order; an architecture outside the table
-        still gets what config.json and the files tell."""
+        still gets what config.json and the files tell. Safetensors weights are read from their headers
+        without torch; pickled ones (pytorch_model.bin) need torch.load."""
+        from qkvconv.io.sharded import open_headers
+
         config_json = read_json(directory / HF_CONFIG)
-        reader = open_reader(directory)
+        reader = open_headers(directory)
+        if reader is None:  # pickles, or no weights at all (open_reader says which it expected)
+            from qkvconv.io.readers import open_reader
+
+            reader = open_reader(directory)
+        return self.report(directory, config_json, reader)
+
+    def report(self, directory: Path, config_json: dict[str, Any], reader: Any) -> dict[str, Any]:
+        """The inspect report from config.json and tensor metadata (`reader`: names, meta with shape,
+        dtype, numel): the same whether a torch reader or the safetensors headers serve them."""
         dtype, parameters = tensor_summary(reader)
         architecture = (config_json.get("architectures") or [config_json.get("model_type")])[0]
         layout = describe_layout(config_json)
@@ -61,6 +81,11 @@ class HuggingFace(Format):
         return hf_weights(source)
 
     def source(self, directory: Path) -> Source:
+        from qkvconv.formats.hf.plans import plan_hf_to_litgpt
+        from qkvconv.io.readers import open_reader
+        from qkvconv.plans.plan import Plan
+        from qkvconv.plans.transforms import ModelPlan
+
         config_json = read_json(directory / HF_CONFIG)
         reader = open_reader(directory)
         plan = plan_hf_to_litgpt(config_json, reader.names())
@@ -70,6 +95,10 @@ class HuggingFace(Format):
     def direct_plan(self, directory: Path, to: str) -> tuple[Plan, TensorReader] | None:
         if to not in ("litgpt", "litgpt-legacy", "hf"):
             return None
+        from qkvconv.formats.hf.plans import plan_hf_to_litgpt
+        from qkvconv.io.readers import open_reader
+        from qkvconv.plans.plan import Plan, copy
+
         config_json = read_json(directory / HF_CONFIG)
         reader = open_reader(directory)
         if to == "hf":  # re-shard (and check) as it is; config.json travels with the other files
@@ -79,6 +108,9 @@ class HuggingFace(Format):
 
     def target_plan(self, model: ModelPlan, source_json: dict[str, Any] | None, changes: Transformations,
                     source_format: str) -> Plan:
+        from qkvconv.formats.hf.plans import plan_litgpt_to_hf
+        from qkvconv.plans.transforms import compose
+
         kept = source_json if changes.any() or source_format == "hf" else None
         config_json = hf_config_for(model.config, kept, changes.qkv)
         plan = compose(plan_litgpt_to_hf(model.config, model.outputs(), config_json), model.plan)
@@ -102,11 +134,15 @@ class HuggingFace(Format):
 
 
 def check_shapes(config_json: dict[str, Any], reader: Any, directory: Path) -> None:
-    """config.json's head counts must fit the tensors: plan the litgpt view on metadata alone."""
-    from qkvconv.io.engine import output_layout
+    """config.json's head counts must fit the tensors: plan the litgpt view and run the steps' shape
+    rules on the tensors' shapes alone (dtypes do not decide whether a model fits its config, and the
+    headers give dtype names, not torch dtypes), so the planner's own checks judge, with no torch imported."""
+    from qkvconv.formats.hf.plans import plan_hf_to_litgpt
+    from qkvconv.plans.plan import output_metas
 
+    names = reader.names()
     try:
-        output_layout(plan_hf_to_litgpt(config_json, reader.names()), reader)
+        output_metas(plan_hf_to_litgpt(config_json, names), set(names), lambda name: (reader.meta(name).shape, None))
     except QkvconvError as e:
         raise QkvconvError(f"{directory}: config.json does not match the tensors ({e})") from None
 

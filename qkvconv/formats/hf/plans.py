@@ -8,7 +8,7 @@ Plans are pure data (plans/plan.py): each `Recipe` names its output, its source 
 operations between them (fuse/split q, k, v, re-order fused rows, take or concatenate row blocks).
 litgpt's current layout is a sequential `attn.qkv`; `legacy=True` writes litgpt <= 0.5.4's grouped
 `attn.attn` instead. A tensor the family does not account for is refused: a conversion either is exact
-or does not happen.
+or does not happen. Planning imports no torch (inspect checks config.json against the tensors with it).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
 import yaml
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
@@ -35,7 +34,7 @@ from qkvconv.formats.hf.config import (
 )
 from qkvconv.formats.hf.steps import ConcatRows, TakeRows, Tied
 from qkvconv.model.architecture import Architecture
-from qkvconv.model.layout import HeadLayout, QKVOrder, permutation
+from qkvconv.model.layout import HeadLayout, QKVOrder, same_rows
 from qkvconv.plans.plan import Fuse, Plan, Recipe, Reorder, Step, TakePart
 from qkvconv.model import names
 
@@ -70,7 +69,7 @@ def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -
 
 def _reorder_steps(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> tuple[Step, ...]:
     """A Reorder, or nothing when the two orders coincide for these heads (G = 1, G = H)."""
-    if torch.equal(permutation(src, dst, heads), torch.arange(heads.rows)):
+    if same_rows(src, dst, heads):
         return ()
     return (Reorder(src, dst, heads),)
 

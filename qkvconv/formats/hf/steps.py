@@ -1,17 +1,20 @@
 """Row steps the Hugging Face mappings need beyond plans/plan.py's q/k/v steps: take or concatenate row
 blocks (Phi-3's fused gate_up_proj, Falcon's per-head blocks) and a tied head checked against the
-embedding it copies."""
+embedding it copies. Torch is imported where tensors are touched (`apply`): the shape rules (`metas`)
+serve inspect, which imports no torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from qkvconv.errors import QkvconvError
-from qkvconv.model.nonfinite import same_bits
 from qkvconv.model.layout import LayoutError
 from qkvconv.plans.plan import Meta, Step, concat_rows
+
+if TYPE_CHECKING:
+    import torch
+
 
 @dataclass(frozen=True)
 class TakeRows(Step):
@@ -47,6 +50,8 @@ class ConcatRows(Step):
     moves_rows = True
 
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        import torch
+
         return [torch.cat(tensors, dim=0)]
 
     def describe(self) -> str:
@@ -56,18 +61,24 @@ class ConcatRows(Step):
         return [concat_rows(inputs)]
 
 
+def _untied() -> QkvconvError:
+    return QkvconvError(
+        "the output head differs from the token embedding, but config.json ties them "
+        "(tie_word_embeddings); write the head separately with tie_word_embeddings=false"
+    )
+
+
 @dataclass(frozen=True)
 class Tied(Step):
     """All inputs must be equal (a tied embedding and output head); the output is the first."""
 
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        from qkvconv.model.nonfinite import same_bits
+
         first, *others = tensors
         for other in others:
             if other.shape != first.shape or (not first.is_meta and not same_bits(other, first)):
-                raise QkvconvError(
-                    "the output head differs from the token embedding, but config.json ties them "
-                    "(tie_word_embeddings); write the head separately with tie_word_embeddings=false"
-                )
+                raise _untied()
         return [first]
 
     def describe(self) -> str:
@@ -76,7 +87,7 @@ class Tied(Step):
     def metas(self, inputs: list[Meta]) -> list[Meta]:
         first, *others = inputs
         if any(shape != first[0] for shape, _ in others):
-            self.apply([torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in inputs])  # its error
+            raise _untied()
         return [first]
 
 
