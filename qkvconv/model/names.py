@@ -11,6 +11,12 @@ rows) or `attn.attn` (litgpt <= 0.5.4, grouped rows); a LoRA model names a base 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from qkvconv.errors import QkvconvError
+
 LAYER = "transformer.h.{i}"  # every per-layer module lives under it
 EMBEDDING = "transformer.wte"
 FINAL_NORM = "transformer.ln_f"
@@ -28,3 +34,17 @@ def layer(i: int | str, module: str = "") -> str:
     """The name of `module` under layer i (the layer's prefix itself when `module` is empty)."""
     prefix = LAYER.format(i=i)
     return f"{prefix}.{module}" if module else prefix
+
+
+# transformer.h.{i}.attn.{attn|qkv}.[linear.]{weight|bias|lora_A|lora_B}
+QKV_KEY = re.compile(r"^transformer\.h\.(\d+)\.attn\.(attn|qkv)\.((?:linear\.)?(?:weight|bias)|lora_A|lora_B)$")
+LEGACY_NAMING, CURRENT_NAMING = LEGACY_QKV, QKV
+
+
+def qkv_naming(tensor_names: Iterable[str], where: Path | str) -> str | None:
+    """`attn.attn` (legacy), `attn.qkv` (current) or None when there are no fused QKV tensors; a file that
+    holds both is neither, and refused."""
+    found = {m.group(2) for k in tensor_names if (m := QKV_KEY.match(k))}
+    if len(found) > 1:
+        raise QkvconvError(f"{where} mixes `attn.attn` and `attn.qkv` tensors; it is neither legacy nor current")
+    return f"attn.{found.pop()}" if found else None

@@ -210,11 +210,8 @@ def plan_litgpt_to_hf(
         raise QkvconvError(f"config.json does not describe this litgpt model: {diff} (litgpt vs config.json)")
     _, heads = _heads(family, config_json)
     src = _Names(litgpt_names, "litgpt checkpoint")
-    namings = {m.group(1) for n in src.all if (m := re.match(r"^transformer\.h\.\d+\.attn\.(attn|qkv)\.", n))}
-    if len(namings) > 1:
-        raise QkvconvError("the litgpt checkpoint mixes `attn.attn` and `attn.qkv` tensors")
-    legacy = namings == {"attn"}
-    src_order, qkv_in = (QKVOrder.GROUPED, "attn.attn") if legacy else (QKVOrder.SEQUENTIAL, "attn.qkv")
+    legacy = names.qkv_naming(src.all, "the litgpt checkpoint") == names.LEGACY_NAMING
+    src_order, qkv_in = (QKVOrder.GROUPED, names.LEGACY_QKV) if legacy else (QKVOrder.SEQUENTIAL, names.QKV)
     expected = litgpt_state_names(litgpt_cfg, legacy=legacy)
     if set(src.all) != set(expected):
         extra = sorted(set(src.all) - set(expected))

@@ -8,7 +8,6 @@ and mmap=True (tensors are paged in as they are used, not read up front).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 
 from qkvconv.errors import QkvconvError
 from qkvconv.model import names
+from qkvconv.model.names import CURRENT_NAMING, LEGACY_NAMING, QKV_KEY, qkv_naming
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
 from qkvconv.model.lora import LoraSettings, block_sizes
 from qkvconv.io.pages import MappedFile
@@ -28,10 +28,7 @@ LORA_WEIGHTS = "lit_model.pth.lora"
 CONFIG = "model_config.yaml"
 HYPERPARAMETERS = "hyperparameters.yaml"
 
-# transformer.h.{i}.attn.{attn|qkv}.[linear.]{weight|bias|lora_A|lora_B}
-QKV_KEY = re.compile(r"^transformer\.h\.(\d+)\.attn\.(attn|qkv)\.((?:linear\.)?(?:weight|bias)|lora_A|lora_B)$")
 NAMING_ORDER = {"attn": QKVOrder.GROUPED, "qkv": QKVOrder.SEQUENTIAL}
-LEGACY_NAMING, CURRENT_NAMING = "attn.attn", "attn.qkv"
 
 # Config fields that litgpt >= 0.5.5 no longer accepts, and how each translates.
 LEGACY_CONFIG_FIELDS = ("sliding_window_layer_placing",)
@@ -133,14 +130,6 @@ class LoraHyperparameters:
             raw.get("checkpoint_dir"),
             raw,
         )
-
-
-def qkv_naming(tensors: dict[str, torch.Tensor], where: Path) -> str | None:
-    """`attn.attn` (legacy), `attn.qkv` (current) or None when the file has no QKV tensors."""
-    found = {m.group(2) for k in tensors if (m := QKV_KEY.match(k))}
-    if len(found) > 1:
-        raise QkvconvError(f"{where} mixes `attn.attn` and `attn.qkv` tensors; it is neither legacy nor current")
-    return f"attn.{found.pop()}" if found else None
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 
 from qkvconv.errors import QkvconvError
 from qkvconv.formats.base import Format
-from qkvconv.formats.hf.config import HF_CONFIG, hf_config_from_litgpt
+from qkvconv.formats.hf.config import HF_CONFIG
 from qkvconv.formats.litgpt.checkpoint import (
     CONFIG,
     HYPERPARAMETERS,
@@ -16,11 +16,10 @@ from qkvconv.formats.litgpt.checkpoint import (
     LoraHyperparameters,
     ModelShape,
     load_state_dict_file,
-    migrate_config,
 )
 from qkvconv.formats.weights import AdaptedWeights, ModelWeights, PlannedWeights, open_weights
 from qkvconv.io.config_files import read_json, read_yaml
-from qkvconv.formats.peft.modules import PEFT_CONFIG
+from qkvconv.formats.peft.modules import PEFT_CONFIG, base_config_json
 
 
 class Peft(Format):
@@ -52,10 +51,9 @@ def peft_base_config(
             raise QkvconvError(f"{directory / PEFT_CONFIG} names no base model; pass the base HF directory with {option}")
         base = sources.resolve(name)
     base = base.resolve()
-    if (base / HF_CONFIG).is_file():
-        return read_json(base / HF_CONFIG), str(base)
-    if (base / CONFIG).is_file():
-        return hf_config_from_litgpt(migrate_config(read_yaml(base / CONFIG))[0]), str(base)
+    config_json = base_config_json(base)
+    if config_json is not None:
+        return config_json, str(base)
     where = f"{option} {base}" if given else f"the base {base}"
     raise QkvconvError(f"{where} has no {HF_CONFIG} or {CONFIG}")
 

@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from qkvconv.errors import QkvconvError
-from qkvconv.formats.hf import describe_layout, detect_family, hf_config_from_litgpt
-from qkvconv.formats.litgpt import CONFIG, migrate_config
-from qkvconv.formats.peft.modules import ADAPTER_KEY, _litgpt_flags, _ModuleTable
+from qkvconv.formats.hf import describe_layout, detect_family
+from qkvconv.formats.peft.modules import ADAPTER_KEY, _litgpt_flags, _ModuleTable, base_config_json
 from qkvconv.formats.peft.policy import unsupported_features
 from qkvconv.formats.peft.reading import _peft_config, _weights_file
-from qkvconv.io.config_files import read_json, read_yaml
 from qkvconv.io.readers import open_reader
 from qkvconv.io.transaction import is_temporary
 
@@ -30,10 +28,9 @@ def _base_config(config: dict[str, Any], directory: Path) -> dict[str, Any] | No
         return None
     try:
         for base in (Path(name).expanduser(), directory / name):
-            if (base / "config.json").is_file():
-                return read_json(base / "config.json")
-            if (base / CONFIG).is_file():
-                return hf_config_from_litgpt(migrate_config(read_yaml(base / CONFIG))[0])
+            config_json = base_config_json(base)
+            if config_json is not None:
+                return config_json
     except QkvconvError:
         return None
     return None
