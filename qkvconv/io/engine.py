@@ -37,11 +37,9 @@ def output_layout(plan: Plan, reader: TensorReader) -> dict[str, TensorMeta]:
     """Shape and dtype of every output tensor, from the steps' shape rules (no data is read); a step
     without one runs on meta tensors instead (plans/plan.py output_metas)."""
     def meta(name: str) -> Meta:
-        m = reader.meta(name)
-        return m.shape, m.dtype
+        return reader.meta(name)
 
-    layout = output_metas(plan, set(reader.names()), meta)
-    return {name: TensorMeta(shape, dtype) for name, (shape, dtype) in layout.items()}
+    return output_metas(plan, set(reader.names()), meta)
 
 
 def schedule(plan: Plan, reader: TensorReader) -> list[Recipe]:

@@ -24,13 +24,13 @@ import sys
 import warnings
 import zipfile
 from dataclasses import dataclass
-from math import prod
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from qkvconv.errors import QkvconvError
+from qkvconv.plans.plan import TensorMeta
 from qkvconv.io.pages import MappedFile
 
 from qkvconv.io.safetensors_header import DTYPES, Header, one_line, pread_exact, read_header
@@ -43,26 +43,6 @@ SAFETENSORS_SUFFIX = ".safetensors"
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, torch_name) for name, (torch_name, _) in DTYPES.items() if hasattr(torch, torch_name)
 }
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """What a tensor will be, known before its data is read (or written)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> "TensorMeta":
-        return cls(tuple(tensor.shape), tensor.dtype)
 
 
 @dataclass(frozen=True)

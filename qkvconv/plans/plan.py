@@ -13,9 +13,11 @@ config.json fits its tensors by planning the conversion on the safetensors heade
 
 from __future__ import annotations
 
+from math import prod
+
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import NamedTuple, TYPE_CHECKING, Any
 
 from qkvconv.errors import QkvconvError
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder, check_parts, check_reorder, fuse, reorder, split
@@ -23,9 +25,28 @@ from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder, check_parts,
 if TYPE_CHECKING:
     import torch
 
-# What a tensor will be: its shape and dtype (the engine plans every output before reading any data).
-# The dtype is a torch.dtype, or None where only shapes are checked (inspect, without torch).
-Meta = tuple[tuple[int, ...], Any]
+class TensorMeta(NamedTuple):
+    """What a tensor will be, known before its data is read or written: the engine plans every output
+    from its inputs' metas. A tuple, so shape rules unpack it as `(shape, dtype)`; the dtype is a
+    torch.dtype, or None where only shapes are checked (inspect, without torch)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorMeta:
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+
+Meta = TensorMeta  # the name the shape rules use
 
 
 class Step:
@@ -215,5 +236,5 @@ def output_metas(plan: Plan, names: Collection[str], meta: Callable[[str], Meta]
             raise QkvconvError(f"cannot build {recipe.output}: {e}") from None
         if recipe.output in layout:
             raise QkvconvError(f"two recipes write {recipe.output}")
-        layout[recipe.output] = (tuple(known[0]), known[1])
+        layout[recipe.output] = TensorMeta(tuple(known[0]), known[1])
     return layout
