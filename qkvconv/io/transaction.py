@@ -41,22 +41,17 @@ TMP_SUFFIX = ".qkvconv-tmp"
 JOURNAL_NAME = ".qkvconv-journal.json"
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make renames and new entries in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    """Make a file's content and mode durable. Opened read-only: a new version may already be 0444."""
+def fsync_path(path: Path) -> None:
+    """Make a file's content and mode, or a directory's renames and new entries, durable. Opened
+    read-only: a new version of a file may already be 0444."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_file = fsync_path  # the names the callers read best with
 
 
 def _keep_owner(path: Path, original: os.stat_result) -> None:
