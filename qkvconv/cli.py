@@ -60,6 +60,11 @@ def examples(*lines: str) -> str:
     return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines) + "\n\n" + EXIT_CODES_HELP
 
 
+# What SIGINT does once a command's work is over (set by __main__ to SIG_IGN: the result stands, a late
+# Ctrl-C during output or interpreter exit changes nothing). None in-process (tests): left alone.
+after_work: Any = None
+
+
 def working() -> None:
     """From here on a Ctrl-C raises KeyboardInterrupt, which the commands clean up after (see __main__)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -82,7 +87,11 @@ def reports_errors(command: Callable[..., None]) -> Callable[..., None]:
     def wrapper(*args: Any, **kwargs: Any) -> None:
         as_json = bool(kwargs.get("json"))
         try:
-            command(*args, **kwargs)
+            try:
+                command(*args, **kwargs)
+            finally:
+                if after_work is not None:
+                    signal.signal(signal.SIGINT, after_work)
         except QkvconvError as e:
             fail(str(e), e.exit_code, as_json)
         except OSError as e:  # the environment said no: permissions, a full disk, a vanished file
