@@ -1,6 +1,6 @@
 """Prove two checkpoints compute the same function: one forward pass of each, compared stage by stage.
 
-Both sides run the same random tokens through the reference forward pass (forward.py), one layer at
+Both sides run the same random tokens through the reference forward pass (reference/forward.py), one layer at
 a time: embed both, compare; run block i of both, compare; and so on. So checking two models needs
 about two layers of weights in memory (plus embeddings), not two models. Each stage reports the max
 absolute difference of the hidden states; the logits also report top-1 agreement.

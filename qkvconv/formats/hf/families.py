@@ -18,7 +18,7 @@ the one family that needs it: `new_decoder_architecture` and `multi_query` pick 
 head count, `parallel_attn` and `num_ln_in_parallel_attn` the norms and residual layout.
 
 Modules are named without `.weight` / `.bias`: a module's weight and bias (where present) map alike.
-hf_format.py turns an entry into a litgpt config and into conversion plans; no code here is per family.
+config.py and plans.py turn an entry into a litgpt config and into conversion plans; no code here is per family.
 Every layout below was checked against transformers 5.3 modeling code (cited per entry), litgpt 0.5.13's
 convert_hf_checkpoint.py, and by tests/test_hf_mapping.py on tiny random models of each family.
 """
