@@ -66,6 +66,10 @@ CASES = [
          QKVOrder.SPLIT, "Qwen2.5-0.5B",
          tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=48, sliding_window_size=4,
               sliding_window_indices=[0, 1])),
+    # RMSNorm over head_dim on each query and key head (q_norm, k_norm -> attn.norm_q/norm_k); head_dim
+    # 16 != hidden / heads; no q/k/v bias
+    Case("qwen3-qk-norm", {"model_type": "qwen3", **LLAMA_SIZES, "head_dim": 16, "rope_parameters": {"rope_theta": 1e6}},
+         QKVOrder.SPLIT, "Qwen3-0.6B", tiny(n_embd=32, n_query_groups=2, head_size=16, intermediate_size=48)),
     # head_dim 16 != hidden / heads; (1 + w) RMSNorm; scaled and tied embeddings. litgpt's Gemma
     # configs use norm_eps 1e-5 where the HF files say 1e-6 (see test_real_configs): set here.
     Case("gemma-head-dim", {"model_type": "gemma", **LLAMA_SIZES, "head_dim": 16},

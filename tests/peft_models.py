@@ -45,6 +45,8 @@ BASES = {
              "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     # tied head (LoRA on lm_head leaves the embedding alone), head_dim != hidden / heads, q/k/v split
     "gemma": {"model_type": "gemma", **LLAMA_SIZES, "head_dim": 16},
+    # query/key norms over head_dim (not linears: no adapter on them), head_dim != hidden / heads
+    "qwen3": {"model_type": "qwen3", **LLAMA_SIZES, "head_dim": 16},
 }
 
 

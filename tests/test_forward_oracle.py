@@ -112,6 +112,8 @@ FAMILIES = [
     ("tinyllama", "tiny-llama-1.1b", dict(n_embd=64, n_head=16, head_size=8, n_query_groups=2, intermediate_size=96)),
     # GQA 7:1, attention bias only (bias=False), norm_eps 1e-6, head_size * n_head != n_embd
     ("qwen2.5", "Qwen2.5-0.5B", dict(n_embd=64, n_head=14, head_size=8, n_query_groups=2, intermediate_size=96)),
+    # query/key norms over head_size (norm_qk "default"); head_size 16 != n_embd / n_head
+    ("qwen3", "Qwen3-0.6B", dict(n_embd=64, n_head=8, head_size=16, n_query_groups=2, intermediate_size=96)),
     # LayerNorm, GELU MLP, parallel residual with one shared norm, MQA, no biases
     ("falcon-7b", "falcon-7b", dict(n_embd=64, n_head=4, head_size=16, n_query_groups=1, intermediate_size=128)),
     # parallel residual with norm_1 and norm_2 both applied to the block input, GQA 16:1 -> 4:1
@@ -260,8 +262,8 @@ def test_bf16_close_to_float32() -> None:
 UNSUPPORTED = [
     ("Mixtral-8x7B-v0.1", "mixture-of-experts"),
     ("Gemma-2-2b", "post-attention"),
-    ("Gemma-3-1b-it", "query/key norms"),
-    ("OLMo-2-1124-7B", "query/key norms"),
+    ("Gemma-3-1b-it", "post-attention"),
+    ("OLMo-2-1124-7B", "olmo2"),
 ]
 
 

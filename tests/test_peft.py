@@ -178,6 +178,7 @@ IMPORT_CASES = {
     "phi3": ("phi3", dict(target_modules=["qkv_proj", "gate_up_proj", "o_proj"], r=3, lora_alpha=7,
                           alpha_pattern={"gate_up_proj": 14})),
     "gemma-head": ("gemma", dict(target_modules=["q_proj", "v_proj", "down_proj", "lm_head"], r=4, lora_alpha=4)),
+    "qwen3": ("qwen3", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"], r=4, lora_alpha=8)),
 }
 
 

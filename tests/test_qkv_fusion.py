@@ -104,7 +104,7 @@ def test_every_family_has_one_fusion():
     fusion = {name: f.fusion for name, f in FAMILIES.items()}
     assert fusion == {"LlamaForCausalLM": "split", "MistralForCausalLM": "split", "Qwen2ForCausalLM": "split",
                       "GemmaForCausalLM": "split", "GPTNeoXForCausalLM": "fused", "FalconForCausalLM": "fused",
-                      "Phi3ForCausalLM": "fused"}
+                      "Phi3ForCausalLM": "fused", "Qwen3ForCausalLM": "split"}
 
 
 @pytest.mark.parametrize("case_id, qkv, want", [
@@ -219,7 +219,7 @@ def test_litgpt_output_is_fused(case_id, model, tmp_path):
 def test_split_refused_where_no_architecture_computes_the_model(case_id, model, tmp_path):
     message = refused(model(case_id).directory, "--to", "hf", "--qkv", "split", "--out", tmp_path / "no")
     assert "no supported architecture with split QKV computes this model" in message
-    assert "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GemmaForCausalLM" in message
+    assert "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM" in message
     assert not (tmp_path / "no").exists()
 
 

@@ -525,3 +525,49 @@ def test_the_verify_command_compares_across_representations(built, tmp_path: Pat
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["verify", str(b.directory), str(out)])
     assert result.exit_code == 0, result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# query/key norms (Qwen3): one RMSNorm over head_dim shared by the heads, tensors laid out by dims
+
+
+def test_qwen3_query_key_norms_follow_every_transformation(built, tmp_path):
+    """--rope permutes q_norm/k_norm like the rows of a head, --kv-heads leaves the shared k_norm alone,
+    --fold-norms folds the input norms around them; litgpt and transformers compute the source's logits.
+    A conversion that forgets the norms' dims is wrong, and the check says so."""
+    b = built("qwen3-qk-norm")
+    pairs = tmp_path / "pairs"
+    text = ok("convert", b.directory, "--to", "litgpt", "--rope", "pairs", "--out", pairs)
+    assert "query/key norm weights permuted alike" in text and "every layer and the logits agree" in text
+    state, cfg = lit_state(pairs), lit_config(pairs)
+    assert cfg["norm_qk"] is True and cfg["rope_interleave"] is True
+    norm_q = "transformer.h.0.attn.norm_q.weight"
+    hf_norm_q = b.tensors["model.layers.0.self_attn.q_norm.weight"]
+    assert not torch.equal(state[norm_q], hf_norm_q) and sorted(state[norm_q].tolist()) == sorted(hf_norm_q.tolist())
+    assert diff(litgpt_logits(cfg, state), b.logits) < TOL  # litgpt itself, pairs rotary and permuted norms
+    # the norms left in half order under pairs rows: another function, and verify finds it in layer 0
+    state[norm_q] = hf_norm_q
+    torch.save(state, pairs / "lit_model.pth")
+    report = verify_across(open_weights(b.directory), open_weights(pairs))
+    assert not report.passed and report.first_difference == "layer 0"
+    # back to HF (half order again): every tensor bit for bit
+    back = tmp_path / "back"
+    ok("convert", b.directory, "--to", "litgpt", "--rope", "pairs", "--out", tmp_path / "pairs2")
+    ok("convert", tmp_path / "pairs2", "--to", "hf", "--out", back)
+    tensors = load_file(back / "model.safetensors")
+    assert all(torch.equal(tensors[k], b.tensors[k]) for k in b.tensors)
+    # K/V heads repeated: the shared k_norm stays as it is
+    mha = tmp_path / "mha"
+    ok("convert", b.directory, "--to", "hf", "--kv-heads", 4, "--out", mha)
+    assert diff(hf_logits(mha), b.logits) < TOL
+    assert torch.equal(load_file(mha / "model.safetensors")["model.layers.0.self_attn.k_norm.weight"],
+                       b.tensors["model.layers.0.self_attn.k_norm.weight"])
+    # norm folding: the input norms fold into q/k/v and the MLP; the query/key norms stay
+    folded = tmp_path / "folded"
+    ok("fold-norms", b.directory, "--out", folded)
+    d = diff(hf_logits(folded), b.logits)
+    assert folded_ok(d, b.logits)
+    assert torch.all(load_file(folded / "model.safetensors")["model.layers.0.input_layernorm.weight"] == 1.0)
+    # --qkv fused: no architecture with one fused QKV matrix has query/key norms (Phi-3 has none): refused
+    result = cli("convert", b.directory, "--to", "hf", "--qkv", "fused", "--out", tmp_path / "fused")
+    assert result.exit_code == 2 and "norm_qk" in result.output and not (tmp_path / "fused").exists()

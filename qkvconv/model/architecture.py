@@ -27,6 +27,7 @@ _LITGPT_DEFAULTS: dict[str, Any] = {
     "norm_class_name": "LayerNorm",
     "norm_eps": 1e-5,
     "norm_qk": False,
+    "norm_qk_type": "default",
     "post_attention_norm": False,
     "post_mlp_norm": False,
     "parallel_residual": True,
@@ -100,6 +101,9 @@ class Architecture:
     rope_original_max_seq_len: int
     sliding_window_size: int | None
     sliding_window_layers: tuple[bool, ...]  # per layer: does the window apply
+    # query/key norms: None, or "default": one norm over head_size, shared by every head, applied after
+    # the split into heads and before RoPE (Qwen3's q_norm/k_norm)
+    norm_qk: str | None = None
 
     @property
     def q_per_kv(self) -> int:
@@ -133,7 +137,8 @@ class Architecture:
         refuse_if(c["norm_class_name"] not in ("LayerNorm", "RMSNorm"), f"the norm {c['norm_class_name']!r}")
         # litgpt.Config.norm_class: OLMo's LayerNorm has no weight or bias.
         refuse_if(c["norm_class_name"] == "LayerNorm" and "OLMo" in name, "a LayerNorm without weights (OLMo)")
-        refuse_if(c["norm_qk"], "query/key norms (norm_qk)")
+        refuse_if(c["norm_qk"] and c["norm_qk_type"] != "default",
+                  f"query/key norms over all heads at once (norm_qk_type {c['norm_qk_type']!r})")
         refuse_if(
             c["post_attention_norm"] or c["post_mlp_norm"],
             "post-attention/post-MLP norms (post_attention_norm, post_mlp_norm)",
@@ -209,6 +214,7 @@ class Architecture:
             rope_original_max_seq_len=original,
             sliding_window_size=window,
             sliding_window_layers=window_layers,
+            norm_qk=c["norm_qk_type"] if c["norm_qk"] else None,
         )
 
 

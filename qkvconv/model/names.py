@@ -25,6 +25,7 @@ HEAD = "lm_head"
 QKV = "attn.qkv"  # current fused QKV (sequential rows)
 LEGACY_QKV = "attn.attn"  # litgpt <= 0.5.4 (grouped rows)
 ATTN_PROJ = "attn.proj"
+NORM_Q, NORM_K = "attn.norm_q", "attn.norm_k"  # query/key norms (norm_qk): over each head's dims
 NORM_1, NORM_2 = "norm_1", "norm_2"  # before attention; before the MLP (when not shared)
 MLP_FC = "mlp.fc"  # GptNeoxMLP: proj(act(fc(x)))
 MLP_FC_1, MLP_FC_2, MLP_PROJ = "mlp.fc_1", "mlp.fc_2", "mlp.proj"  # LLaMAMLP: proj(act(fc_1(x)) * fc_2(x))
@@ -48,3 +49,5 @@ def qkv_naming(tensor_names: Iterable[str], where: Path | str) -> str | None:
     if len(found) > 1:
         raise QkvconvError(f"{where} mixes `attn.attn` and `attn.qkv` tensors; it is neither legacy nor current")
     return f"attn.{found.pop()}" if found else None
+
+QK_NORM_KEY = re.compile(r"^transformer\.h\.\d+\.attn\.norm_[qk]\.(weight|bias)$")

@@ -30,7 +30,7 @@ from qkvconv.model.architecture import Architecture
 from qkvconv.model import names
 from qkvconv.model.layout import HeadLayout, QKVOrder
 from qkvconv.plans.plan import Meta, Plan, Recipe, Step
-from qkvconv.model.rotary import RopeOrder, rope_permutation
+from qkvconv.model.rotary import RopeOrder, head_permutation, rope_permutation
 
 QKV_OUTPUT = re.compile(r"^transformer\.h\.(\d+)\.attn\.qkv\.(weight|bias)$")
 
@@ -288,8 +288,16 @@ def set_rope(model: ModelPlan, order: RopeOrder) -> ModelPlan:
     elif "rope_interleave" in config:
         config["rope_interleave"] = False
     partial = f", the first {arch.rope_n_elem} of {arch.head_size} dims of each head" if arch.rope_n_elem < arch.head_size else ""
-    return _rebuilt(model, model.with_qkv_rows(step), config,
-                    f"rotary order {src.value} -> {order.value}: Q and K rows permuted inside each head{partial} (exact)")
+    recipes = model.with_qkv_rows(step)
+    also = ""
+    if arch.norm_qk:  # one norm over a head's dims, shared by the heads: its dims move as a head's rows do
+        dims = RowIndex(head_permutation(arch.head_size, arch.rope_n_elem, src, order),
+                        f"rotary {src.value} -> {order.value} (the q/k norm's dims, as each head's)")
+        recipes = [then(r, dims) if names.QK_NORM_KEY.match(r.output) else r for r in recipes]
+        also = "; the query/key norm weights permuted alike"
+    return _rebuilt(model, recipes, config,
+                    f"rotary order {src.value} -> {order.value}: Q and K rows permuted inside each head{partial}{also} "
+                    "(exact)")
 
 
 # ---------------------------------------------------------------------------------------------

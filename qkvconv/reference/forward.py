@@ -93,7 +93,8 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleav
 
 
 def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch.Tensor:
-    """litgpt's CausalSelfAttention without KV cache: fused sequential QKV, RoPE, GQA, causal SDPA."""
+    """litgpt's CausalSelfAttention without KV cache: fused sequential QKV, query/key norms, RoPE, GQA,
+    causal SDPA."""
     B, T, _ = x.shape
     H, G, hs, n = arch.n_head, arch.n_query_groups, arch.head_size, arch.rope_n_elem
     prefix = names.layer(index, "attn")
@@ -103,6 +104,9 @@ def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> 
     q = q.view(B, T, H, hs).transpose(1, 2)  # (B, nh_q, T, hs)
     k = k.view(B, T, G, hs).transpose(1, 2)  # (B, nh_k, T, hs)
     v = v.view(B, T, G, hs).transpose(1, 2)  # (B, nh_v, T, hs)
+    if arch.norm_qk == "default":  # one norm over each head's hs dims, shared by the heads
+        q = _norm(arch, get, names.layer(index, names.NORM_Q), q)
+        k = _norm(arch, get, names.layer(index, names.NORM_K), k)
 
     if n > 0:
         cos, sin = _rope_cache(arch, T, x.device)

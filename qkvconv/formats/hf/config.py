@@ -272,6 +272,7 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
         "mlp_class_name": family.mlp_class_name,
         "gelu_approximate": gelu_approximate,
         "scale_embeddings": family.scale_embeddings,
+        **({"norm_qk": True, "norm_qk_type": family.norm_qk} if family.norm_qk else {}),
     }
 
 

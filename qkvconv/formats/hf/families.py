@@ -154,6 +154,9 @@ class Family:
     mlp_class_name: str  # litgpt: "LLaMAMLP" | "GemmaMLP" | "GptNeoxMLP"
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight); litgpt derives it from "Gemma" in the name
     scale_embeddings: bool = False  # embeddings times sqrt(n_embd)
+    # query/key norms (litgpt norm_qk): "default", one RMSNorm over head_dim shared by the heads (Qwen3's
+    # q_norm/k_norm, mapped to attn.norm_q/attn.norm_k through layer_tensors); None: none
+    norm_qk: str | None = None
     # HF module whose rows are these litgpt modules' rows, in equal parts, in order (Phi-3 gate_up_proj)
     fused_rows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     sliding_window: SlidingWindow | None = None
@@ -298,6 +301,22 @@ QWEN2 = replace(
         layer_types="layer_types",
         first_layer=Read("max_window_layers", default=28),
     ),
+)
+
+# qwen3/modeling_qwen3.py: Qwen2 without the q/k/v bias (attention_bias switches every attention
+# projection's bias, default False) and with an RMSNorm over head_dim on each query and key head
+# (q_norm, k_norm), applied after the split into heads and before RoPE, as litgpt's norm_qk "default";
+# head_dim is its own setting (default 128).
+QWEN3 = replace(
+    QWEN2,
+    architecture="Qwen3ForCausalLM",
+    model_type="qwen3",
+    name="Qwen3",
+    config=llama_style_config(head_size=Read("head_dim", default=128), intermediate=22016, vocab=151936,
+                              positions=32768, eps=1e-6, act="silu", tied=False),
+    biases=Biases(qkv=Read("attention_bias", default=False), attn_out=Read("attention_bias", default=False), mlp=False),
+    layer_tensors={**GATED_MLP, "self_attn.q_norm": "attn.norm_q", "self_attn.k_norm": "attn.norm_k"},
+    norm_qk="default",
 )
 
 # gemma/modeling_gemma.py: GemmaRMSNorm computes x * (1 + weight) in float32; embeddings are scaled by
@@ -465,7 +484,7 @@ FALCON = Family(
 
 # Keyed by config.json "architectures"[0]. The order is the preference when a litgpt config alone has
 # to pick an architecture (hf_config_from_litgpt): the first whose config can express it.
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, GEMMA, GPT_NEOX, FALCON, PHI3)}
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GPT_NEOX, FALCON, PHI3)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)
 
 

@@ -58,6 +58,8 @@ def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -
         p = names.layer(i)
         out += [f"{p}.{names.NORM_1}.{x}" for x in norm]
         out += [f"{p}.{qkv}.weight"] + ([f"{p}.{qkv}.bias"] if arch.qkv_bias else [])
+        if arch.norm_qk:
+            out += [f"{p}.{n}.{x}" for n in (names.NORM_Q, names.NORM_K) for x in norm]
         out += [f"{p}.{names.ATTN_PROJ}.{x}" for x in linear]
         if not arch.shared_attention_norm:
             out += [f"{p}.{names.NORM_2}.{x}" for x in norm]

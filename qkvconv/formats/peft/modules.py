@@ -24,6 +24,8 @@ from qkvconv.formats.hf.config import HF_CONFIG, hf_config_from_litgpt, litgpt_c
 from qkvconv.formats.litgpt import CONFIG, ModelShape, migrate_config
 from qkvconv.io.config_files import read_json, read_yaml
 from qkvconv.model import names
+
+QK_NORMS = (names.NORM_Q, names.NORM_K)
 from qkvconv.model.layout import HeadLayout, QKVOrder
 from qkvconv.model.lora import PARTS
 
@@ -77,7 +79,8 @@ class _ModuleTable:
                 entries = [(rel, "qkv", ("attn.qkv",), part) for part, rel in zip(PARTS, (qkv.q, qkv.k, qkv.v))]
             else:
                 entries = [(qkv.name, "fused-qkv", ("attn.qkv",), None)]
-            entries += [(rel, "linear", (lit,), None) for rel, lit in family.layer_tensors.items()]
+            entries += [(rel, "linear", (lit,), None) for rel, lit in family.layer_tensors.items()
+                        if lit not in QK_NORMS]  # not linears: no adapter sits on them
             entries += [(rel, "rows", tuple(lits), None) for rel, lits in family.fused_rows.items()]
             prefix = family.layer_prefix.format(i=i)
             modules += [_Module(f"{prefix}.{rel}", rel, i, kind, lit, part) for rel, kind, lit, part in entries]
@@ -90,7 +93,8 @@ class _ModuleTable:
                 self.by_lit.setdefault(m.lit_stem(j), []).append(m)
         # every module name of the model's layers that a PEFT target could match (norms included)
         self.names = [m.hf for m in modules] + [family.embedding, family.final_norm] + [
-            f"{family.layer_prefix.format(i=i)}.{n}" for i in range(n_layer) for n in block.norms
+            f"{family.layer_prefix.format(i=i)}.{n}" for i in range(n_layer)
+            for n in (*block.norms, *(rel for rel, lit in family.layer_tensors.items() if lit in QK_NORMS))
         ]
         self.mlp_lit = sorted({lit for m in modules for lit in m.lit if lit.startswith("mlp.")})
 
