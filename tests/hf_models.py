@@ -70,6 +70,18 @@ CASES = [
     # 16 != hidden / heads; no q/k/v bias
     Case("qwen3-qk-norm", {"model_type": "qwen3", **LLAMA_SIZES, "head_dim": 16, "rope_parameters": {"rope_theta": 1e6}},
          QKVOrder.SPLIT, "Qwen3-0.6B", tiny(n_embd=32, n_query_groups=2, head_size=16, intermediate_size=48)),
+    # LayerNorm with biases, a quarter of each head's dims rotating, q/k/v biases (stablelm-2's use_qkv_bias)
+    Case("stablelm-partial", {"model_type": "stablelm", **LLAMA_SIZES, "use_qkv_bias": True},
+         QKVOrder.SPLIT, "stablelm-3b-4e1t",
+         tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=48, attn_bias=True), converter=False),
+    # use_parallel_residual: one input_layernorm feeds attention and MLP
+    Case("stablelm-parallel", {"model_type": "stablelm", **LLAMA_SIZES, "use_parallel_residual": True},
+         QKVOrder.SPLIT, converter=False),
+    # Phi-2's layout: biases everywhere (the head too), one LayerNorm feeding attention and MLP in parallel,
+    # half of each head's dims rotating; GQA here (the released Phis are MHA)
+    Case("phi-parallel", {"model_type": "phi", **LLAMA_SIZES, "partial_rotary_factor": 0.5},
+         QKVOrder.SPLIT, "phi-2", tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=48,
+                                       rotary_percentage=0.5)),
     # head_dim 16 != hidden / heads; (1 + w) RMSNorm; scaled and tied embeddings. litgpt's Gemma
     # configs use norm_eps 1e-5 where the HF files say 1e-6 (see test_real_configs): set here.
     Case("gemma-head-dim", {"model_type": "gemma", **LLAMA_SIZES, "head_dim": 16},

@@ -47,6 +47,10 @@ BASES = {
     "gemma": {"model_type": "gemma", **LLAMA_SIZES, "head_dim": 16},
     # query/key norms over head_dim (not linears: no adapter on them), head_dim != hidden / heads
     "qwen3": {"model_type": "qwen3", **LLAMA_SIZES, "head_dim": 16},
+    # biases everywhere (the head too), one LayerNorm feeding attention and MLP in parallel, partial rotary
+    "phi": {"model_type": "phi", **LLAMA_SIZES, "partial_rotary_factor": 0.5},
+    # LayerNorm, partial rotary, q/k/v biases
+    "stablelm": {"model_type": "stablelm", **LLAMA_SIZES, "use_qkv_bias": True},
 }
 
 

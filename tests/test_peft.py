@@ -179,6 +179,8 @@ IMPORT_CASES = {
                           alpha_pattern={"gate_up_proj": 14})),
     "gemma-head": ("gemma", dict(target_modules=["q_proj", "v_proj", "down_proj", "lm_head"], r=4, lora_alpha=4)),
     "qwen3": ("qwen3", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"], r=4, lora_alpha=8)),
+    "phi": ("phi", dict(target_modules=["q_proj", "v_proj", "dense", "fc1", "lm_head"], r=4, lora_alpha=8)),
+    "stablelm": ("stablelm", dict(target_modules=["q_proj", "k_proj", "o_proj", "down_proj"], r=2, lora_alpha=4)),
 }
 
 

@@ -104,7 +104,8 @@ def test_every_family_has_one_fusion():
     fusion = {name: f.fusion for name, f in FAMILIES.items()}
     assert fusion == {"LlamaForCausalLM": "split", "MistralForCausalLM": "split", "Qwen2ForCausalLM": "split",
                       "GemmaForCausalLM": "split", "GPTNeoXForCausalLM": "fused", "FalconForCausalLM": "fused",
-                      "Phi3ForCausalLM": "fused", "Qwen3ForCausalLM": "split"}
+                      "Phi3ForCausalLM": "fused", "Qwen3ForCausalLM": "split", "StableLmForCausalLM": "split",
+                      "PhiForCausalLM": "split"}
 
 
 @pytest.mark.parametrize("case_id, qkv, want", [

@@ -262,7 +262,7 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
         "n_query_groups": heads.n_query_groups,
         "bias": mlp_bias,
         "attn_bias": qkv_bias and not mlp_bias,
-        "lm_head_bias": False,
+        "lm_head_bias": family.lm_head_bias,
         "sliding_window_size": window,
         "sliding_window_indices": window_layers,
         "rope_base": int(rope_base) if rope_base.is_integer() else rope_base,

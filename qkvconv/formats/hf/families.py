@@ -154,6 +154,7 @@ class Family:
     mlp_class_name: str  # litgpt: "LLaMAMLP" | "GemmaMLP" | "GptNeoxMLP"
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight); litgpt derives it from "Gemma" in the name
     scale_embeddings: bool = False  # embeddings times sqrt(n_embd)
+    lm_head_bias: bool = False  # the output head has a bias (Phi)
     # query/key norms (litgpt norm_qk): "default", one RMSNorm over head_dim shared by the heads (Qwen3's
     # q_norm/k_norm, mapped to attn.norm_q/attn.norm_k through layer_tensors); None: none
     norm_qk: str | None = None
@@ -317,6 +318,72 @@ QWEN3 = replace(
     biases=Biases(qkv=Read("attention_bias", default=False), attn_out=Read("attention_bias", default=False), mlp=False),
     layer_tensors={**GATED_MLP, "self_attn.q_norm": "attn.norm_q", "self_attn.k_norm": "attn.norm_k"},
     norm_qk="default",
+)
+
+# stablelm/modeling_stablelm.py: Llama's layout with LayerNorm (weight and bias), rotary on the first
+# partial_rotary_factor of each head's dims (half order), q/k/v biases by use_qkv_bias; with
+# use_parallel_residual one input_layernorm feeds attention and MLP (litgpt's shared_attention_norm).
+# qk_layernorm is a LayerNorm per query/key head, each head with its own weights: litgpt has none.
+STABLELM = replace(
+    LLAMA,
+    architecture="StableLmForCausalLM",
+    model_type="stablelm",
+    name="StableLM",
+    qkv=replace(LLAMA_STYLE_QKV, kv_heads=Read("num_key_value_heads", default=32)),
+    block=Choose(
+        ({"use_parallel_residual": False}, PRE_NORMS),
+        ({"use_parallel_residual": True},
+         Block({"input_layernorm": "norm_1"}, parallel_residual=True, shared_attention_norm=True)),
+    ),
+    config=replace(
+        llama_style_config(head_size=None, intermediate=6912, vocab=50304, positions=4096, eps=1e-5, act="silu",
+                           tied=False,
+                           rotary_fraction=Read("rope_parameters.partial_rotary_factor", "partial_rotary_factor",
+                                                default=0.25)),
+        norm_eps=Read("layer_norm_eps", default=1e-5),
+    ),
+    biases=Biases(qkv=Read("use_qkv_bias", default=False), attn_out=False, mlp=False),
+    norm_class_name="LayerNorm",
+    flag_defaults={"use_parallel_residual": False, "qk_layernorm": False},
+    unsupported=(({"qk_layernorm": True}, "a LayerNorm per query/key head with its own weights (qk_layernorm)"),),
+)
+
+# phi/modeling_phi.py (Phi-1, Phi-1.5, Phi-2): q/k/v and dense with biases; one input_layernorm
+# (LayerNorm) feeds attention and MLP in parallel: x + attn(ln(x)) + mlp(ln(x)); the MLP is
+# fc2(gelu_new(fc1(x))); rotary on the first partial_rotary_factor of each head's dims (half order);
+# final_layernorm; the head has a bias. qk_layernorm is off in every released Phi.
+PHI = Family(
+    architecture="PhiForCausalLM",
+    model_type="phi",
+    name="Phi",
+    layer_prefix="model.layers.{i}",
+    qkv=LLAMA_STYLE_QKV,
+    block=Block({"input_layernorm": "norm_1"}, parallel_residual=True, shared_attention_norm=True),
+    layer_tensors={"self_attn.dense": "attn.proj", "mlp.fc1": "mlp.fc", "mlp.fc2": "mlp.proj"},
+    embedding="model.embed_tokens",
+    final_norm="model.final_layernorm",
+    lm_head="lm_head",
+    config=HFConfig(
+        n_embd=Read("hidden_size"),
+        n_layer=Read("num_hidden_layers"),
+        n_head=Read("num_attention_heads"),
+        head_size=None,
+        intermediate_size=Read("intermediate_size", default=8192),
+        vocab_size=Read("vocab_size", default=51200),
+        block_size=Read("max_position_embeddings", default=2048),
+        norm_eps=Read("layer_norm_eps", default=1e-5),
+        activation=Read("hidden_act", default="gelu_new"),
+        tie_embeddings=Read("tie_word_embeddings", default=False),
+        rope_theta=ROPE_THETA,
+        rotary_fraction=Read("rope_parameters.partial_rotary_factor", "partial_rotary_factor", default=0.5),
+    ),
+    biases=Biases(qkv=True, attn_out=True, mlp=True),
+    norm_class_name="LayerNorm",
+    mlp_class_name="GptNeoxMLP",
+    lm_head_bias=True,
+    flag_defaults={"qk_layernorm": False},
+    unsupported=(({"qk_layernorm": True}, "a LayerNorm over each query/key head (qk_layernorm)"),),
+    ignored=IGNORED_EVERYWHERE,
 )
 
 # gemma/modeling_gemma.py: GemmaRMSNorm computes x * (1 + weight) in float32; embeddings are scaled by
@@ -484,7 +551,7 @@ FALCON = Family(
 
 # Keyed by config.json "architectures"[0]. The order is the preference when a litgpt config alone has
 # to pick an architecture (hf_config_from_litgpt): the first whose config can express it.
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GPT_NEOX, FALCON, PHI3)}
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GPT_NEOX, FALCON, PHI3, STABLELM, PHI)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)
 
 

@@ -181,6 +181,8 @@ def plan_hf_to_litgpt(config_json: Mapping[str, Any], hf_names: Iterable[str], *
         notes.append(f"tied head: lm_head.weight is a copy of {embedding} (litgpt does not tie)")
     else:
         recipes.append(Recipe("lm_head.weight", (src.take(head),)))
+    if family.lm_head_bias:
+        recipes.append(Recipe(f"{names.HEAD}.bias", (src.take(f"{family.lm_head}.bias"),)))
 
     left = src.left_over(family.ignored)
     if left:
@@ -257,6 +259,8 @@ def plan_litgpt_to_hf(
     else:
         recipes.append(Recipe(embedding, (src.take("transformer.wte.weight"),)))
         recipes.append(Recipe(f"{family.lm_head}.weight", (src.take("lm_head.weight"),)))
+    if family.lm_head_bias:
+        recipes.append(Recipe(f"{family.lm_head}.bias", (src.take(f"{names.HEAD}.bias"),)))
     left = src.left_over(())
     if left:
         raise _unknown(left, family, "litgpt checkpoint")

@@ -33,8 +33,9 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
 ADAPTER_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
-# peft's save_embedding_layers copies the base weight of a targeted lm_head / embedding beside the adapter
-BASE_COPY_KEY = re.compile(r"^base_model\.model\.(.+)\.base_layer\.weight$")
+# peft's save_embedding_layers copies the base weight (and bias, where the head has one: Phi) of a
+# targeted lm_head / embedding beside the adapter
+BASE_COPY_KEY = re.compile(r"^base_model\.model\.(.+)\.base_layer\.(weight|bias)$")
 
 
 @dataclass

@@ -110,7 +110,8 @@ def _read_peft(directory: Path, *, allow_nonfinite: bool = False) -> _PeftAdapte
             if not allow_nonfinite:
                 check_finite(name, tensors[m.group(1)][m.group(2)])
         elif m := BASE_COPY_KEY.match(name):
-            base_copies[m.group(1)] = reader.meta(name)
+            if m.group(2) == "weight":  # its shape says which layer it copies; a bias adds nothing to check
+                base_copies[m.group(1)] = reader.meta(name)
         else:
             raise QkvconvError(
                 f"cannot convert {directory} to litgpt LoRA: {_what_is(name)} has no litgpt LoRA equivalent"
