@@ -38,6 +38,12 @@ class Case:
     converter_name: str | None = None  # name to register for litgpt's converter (default: "<litgpt_real>-tiny-qkvconv")
 
 
+def attention_of(model_type: str) -> dict[str, Any]:
+    """transformers' SDPA path drops Gemma 2's attention soft-capping (its docs ask for eager): the oracle
+    computes what the model is, eagerly."""
+    return {"attn_implementation": "eager"} if model_type == "gemma2" else {}
+
+
 def tiny(**kw: Any) -> dict[str, Any]:
     """litgpt sizes of the tiny models: 2 layers, 4 query heads."""
     return {"n_layer": 2, "vocab_size": VOCAB, "padded_vocab_size": VOCAB, "block_size": POSITIONS, "n_head": 4, **kw}
@@ -89,6 +95,15 @@ CASES = [
          tiny(n_embd=32, n_query_groups=2, head_size=16, intermediate_size=48, norm_eps=1e-6),
          # "Gemma-2b-..." would send litgpt's converter to its Gemma-2 code (name.lower().startswith("gemma-2"))
          converter_name="Gemma-tiny-qkvconv"),
+    # Gemma 2: norms after attention and MLP, attention and final logit soft-capping, a window on every
+    # other layer, query_pre_attn_scalar != head_dim (caps small enough to matter)
+    Case("gemma2-softcap", {"model_type": "gemma2", **LLAMA_SIZES, "head_dim": 16, "sliding_window": 4,
+                            "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0,
+                            "query_pre_attn_scalar": 20},
+         QKVOrder.SPLIT, "Gemma-2-2b",
+         tiny(n_embd=32, n_query_groups=2, head_size=16, intermediate_size=48, norm_eps=1e-6, sliding_window_size=4,
+              sliding_window_indices=[1, 0], attention_logit_softcapping=5.0, final_logit_softcapping=3.0,
+              attention_scores_scalar=20)),
     Case("neox-parallel", {"model_type": "gpt_neox", **NEOX_SIZES, "rotary_pct": 0.25},
          QKVOrder.PER_HEAD, "pythia-160m", tiny(n_embd=64, n_query_groups=4, head_size=16, intermediate_size=96)),
     Case("neox-sequential",
@@ -133,7 +148,7 @@ class Built:
 def _build(case: Case, directory: Path) -> Built:
     config = transformers.AutoConfig.for_model(**case.hf)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = transformers.AutoModelForCausalLM.from_config(config, **attention_of(case.hf["model_type"]))
     with torch.no_grad():  # nonzero random everything: norms and biases too
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
@@ -154,7 +169,9 @@ def litgpt_logits(litgpt_cfg: dict[str, Any], state: dict[str, torch.Tensor]) ->
 
 
 def hf_logits(directory: Path) -> torch.Tensor:
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    model_type = json.loads((directory / "config.json").read_text())["model_type"]
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True,
+                                                                    **attention_of(model_type))
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     model.eval()
     with torch.no_grad():

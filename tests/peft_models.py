@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hf_models import attention_of
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -51,6 +52,9 @@ BASES = {
     "phi": {"model_type": "phi", **LLAMA_SIZES, "partial_rotary_factor": 0.5},
     # LayerNorm, partial rotary, q/k/v biases
     "stablelm": {"model_type": "stablelm", **LLAMA_SIZES, "use_qkv_bias": True},
+    # norms after attention and MLP, soft-capping (transformers' eager attention: SDPA drops the cap)
+    "gemma2": {"model_type": "gemma2", **LLAMA_SIZES, "head_dim": 16, "attn_logit_softcapping": 5.0,
+               "final_logit_softcapping": 3.0},
 }
 
 
@@ -70,14 +74,15 @@ class Base:
 def _build_base(kind: str, directory: Path) -> Base:
     config = transformers.AutoConfig.for_model(**BASES[kind])
     torch.manual_seed(1)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = transformers.AutoModelForCausalLM.from_config(config, **attention_of(BASES[kind]["model_type"]))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
     model.save_pretrained(directory)
     # logits of the model as reloaded: transformers 5.3 reloads a GPT-NeoX saved with another rotary_pct than
     # 0.25 as 0.25 (see families.py), so the saved directory, not the model in memory, is the reference
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, **attention_of(BASES[kind]["model_type"])).eval()
     with torch.no_grad():
         logits = model(TOKENS).logits
     config_json = json.loads((directory / "config.json").read_text())
@@ -109,7 +114,8 @@ def load_lora_run(directory: Path) -> tuple[dict, dict, dict]:
 
 def peft_logits(base_dir: Path, adapter_dir: Path, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
     """transformers + PeftModel.from_pretrained, failing on any adapter key that did not load."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    model_type = json.loads((Path(base_dir) / "config.json").read_text())["model_type"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, **attention_of(model_type))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = PeftModel.from_pretrained(model, adapter_dir)
@@ -196,7 +202,8 @@ def make_lora_run(base: Base, directory: Path, flags: dict[str, bool], r: int = 
 
 def make_peft_adapter(base: Base, directory: Path, settings: dict, seed: int = 0) -> torch.Tensor:
     """A PEFT adapter with random nonzero lora_A / lora_B on this base, saved; returns PeftModel's logits."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(base.directory)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base.directory,
+                                                              **attention_of(base.config_json["model_type"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))

@@ -120,6 +120,11 @@ FAMILIES = [
     ("falcon-40b", "falcon-40b", dict(n_embd=64, n_head=8, head_size=16, n_query_groups=2, intermediate_size=128)),
     # RMSNorm with (1 + weight), GemmaMLP (tanh GELU), scaled embeddings, MQA, head_size 256 -> 32 > n_embd/n_head
     ("gemma-2b", "Gemma-2b", dict(n_embd=64, n_head=4, head_size=32, n_query_groups=1, intermediate_size=96)),
+    # post-attention and post-MLP norms, attention and final logit soft-capping, a window on every other
+    # layer, query_pre_attn_scalar != head_size
+    ("gemma-2", "Gemma-2-2b", dict(n_embd=64, n_head=4, head_size=32, n_query_groups=2, intermediate_size=96,
+                                   sliding_window_size=4, attention_logit_softcapping=5.0,
+                                   final_logit_softcapping=3.0, attention_scores_scalar=20)),
     # Gemma-7b: MHA, head_size 256 with n_embd/n_head 192 -> 24 vs 16
     ("gemma-7b", "Gemma-7b", dict(n_embd=64, n_head=4, head_size=24, n_query_groups=4, intermediate_size=96)),
     # pythia with a partial rotary of 50% and litgpt's rope_condense_ratio
@@ -261,8 +266,7 @@ def test_bf16_close_to_float32() -> None:
 
 UNSUPPORTED = [
     ("Mixtral-8x7B-v0.1", "mixture-of-experts"),
-    ("Gemma-2-2b", "post-attention"),
-    ("Gemma-3-1b-it", "post-attention"),
+    ("Gemma-3-1b-it", "rope_local_base_freq"),
     ("OLMo-2-1124-7B", "olmo2"),
 ]
 
@@ -279,11 +283,10 @@ def test_unsupported_feature_is_refused(name: str, feature: str) -> None:
 @pytest.mark.parametrize(
     "overrides, feature",
     [
-        (dict(attention_logit_softcapping=50.0), "soft-capping"),
         (dict(rope_adjustments=dict(factor=4.0, beta_fast=32, beta_slow=1, original_max_seq_len=4096)), "YaRN"),
         (dict(rope_local_base_freq=10000.0), "rope_local_base_freq"),
     ],
-    ids=["softcapping", "yarn", "local-rope"],
+    ids=["yarn", "local-rope"],
 )
 def test_single_unsupported_flag_is_refused(overrides: dict[str, Any], feature: str) -> None:
     cfg = config_dict(tiny("Llama-3-8B", n_embd=64, n_head=8, n_query_groups=2, intermediate_size=96))

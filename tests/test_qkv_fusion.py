@@ -105,7 +105,7 @@ def test_every_family_has_one_fusion():
     assert fusion == {"LlamaForCausalLM": "split", "MistralForCausalLM": "split", "Qwen2ForCausalLM": "split",
                       "GemmaForCausalLM": "split", "GPTNeoXForCausalLM": "fused", "FalconForCausalLM": "fused",
                       "Phi3ForCausalLM": "fused", "Qwen3ForCausalLM": "split", "StableLmForCausalLM": "split",
-                      "PhiForCausalLM": "split"}
+                      "PhiForCausalLM": "split", "Gemma2ForCausalLM": "split"}
 
 
 @pytest.mark.parametrize("case_id, qkv, want", [
@@ -220,7 +220,8 @@ def test_litgpt_output_is_fused(case_id, model, tmp_path):
 def test_split_refused_where_no_architecture_computes_the_model(case_id, model, tmp_path):
     message = refused(model(case_id).directory, "--to", "hf", "--qkv", "split", "--out", tmp_path / "no")
     assert "no supported architecture with split QKV computes this model" in message
-    assert "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM" in message
+    assert ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM, "
+            "Gemma2ForCausalLM") in message
     assert not (tmp_path / "no").exists()
 
 

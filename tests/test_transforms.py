@@ -571,3 +571,29 @@ def test_qwen3_query_key_norms_follow_every_transformation(built, tmp_path):
     # --qkv fused: no architecture with one fused QKV matrix has query/key norms (Phi-3 has none): refused
     result = cli("convert", b.directory, "--to", "hf", "--qkv", "fused", "--out", tmp_path / "fused")
     assert result.exit_code == 2 and "norm_qk" in result.output and not (tmp_path / "fused").exists()
+
+
+def test_gemma2_transformations_and_verify(built, tmp_path):
+    """Gemma 2 (norms after attention and MLP, soft-capping, an alternating window): to litgpt in pairs
+    rotary and back, K/V heads repeated, input norms folded; transformers (eager) computes the source's
+    logits from each, and verify tells a wrong post-attention norm apart."""
+    b = built("gemma2-softcap")
+    pairs = tmp_path / "pairs"
+    assert "every layer and the logits agree" in ok("convert", b.directory, "--to", "litgpt", "--rope", "pairs",
+                                                      "--out", pairs)
+    back = tmp_path / "back"
+    ok("convert", pairs, "--to", "hf", "--out", back)
+    tensors = load_file(back / "model.safetensors")
+    assert all(torch.equal(tensors[k], b.tensors[k]) for k in b.tensors)
+    assert diff(hf_logits(back), b.logits) < TOL
+    mha = tmp_path / "mha"
+    ok("convert", b.directory, "--to", "hf", "--kv-heads", 4, "--out", mha)
+    assert diff(hf_logits(mha), b.logits) < TOL
+    folded = tmp_path / "folded"
+    ok("fold-norms", b.directory, "--out", folded)
+    assert folded_ok(diff(hf_logits(folded), b.logits), b.logits)
+    state = lit_state(pairs)
+    state["transformer.h.1.post_attention_norm.weight"] = state["transformer.h.1.post_attention_norm.weight"] * 1.5
+    torch.save(state, pairs / "lit_model.pth")
+    report = verify_across(open_weights(b.directory), open_weights(pairs))
+    assert not report.passed and report.first_difference == "layer 1"

@@ -104,6 +104,10 @@ class Architecture:
     # query/key norms: None, or "default": one norm over head_size, shared by every head, applied after
     # the split into heads and before RoPE (Qwen3's q_norm/k_norm)
     norm_qk: str | None = None
+    post_attention_norm: bool = False  # a norm on the attention's output before the residual add (Gemma 2)
+    post_mlp_norm: bool = False  # and on the MLP's
+    attention_logit_softcapping: float | None = None  # scores -> c * tanh(scores / c) before the softmax
+    final_logit_softcapping: float | None = None  # the same on the logits
 
     @property
     def q_per_kv(self) -> int:
@@ -139,15 +143,7 @@ class Architecture:
         refuse_if(c["norm_class_name"] == "LayerNorm" and "OLMo" in name, "a LayerNorm without weights (OLMo)")
         refuse_if(c["norm_qk"] and c["norm_qk_type"] != "default",
                   f"query/key norms over all heads at once (norm_qk_type {c['norm_qk_type']!r})")
-        refuse_if(
-            c["post_attention_norm"] or c["post_mlp_norm"],
-            "post-attention/post-MLP norms (post_attention_norm, post_mlp_norm)",
-        )
         refuse_if(not c["norm_1"] or not c["norm_2"], "blocks without an input norm (norm_1/norm_2 = False)")
-        refuse_if(
-            c["attention_logit_softcapping"] is not None or c["final_logit_softcapping"] is not None,
-            "logit soft-capping (attention_logit_softcapping, final_logit_softcapping; Gemma-2)",
-        )
         refuse_if(
             c["rope_local_base_freq"] is not None, "separate local/global RoPE bases (rope_local_base_freq; Gemma-3)"
         )
@@ -215,6 +211,10 @@ class Architecture:
             sliding_window_size=window,
             sliding_window_layers=window_layers,
             norm_qk=c["norm_qk_type"] if c["norm_qk"] else None,
+            post_attention_norm=bool(c["post_attention_norm"]),
+            post_mlp_norm=bool(c["post_mlp_norm"]),
+            attention_logit_softcapping=c["attention_logit_softcapping"],
+            final_logit_softcapping=c["final_logit_softcapping"],
         )
 
 

@@ -27,6 +27,7 @@ LEGACY_QKV = "attn.attn"  # litgpt <= 0.5.4 (grouped rows)
 ATTN_PROJ = "attn.proj"
 NORM_Q, NORM_K = "attn.norm_q", "attn.norm_k"  # query/key norms (norm_qk): over each head's dims
 NORM_1, NORM_2 = "norm_1", "norm_2"  # before attention; before the MLP (when not shared)
+POST_ATTENTION_NORM, POST_MLP_NORM = "post_attention_norm", "post_mlp_norm"  # after them (Gemma 2)
 MLP_FC = "mlp.fc"  # GptNeoxMLP: proj(act(fc(x)))
 MLP_FC_1, MLP_FC_2, MLP_PROJ = "mlp.fc_1", "mlp.fc_2", "mlp.proj"  # LLaMAMLP: proj(act(fc_1(x)) * fc_2(x))
 

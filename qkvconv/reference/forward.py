@@ -94,7 +94,7 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleav
 
 def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch.Tensor:
     """litgpt's CausalSelfAttention without KV cache: fused sequential QKV, query/key norms, RoPE, GQA,
-    causal SDPA."""
+    causal attention (soft-capped where the config says)."""
     B, T, _ = x.shape
     H, G, hs, n = arch.n_head, arch.n_query_groups, arch.head_size, arch.rope_n_elem
     prefix = names.layer(index, "attn")
@@ -125,9 +125,17 @@ def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> 
         i = torch.arange(T, device=x.device)
         offset = i[:, None] - i[None, :]  # (T, T): query position minus key position
         mask = (offset >= 0) & (offset < window)  # (T, T), True = attend
-    y = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=0.0, scale=arch.attention_scale, is_causal=mask is None
-    )  # (B, nh_q, T, hs)
+    cap = arch.attention_logit_softcapping
+    if cap is None:
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=0.0, scale=arch.attention_scale, is_causal=mask is None
+        )  # (B, nh_q, T, hs)
+    else:  # soft-capped scores cannot go through SDPA: litgpt's (and transformers' eager) way
+        scores = torch.tanh((q @ k.mT * arch.attention_scale) / cap) * cap  # (B, nh_q, T, T)
+        if mask is None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+        y = F.softmax(scores, dim=-1, dtype=torch.float).to(dtype=q.dtype) @ v  # (B, nh_q, T, hs)
     y = y.transpose(1, 2).reshape(B, T, H * hs)  # (B, T, nh_q * hs)
     return _linear(get, f"{prefix}.proj", y, arch.proj_bias)  # (B, T, n_embd)
 
@@ -174,6 +182,8 @@ def block(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch
     prefix = names.layer(index)
     x_normed = _norm(arch, get, f"{prefix}.{names.NORM_1}", x)
     attention_output = _attention(arch, index, get, x_normed)
+    if arch.post_attention_norm:  # Gemma 2: the output normed before the residual add
+        attention_output = _norm(arch, get, names.layer(index, names.POST_ATTENTION_NORM), attention_output)
     if arch.parallel_residual:
         if not arch.shared_attention_norm:
             x_normed = _norm(arch, get, f"{prefix}.{names.NORM_2}", x)
@@ -181,13 +191,20 @@ def block(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch
     else:
         x = attention_output + x
         x_normed = _norm(arch, get, f"{prefix}.{names.NORM_2}", x)
-    return _mlp(arch, index, get, x_normed) + x
+    mlp_output = _mlp(arch, index, get, x_normed)
+    if arch.post_mlp_norm:
+        mlp_output = _norm(arch, get, names.layer(index, names.POST_MLP_NORM), mlp_output)
+    return mlp_output + x
 
 
 def head(arch: Architecture, get: Getter, x: torch.Tensor) -> torch.Tensor:
     """Final norm and lm_head: (B, T, n_embd) -> (B, T, padded_vocab_size) logits."""
     x = _norm(arch, get, names.FINAL_NORM, x)
-    return _linear(get, names.HEAD, x, arch.lm_head_bias)
+    logits = _linear(get, names.HEAD, x, arch.lm_head_bias)
+    if arch.final_logit_softcapping is not None:
+        cap = arch.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def forward(

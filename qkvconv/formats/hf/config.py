@@ -273,7 +273,28 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
         "gelu_approximate": gelu_approximate,
         "scale_embeddings": family.scale_embeddings,
         **({"norm_qk": True, "norm_qk_type": family.norm_qk} if family.norm_qk else {}),
+        **_gemma2_fields(family, cfg, block),
     }
+
+
+def _gemma2_fields(family: Family, cfg: Mapping[str, Any], block: Block) -> dict[str, Any]:
+    """The litgpt fields of norms after attention and MLP, soft-capping and the scores' scalar, where the
+    family has them (only then: other families' model_config.yaml stays as litgpt writes it)."""
+    out: dict[str, Any] = {}
+    for lit in ("post_attention_norm", "post_mlp_norm"):
+        if lit in block.norms.values():
+            out[lit] = True
+    c = family.config
+    if c.attention_scores_scalar is not None:
+        out["attention_scores_scalar"] = int(_read(cfg, c.attention_scores_scalar))
+    for rule, lit in ((c.attention_softcap, "attention_logit_softcapping"), (c.final_softcap, "final_logit_softcapping")):
+        if rule is None:
+            continue
+        # an explicit null turns soft-capping off; only an absent key means the class default
+        value = cfg[rule.keys[0]] if rule.keys[0] in cfg else _read(cfg, rule)
+        if value is not None:
+            out[lit] = float(value)
+    return out
 
 
 def _forward_fields(litgpt_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -336,6 +357,12 @@ def _hf_config_for(family: Family, litgpt_cfg: Mapping[str, Any], flags: Mapping
     _write(cfg, concrete.biases.attn_out, arch.proj_bias)
     _write(cfg, concrete.biases.mlp, arch.proj_bias)
     _write(cfg, concrete.block.parallel_residual, arch.parallel_residual)
+    if c.attention_scores_scalar is not None:
+        _write(cfg, c.attention_scores_scalar, int(litgpt_cfg.get("attention_scores_scalar") or arch.head_size))
+    for rule, value in ((c.attention_softcap, arch.attention_logit_softcapping),
+                        (c.final_softcap, arch.final_logit_softcapping)):
+        if rule is not None:
+            _write(cfg, rule, value)  # null where the model has none: the class default would cap
 
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(arch.rope_base)}
     if arch.rope_scaling == "llama3":

@@ -131,6 +131,9 @@ class HFConfig:
     tie_embeddings: Read
     rope_theta: Read
     rotary_fraction: Read | float  # share of each head's dims that rotate (GPT-NeoX rotary_pct)
+    attention_scores_scalar: Read | None = None  # scores scaled by its -1/2 power instead of head_size's
+    attention_softcap: Read | None = None  # attention scores soft-capped at this value (null: not)
+    final_softcap: Read | None = None  # logits soft-capped at this value (null: not)
 
 
 @dataclass(frozen=True)
@@ -549,9 +552,34 @@ FALCON = Family(
     ignored=IGNORED_EVERYWHERE,
 )
 
+# gemma2/modeling_gemma2.py: Gemma's (1 + w) RMSNorm, scaled embeddings and GELU MLP, plus a norm after
+# attention and after the MLP (before each residual add: post_attention_layernorm, post_feedforward_
+# layernorm; the MLP's input norm is pre_feedforward_layernorm), attention scores scaled by
+# query_pre_attn_scalar ** -0.5 and soft-capped (attn_logit_softcapping), logits soft-capped
+# (final_logit_softcapping), the window on the layers layer_types marks "sliding_attention".
+GEMMA2 = replace(
+    GEMMA,
+    architecture="Gemma2ForCausalLM",
+    model_type="gemma2",
+    name="Gemma 2",
+    qkv=replace(LLAMA_STYLE_QKV, kv_heads=Read("num_key_value_heads", default=4)),
+    block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "post_attention_norm",
+                 "pre_feedforward_layernorm": "norm_2", "post_feedforward_layernorm": "post_mlp_norm"},
+                parallel_residual=False),
+    config=replace(
+        GEMMA.config,
+        intermediate_size=Read("intermediate_size", default=9216),
+        block_size=Read("max_position_embeddings", default=8192),
+        attention_scores_scalar=Read("query_pre_attn_scalar", default=256),
+        attention_softcap=Read("attn_logit_softcapping", default=50.0),
+        final_softcap=Read("final_logit_softcapping", default=30.0),
+    ),
+    sliding_window=SlidingWindow(Read("sliding_window", default=4096), layer_types="layer_types"),
+)
+
 # Keyed by config.json "architectures"[0]. The order is the preference when a litgpt config alone has
 # to pick an architecture (hf_config_from_litgpt): the first whose config can express it.
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GPT_NEOX, FALCON, PHI3, STABLELM, PHI)}
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GPT_NEOX, FALCON, PHI3, STABLELM, PHI)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)
 
 

@@ -63,6 +63,8 @@ def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -
         out += [f"{p}.{names.ATTN_PROJ}.{x}" for x in linear]
         if not arch.shared_attention_norm:
             out += [f"{p}.{names.NORM_2}.{x}" for x in norm]
+        out += [f"{p}.{n}.{x}" for n, on in ((names.POST_ATTENTION_NORM, arch.post_attention_norm),
+                                            (names.POST_MLP_NORM, arch.post_mlp_norm)) if on for x in norm]
         out += [f"{p}.{m}.{x}" for m in mlp for x in linear]
     out += [f"{names.FINAL_NORM}.{x}" for x in norm]
     out += [f"{names.HEAD}.weight"] + ([f"{names.HEAD}.bias"] if arch.lm_head_bias else [])
