@@ -125,6 +125,11 @@ FAMILIES = [
     ("gemma-2", "Gemma-2-2b", dict(n_embd=64, n_head=4, head_size=32, n_query_groups=2, intermediate_size=96,
                                    sliding_window_size=4, attention_logit_softcapping=5.0,
                                    final_logit_softcapping=3.0, attention_scores_scalar=20)),
+    # query/key norms with (1 + w), a local RoPE base on the sliding layers (global ones: rope_base and
+    # linear scaling), norms after attention and MLP
+    ("gemma-3", "Gemma-3-4b-it", dict(n_layer=3, n_embd=64, n_head=4, head_size=32, n_query_groups=2,
+                                      intermediate_size=96, sliding_window_size=4, sliding_window_indices=[1, 0, 1],
+                                      rope_indices=[1, 0, 1], attention_scores_scalar=20)),
     # Gemma-7b: MHA, head_size 256 with n_embd/n_head 192 -> 24 vs 16
     ("gemma-7b", "Gemma-7b", dict(n_embd=64, n_head=4, head_size=24, n_query_groups=4, intermediate_size=96)),
     # pythia with a partial rotary of 50% and litgpt's rope_condense_ratio
@@ -266,7 +271,6 @@ def test_bf16_close_to_float32() -> None:
 
 UNSUPPORTED = [
     ("Mixtral-8x7B-v0.1", "mixture-of-experts"),
-    ("Gemma-3-1b-it", "rope_local_base_freq"),
     ("OLMo-2-1124-7B", "olmo2"),
 ]
 
@@ -284,7 +288,7 @@ def test_unsupported_feature_is_refused(name: str, feature: str) -> None:
     "overrides, feature",
     [
         (dict(rope_adjustments=dict(factor=4.0, beta_fast=32, beta_slow=1, original_max_seq_len=4096)), "YaRN"),
-        (dict(rope_local_base_freq=10000.0), "rope_local_base_freq"),
+        (dict(rope_local_base_freq=10000.0), "without rope_indices"),
     ],
     ids=["yarn", "local-rope"],
 )

@@ -57,6 +57,7 @@ _LITGPT_DEFAULTS: dict[str, Any] = {
     "norm_2": True,
     "latent_attention": None,
     "rope_local_base_freq": None,
+    "rope_indices": None,
 }
 
 
@@ -108,6 +109,8 @@ class Architecture:
     post_mlp_norm: bool = False  # and on the MLP's
     attention_logit_softcapping: float | None = None  # scores -> c * tanh(scores / c) before the softmax
     final_logit_softcapping: float | None = None  # the same on the logits
+    rope_local_base: float | None = None  # Gemma 3: the layers rope_local_layers marks rotate with this base,
+    rope_local_layers: tuple[bool, ...] = ()  # unscaled; the others with rope_base and the scaling
 
     @property
     def q_per_kv(self) -> int:
@@ -144,9 +147,8 @@ class Architecture:
         refuse_if(c["norm_qk"] and c["norm_qk_type"] != "default",
                   f"query/key norms over all heads at once (norm_qk_type {c['norm_qk_type']!r})")
         refuse_if(not c["norm_1"] or not c["norm_2"], "blocks without an input norm (norm_1/norm_2 = False)")
-        refuse_if(
-            c["rope_local_base_freq"] is not None, "separate local/global RoPE bases (rope_local_base_freq; Gemma-3)"
-        )
+        refuse_if(c["rope_local_base_freq"] is not None and c["rope_indices"] is None,
+                  "a local RoPE base without rope_indices (which layers use it)")
         # litgpt's Block raises NotImplementedError on this combination itself.
         refuse_if(
             not c["parallel_residual"] and c["shared_attention_norm"],
@@ -215,6 +217,8 @@ class Architecture:
             post_mlp_norm=bool(c["post_mlp_norm"]),
             attention_logit_softcapping=c["attention_logit_softcapping"],
             final_logit_softcapping=c["final_logit_softcapping"],
+            rope_local_base=c["rope_local_base_freq"],
+            rope_local_layers=tuple(bool(i) for i in c["rope_indices"] or ()),
         )
 
 

@@ -56,17 +56,21 @@ def _norm(arch: Architecture, get: Getter, prefix: str, x: torch.Tensor) -> torc
     return (x32 * weight.float()).to(dtype=x.dtype)
 
 
-def _rope_cache(arch: Architecture, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, rope_n_elem) in float32, as litgpt's build_rope_cache (first T rows)."""
+def _rope_cache(arch: Architecture, T: int, device: torch.device, *, local: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, rope_n_elem) in float32, as litgpt's build_rope_cache (first T rows). `local`:
+    a Gemma 3 sliding layer's, with the local base and no scaling."""
     n = arch.rope_n_elem
-    theta = 1.0 / (arch.rope_base ** (torch.arange(0, n, 2, device=device).float() / n))  # (n/2,)
-    if arch.rope_scaling == "llama3":
+    base = arch.rope_local_base if local else arch.rope_base
+    theta = 1.0 / (base ** (torch.arange(0, n, 2, device=device).float() / n))  # (n/2,)
+    scaling = "none" if local else arch.rope_scaling
+    if scaling == "llama3":
         wavelen = 2 * torch.pi / theta
         ratio = arch.rope_original_max_seq_len / wavelen
         smooth = (ratio - arch.rope_low_freq_factor) / (arch.rope_high_freq_factor - arch.rope_low_freq_factor)
         smooth = torch.clamp(smooth, min=0.0, max=1.0)
         theta = (1 - smooth) * (theta / arch.rope_factor) + smooth * theta
-    elif arch.rope_scaling == "linear":
+    elif scaling == "linear":
         theta = theta / arch.rope_factor
     positions = torch.arange(T, device=device).float() / arch.rope_condense_ratio  # (T,)
     angles = torch.outer(positions, theta).repeat(1, 2)  # (T, n): frequency i at columns i and i + n/2
@@ -109,7 +113,8 @@ def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> 
         k = _norm(arch, get, names.layer(index, names.NORM_K), k)
 
     if n > 0:
-        cos, sin = _rope_cache(arch, T, x.device)
+        local = arch.rope_local_base is not None and arch.rope_local_layers[index]
+        cos, sin = _rope_cache(arch, T, x.device, local=local)
         q = torch.cat((_apply_rope(q[..., :n], cos, sin, arch.rope_interleave), q[..., n:]), dim=-1)
         k = torch.cat((_apply_rope(k[..., :n], cos, sin, arch.rope_interleave), k[..., n:]), dim=-1)
 
