@@ -39,9 +39,9 @@ class Case:
 
 
 def attention_of(model_type: str) -> dict[str, Any]:
-    """transformers' SDPA path drops Gemma 2's attention soft-capping (its docs ask for eager): the oracle
-    computes what the model is, eagerly."""
-    return {"attn_implementation": "eager"} if model_type == "gemma2" else {}
+    """transformers' SDPA path drops Gemma 2's attention soft-capping (its docs ask for eager for Gemma 2
+    and 3): the oracle computes what the model is, eagerly."""
+    return {"attn_implementation": "eager"} if model_type in ("gemma2", "gemma3_text") else {}
 
 
 def tiny(**kw: Any) -> dict[str, Any]:
@@ -103,6 +103,18 @@ CASES = [
          QKVOrder.SPLIT, "Gemma-2-2b",
          tiny(n_embd=32, n_query_groups=2, head_size=16, intermediate_size=48, norm_eps=1e-6, sliding_window_size=4,
               sliding_window_indices=[1, 0], attention_logit_softcapping=5.0, final_logit_softcapping=3.0,
+              attention_scores_scalar=20)),
+    # Gemma 3 (text): (1 + w) query/key norms, RoPE per layer type (the local base on the sliding layers,
+    # the global base with linear scaling on the others), norms after attention and MLP
+    Case("gemma3-local-rope", {"model_type": "gemma3_text", **LLAMA_SIZES, "num_hidden_layers": 3, "head_dim": 16,
+                               "sliding_window": 4, "query_pre_attn_scalar": 20,
+                               "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                               "rope_parameters": {
+                                   "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+         QKVOrder.SPLIT, "Gemma-3-4b-it",
+         tiny(n_layer=3, n_embd=32, n_query_groups=2, head_size=16, intermediate_size=48, norm_eps=1e-6,
+              sliding_window_size=4, sliding_window_indices=[1, 0, 1], rope_indices=[1, 0, 1],
               attention_scores_scalar=20)),
     Case("neox-parallel", {"model_type": "gpt_neox", **NEOX_SIZES, "rotary_pct": 0.25},
          QKVOrder.PER_HEAD, "pythia-160m", tiny(n_embd=64, n_query_groups=4, head_size=16, intermediate_size=96)),

@@ -105,7 +105,7 @@ def test_every_family_has_one_fusion():
     assert fusion == {"LlamaForCausalLM": "split", "MistralForCausalLM": "split", "Qwen2ForCausalLM": "split",
                       "GemmaForCausalLM": "split", "GPTNeoXForCausalLM": "fused", "FalconForCausalLM": "fused",
                       "Phi3ForCausalLM": "fused", "Qwen3ForCausalLM": "split", "StableLmForCausalLM": "split",
-                      "PhiForCausalLM": "split", "Gemma2ForCausalLM": "split"}
+                      "PhiForCausalLM": "split", "Gemma2ForCausalLM": "split", "Gemma3ForCausalLM": "split"}
 
 
 @pytest.mark.parametrize("case_id, qkv, want", [
@@ -221,7 +221,7 @@ def test_split_refused_where_no_architecture_computes_the_model(case_id, model, 
     message = refused(model(case_id).directory, "--to", "hf", "--qkv", "split", "--out", tmp_path / "no")
     assert "no supported architecture with split QKV computes this model" in message
     assert ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM, "
-            "Gemma2ForCausalLM") in message
+            "Gemma2ForCausalLM, Gemma3ForCausalLM") in message
     assert not (tmp_path / "no").exists()
 
 

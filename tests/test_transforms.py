@@ -573,11 +573,13 @@ def test_qwen3_query_key_norms_follow_every_transformation(built, tmp_path):
     assert result.exit_code == 2 and "norm_qk" in result.output and not (tmp_path / "fused").exists()
 
 
-def test_gemma2_transformations_and_verify(built, tmp_path):
-    """Gemma 2 (norms after attention and MLP, soft-capping, an alternating window): to litgpt in pairs
-    rotary and back, K/V heads repeated, input norms folded; transformers (eager) computes the source's
-    logits from each, and verify tells a wrong post-attention norm apart."""
-    b = built("gemma2-softcap")
+@pytest.mark.parametrize("case_id", ["gemma2-softcap", "gemma3-local-rope"])
+def test_gemma2_and_3_transformations_and_verify(case_id, built, tmp_path):
+    """Gemma 2 (norms after attention and MLP, soft-capping, an alternating window) and Gemma 3 (query/key
+    norms, RoPE per layer type): to litgpt in pairs rotary and back, K/V heads repeated, input norms
+    folded; transformers (eager) computes the source's logits from each, and verify tells a wrong
+    post-attention norm apart."""
+    b = built(case_id)
     pairs = tmp_path / "pairs"
     assert "every layer and the logits agree" in ok("convert", b.directory, "--to", "litgpt", "--rope", "pairs",
                                                       "--out", pairs)

@@ -143,8 +143,15 @@ def _heads(family: Family, cfg: Mapping[str, Any]) -> tuple[int, HeadLayout]:
 def _rope(family: Family, cfg: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """RoPE base and litgpt rope_adjustments from rope_parameters (transformers >= 5) or rope_scaling."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if not isinstance(params, Mapping) or any(isinstance(v, Mapping) for v in params.values()):
-        raise _refuse(family, "separate RoPE settings per layer type")
+    if not isinstance(params, Mapping):
+        raise _refuse(family, f"rope_parameters {params!r}")
+    if any(isinstance(v, Mapping) for v in params.values()):  # per layer type (Gemma 3)
+        if family.config.local_rope_theta is None or set(params) - {"full_attention", "sliding_attention"}:
+            raise _refuse(family, "separate RoPE settings per layer type")
+        local = params.get("sliding_attention") or {}
+        if (local.get("rope_type") or "default") != "default":
+            raise _refuse(family, "RoPE scaling on the sliding layers (litgpt scales the global ones only)")
+        params = params.get("full_attention") or {}
     theta = float(_read(cfg, family.config.rope_theta))
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind not in family.rope_types and kind in ("linear", "llama3"):
@@ -273,14 +280,20 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
         "gelu_approximate": gelu_approximate,
         "scale_embeddings": family.scale_embeddings,
         **({"norm_qk": True, "norm_qk_type": family.norm_qk} if family.norm_qk else {}),
-        **_gemma2_fields(family, cfg, block),
+        **_gemma_fields(family, cfg, block, window_layers, n_layer),
     }
 
 
-def _gemma2_fields(family: Family, cfg: Mapping[str, Any], block: Block) -> dict[str, Any]:
-    """The litgpt fields of norms after attention and MLP, soft-capping and the scores' scalar, where the
-    family has them (only then: other families' model_config.yaml stays as litgpt writes it)."""
+def _gemma_fields(family: Family, cfg: Mapping[str, Any], block: Block, window_layers: list[int] | None,
+                  n_layer: int) -> dict[str, Any]:
+    """The litgpt fields of norms after attention and MLP, soft-capping, the scores' scalar and a local
+    RoPE base, where the family has them (only then: other families' model_config.yaml stays as litgpt
+    writes it)."""
     out: dict[str, Any] = {}
+    if family.config.local_rope_theta is not None:
+        local = float(_read(cfg, family.config.local_rope_theta))
+        out["rope_local_base_freq"] = int(local) if local.is_integer() else local
+        out["rope_indices"] = list(window_layers or [0] * n_layer)  # litgpt: 1 = the local cache
     for lit in ("post_attention_norm", "post_mlp_norm"):
         if lit in block.norms.values():
             out[lit] = True
@@ -375,7 +388,11 @@ def _hf_config_for(family: Family, litgpt_cfg: Mapping[str, Any], flags: Mapping
         )
     elif arch.rope_scaling == "linear":
         rope.update(rope_type="linear", factor=arch.rope_factor)
-    cfg["rope_parameters"] = rope
+    if c.local_rope_theta is not None:  # per layer type: the global settings, and the local base
+        cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
+            "rope_type": "default", "rope_theta": float(arch.rope_local_base or _read({}, c.local_rope_theta))}}
+    else:
+        cfg["rope_parameters"] = rope
     _write(cfg, c.rope_theta, rope["rope_theta"])
     rotary = float(litgpt_cfg.get("rotary_percentage", 0.25))
     _write(cfg, c.rotary_fraction, rotary)

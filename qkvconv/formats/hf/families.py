@@ -134,6 +134,7 @@ class HFConfig:
     attention_scores_scalar: Read | None = None  # scores scaled by its -1/2 power instead of head_size's
     attention_softcap: Read | None = None  # attention scores soft-capped at this value (null: not)
     final_softcap: Read | None = None  # logits soft-capped at this value (null: not)
+    local_rope_theta: Read | None = None  # Gemma 3: the sliding layers' own RoPE base (unscaled)
 
 
 @dataclass(frozen=True)
@@ -577,9 +578,35 @@ GEMMA2 = replace(
     sliding_window=SlidingWindow(Read("sliding_window", default=4096), layer_types="layer_types"),
 )
 
+# gemma3/modeling_gemma3.py (text: Gemma3ForCausalLM, model_type gemma3_text): Gemma 2's norms and
+# scalar, no soft-capping by default, RMSNorms (1 + w) over head_dim on each query and key head (q_norm,
+# k_norm), and RoPE per layer type: rope_parameters.sliding_attention (the local base, unscaled) on the
+# layers layer_types marks "sliding_attention", rope_parameters.full_attention (its base and scaling) on
+# the others.
+GEMMA3 = replace(
+    GEMMA2,
+    architecture="Gemma3ForCausalLM",
+    model_type="gemma3_text",
+    name="Gemma 3",
+    layer_tensors={**GEMMA2.layer_tensors, "self_attn.q_norm": "attn.norm_q", "self_attn.k_norm": "attn.norm_k"},
+    norm_qk="default",
+    config=replace(
+        GEMMA2.config,
+        intermediate_size=Read("intermediate_size", default=6912),
+        block_size=Read("max_position_embeddings", default=131072),
+        attention_softcap=Read("attn_logit_softcapping", default=None),
+        final_softcap=Read("final_logit_softcapping", default=None),
+        rope_theta=Read("rope_parameters.full_attention.rope_theta", "rope_theta", default=1000000.0),
+        local_rope_theta=Read("rope_parameters.sliding_attention.rope_theta", "rope_local_base_freq",
+                              default=10000.0),
+    ),
+    sliding_window=SlidingWindow(Read("sliding_window", default=4096), layer_types="layer_types"),
+    flag_defaults={"use_bidirectional_attention": False},
+)
+
 # Keyed by config.json "architectures"[0]. The order is the preference when a litgpt config alone has
 # to pick an architecture (hf_config_from_litgpt): the first whose config can express it.
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GPT_NEOX, FALCON, PHI3, STABLELM, PHI)}
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, GPT_NEOX, FALCON, PHI3, STABLELM, PHI)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)
 
 
