@@ -1,5 +1,6 @@
 """Hugging Face transformers checkpoints (config.json + safetensors or .bin shards).
 
+    table.py     the schema of the family table (Read, Choose, Split, Fused, Block, HFConfig, Family)
     families.py  the architectures as data: where every tensor lives, where config.json keeps each number
     config.py    config.json <-> litgpt config, family detection, the rules that pick an architecture
                  (torch-free: `inspect` reads configs and headers without torch)

@@ -20,19 +20,8 @@ from dataclasses import asdict
 from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
-from qkvconv.formats.hf.families import (
-    FAMILIES,
-    GELU_APPROXIMATE,
-    REQUIRED,
-    SILU,
-    Block,
-    Choose,
-    Family,
-    Fused,
-    Read,
-    Split,
-    supported,
-)
+from qkvconv.formats.hf.families import FAMILIES, GELU_APPROXIMATE, SILU, supported
+from qkvconv.formats.hf.table import REQUIRED, Block, Choose, Family, Fused, Read, Split
 from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
 

@@ -1,0 +1,184 @@
+"""The schema of the family table (families.py): how one Hugging Face architecture is described as
+data. `Read` says where config.json keeps a number, `Choose` picks a value by config flags, `Split` and
+`Fused` say where q/k/v live, `Block` names the norms, `HFConfig` the config keys, `Family` one entry.
+No code here is per family."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from qkvconv.errors import UnsupportedFamily
+from qkvconv.model.layout import QKVOrder
+
+REQUIRED: Any = object()  # a Read default: config.json must hold one of the keys
+
+
+@dataclass(frozen=True)
+class Read:
+    """A value from config.json: the first of `keys` present and not null, else `default`.
+
+    A dotted key reaches into a nested dict ("rope_parameters.rope_theta"). When qkvconv writes a
+    config.json (hf_config_from_litgpt) it writes the first key.
+    """
+
+    keys: tuple[str, ...]
+    default: Any = REQUIRED
+
+    def __init__(self, *keys: str, default: Any = REQUIRED) -> None:
+        object.__setattr__(self, "keys", keys)
+        object.__setattr__(self, "default", default)
+
+
+@dataclass(frozen=True)
+class Choose:
+    """A table value chosen by config.json flags: the first case whose flags all equal the config's.
+
+    Flags a config.json omits take the family's `flag_defaults` (transformers' defaults).
+    """
+
+    cases: tuple[tuple[Mapping[str, Any], Any], ...]
+
+    def __init__(self, *cases: tuple[Mapping[str, Any], Any]) -> None:
+        object.__setattr__(self, "cases", cases)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Separate q, k, v projections (modules under the layer prefix); their rows concatenate to sequential."""
+
+    q: str
+    k: str
+    v: str
+    kv_heads: Read | int | None  # key/value heads: from config.json, a fixed number, or None (= n_head, MHA)
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One fused QKV projection whose rows are in `order` (see docs/layouts.md)."""
+
+    name: str
+    order: QKVOrder
+    kv_heads: Read | int | None
+
+
+@dataclass(frozen=True)
+class Block:
+    """The norms of one decoder layer and how the residual stream runs through it."""
+
+    norms: Mapping[str, str]  # HF norm module -> litgpt norm module
+    parallel_residual: bool | Read  # x + attn(n1(x)) + mlp(n2(x)) instead of two sequential residuals
+    shared_attention_norm: bool = False  # parallel residual with one norm feeding attention and MLP
+
+
+@dataclass(frozen=True)
+class Biases:
+    """Which linear layers have biases: fixed, or switched by a config.json flag."""
+
+    qkv: bool | Read
+    attn_out: bool | Read
+    mlp: bool | Read
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Sliding-window attention: the window size, and which layers use it."""
+
+    size: Read  # null: no window
+    enabled: bool | Read = True  # Qwen2: `use_sliding_window` must be true as well
+    layer_types: str | None = None  # key of a per-layer list of "sliding_attention" / "full_attention"
+    first_layer: Read | None = None  # without that list: layers >= this use the window (Qwen2 max_window_layers)
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    """Where config.json keeps the numbers of the model, with the defaults of transformers' config class.
+
+    head_size None: n_embd // n_head (the family has no head_dim setting); a Read whose value is absent
+    means the same. intermediate_size absent: 4 * n_embd.
+    """
+
+    n_embd: Read
+    n_layer: Read
+    n_head: Read
+    head_size: Read | None
+    intermediate_size: Read
+    vocab_size: Read
+    block_size: Read  # max_position_embeddings
+    norm_eps: Read
+    activation: Read
+    tie_embeddings: Read
+    rope_theta: Read
+    rotary_fraction: Read | float  # share of each head's dims that rotate (GPT-NeoX rotary_pct)
+    attention_scores_scalar: Read | None = None  # scores scaled by its -1/2 power instead of head_size's
+    attention_softcap: Read | None = None  # attention scores soft-capped at this value (null: not)
+    final_softcap: Read | None = None  # logits soft-capped at this value (null: not)
+    local_rope_theta: Read | None = None  # Gemma 3: the sliding layers' own RoPE base (unscaled)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Hugging Face architecture: tensor names, QKV layout, config rules, implied litgpt fields."""
+
+    architecture: str  # config.json "architectures"[0]
+    model_type: str  # config.json "model_type"
+    name: str | Choose  # for people: "Llama", "Falcon 7B (multi-query)"
+    layer_prefix: str  # "model.layers.{i}"
+    qkv: Split | Fused | Choose
+    block: Block | Choose
+    # other per-layer modules: HF (under layer_prefix) -> litgpt (under transformer.h.{i})
+    layer_tensors: Mapping[str, str]
+    embedding: str  # -> transformer.wte
+    final_norm: str  # -> transformer.ln_f
+    lm_head: str  # -> lm_head; absent from the files when tie_embeddings (transformers >= 5 omits it)
+    config: HFConfig
+    biases: Biases
+    norm_class_name: str  # litgpt: "RMSNorm" | "LayerNorm"
+    mlp_class_name: str  # litgpt: "LLaMAMLP" | "GemmaMLP" | "GptNeoxMLP"
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight); litgpt derives it from "Gemma" in the name
+    scale_embeddings: bool = False  # embeddings times sqrt(n_embd)
+    lm_head_bias: bool = False  # the output head has a bias (Phi)
+    # query/key norms (litgpt norm_qk): "default", one RMSNorm over head_dim shared by the heads (Qwen3's
+    # q_norm/k_norm, mapped to attn.norm_q/attn.norm_k through layer_tensors); None: none
+    norm_qk: str | None = None
+    # HF module whose rows are these litgpt modules' rows, in equal parts, in order (Phi-3 gate_up_proj)
+    fused_rows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    sliding_window: SlidingWindow | None = None
+    rope_types: tuple[str, ...] = ("default", "linear", "llama3")  # RoPE scalings its config class accepts
+    # transformers' defaults of the flags that `Choose` and `unsupported` test
+    flag_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # flags that, all matching, mean a feature litgpt lacks, and what to call it
+    unsupported: tuple[tuple[Mapping[str, Any], str], ...] = ()
+    ignored: tuple[str, ...] = ()  # regexes of non-weight buffers some checkpoints carry
+
+    @property
+    def fusion(self) -> str:
+        """"split" (separate q/k/v projections) or "fused" (one QKV matrix), whatever the flags choose."""
+        cases = [c for _, c in self.qkv.cases] if isinstance(self.qkv, Choose) else [self.qkv]
+        kinds = {"split" if isinstance(c, Split) else "fused" for c in cases}
+        assert len(kinds) == 1, f"{self.architecture}: flags switch between fused and split QKV"
+        return kinds.pop()
+
+    def flag(self, config_json: Mapping[str, Any], key: str) -> Any:
+        return config_json[key] if key in config_json else self.flag_defaults.get(key)
+
+    def matches(self, config_json: Mapping[str, Any], flags: Mapping[str, Any]) -> bool:
+        return all(self.flag(config_json, k) == v for k, v in flags.items())
+
+    def resolve(self, config_json: Mapping[str, Any]) -> Family:
+        """This entry with every `Choose` replaced by the case config.json selects."""
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Choose):
+                for flags, chosen in value.cases:
+                    if self.matches(config_json, flags):
+                        changes[f.name] = chosen
+                        break
+                else:
+                    seen = {k: self.flag(config_json, k) for flags, _ in value.cases for k in flags}
+                    reason = (f"{self.architecture} with {', '.join(f'{k}={v!r}' for k, v in seen.items())} is no "
+                              f"layout transformers can run (no case of `{f.name}` matches)")
+                    raise UnsupportedFamily(reason)
+        return replace(self, **changes)
