@@ -116,6 +116,9 @@ CASES = [
          tiny(n_layer=3, n_embd=32, n_query_groups=2, head_size=16, intermediate_size=48, norm_eps=1e-6,
               sliding_window_size=4, sliding_window_indices=[1, 0, 1], rope_indices=[1, 0, 1],
               attention_scores_scalar=20)),
+    # OLMo 1: LayerNorms without weight or bias (no norm tensors at all; litgpt knows by "OLMo" in the name)
+    Case("olmo-no-norm-weights", {"model_type": "olmo", **LLAMA_SIZES, "num_key_value_heads": 4},
+         QKVOrder.SPLIT, "OLMo-1B-hf", tiny(n_embd=32, n_query_groups=4, head_size=8, intermediate_size=48)),
     Case("neox-parallel", {"model_type": "gpt_neox", **NEOX_SIZES, "rotary_pct": 0.25},
          QKVOrder.PER_HEAD, "pythia-160m", tiny(n_embd=64, n_query_groups=4, head_size=16, intermediate_size=96)),
     Case("neox-sequential",

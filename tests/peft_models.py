@@ -55,6 +55,8 @@ BASES = {
     # norms after attention and MLP, soft-capping (transformers' eager attention: SDPA drops the cap)
     "gemma2": {"model_type": "gemma2", **LLAMA_SIZES, "head_dim": 16, "attn_logit_softcapping": 5.0,
                "final_logit_softcapping": 3.0},
+    # LayerNorms without weights: no norm tensors at all
+    "olmo": {"model_type": "olmo", **LLAMA_SIZES, "num_key_value_heads": 4},
     # query/key norms, RoPE per layer type
     "gemma3": {"model_type": "gemma3_text", **LLAMA_SIZES, "head_dim": 16, "sliding_window": 4,
                "layer_types": ["sliding_attention", "full_attention"]},

@@ -114,6 +114,8 @@ FAMILIES = [
     ("qwen2.5", "Qwen2.5-0.5B", dict(n_embd=64, n_head=14, head_size=8, n_query_groups=2, intermediate_size=96)),
     # query/key norms over head_size (norm_qk "default"); head_size 16 != n_embd / n_head
     ("qwen3", "Qwen3-0.6B", dict(n_embd=64, n_head=8, head_size=16, n_query_groups=2, intermediate_size=96)),
+    # LayerNorms without weight or bias (litgpt: "OLMo" in the name)
+    ("olmo", "OLMo-1B-hf", dict(n_embd=64, n_head=4, head_size=16, n_query_groups=4, intermediate_size=96)),
     # LayerNorm, GELU MLP, parallel residual with one shared norm, MQA, no biases
     ("falcon-7b", "falcon-7b", dict(n_embd=64, n_head=4, head_size=16, n_query_groups=1, intermediate_size=128)),
     # parallel residual with norm_1 and norm_2 both applied to the block input, GQA 16:1 -> 4:1

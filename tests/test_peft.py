@@ -183,6 +183,7 @@ IMPORT_CASES = {
     "stablelm": ("stablelm", dict(target_modules=["q_proj", "k_proj", "o_proj", "down_proj"], r=2, lora_alpha=4)),
     "gemma2": ("gemma2", dict(target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], r=2, lora_alpha=4)),
     "gemma3": ("gemma3", dict(target_modules=["q_proj", "k_proj", "gate_proj", "lm_head"], r=2, lora_alpha=4)),
+    "olmo": ("olmo", dict(target_modules=["q_proj", "v_proj", "up_proj"], r=2, lora_alpha=4)),
 }
 
 

@@ -105,7 +105,8 @@ def test_every_family_has_one_fusion():
     assert fusion == {"LlamaForCausalLM": "split", "MistralForCausalLM": "split", "Qwen2ForCausalLM": "split",
                       "GemmaForCausalLM": "split", "GPTNeoXForCausalLM": "fused", "FalconForCausalLM": "fused",
                       "Phi3ForCausalLM": "fused", "Qwen3ForCausalLM": "split", "StableLmForCausalLM": "split",
-                      "PhiForCausalLM": "split", "Gemma2ForCausalLM": "split", "Gemma3ForCausalLM": "split"}
+                      "PhiForCausalLM": "split", "Gemma2ForCausalLM": "split", "Gemma3ForCausalLM": "split",
+                      "OlmoForCausalLM": "split"}
 
 
 @pytest.mark.parametrize("case_id, qkv, want", [

@@ -599,3 +599,18 @@ def test_gemma2_and_3_transformations_and_verify(case_id, built, tmp_path):
     torch.save(state, pairs / "lit_model.pth")
     report = verify_across(open_weights(b.directory), open_weights(pairs))
     assert not report.passed and report.first_difference == "layer 1"
+
+
+def test_olmo_norms_without_weights(built, tmp_path):
+    """OLMo 1's LayerNorms have no tensors: conversions carry none, folding has nothing to fold and says
+    so, the rotary order and K/V heads still change exactly."""
+    b = built("olmo-no-norm-weights")
+    lit = tmp_path / "lit"
+    ok("convert", b.directory, "--to", "litgpt", "--rope", "pairs", "--out", lit)
+    assert not any("norm" in name for name in lit_state(lit))
+    assert diff(litgpt_logits(lit_config(lit), lit_state(lit)), b.logits) < TOL
+    back = tmp_path / "back"
+    ok("convert", lit, "--to", "hf", "--out", back)
+    assert diff(hf_logits(back), b.logits) < TOL
+    text = ok("fold-norms", b.directory, "--out", tmp_path / "folded")
+    assert "nothing to fold" in text

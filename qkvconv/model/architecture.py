@@ -82,6 +82,7 @@ class Architecture:
     norm_class_name: str  # "LayerNorm" | "RMSNorm"
     norm_eps: float
     norm_unit_offset: bool  # Gemma's RMSNorm scales by (1 + weight)
+    norm_affine: bool  # False: litgpt's OLMo LayerNorm, no weight and no bias
     parallel_residual: bool
     shared_attention_norm: bool  # parallel residual: MLP reuses norm_1's output (Falcon-7B)
     mlp_class_name: str  # "GptNeoxMLP" | "LLaMAMLP" | "GemmaMLP"
@@ -142,8 +143,6 @@ class Architecture:
             f"the MLP class {c['mlp_class_name']!r}",
         )
         refuse_if(c["norm_class_name"] not in ("LayerNorm", "RMSNorm"), f"the norm {c['norm_class_name']!r}")
-        # litgpt.Config.norm_class: OLMo's LayerNorm has no weight or bias.
-        refuse_if(c["norm_class_name"] == "LayerNorm" and "OLMo" in name, "a LayerNorm without weights (OLMo)")
         refuse_if(c["norm_qk"] and c["norm_qk_type"] != "default",
                   f"query/key norms over all heads at once (norm_qk_type {c['norm_qk_type']!r})")
         refuse_if(not c["norm_1"] or not c["norm_2"], "blocks without an input norm (norm_1/norm_2 = False)")
@@ -192,6 +191,8 @@ class Architecture:
             norm_eps=c["norm_eps"],
             # litgpt.Config.norm_class decides this by name: partial(RMSNorm, add_unit_offset="Gemma" in name).
             norm_unit_offset=c["norm_class_name"] == "RMSNorm" and "Gemma" in name,
+            # and partial(torch.nn.LayerNorm, elementwise_affine=False) for a LayerNorm when "OLMo" is in it.
+            norm_affine=not (c["norm_class_name"] == "LayerNorm" and "OLMo" in name),
             parallel_residual=c["parallel_residual"],
             shared_attention_norm=c["shared_attention_norm"],
             mlp_class_name=c["mlp_class_name"],

@@ -413,6 +413,9 @@ def fold_norms(model: ModelPlan, *, tied: bool = False, expressible: Expressible
     that norm is left as it is, and the notes say so.
     """
     arch = model.architecture
+    if not arch.norm_affine:
+        return _rebuilt(model, list(model.plan.recipes), dict(model.config),
+                        "the norms have no weights (OLMo's LayerNorm): nothing to fold")
     layernorm = arch.norm_class_name == "LayerNorm"
     candidates = _norm_folds(arch)
     skipped: list[str] = []

@@ -45,7 +45,10 @@ def _linear(get: Getter, prefix: str, x: torch.Tensor, bias: bool) -> torch.Tens
 
 
 def _norm(arch: Architecture, get: Getter, prefix: str, x: torch.Tensor) -> torch.Tensor:
-    """torch.nn.LayerNorm, or litgpt's RMSNorm (which always computes in float32, then casts back)."""
+    """torch.nn.LayerNorm (OLMo's without weight and bias), or litgpt's RMSNorm (which always computes in
+    float32, then casts back)."""
+    if not arch.norm_affine:
+        return F.layer_norm(x, (x.size(-1),), None, None, arch.norm_eps)
     weight = _param(get, f"{prefix}.weight", x)
     if arch.norm_class_name == "LayerNorm":
         return F.layer_norm(x, (x.size(-1),), weight, _param(get, f"{prefix}.bias", x), arch.norm_eps)

@@ -186,7 +186,9 @@ def _sliding_window(family: Family, cfg: Mapping[str, Any], n_layer: int) -> tup
 
 
 def _litgpt_name(family: Family) -> str:
-    return family.architecture  # e.g. "GemmaForCausalLM": contains "Gemma" exactly when litgpt must know
+    """litgpt reads two facts off a config's name: Gemma's (1 + w) RMSNorm ("Gemma" in it) and OLMo's
+    LayerNorm without weights ("OLMo" in it). The architecture's name says the first by itself."""
+    return family.architecture if family.norm_affine else f"OLMo ({family.architecture})"
 
 
 def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = None) -> dict[str, Any]:
@@ -235,11 +237,12 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
     window, window_layers = _sliding_window(family, cfg, n_layer)
 
     name = name or _litgpt_name(family)
-    if ("Gemma" in name) != family.norm_unit_offset or "OLMo" in name:
+    olmo = family.norm_class_name == "LayerNorm" and not family.norm_affine
+    if ("Gemma" in name) != family.norm_unit_offset or (family.norm_class_name == "LayerNorm" and ("OLMo" in name) != olmo):
         raise QkvconvError(
             f"litgpt name {name!r}: litgpt applies Gemma's (1 + weight) RMSNorm exactly when the name contains "
-            f"'Gemma' (and drops LayerNorm weights for 'OLMo'); {family.architecture} needs "
-            f"{'a' if family.norm_unit_offset else 'no'} 'Gemma' in the name"
+            f"'Gemma', and drops LayerNorm weights exactly when it contains 'OLMo'; {family.architecture} needs "
+            f"{'a' if family.norm_unit_offset else 'no'} 'Gemma' and {'an' if olmo else 'no'} 'OLMo' in the name"
         )
 
     return {

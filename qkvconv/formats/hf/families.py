@@ -34,6 +34,7 @@ from qkvconv.formats.hf.table import (  # noqa: F401 (the schema, re-exported wi
     Family,
     Fused,
     HFConfig,
+    SET,
     Read,
     SlidingWindow,
     Split,
@@ -224,6 +225,24 @@ PHI = Family(
     flag_defaults={"qk_layernorm": False},
     unsupported=(({"qk_layernorm": True}, "a LayerNorm over each query/key head (qk_layernorm)"),),
     ignored=IGNORED_EVERYWHERE,
+)
+
+# olmo/modeling_olmo.py (OLMo 1): Llama's layout with LayerNorms that have no weight and no bias
+# (OlmoLayerNorm), so no norm tensors at all; clip_qkv clamps q/k/v, which litgpt does not.
+OLMO = replace(
+    LLAMA,
+    architecture="OlmoForCausalLM",
+    model_type="olmo",
+    name="OLMo",
+    config=replace(
+        llama_style_config(head_size=None, intermediate=11008, vocab=50304, positions=2048, eps=1e-5, act="silu",
+                           tied=False),
+        norm_eps=Read("layer_norm_eps", default=1e-5),
+    ),
+    norm_class_name="LayerNorm",
+    norm_affine=False,
+    flag_defaults={"clip_qkv": None},
+    unsupported=(({"clip_qkv": SET}, "q/k/v clipping (clip_qkv)"),),
 )
 
 # gemma/modeling_gemma.py: GemmaRMSNorm computes x * (1 + weight) in float32; embeddings are scaled by
@@ -442,7 +461,7 @@ GEMMA3 = replace(
 
 # Keyed by config.json "architectures"[0]. The order is the preference when a litgpt config alone has
 # to pick an architecture (hf_config_from_litgpt): the first whose config can express it.
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, GPT_NEOX, FALCON, PHI3, STABLELM, PHI)}
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, GPT_NEOX, FALCON, PHI3, STABLELM, PHI, OLMO)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)
 
 

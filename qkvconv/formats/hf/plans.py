@@ -48,7 +48,7 @@ PARAMS = ("weight", "bias")
 def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -> list[str]:
     """The state-dict names of litgpt's GPT for this config (`attn.attn` instead of `attn.qkv` if legacy)."""
     arch = Architecture.from_litgpt_config(litgpt_cfg)
-    norm = ["weight", "bias"] if arch.norm_class_name == "LayerNorm" else ["weight"]
+    norm = [] if not arch.norm_affine else ["weight", "bias"] if arch.norm_class_name == "LayerNorm" else ["weight"]
     linear = ["weight", "bias"] if arch.proj_bias else ["weight"]
     qkv = names.LEGACY_QKV if legacy else names.QKV
     mlp = [names.MLP_FC, names.MLP_PROJ] if arch.mlp_class_name == "GptNeoxMLP" else \
@@ -69,6 +69,11 @@ def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -
     out += [f"{names.FINAL_NORM}.{x}" for x in norm]
     out += [f"{names.HEAD}.weight"] + ([f"{names.HEAD}.bias"] if arch.lm_head_bias else [])
     return out
+
+
+def _norms(family: Family, block: Block) -> Mapping[str, str]:
+    """The block's norms that have tensors (OLMo's LayerNorms have no weight or bias)."""
+    return block.norms if family.norm_affine else {}
 
 
 def _reorder_steps(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> tuple[Step, ...]:
@@ -161,7 +166,7 @@ def plan_hf_to_litgpt(config_json: Mapping[str, Any], hf_names: Iterable[str], *
             for p in src.params(f"{hf}.{qkv.name}"):
                 steps = _reorder_steps(qkv.order, dst_order, heads)
                 recipes.append(Recipe(f"{to}.{qkv_out}.{p}", (f"{hf}.{qkv.name}.{p}",), steps))
-        for module, lit_module in {**block.norms, **family.layer_tensors}.items():
+        for module, lit_module in {**_norms(family, block), **family.layer_tensors}.items():
             copy(f"{hf}.{module}", f"{to}.{lit_module}")
         for module, lit_modules in family.fused_rows.items():
             for p in src.params(f"{hf}.{module}"):
@@ -171,7 +176,8 @@ def plan_hf_to_litgpt(config_json: Mapping[str, Any], hf_names: Iterable[str], *
                 )
 
     copy(family.embedding, names.EMBEDDING)
-    copy(family.final_norm, names.FINAL_NORM)
+    if family.norm_affine:  # OLMo's norms have no tensors
+        copy(family.final_norm, names.FINAL_NORM)
     head, embedding = f"{family.lm_head}.weight", f"{family.embedding}.weight"
     notes = [_qkv_evidence(family, heads)]
     tied = bool(_read(config_json, family.config.tie_embeddings))
@@ -245,14 +251,15 @@ def plan_litgpt_to_hf(
             else:
                 assert isinstance(qkv, Fused)
                 recipes.append(Recipe(f"{hf}.{qkv.name}.{p}", (name,), _reorder_steps(src_order, qkv.order, heads)))
-        for module, lit_module in {**block.norms, **family.layer_tensors}.items():
+        for module, lit_module in {**_norms(family, block), **family.layer_tensors}.items():
             copy(f"{lit}.{lit_module}", f"{hf}.{module}")
         for module, lit_modules in family.fused_rows.items():
             for p in src.params(f"{lit}.{lit_modules[0]}"):
                 inputs = tuple(src.take(f"{lit}.{m}.{p}") for m in lit_modules)
                 recipes.append(Recipe(f"{hf}.{module}.{p}", inputs, (ConcatRows(),)))
 
-    copy(names.FINAL_NORM, family.final_norm)
+    if family.norm_affine:
+        copy(names.FINAL_NORM, family.final_norm)
     embedding = f"{family.embedding}.weight"
     notes = [_qkv_evidence(family, heads)]
     if _read(config_json, family.config.tie_embeddings):

@@ -13,6 +13,7 @@ from qkvconv.errors import UnsupportedFamily
 from qkvconv.model.layout import QKVOrder
 
 REQUIRED: Any = object()  # a Read default: config.json must hold one of the keys
+SET: Any = object()  # a flag value in `unsupported`: the key holds any value but null
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ class Family:
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight); litgpt derives it from "Gemma" in the name
     scale_embeddings: bool = False  # embeddings times sqrt(n_embd)
     lm_head_bias: bool = False  # the output head has a bias (Phi)
+    norm_affine: bool = True  # False: LayerNorms without weight and bias (OLMo; litgpt knows it by "OLMo" in the name)
     # query/key norms (litgpt norm_qk): "default", one RMSNorm over head_dim shared by the heads (Qwen3's
     # q_norm/k_norm, mapped to attn.norm_q/attn.norm_k through layer_tensors); None: none
     norm_qk: str | None = None
@@ -164,7 +166,8 @@ class Family:
         return config_json[key] if key in config_json else self.flag_defaults.get(key)
 
     def matches(self, config_json: Mapping[str, Any], flags: Mapping[str, Any]) -> bool:
-        return all(self.flag(config_json, k) == v for k, v in flags.items())
+        return all(self.flag(config_json, k) is not None if v is SET else self.flag(config_json, k) == v
+                   for k, v in flags.items())
 
     def resolve(self, config_json: Mapping[str, Any]) -> Family:
         """This entry with every `Choose` replaced by the case config.json selects."""
