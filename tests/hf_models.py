@@ -119,6 +119,10 @@ CASES = [
     # OLMo 1: LayerNorms without weight or bias (no norm tensors at all; litgpt knows by "OLMo" in the name)
     Case("olmo-no-norm-weights", {"model_type": "olmo", **LLAMA_SIZES, "num_key_value_heads": 4},
          QKVOrder.SPLIT, "OLMo-1B-hf", tiny(n_embd=32, n_query_groups=4, head_size=8, intermediate_size=48)),
+    # OLMo 2: RMSNorms over all of q and all of k, no input norms, norms after attention and MLP
+    Case("olmo2-qk-norm", {"model_type": "olmo2", **LLAMA_SIZES, "rms_norm_eps": 1e-6,
+                           "rope_parameters": {"rope_theta": 500000.0}},
+         QKVOrder.SPLIT, "OLMo-2-1124-7B", tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=48)),
     Case("neox-parallel", {"model_type": "gpt_neox", **NEOX_SIZES, "rotary_pct": 0.25},
          QKVOrder.PER_HEAD, "pythia-160m", tiny(n_embd=64, n_query_groups=4, head_size=16, intermediate_size=96)),
     Case("neox-sequential",

@@ -57,6 +57,8 @@ BASES = {
                "final_logit_softcapping": 3.0},
     # LayerNorms without weights: no norm tensors at all
     "olmo": {"model_type": "olmo", **LLAMA_SIZES, "num_key_value_heads": 4},
+    # query/key norms over all heads, no input norms
+    "olmo2": {"model_type": "olmo2", **LLAMA_SIZES},
     # query/key norms, RoPE per layer type
     "gemma3": {"model_type": "gemma3_text", **LLAMA_SIZES, "head_dim": 16, "sliding_window": 4,
                "layer_types": ["sliding_attention", "full_attention"]},

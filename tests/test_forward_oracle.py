@@ -116,6 +116,8 @@ FAMILIES = [
     ("qwen3", "Qwen3-0.6B", dict(n_embd=64, n_head=8, head_size=16, n_query_groups=2, intermediate_size=96)),
     # LayerNorms without weight or bias (litgpt: "OLMo" in the name)
     ("olmo", "OLMo-1B-hf", dict(n_embd=64, n_head=4, head_size=16, n_query_groups=4, intermediate_size=96)),
+    # OLMo 2: query/key norms over all of q and of k, no input norms, norms after attention and MLP
+    ("olmo-2", "OLMo-2-1124-7B", dict(n_embd=64, n_head=4, head_size=16, n_query_groups=2, intermediate_size=96)),
     # LayerNorm, GELU MLP, parallel residual with one shared norm, MQA, no biases
     ("falcon-7b", "falcon-7b", dict(n_embd=64, n_head=4, head_size=16, n_query_groups=1, intermediate_size=128)),
     # parallel residual with norm_1 and norm_2 both applied to the block input, GQA 16:1 -> 4:1
@@ -273,7 +275,6 @@ def test_bf16_close_to_float32() -> None:
 
 UNSUPPORTED = [
     ("Mixtral-8x7B-v0.1", "mixture-of-experts"),
-    ("OLMo-2-1124-7B", "olmo2"),
 ]
 
 

@@ -184,6 +184,7 @@ IMPORT_CASES = {
     "gemma2": ("gemma2", dict(target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], r=2, lora_alpha=4)),
     "gemma3": ("gemma3", dict(target_modules=["q_proj", "k_proj", "gate_proj", "lm_head"], r=2, lora_alpha=4)),
     "olmo": ("olmo", dict(target_modules=["q_proj", "v_proj", "up_proj"], r=2, lora_alpha=4)),
+    "olmo2": ("olmo2", dict(target_modules=["q_proj", "k_proj", "o_proj", "down_proj"], r=2, lora_alpha=4)),
 }
 
 

@@ -614,3 +614,24 @@ def test_olmo_norms_without_weights(built, tmp_path):
     assert diff(hf_logits(back), b.logits) < TOL
     text = ok("fold-norms", b.directory, "--out", tmp_path / "folded")
     assert "nothing to fold" in text
+
+
+def test_olmo2_query_key_norms_over_all_heads(built, tmp_path):
+    """OLMo 2's q_norm/k_norm span every head: --rope permutes each head's dims in them, --kv-heads repeats
+    the k norm's heads with the K rows; no input norms to fold, the final one folds into the head."""
+    b = built("olmo2-qk-norm")
+    pairs = tmp_path / "pairs"
+    text = ok("convert", b.directory, "--to", "litgpt", "--rope", "pairs", "--out", pairs)
+    assert "query/key norm weights permuted alike" in text
+    assert diff(litgpt_logits(lit_config(pairs), lit_state(pairs)), b.logits) < TOL
+    back = tmp_path / "back"
+    ok("convert", pairs, "--to", "hf", "--out", back)
+    tensors = load_file(back / "model.safetensors")
+    assert all(torch.equal(tensors[k], b.tensors[k]) for k in b.tensors)
+    mha = tmp_path / "mha"
+    assert "k norm's heads repeated alike" in ok("convert", b.directory, "--to", "hf", "--kv-heads", 4, "--out", mha)
+    assert load_file(mha / "model.safetensors")["model.layers.0.self_attn.k_norm.weight"].shape == (32,)
+    assert diff(hf_logits(mha), b.logits) < TOL
+    folded = tmp_path / "folded"
+    ok("fold-norms", b.directory, "--out", folded)
+    assert folded_ok(diff(hf_logits(folded), b.logits), b.logits)

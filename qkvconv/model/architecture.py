@@ -103,9 +103,12 @@ class Architecture:
     rope_original_max_seq_len: int
     sliding_window_size: int | None
     sliding_window_layers: tuple[bool, ...]  # per layer: does the window apply
-    # query/key norms: None, or "default": one norm over head_size, shared by every head, applied after
-    # the split into heads and before RoPE (Qwen3's q_norm/k_norm)
+    # query/key norms: None; "default": one norm over head_size, shared by every head, applied after the
+    # split into heads and before RoPE (Qwen3, Gemma 3); "olmo2": one norm over all of q and one over all
+    # of k, before the split (OLMo 2)
     norm_qk: str | None = None
+    norm_1: bool = True  # the input norms (OLMo 2 has neither: only norms after attention and MLP)
+    norm_2: bool = True
     post_attention_norm: bool = False  # a norm on the attention's output before the residual add (Gemma 2)
     post_mlp_norm: bool = False  # and on the MLP's
     attention_logit_softcapping: float | None = None  # scores -> c * tanh(scores / c) before the softmax
@@ -143,9 +146,10 @@ class Architecture:
             f"the MLP class {c['mlp_class_name']!r}",
         )
         refuse_if(c["norm_class_name"] not in ("LayerNorm", "RMSNorm"), f"the norm {c['norm_class_name']!r}")
-        refuse_if(c["norm_qk"] and c["norm_qk_type"] != "default",
-                  f"query/key norms over all heads at once (norm_qk_type {c['norm_qk_type']!r})")
-        refuse_if(not c["norm_1"] or not c["norm_2"], "blocks without an input norm (norm_1/norm_2 = False)")
+        refuse_if(c["norm_qk"] and c["norm_qk_type"] not in ("default", "olmo2"),
+                  f"query/key norms of type {c['norm_qk_type']!r}")
+        refuse_if((not c["norm_1"] or not c["norm_2"]) and c["parallel_residual"],
+                  "a parallel residual without an input norm (norm_1/norm_2 = False)")
         refuse_if(c["rope_local_base_freq"] is not None and c["rope_indices"] is None,
                   "a local RoPE base without rope_indices (which layers use it)")
         # litgpt's Block raises NotImplementedError on this combination itself.
@@ -214,6 +218,8 @@ class Architecture:
             sliding_window_size=window,
             sliding_window_layers=window_layers,
             norm_qk=c["norm_qk_type"] if c["norm_qk"] else None,
+            norm_1=bool(c["norm_1"]),
+            norm_2=bool(c["norm_2"]),
             post_attention_norm=bool(c["post_attention_norm"]),
             post_mlp_norm=bool(c["post_mlp_norm"]),
             attention_logit_softcapping=c["attention_logit_softcapping"],

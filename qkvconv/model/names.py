@@ -51,4 +51,4 @@ def qkv_naming(tensor_names: Iterable[str], where: Path | str) -> str | None:
         raise QkvconvError(f"{where} mixes `attn.attn` and `attn.qkv` tensors; it is neither legacy nor current")
     return f"attn.{found.pop()}" if found else None
 
-QK_NORM_KEY = re.compile(r"^transformer\.h\.\d+\.attn\.norm_[qk]\.(weight|bias)$")
+QK_NORM_KEY = re.compile(r"^transformer\.h\.\d+\.attn\.norm_([qk])\.(weight|bias)$")  # group 1: q or k

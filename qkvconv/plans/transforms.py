@@ -290,10 +290,12 @@ def set_rope(model: ModelPlan, order: RopeOrder) -> ModelPlan:
     partial = f", the first {arch.rope_n_elem} of {arch.head_size} dims of each head" if arch.rope_n_elem < arch.head_size else ""
     recipes = model.with_qkv_rows(step)
     also = ""
-    if arch.norm_qk:  # one norm over a head's dims, shared by the heads: its dims move as a head's rows do
-        dims = RowIndex(head_permutation(arch.head_size, arch.rope_n_elem, src, order),
-                        f"rotary {src.value} -> {order.value} (the q/k norm's dims, as each head's)")
-        recipes = [then(r, dims) if names.QK_NORM_KEY.match(r.output) else r for r in recipes]
+    if arch.norm_qk:  # laid out by a head's dims (shared by the heads, or per head): they move as its rows
+        per_head = head_permutation(arch.head_size, arch.rope_n_elem, src, order)
+        steps = {part: RowIndex(_per_head(per_head, arch.head_size, count if arch.norm_qk == "olmo2" else 1),
+                                f"rotary {src.value} -> {order.value} (the {part} norm's dims, as each head's)")
+                 for part, count in (("q", arch.n_head), ("k", arch.n_query_groups))}
+        recipes = [then(r, steps[m.group(1)]) if (m := names.QK_NORM_KEY.match(r.output)) else r for r in recipes]
         also = "; the query/key norm weights permuted alike"
     return _rebuilt(model, recipes, config,
                     f"rotary order {src.value} -> {order.value}: Q and K rows permuted inside each head{partial}{also} "
@@ -302,6 +304,11 @@ def set_rope(model: ModelPlan, order: RopeOrder) -> ModelPlan:
 
 # ---------------------------------------------------------------------------------------------
 # key/value heads
+
+
+def _per_head(index: torch.Tensor, head_size: int, heads: int) -> torch.Tensor:
+    """`index` (over one head's rows) applied to each of `heads` consecutive heads."""
+    return (torch.arange(heads).unsqueeze(1) * head_size + index.unsqueeze(0)).flatten()
 
 
 def kv_repeat_index(heads: HeadLayout, n_kv: int) -> torch.Tensor:
@@ -344,7 +351,14 @@ def expand_kv_heads(model: ModelPlan, n_kv: int) -> ModelPlan:
         f"key/value heads {G} -> {n_kv} ({kind}): each repeated {n_kv // G}x, exact; the KV cache grows "
         f"{n_kv // G}x, from {G * per_token:,} to {n_kv * per_token:,} values per token"
     )
-    return _rebuilt(model, model.with_qkv_rows(step), config, note)
+    recipes = model.with_qkv_rows(step)
+    if model.architecture.norm_qk == "olmo2":  # k_norm spans every K head: repeat its heads as the K rows
+        k_part = kv_repeat_index(heads, n_kv)[heads.q_rows:heads.q_rows + n_kv * heads.head_size] - heads.q_rows
+        k_rows = RowIndex(k_part, f"key/value heads {G} -> {n_kv} (the k norm's heads, as the K rows)")
+        recipes = [then(r, k_rows) if (m := names.QK_NORM_KEY.match(r.output)) and m.group(1) == "k" else r
+                   for r in recipes]
+        note += "; the k norm's heads repeated alike"
+    return _rebuilt(model, recipes, config, note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +386,8 @@ def _norm_folds(arch: Architecture) -> list[_NormFold]:
     mlp = ("mlp.fc",) if arch.mlp_class_name == "GptNeoxMLP" else ("mlp.fc_1", "mlp.fc_2")
     if arch.parallel_residual and arch.shared_attention_norm:  # Falcon-7B: norm_1 feeds attention and MLP
         return [_NormFold("norm_1", ("attn.qkv",) + mlp)]
-    return [_NormFold("norm_1", ("attn.qkv",)), _NormFold("norm_2", mlp)]
+    present = (("norm_1", arch.norm_1, ("attn.qkv",)), ("norm_2", arch.norm_2, mlp))  # OLMo 2 has neither
+    return [_NormFold(norm, linears) for norm, on, linears in present if on]
 
 
 def _has_bias(arch: Architecture, linear: str) -> bool:

@@ -108,6 +108,9 @@ def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> 
 
     qkv = _linear(get, f"{prefix}.qkv", x, arch.qkv_bias)  # (B, T, (H + 2G) * hs)
     q, k, v = qkv.split((H * hs, G * hs, G * hs), dim=-1)
+    if arch.norm_qk == "olmo2":  # over all of q and all of k: (B, T, H * hs), (B, T, G * hs)
+        q = _norm(arch, get, names.layer(index, names.NORM_Q), q)
+        k = _norm(arch, get, names.layer(index, names.NORM_K), k)
     q = q.view(B, T, H, hs).transpose(1, 2)  # (B, nh_q, T, hs)
     k = k.view(B, T, G, hs).transpose(1, 2)  # (B, nh_k, T, hs)
     v = v.view(B, T, G, hs).transpose(1, 2)  # (B, nh_v, T, hs)
@@ -188,7 +191,7 @@ def block(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch
     same input x (NeoX, Falcon-40B).
     """
     prefix = names.layer(index)
-    x_normed = _norm(arch, get, f"{prefix}.{names.NORM_1}", x)
+    x_normed = _norm(arch, get, f"{prefix}.{names.NORM_1}", x) if arch.norm_1 else x
     attention_output = _attention(arch, index, get, x_normed)
     if arch.post_attention_norm:  # Gemma 2: the output normed before the residual add
         attention_output = _norm(arch, get, names.layer(index, names.POST_ATTENTION_NORM), attention_output)
@@ -198,7 +201,7 @@ def block(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch
         x = attention_output + x
     else:
         x = attention_output + x
-        x_normed = _norm(arch, get, f"{prefix}.{names.NORM_2}", x)
+        x_normed = _norm(arch, get, f"{prefix}.{names.NORM_2}", x) if arch.norm_2 else x
     mlp_output = _mlp(arch, index, get, x_normed)
     if arch.post_mlp_norm:
         mlp_output = _norm(arch, get, names.layer(index, names.POST_MLP_NORM), mlp_output)

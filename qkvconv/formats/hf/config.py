@@ -272,16 +272,20 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
         "gelu_approximate": gelu_approximate,
         "scale_embeddings": family.scale_embeddings,
         **({"norm_qk": True, "norm_qk_type": family.norm_qk} if family.norm_qk else {}),
-        **_gemma_fields(family, cfg, block, window_layers, n_layer),
+        **_extra_fields(family, cfg, block, window_layers, n_layer),
     }
 
 
-def _gemma_fields(family: Family, cfg: Mapping[str, Any], block: Block, window_layers: list[int] | None,
+def _extra_fields(family: Family, cfg: Mapping[str, Any], block: Block, window_layers: list[int] | None,
                   n_layer: int) -> dict[str, Any]:
-    """The litgpt fields of norms after attention and MLP, soft-capping, the scores' scalar and a local
-    RoPE base, where the family has them (only then: other families' model_config.yaml stays as litgpt
-    writes it)."""
+    """The litgpt fields of input norms left out, norms after attention and MLP, soft-capping, the scores'
+    scalar and a local RoPE base, where the family has them (only then: other families' model_config.yaml
+    stays as litgpt writes it)."""
     out: dict[str, Any] = {}
+    for lit in ("norm_1", "norm_2"):  # OLMo 2 has no input norms (a shared norm_1 serves as norm_2: Falcon-7B)
+        shared = lit == "norm_2" and block.shared_attention_norm
+        if lit not in block.norms.values() and family.norm_affine and not shared:
+            out[lit] = False
     if family.config.local_rope_theta is not None:
         local = float(_read(cfg, family.config.local_rope_theta))
         out["rope_local_base_freq"] = int(local) if local.is_integer() else local

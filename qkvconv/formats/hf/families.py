@@ -245,6 +245,24 @@ OLMO = replace(
     unsupported=(({"clip_qkv": SET}, "q/k/v clipping (clip_qkv)"),),
 )
 
+# olmo2/modeling_olmo2.py: Llama's projections and MLP with no input norms: a norm after attention and
+# after the MLP (post_attention_layernorm, post_feedforward_layernorm, before each residual add), and
+# RMSNorms over all of q and all of k (q_norm: n_heads * head_dim, k_norm: n_kv_heads * head_dim)
+# before the split into heads: litgpt's norm_qk "olmo2", norm_1 and norm_2 off.
+OLMO2 = replace(
+    LLAMA,
+    architecture="Olmo2ForCausalLM",
+    model_type="olmo2",
+    name="OLMo 2",
+    qkv=replace(LLAMA_STYLE_QKV, kv_heads=Read("num_key_value_heads", default=None)),
+    block=Block({"post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_mlp_norm"},
+                parallel_residual=False),
+    layer_tensors={**GATED_MLP, "self_attn.q_norm": "attn.norm_q", "self_attn.k_norm": "attn.norm_k"},
+    config=llama_style_config(head_size=None, intermediate=11008, vocab=50304, positions=2048, eps=1e-5, act="silu",
+                              tied=False),
+    norm_qk="olmo2",
+)
+
 # gemma/modeling_gemma.py: GemmaRMSNorm computes x * (1 + weight) in float32; embeddings are scaled by
 # hidden_size ** 0.5 in the model dtype; head_dim is its own setting (256 in the real models); the
 # MLP is gelu(gate) * up; the head is tied by default. transformers >= 5 reads only `hidden_act`:
@@ -461,7 +479,8 @@ GEMMA3 = replace(
 
 # Keyed by config.json "architectures"[0]. The order is the preference when a litgpt config alone has
 # to pick an architecture (hf_config_from_litgpt): the first whose config can express it.
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, GPT_NEOX, FALCON, PHI3, STABLELM, PHI, OLMO)}
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, GPT_NEOX, FALCON, PHI3, STABLELM, PHI, OLMO,
+                                                                 OLMO2)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)
 
 

@@ -56,12 +56,12 @@ def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -
     out = [f"{names.EMBEDDING}.weight"]
     for i in range(arch.n_layer):
         p = names.layer(i)
-        out += [f"{p}.{names.NORM_1}.{x}" for x in norm]
+        out += [f"{p}.{names.NORM_1}.{x}" for x in norm if arch.norm_1]
         out += [f"{p}.{qkv}.weight"] + ([f"{p}.{qkv}.bias"] if arch.qkv_bias else [])
         if arch.norm_qk:
             out += [f"{p}.{n}.{x}" for n in (names.NORM_Q, names.NORM_K) for x in norm]
         out += [f"{p}.{names.ATTN_PROJ}.{x}" for x in linear]
-        if not arch.shared_attention_norm:
+        if not arch.shared_attention_norm and arch.norm_2:
             out += [f"{p}.{names.NORM_2}.{x}" for x in norm]
         out += [f"{p}.{n}.{x}" for n, on in ((names.POST_ATTENTION_NORM, arch.post_attention_norm),
                                             (names.POST_MLP_NORM, arch.post_mlp_norm)) if on for x in norm]

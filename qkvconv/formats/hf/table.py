@@ -141,8 +141,9 @@ class Family:
     scale_embeddings: bool = False  # embeddings times sqrt(n_embd)
     lm_head_bias: bool = False  # the output head has a bias (Phi)
     norm_affine: bool = True  # False: LayerNorms without weight and bias (OLMo; litgpt knows it by "OLMo" in the name)
-    # query/key norms (litgpt norm_qk): "default", one RMSNorm over head_dim shared by the heads (Qwen3's
-    # q_norm/k_norm, mapped to attn.norm_q/attn.norm_k through layer_tensors); None: none
+    # query/key norms (litgpt norm_qk), mapped to attn.norm_q/attn.norm_k through layer_tensors: "default",
+    # one RMSNorm over head_dim shared by the heads (Qwen3, Gemma 3); "olmo2", one over all of q and one over
+    # all of k (OLMo 2); None: none
     norm_qk: str | None = None
     # HF module whose rows are these litgpt modules' rows, in equal parts, in order (Phi-3 gate_up_proj)
     fused_rows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
