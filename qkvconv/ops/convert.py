@@ -67,7 +67,7 @@ def _dry_run_lines(plan: Plan, layout: dict[str, TensorMeta], shards: dict[str, 
 
 def _model_configs() -> set[str]:
     """Every full-model format's config files: a transformed conversion writes its own, copies none."""
-    return {name for entry in formats.ENTRIES for name in entry.load().configs if not entry.load().adapter}
+    return {name for entry in formats.ENTRIES if not entry.adapter for name in entry.load().configs}
 
 
 def transformed_plan(directory: Path, source_format: str, to: str, changes: Transformations

@@ -47,7 +47,12 @@ from qkvconv.model.layout import QKVOrder
 # transformers >= 5 standardizes RoPE settings into `rope_parameters`; older files have `rope_theta`
 # at the top level and scaling in `rope_scaling`. Every class here defaults to theta 10000.
 ROPE_THETA = Read("rope_parameters.rope_theta", "rope_scaling.rope_theta", "rope_theta", default=10000.0)
-ROTARY_FRACTION = Read("rope_parameters.partial_rotary_factor", "partial_rotary_factor", default=1.0)
+def partial_rotary(default: float) -> Read:
+    """The share of each head's dims that rotate, where transformers keeps it (and its class default)."""
+    return Read("rope_parameters.partial_rotary_factor", "partial_rotary_factor", default=default)
+
+
+ROTARY_FRACTION = partial_rotary(1.0)
 
 # HF activation name -> litgpt gelu_approximate (GemmaMLP, GptNeoxMLP); LLaMAMLP is SiLU only.
 GELU_APPROXIMATE = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
@@ -179,8 +184,7 @@ STABLELM = replace(
     config=replace(
         llama_style_config(head_size=None, intermediate=6912, vocab=50304, positions=4096, eps=1e-5, act="silu",
                            tied=False,
-                           rotary_fraction=Read("rope_parameters.partial_rotary_factor", "partial_rotary_factor",
-                                                default=0.25)),
+                           rotary_fraction=partial_rotary(0.25)),
         norm_eps=Read("layer_norm_eps", default=1e-5),
     ),
     biases=Biases(qkv=Read("use_qkv_bias", default=False), attn_out=False, mlp=False),
@@ -216,7 +220,7 @@ PHI = Family(
         activation=Read("hidden_act", default="gelu_new"),
         tie_embeddings=Read("tie_word_embeddings", default=False),
         rope_theta=ROPE_THETA,
-        rotary_fraction=Read("rope_parameters.partial_rotary_factor", "partial_rotary_factor", default=0.5),
+        rotary_fraction=partial_rotary(0.5),
     ),
     biases=Biases(qkv=True, attn_out=True, mlp=True),
     norm_class_name="LayerNorm",
