@@ -59,10 +59,16 @@ BASES = {
     "olmo": {"model_type": "olmo", **LLAMA_SIZES, "num_key_value_heads": 4},
     # query/key norms over all heads, no input norms
     "olmo2": {"model_type": "olmo2", **LLAMA_SIZES},
+    # mixture of experts: PEFT's target_modules reach the attention (transformers 5 holds the experts as 3D
+    # parameters and the router as its own module, not nn.Linear)
+    "mixtral": {"model_type": "mixtral", **LLAMA_SIZES, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"model_type": "qwen3_moe", **LLAMA_SIZES, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 24, "norm_topk_prob": True},
     # query/key norms, RoPE per layer type
     "gemma3": {"model_type": "gemma3_text", **LLAMA_SIZES, "head_dim": 16, "sliding_window": 4,
                "layer_types": ["sliding_attention", "full_attention"]},
 }
+MOE_BASES = ("mixtral", "qwen3_moe")
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

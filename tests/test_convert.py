@@ -32,7 +32,8 @@ def test_hf_to_litgpt_to_hf(case_id: str, built, tmp_path: Path) -> None:  # noq
     lit = tmp_path / "litgpt"
     result = cli("convert", b.directory, "--to", "litgpt", "--out", lit)
     assert result.exit_code == 0, result.output
-    assert "every layer and the logits agree" in result.output
+    covered = "every layer, router and expert" if "moe" in case_id else "every layer"
+    assert f"{covered} and the logits agree" in " ".join(result.output.split())
     written = load(lit / "lit_model.pth")
     expected = plan_hf_to_litgpt(b.config_json, list(b.tensors)).apply_in_memory(b.tensors)
     assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
@@ -79,6 +80,35 @@ def test_verify_catches_a_wrong_order_across_formats(built, tmp_path: Path) -> N
     result = cli("verify", b.directory, lit, "--json")
     assert result.exit_code == 1
     assert json.loads(result.output)["first_difference"] == "layer 0"
+
+
+@pytest.mark.parametrize("tensor", ["mlp.experts.{e}.fc_2.weight", "mlp.gate.weight"])
+def test_verify_covers_experts_no_token_reaches(tensor: str, built, tmp_path: Path) -> None:  # noqa: F811
+    """One token reaches 2 of 4 experts per layer; a wrong row in an expert that it does not reach (or in
+    that expert's router row, which leaves the choice unchanged) still fails the check, by the probe."""
+    from qkvconv.formats.weights import open_weights
+    from qkvconv.ops.verify import architecture, verify
+    from qkvconv.reference import forward
+
+    b = built("mixtral-moe")
+    lit = tmp_path / "litgpt"
+    assert cli("convert", b.directory, "--to", "litgpt", "--out", lit).exit_code == 0
+    weights = open_weights(lit)
+    arch = architecture(weights)
+    ids = torch.randint(0, arch.padded_vocab_size, (1, 1), generator=torch.Generator().manual_seed(0))  # verify's
+    seen: list = []
+    forward.block(arch, 0, weights, forward.embed(arch, weights, ids), probe=lambda *t: seen.append(t))
+    chosen = set(seen[0][0].topk(arch.n_expert_per_token).indices.flatten().tolist())
+    e = min(set(range(arch.n_expert)) - chosen)
+    sd = load(lit / "lit_model.pth")
+    name = f"transformer.h.0.{tensor.format(e=e)}"
+    row = e if "gate" in tensor else 5
+    sd[name][row] -= 0.01 * sd[name][row].abs().max()  # small: the router's choice stays the same
+    torch.save(sd, lit / "lit_model.pth")
+    report = verify(open_weights(b.directory), open_weights(lit), tokens=1, batch=1)
+    assert not report.passed
+    assert report.first_difference == ("layer 0 router" if "gate" in tensor else "layer 0 experts")
+    assert all(s.within for s in report.stages if s.name in ("layer 0", "layer 1", "logits"))  # routing hides it
 
 
 def test_dry_run_writes_nothing(built, tmp_path: Path) -> None:  # noqa: F811

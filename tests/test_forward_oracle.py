@@ -134,6 +134,11 @@ FAMILIES = [
     ("gemma-3", "Gemma-3-4b-it", dict(n_layer=3, n_embd=64, n_head=4, head_size=32, n_query_groups=2,
                                       intermediate_size=96, sliding_window_size=4, sliding_window_indices=[1, 0, 1],
                                       rope_indices=[1, 0, 1], attention_scores_scalar=20)),
+    # mixture of experts: 4 SiLU-gated experts per layer, 2 per token (softmax over the chosen logits)
+    ("mixtral", "Mixtral-8x7B-v0.1", dict(n_embd=64, n_head=8, n_query_groups=2, intermediate_size=96, n_expert=4)),
+    # ... experts with their own hidden size, query/key norms, 3 of 6 per token
+    ("qwen3-moe", "Qwen3-30B-A3B", dict(n_embd=64, n_head=8, head_size=16, n_query_groups=2, intermediate_size=96,
+                                        moe_intermediate_size=32, n_expert=6, n_expert_per_token=3)),
     # Gemma-7b: MHA, head_size 256 with n_embd/n_head 192 -> 24 vs 16
     ("gemma-7b", "Gemma-7b", dict(n_embd=64, n_head=4, head_size=24, n_query_groups=4, intermediate_size=96)),
     # pythia with a partial rotary of 50% and litgpt's rope_condense_ratio
@@ -273,15 +278,19 @@ def test_bf16_close_to_float32() -> None:
     assert (bf16["logits"].float() - litgpt_bf16).abs().max() < 0.05 * scale
 
 
-UNSUPPORTED = [
-    ("Mixtral-8x7B-v0.1", "mixture-of-experts"),
+UNSUPPORTED = [  # litgpt mixture-of-experts features the forward pass does not compute (DeepSeek's)
+    (dict(n_shared_expert=1), "shared experts"),
+    (dict(n_expert_groups=2), "grouped expert routing"),
+    (dict(routed_scaling_factor=2.5), "routed_scaling_factor"),
+    (dict(first_k_dense_replace=1), "first_k_dense_replace"),
 ]
 
 
-@pytest.mark.parametrize("name, feature", UNSUPPORTED, ids=[u[0] for u in UNSUPPORTED])
-def test_unsupported_feature_is_refused(name: str, feature: str) -> None:
+@pytest.mark.parametrize("overrides, feature", UNSUPPORTED, ids=[u[1] for u in UNSUPPORTED])
+def test_unsupported_feature_is_refused(overrides: dict[str, Any], feature: str) -> None:
+    name = "Mixtral-8x7B-v0.1"
     with pytest.raises(UnsupportedFamily) as info:
-        Architecture.from_litgpt_config(config_dict(Config.from_name(name, n_layer=2)))
+        Architecture.from_litgpt_config({**config_dict(Config.from_name(name, n_layer=2)), **overrides})
     message = str(info.value)
     assert feature in message and name in message and "\n" not in message
     assert feature in info.value.reason  # the refused feature, structured (no message parsing)

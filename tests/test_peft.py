@@ -54,6 +54,7 @@ from peft.utils.other import get_pattern_key  # noqa: E402
 
 from peft_models import (  # noqa: E402
     BASES,
+    MOE_BASES,
     Base,
     EXPORT_FLAGS,
     LLAMA_SIZES,
@@ -76,7 +77,14 @@ from peft_models import (  # noqa: E402
 @pytest.mark.parametrize("flags", list(EXPORT_FLAGS))
 def test_export_matches_litgpt(kind, flags, bases, tmp_path):
     base = bases(kind)
-    hyper, want = make_lora_run(base, tmp_path / "run", EXPORT_FLAGS[flags])
+    flags = EXPORT_FLAGS[flags]
+    if flags.get("lora_mlp") and kind in MOE_BASES:  # litgpt adapts the router and experts; PEFT cannot
+        make_lora_run(base, tmp_path / "moe-run", flags)
+        with pytest.raises(UnsupportedFamily, match=r"router and experts \(lora_mlp\) have no PEFT counterpart"):
+            litgpt_lora_to_peft(tmp_path / "moe-run", tmp_path / "moe-peft", hf_config=base.config_json)
+        assert not (tmp_path / "moe-peft").exists()
+        flags = {**flags, "lora_mlp": False}  # the rest of the run converts
+    hyper, want = make_lora_run(base, tmp_path / "run", flags)
     assert max_diff(want, base.logits) > 1e-3  # the adapter changes the model
     result = litgpt_lora_to_peft(tmp_path / "run", tmp_path / "peft", hf_config=base.config_json,
                                  base_model_name_or_path=str(base.directory))
@@ -185,6 +193,9 @@ IMPORT_CASES = {
     "gemma3": ("gemma3", dict(target_modules=["q_proj", "k_proj", "gate_proj", "lm_head"], r=2, lora_alpha=4)),
     "olmo": ("olmo", dict(target_modules=["q_proj", "v_proj", "up_proj"], r=2, lora_alpha=4)),
     "olmo2": ("olmo2", dict(target_modules=["q_proj", "k_proj", "o_proj", "down_proj"], r=2, lora_alpha=4)),
+    # experts and routers are no nn.Linear in transformers 5: the attention and the head carry the adapters
+    "mixtral": ("mixtral", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"], r=2, lora_alpha=4)),
+    "qwen3_moe": ("qwen3_moe", dict(target_modules=["q_proj", "v_proj", "o_proj"], r=3, lora_alpha=5)),
 }
 
 

@@ -130,12 +130,11 @@ def test_verify_unsupported_family_names_the_feature(legacy) -> None:
 
     directory = legacy("gqa_llama")
     cfg = yaml.safe_load((directory / "model_config.yaml").read_text())
-    cfg["n_expert"] = 4
-    cfg["mlp_class_name"] = "LLaMAMoE"
+    cfg.update(n_expert=4, n_expert_per_token=2, mlp_class_name="LLaMAMoE", n_shared_expert=1)  # DeepSeek's
     (directory / "model_config.yaml").write_text(yaml.safe_dump(cfg))
     result = cli("verify", directory, directory)
     assert result.exit_code == 2
-    assert "mixture-of-experts" in result.output and "Traceback" not in result.output
+    assert "shared experts (n_shared_expert)" in result.output and "Traceback" not in result.output
 
 
 def test_verify_streams_one_layer_at_a_time(legacy) -> None:

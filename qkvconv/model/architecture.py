@@ -49,6 +49,10 @@ _LITGPT_DEFAULTS: dict[str, Any] = {
     "mlp_class_name": "GptNeoxMLP",
     "gelu_approximate": "none",
     "n_expert": 0,
+    "n_expert_per_token": 0,
+    "n_shared_expert": None,
+    "n_expert_groups": None,
+    "routed_scaling_factor": 1.0,
     "first_k_dense_replace": None,
     "scale_embeddings": False,
     "lm_head_bias": False,
@@ -85,7 +89,7 @@ class Architecture:
     norm_affine: bool  # False: litgpt's OLMo LayerNorm, no weight and no bias
     parallel_residual: bool
     shared_attention_norm: bool  # parallel residual: MLP reuses norm_1's output (Falcon-7B)
-    mlp_class_name: str  # "GptNeoxMLP" | "LLaMAMLP" | "GemmaMLP"
+    mlp_class_name: str  # "GptNeoxMLP" | "LLaMAMLP" | "GemmaMLP" | "LLaMAMoE" (experts that are LLaMAMLPs)
     gelu_approximate: str  # "none" | "tanh"
     qkv_bias: bool
     proj_bias: bool  # attn.proj and the MLP linears
@@ -115,6 +119,8 @@ class Architecture:
     final_logit_softcapping: float | None = None  # the same on the logits
     rope_local_base: float | None = None  # Gemma 3: the layers rope_local_layers marks rotate with this base,
     rope_local_layers: tuple[bool, ...] = ()  # unscaled; the others with rope_base and the scaling
+    n_expert: int = 0  # LLaMAMoE: experts per layer,
+    n_expert_per_token: int = 0  # and how many each token is routed to
 
     @property
     def q_per_kv(self) -> int:
@@ -137,12 +143,15 @@ class Architecture:
                 raise _refuse(name, feature)
 
         refuse_if(c["latent_attention"], "multi-head latent attention (latent_attention, DeepSeek)")
+        moe = c["mlp_class_name"] == "LLaMAMoE"
+        refuse_if(c["first_k_dense_replace"] is not None, "dense layers before the experts (first_k_dense_replace)")
+        refuse_if(moe and c["n_shared_expert"], "shared experts (n_shared_expert)")
+        refuse_if(moe and c["n_expert_groups"], "grouped expert routing (n_expert_groups)")
+        refuse_if(moe and c["routed_scaling_factor"] != 1.0, "scaled expert weights (routed_scaling_factor)")
+        refuse_if(moe and not 0 < c["n_expert_per_token"] <= c["n_expert"],
+                  f"{c['n_expert_per_token']} experts per token of {c['n_expert']}")
         refuse_if(
-            c["mlp_class_name"] == "LLaMAMoE" or c["n_expert"] or c["first_k_dense_replace"] is not None,
-            "a mixture-of-experts MLP (LLaMAMoE)",
-        )
-        refuse_if(
-            c["mlp_class_name"] not in ("GptNeoxMLP", "LLaMAMLP", "GemmaMLP"),
+            c["mlp_class_name"] not in ("GptNeoxMLP", "LLaMAMLP", "GemmaMLP", "LLaMAMoE"),
             f"the MLP class {c['mlp_class_name']!r}",
         )
         refuse_if(c["norm_class_name"] not in ("LayerNorm", "RMSNorm"), f"the norm {c['norm_class_name']!r}")
@@ -226,6 +235,8 @@ class Architecture:
             final_logit_softcapping=c["final_logit_softcapping"],
             rope_local_base=c["rope_local_base_freq"],
             rope_local_layers=tuple(bool(i) for i in c["rope_indices"] or ()),
+            n_expert=c["n_expert"] if moe else 0,
+            n_expert_per_token=c["n_expert_per_token"] if moe else 0,
         )
 
 

@@ -30,6 +30,15 @@ NORM_1, NORM_2 = "norm_1", "norm_2"  # before attention; before the MLP (when no
 POST_ATTENTION_NORM, POST_MLP_NORM = "post_attention_norm", "post_mlp_norm"  # after them (Gemma 2)
 MLP_FC = "mlp.fc"  # GptNeoxMLP: proj(act(fc(x)))
 MLP_FC_1, MLP_FC_2, MLP_PROJ = "mlp.fc_1", "mlp.fc_2", "mlp.proj"  # LLaMAMLP: proj(act(fc_1(x)) * fc_2(x))
+MOE_ROUTER = "mlp.gate"  # LLaMAMoE: the router (no bias); expert e is a LLaMAMLP under EXPERT
+EXPERT = "mlp.experts.{e}"
+EXPERT_LINEARS = ("fc_1", "fc_2", "proj")
+
+
+def expert(e: int | str, linear: str = "") -> str:
+    """Layer-relative name of expert e's module (`mlp.experts.3.fc_1`), or of the expert itself."""
+    prefix = EXPERT.format(e=e)
+    return f"{prefix}.{linear}" if linear else prefix
 
 
 def layer(i: int | str, module: str = "") -> str:

@@ -237,10 +237,15 @@ def _forward_pass(
         xb = forward.embed(arch_b, candidate, ids, dtype=cdtype)
         compare("embed", xa, xb)
         for i in range(arch_a.n_layer):
-            xa = forward.block(arch_a, i, reference, xa)
+            # the tokens reach some experts only: the router and every expert are compared on the MLP's input
+            probes: tuple[list, list] = ([], [])
+            xa = forward.block(arch_a, i, reference, xa, probe=lambda *t: probes[0].append(t))
             reference.release()
-            xb = forward.block(arch_b, i, candidate, xb)
+            xb = forward.block(arch_b, i, candidate, xb, probe=lambda *t: probes[1].append(t))
             candidate.release()
+            for pa, pb in zip(*probes):
+                for what, a, b in zip(("router", "experts"), pa, pb):
+                    compare(f"layer {i} {what}", a, b)
             compare(f"layer {i}", xa, xb)
             tick(i + 1, stages)
         la, lb = forward.head(arch_a, reference, xa), forward.head(arch_b, candidate, xb)
@@ -357,7 +362,8 @@ def forward_check(open_sides: Callable[[], tuple[Any, Any]], device: str, subjec
         how = (f"max logit difference {report.logits_max_abs_diff:.2g}, largest stage difference {worst:.2g} of its "
                f"scale (tolerance atol {report.atol:g} + rtol {report.rtol:g} x scale)")
     nonfinite = f"; {report.nonfinite_summary}" if report.nonfinite_summary else ""
-    return (f"forward pass on {report.device} ({report.dtype}, {report.tokens} tokens): every layer and the logits "
+    what = "every layer, router and expert" if any(s.name.endswith(" experts") for s in report.stages) else "every layer"
+    return (f"forward pass on {report.device} ({report.dtype}, {report.tokens} tokens): {what} and the logits "
             f"agree, {how}{nonfinite}")
 
 

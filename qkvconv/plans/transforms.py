@@ -379,20 +379,29 @@ class _NormFold:
     def label(self) -> str:
         if not self.per_layer:
             return "transformer.ln_f into lm_head"
-        return f"{self.norm} into {', '.join(self.linears)} in every layer"
+        experts = [lin for lin in self.linears if lin.startswith("mlp.experts.")]
+        listed = [lin for lin in self.linears if lin not in experts] + (["every expert's fc_1 and fc_2"] if experts else [])
+        return f"{self.norm} into {', '.join(listed)} in every layer"
 
 
 def _norm_folds(arch: Architecture) -> list[_NormFold]:
-    mlp = ("mlp.fc",) if arch.mlp_class_name == "GptNeoxMLP" else ("mlp.fc_1", "mlp.fc_2")
+    if arch.n_expert:  # the router and every expert read the normed input (the router has no bias)
+        mlp = (names.MOE_ROUTER,) + tuple(names.expert(e, m) for e in range(arch.n_expert) for m in ("fc_1", "fc_2"))
+    else:
+        mlp = ("mlp.fc",) if arch.mlp_class_name == "GptNeoxMLP" else ("mlp.fc_1", "mlp.fc_2")
     if arch.parallel_residual and arch.shared_attention_norm:  # Falcon-7B: norm_1 feeds attention and MLP
         return [_NormFold("norm_1", ("attn.qkv",) + mlp)]
-    present = (("norm_1", arch.norm_1, ("attn.qkv",)), ("norm_2", arch.norm_2, mlp))  # OLMo 2 has neither
+    # A LayerNorm's bias cannot fold into a router, which has no bias: such a norm_2 stays (no model has one).
+    mlp_fold = arch.norm_2 and not (arch.n_expert and arch.norm_class_name == "LayerNorm")
+    present = (("norm_1", arch.norm_1, ("attn.qkv",)), ("norm_2", mlp_fold, mlp))  # OLMo 2 has neither
     return [_NormFold(norm, linears) for norm, on, linears in present if on]
 
 
 def _has_bias(arch: Architecture, linear: str) -> bool:
     if linear == "lm_head":
         return arch.lm_head_bias
+    if linear == names.MOE_ROUTER:
+        return False
     return arch.qkv_bias if linear == "attn.qkv" else arch.proj_bias
 
 

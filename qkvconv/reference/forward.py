@@ -151,18 +151,46 @@ def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> 
     return _linear(get, f"{prefix}.proj", y, arch.proj_bias)  # (B, T, n_embd)
 
 
-def _mlp(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch.Tensor:
-    prefix = names.layer(index, "mlp")
+def _mlp(arch: Architecture, prefix: str, get: Getter, x: torch.Tensor) -> torch.Tensor:
+    """The MLP under `prefix` (a layer's `mlp`, or one expert of it: LLaMAMLP)."""
     if arch.mlp_class_name == "GptNeoxMLP":
         h = F.gelu(_linear(get, f"{prefix}.fc", x, arch.proj_bias), approximate=arch.gelu_approximate)
     else:
         gate = _linear(get, f"{prefix}.fc_1", x, arch.proj_bias)  # (B, T, intermediate_size)
         up = _linear(get, f"{prefix}.fc_2", x, arch.proj_bias)  # (B, T, intermediate_size)
-        if arch.mlp_class_name == "LLaMAMLP":
-            h = F.silu(gate) * up
-        else:  # GemmaMLP
+        if arch.mlp_class_name == "GemmaMLP":
             h = F.gelu(gate, approximate=arch.gelu_approximate) * up
+        else:  # LLaMAMLP, and each expert of LLaMAMoE
+            h = F.silu(gate) * up
     return _linear(get, f"{prefix}.proj", h, arch.proj_bias)  # (B, T, n_embd)
+
+
+Probe = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def _moe(arch: Architecture, index: int, get: Getter, x: torch.Tensor, probe: Probe | None = None) -> torch.Tensor:
+    """litgpt's LLaMAMoE: each token goes to the n_expert_per_token experts with the largest router
+    logits, weighted by the softmax over those logits (equal to transformers' softmax over all experts
+    renormalised over the chosen ones); outputs summed expert by expert in index order, as litgpt does.
+
+    The output depends only on the experts the tokens pick. `probe`, where given, also receives the router
+    logits (B*T, n_expert) and every expert's output on every token (n_expert, B*T, n_embd), computed apart
+    from the model's own arithmetic, so that a check can cover the experts no token reaches."""
+    B, T, C = x.shape
+    flat = x.reshape(B * T, C)  # (B*T, C)
+    router = F.linear(flat, _param(get, names.layer(index, f"{names.MOE_ROUTER}.weight"), x))  # (B*T, n_expert)
+    if probe is not None:
+        probe(router, torch.stack([_mlp(arch, names.layer(index, names.expert(e)), get, flat)
+                                   for e in range(arch.n_expert)]))
+    probs, chosen = torch.topk(router, arch.n_expert_per_token)  # (B*T, k) each
+    probs = probs.softmax(dim=1, dtype=torch.float).to(dtype=x.dtype)
+    y = torch.zeros_like(flat)  # (B*T, C)
+    for e in range(arch.n_expert):
+        token, slot = torch.where(chosen == e)
+        if token.numel():
+            out = _mlp(arch, names.layer(index, names.expert(e)), get, flat[token])  # (n, C)
+            y[token] += probs[token, slot, None] * out
+    return y.view(B, T, C)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,12 +211,13 @@ def embed(arch: Architecture, get: Getter, tokens: torch.Tensor, *, dtype: torch
     return x
 
 
-def block(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch.Tensor:
+def block(arch: Architecture, index: int, get: Getter, x: torch.Tensor, *, probe: Probe | None = None) -> torch.Tensor:
     """Transformer block `index` (B, T, n_embd) -> (B, T, n_embd); asks `get` for that layer only.
 
     Sequential: x + attn(norm_1(x)), then + mlp(norm_2(.)). Parallel residual: x + attn(norm_1(x))
     + mlp(n(x)) where n is norm_1 when shared_attention_norm (Falcon-7B) else norm_2 applied to the
-    same input x (NeoX, Falcon-40B).
+    same input x (NeoX, Falcon-40B). `probe`: a mixture of experts' router logits and every expert's
+    output on this layer's MLP input (see _moe); never called for a dense MLP.
     """
     prefix = names.layer(index)
     x_normed = _norm(arch, get, f"{prefix}.{names.NORM_1}", x) if arch.norm_1 else x
@@ -202,7 +231,10 @@ def block(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch
     else:
         x = attention_output + x
         x_normed = _norm(arch, get, f"{prefix}.{names.NORM_2}", x) if arch.norm_2 else x
-    mlp_output = _mlp(arch, index, get, x_normed)
+    if arch.n_expert:
+        mlp_output = _moe(arch, index, get, x_normed, probe)
+    else:
+        mlp_output = _mlp(arch, names.layer(index, "mlp"), get, x_normed)
     if arch.post_mlp_norm:
         mlp_output = _norm(arch, get, names.layer(index, names.POST_MLP_NORM), mlp_output)
     return mlp_output + x

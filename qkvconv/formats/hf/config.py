@@ -211,7 +211,7 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
     vocab = _int(cfg, family.config.vocab_size, "vocab_size")
 
     act = _read(cfg, family.config.activation)
-    if family.mlp_class_name == "LLaMAMLP":
+    if family.mlp_class_name in ("LLaMAMLP", "LLaMAMoE"):
         if act not in SILU:
             raise _refuse(family, f"the activation {act!r} (litgpt's LLaMAMLP is SiLU-gated)")
         gelu_approximate = "none"
@@ -272,8 +272,25 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
         "gelu_approximate": gelu_approximate,
         "scale_embeddings": family.scale_embeddings,
         **({"norm_qk": True, "norm_qk_type": family.norm_qk} if family.norm_qk else {}),
+        **_moe_fields(family, cfg),
         **_extra_fields(family, cfg, block, window_layers, n_layer),
     }
+
+
+def _moe_fields(family: Family, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """litgpt's LLaMAMoE fields: experts, experts per token, the experts' hidden size where it has its own
+    key (else intermediate_size is theirs, as in litgpt's Mixtral configs)."""
+    moe = family.moe
+    if moe is None:
+        return {}
+    if moe.renormalize is not None and not _read(cfg, moe.renormalize):
+        raise _refuse(family, f"router weights not renormalised over the chosen experts ({moe.renormalize.keys[0]} "
+                              "false; litgpt's LLaMAMoE always renormalises)")
+    out = {"n_expert": _int(cfg, moe.n_expert, "the number of experts"),
+           "n_expert_per_token": _int(cfg, moe.per_token, "the number of experts per token")}
+    if moe.expert_size is not None:
+        out["moe_intermediate_size"] = _int(cfg, moe.expert_size, "the experts' intermediate size")
+    return out
 
 
 def _extra_fields(family: Family, cfg: Mapping[str, Any], block: Block, window_layers: list[int] | None,
@@ -355,12 +372,23 @@ def _hf_config_for(family: Family, litgpt_cfg: Mapping[str, Any], flags: Mapping
     if c.head_size is not None:
         _write(cfg, c.head_size, arch.head_size)
     # litgpt.Config: intermediate_size defaults to 4 * n_embd, block_size to 4096, rotary_percentage to 0.25
-    _write(cfg, c.intermediate_size, int(litgpt_cfg.get("intermediate_size") or 4 * arch.n_embd))
+    intermediate = int(litgpt_cfg.get("intermediate_size") or 4 * arch.n_embd)
+    moe = concrete.moe
+    if moe is not None:
+        experts = int(litgpt_cfg.get("moe_intermediate_size") or intermediate)  # litgpt: None means intermediate_size
+        _write(cfg, moe.n_expert, arch.n_expert)
+        _write(cfg, moe.per_token, arch.n_expert_per_token)
+        _write(cfg, moe.renormalize, True)
+        if moe.expert_size is None:
+            intermediate = experts
+        else:
+            _write(cfg, moe.expert_size, experts)
+    _write(cfg, c.intermediate_size, intermediate)
     _write(cfg, c.vocab_size, arch.padded_vocab_size)
     _write(cfg, c.block_size, int(litgpt_cfg.get("block_size") or 4096))
     _write(cfg, c.norm_eps, arch.norm_eps)
     gelu = "gelu_pytorch_tanh" if arch.gelu_approximate == "tanh" else "gelu"
-    _write(cfg, c.activation, "silu" if arch.mlp_class_name == "LLaMAMLP" else gelu)
+    _write(cfg, c.activation, "silu" if arch.mlp_class_name in ("LLaMAMLP", "LLaMAMoE") else gelu)
     _write(cfg, c.tie_embeddings, False)  # litgpt keeps a separate lm_head
     _write(cfg, concrete.biases.qkv, arch.qkv_bias)
     _write(cfg, concrete.biases.attn_out, arch.proj_bias)

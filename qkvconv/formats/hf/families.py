@@ -34,6 +34,8 @@ from qkvconv.formats.hf.table import (  # noqa: F401 (the schema, re-exported wi
     Family,
     Fused,
     HFConfig,
+    MoE,
+    Not,
     SET,
     Read,
     SlidingWindow,
@@ -481,10 +483,58 @@ GEMMA3 = replace(
     flag_defaults={"use_bidirectional_attention": False},
 )
 
+# mixtral/modeling_mixtral.py: Mistral's attention, every layer's MLP a MixtralSparseMoeBlock: a router
+# `gate` (no bias; softmax over all experts in float32, top num_experts_per_tok, renormalised over them)
+# and num_local_experts SiLU-gated experts of intermediate_size. transformers 5 holds the experts as 3D
+# gate_up_proj / down_proj tensors in memory and saves them as the Hub's per-expert w1 (gate), w3 (up),
+# w2 (down); the window, when set, applies to every layer. litgpt: LLaMAMoE, whose softmax over the top
+# logits is the same renormalised weight.
+MIXTRAL = replace(
+    MISTRAL,
+    architecture="MixtralForCausalLM",
+    model_type="mixtral",
+    name="Mixtral",
+    layer_tensors={"self_attn.o_proj": "attn.proj"},
+    config=llama_style_config(head_size=Read("head_dim", default=None), intermediate=14336, vocab=32000,
+                              positions=4096 * 32, eps=1e-5, act="silu", tied=False),
+    mlp_class_name="LLaMAMoE",
+    moe=MoE(router="block_sparse_moe.gate", experts="block_sparse_moe.experts.{e}",
+            expert_tensors={"w1": "fc_1", "w3": "fc_2", "w2": "proj"},
+            n_expert=Read("num_local_experts", "num_experts", default=8), per_token=Read("num_experts_per_tok", default=2)),
+    sliding_window=SlidingWindow(Read("sliding_window", default=None)),
+)
+
+# qwen3_moe/modeling_qwen3_moe.py: Qwen3's attention (q/k norms over head_dim; head_dim from config.json,
+# else hidden_size // num_attention_heads), Qwen3MoeSparseMoeBlock on the layers where `layer_idx not in
+# mlp_only_layers and (layer_idx + 1) % decoder_sparse_step == 0` (the others are dense: refused, litgpt
+# has no such pattern), router `mlp.gate` renormalised only when norm_topk_prob (default false; litgpt
+# always renormalises), experts of moe_intermediate_size saved per expert as gate_proj/up_proj/down_proj;
+# the window (use_sliding_window) on every layer. The config writes num_experts as num_local_experts.
+QWEN3_MOE = replace(
+    QWEN3,
+    architecture="Qwen3MoeForCausalLM",
+    model_type="qwen3_moe",
+    name="Qwen3-MoE",
+    qkv=replace(LLAMA_STYLE_QKV, kv_heads=Read("num_key_value_heads", default=4)),
+    layer_tensors={"self_attn.o_proj": "attn.proj", "self_attn.q_norm": "attn.norm_q", "self_attn.k_norm": "attn.norm_k"},
+    config=llama_style_config(head_size=Read("head_dim", default=None), intermediate=6144, vocab=151936,
+                              positions=32768, eps=1e-6, act="silu", tied=False),
+    mlp_class_name="LLaMAMoE",
+    moe=MoE(router="mlp.gate", experts="mlp.experts.{e}",
+            expert_tensors={"gate_proj": "fc_1", "up_proj": "fc_2", "down_proj": "proj"},
+            n_expert=Read("num_experts", "num_local_experts", default=128), per_token=Read("num_experts_per_tok", default=8),
+            expert_size=Read("moe_intermediate_size", default=768), renormalize=Read("norm_topk_prob", default=False)),
+    sliding_window=SlidingWindow(Read("sliding_window", default=4096), enabled=Read("use_sliding_window", default=False)),
+    flag_defaults={"decoder_sparse_step": 1, "mlp_only_layers": []},
+    unsupported=(({"decoder_sparse_step": Not(1)}, "dense MLP layers between the expert layers (decoder_sparse_step)"),
+                 ({"mlp_only_layers": Not([])}, "dense MLP layers among the expert layers (mlp_only_layers)")),
+)
+
 # Keyed by config.json "architectures"[0]. The order is the preference when a litgpt config alone has
 # to pick an architecture (hf_config_from_litgpt): the first whose config can express it.
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, GPT_NEOX, FALCON, PHI3, STABLELM, PHI, OLMO,
-                                                                 OLMO2)}
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (
+    LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, GPT_NEOX, FALCON, PHI3, STABLELM, PHI, OLMO, OLMO2,
+    MIXTRAL, QWEN3_MOE)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)
 
 

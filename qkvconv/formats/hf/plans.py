@@ -51,8 +51,11 @@ def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -
     norm = [] if not arch.norm_affine else ["weight", "bias"] if arch.norm_class_name == "LayerNorm" else ["weight"]
     linear = ["weight", "bias"] if arch.proj_bias else ["weight"]
     qkv = names.LEGACY_QKV if legacy else names.QKV
-    mlp = [names.MLP_FC, names.MLP_PROJ] if arch.mlp_class_name == "GptNeoxMLP" else \
-        [names.MLP_FC_1, names.MLP_FC_2, names.MLP_PROJ]
+    if arch.n_expert:  # the router, then each expert's LLaMAMLP
+        mlp = [names.MOE_ROUTER] + [names.expert(e, m) for e in range(arch.n_expert) for m in names.EXPERT_LINEARS]
+    else:
+        mlp = [names.MLP_FC, names.MLP_PROJ] if arch.mlp_class_name == "GptNeoxMLP" else \
+            [names.MLP_FC_1, names.MLP_FC_2, names.MLP_PROJ]
     out = [f"{names.EMBEDDING}.weight"]
     for i in range(arch.n_layer):
         p = names.layer(i)
@@ -65,7 +68,7 @@ def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -
             out += [f"{p}.{names.NORM_2}.{x}" for x in norm]
         out += [f"{p}.{n}.{x}" for n, on in ((names.POST_ATTENTION_NORM, arch.post_attention_norm),
                                             (names.POST_MLP_NORM, arch.post_mlp_norm)) if on for x in norm]
-        out += [f"{p}.{m}.{x}" for m in mlp for x in linear]
+        out += [f"{p}.{m}.{x}" for m in mlp for x in (["weight"] if m == names.MOE_ROUTER else linear)]
     out += [f"{names.FINAL_NORM}.{x}" for x in norm]
     out += [f"{names.HEAD}.weight"] + ([f"{names.HEAD}.bias"] if arch.lm_head_bias else [])
     return out
@@ -74,6 +77,13 @@ def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -
 def _norms(family: Family, block: Block) -> Mapping[str, str]:
     """The block's norms that have tensors (OLMo's LayerNorms have no weight or bias)."""
     return block.norms if family.norm_affine else {}
+
+
+def _layer_modules(family: Family, block: Block, n_expert: int) -> dict[str, str]:
+    """Per layer, HF module -> litgpt module for everything but q/k/v and fused rows: norms, attention
+    output, the MLP or the router and experts."""
+    experts = family.moe.modules(n_expert) if family.moe else {}
+    return {**_norms(family, block), **family.layer_tensors, **experts}
 
 
 def _reorder_steps(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> tuple[Step, ...]:
@@ -166,7 +176,7 @@ def plan_hf_to_litgpt(config_json: Mapping[str, Any], hf_names: Iterable[str], *
             for p in src.params(f"{hf}.{qkv.name}"):
                 steps = _reorder_steps(qkv.order, dst_order, heads)
                 recipes.append(Recipe(f"{to}.{qkv_out}.{p}", (f"{hf}.{qkv.name}.{p}",), steps))
-        for module, lit_module in {**_norms(family, block), **family.layer_tensors}.items():
+        for module, lit_module in _layer_modules(family, block, int(lit.get("n_expert", 0))).items():
             copy(f"{hf}.{module}", f"{to}.{lit_module}")
         for module, lit_modules in family.fused_rows.items():
             for p in src.params(f"{hf}.{module}"):
@@ -232,6 +242,7 @@ def plan_litgpt_to_hf(
         missing = sorted(set(expected) - set(src.all))
         raise QkvconvError(f"the litgpt checkpoint lacks {', '.join(missing[:4])}, which its model_config.yaml implies")
     recipes: list[Recipe] = []
+    n_expert = Architecture.from_litgpt_config(litgpt_cfg).n_expert
 
     def copy(lit_module: str, module: str) -> None:
         recipes.extend(Recipe(f"{module}.{p}", (f"{lit_module}.{p}",)) for p in src.params(lit_module))
@@ -251,7 +262,7 @@ def plan_litgpt_to_hf(
             else:
                 assert isinstance(qkv, Fused)
                 recipes.append(Recipe(f"{hf}.{qkv.name}.{p}", (name,), _reorder_steps(src_order, qkv.order, heads)))
-        for module, lit_module in {**_norms(family, block), **family.layer_tensors}.items():
+        for module, lit_module in _layer_modules(family, block, n_expert).items():
             copy(f"{lit}.{lit_module}", f"{hf}.{module}")
         for module, lit_modules in family.fused_rows.items():
             for p in src.params(f"{lit}.{lit_modules[0]}"):

@@ -10,10 +10,18 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from qkvconv.errors import UnsupportedFamily
+from qkvconv.model import names
 from qkvconv.model.layout import QKVOrder
 
 REQUIRED: Any = object()  # a Read default: config.json must hold one of the keys
 SET: Any = object()  # a flag value in `unsupported`: the key holds any value but null
+
+
+@dataclass(frozen=True)
+class Not:
+    """A flag value in `unsupported`: the key holds anything but `value` (Qwen3-MoE decoder_sparse_step != 1)."""
+
+    value: Any
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,33 @@ class SlidingWindow:
 
 
 @dataclass(frozen=True)
+class MoE:
+    """A mixture-of-experts MLP in every layer (litgpt LLaMAMoE): a router picks `per_token` of `n_expert`
+    SiLU-gated experts per token and weighs them by the softmax of their router logits, renormalised over
+    the chosen ones. Tensors as the Hugging Face checkpoints on the Hub store them, one module per expert
+    (transformers 5 fuses them in memory and splits them again on save)."""
+
+    router: str  # layer-relative module -> litgpt mlp.gate (no bias)
+    experts: str  # layer-relative module of expert {e}: "block_sparse_moe.experts.{e}"
+    expert_tensors: Mapping[str, str]  # expert-relative module -> litgpt LLaMAMLP module (fc_1, fc_2, proj)
+    n_expert: Read
+    per_token: Read
+    # each expert's hidden size where it has its own key (Qwen3-MoE moe_intermediate_size); None: the
+    # family's intermediate_size is the experts' (Mixtral)
+    expert_size: Read | None = None
+    # where the router's renormalisation over the chosen experts is a setting (Qwen3-MoE norm_topk_prob);
+    # None: always on (Mixtral). litgpt always renormalises: off is refused through `unsupported`.
+    renormalize: Read | None = None
+
+    def modules(self, n_expert: int) -> dict[str, str]:
+        """Layer-relative HF module -> litgpt module, for the router and every expert."""
+        out = {self.router: names.MOE_ROUTER}
+        for e in range(n_expert):
+            out.update({f"{self.experts.format(e=e)}.{hf}": names.expert(e, lit) for hf, lit in self.expert_tensors.items()})
+        return out
+
+
+@dataclass(frozen=True)
 class HFConfig:
     """Where config.json keeps the numbers of the model, with the defaults of transformers' config class.
 
@@ -148,6 +183,7 @@ class Family:
     # HF module whose rows are these litgpt modules' rows, in equal parts, in order (Phi-3 gate_up_proj)
     fused_rows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     sliding_window: SlidingWindow | None = None
+    moe: MoE | None = None  # experts in place of the dense MLP (then layer_tensors has no MLP modules)
     rope_types: tuple[str, ...] = ("default", "linear", "llama3")  # RoPE scalings its config class accepts
     # transformers' defaults of the flags that `Choose` and `unsupported` test
     flag_defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -167,8 +203,12 @@ class Family:
         return config_json[key] if key in config_json else self.flag_defaults.get(key)
 
     def matches(self, config_json: Mapping[str, Any], flags: Mapping[str, Any]) -> bool:
-        return all(self.flag(config_json, k) is not None if v is SET else self.flag(config_json, k) == v
-                   for k, v in flags.items())
+        def match(key: str, wanted: Any) -> bool:
+            value = self.flag(config_json, key)
+            if wanted is SET:
+                return value is not None
+            return value != wanted.value if isinstance(wanted, Not) else value == wanted
+        return all(match(k, v) for k, v in flags.items())
 
     def resolve(self, config_json: Mapping[str, Any]) -> Family:
         """This entry with every `Choose` replaced by the case config.json selects."""

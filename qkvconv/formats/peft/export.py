@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,12 @@ def _export_modules(
             exported += _export_qkv(int(m.group(1)), a, b, hyper, heads, m.group(2) == "attn", table)
             continue
         modules = table.by_lit.get(stem)
+        if not modules and table.family.moe is not None and re.match(r"^transformer\.h\.\d+\.mlp\.", stem):
+            raise UnsupportedFamily(
+                f"{where}: litgpt's adapters on the router and experts (lora_mlp) have no PEFT counterpart in "
+                f"{table.family.architecture}: transformers holds them as plain parameters, not the nn.Linear "
+                "modules PEFT adapts; merge the run into its base instead (qkvconv convert RUN --merge --to litgpt)"
+            )
         if not modules:
             raise UnsupportedFamily(
                 f"{where}: the litgpt adapter on {stem} has no counterpart in {table.family.architecture}"
