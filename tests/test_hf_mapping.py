@@ -212,6 +212,19 @@ REAL_HF_CONFIGS: dict[str, dict[str, Any]] = {
                                "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_scaling": None,
                                "rope_theta": 10000.0, "sliding_window": 2047, "tie_word_embeddings": False,
                                "vocab_size": 32064},
+    "Mixtral-8x7B-v0.1": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_act": "silu",
+                          "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 32768,
+                          "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32,
+                          "num_key_value_heads": 8, "num_local_experts": 8, "rms_norm_eps": 1e-05, "rope_theta": 1e6,
+                          "sliding_window": None, "tie_word_embeddings": False, "vocab_size": 32000},
+    "Qwen3-30B-A3B": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False,
+                      "decoder_sparse_step": 1, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
+                      "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48,
+                      "mlp_only_layers": [], "moe_intermediate_size": 768, "norm_topk_prob": True,
+                      "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+                      "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0,
+                      "sliding_window": None, "tie_word_embeddings": False, "use_sliding_window": False,
+                      "vocab_size": 151936},
 }
 
 # Where litgpt 0.5.13's config of a real model computes something else than its Hub config.json:
@@ -237,6 +250,7 @@ INFERRED_ARCHITECTURE = {
     "Llama-2-7b-hf": "LlamaForCausalLM", "Llama-3.1-8B": "LlamaForCausalLM", "Mistral-7B-v0.1": "MistralForCausalLM",
     "Qwen2.5-7B": "Qwen2ForCausalLM", "Gemma-2b": "GemmaForCausalLM", "pythia-160m": "GPTNeoXForCausalLM",
     "falcon-7b": "FalconForCausalLM", "falcon-40b": "FalconForCausalLM",
+    "Mixtral-8x22B-v0.1": "MixtralForCausalLM", "Qwen3-235B-A22B": "Qwen3MoeForCausalLM",
     # a litgpt config does not say Phi-3 (fused tensors) from Mistral (split): the same function
     "Phi-3-mini-4k-instruct": "MistralForCausalLM",
 }
@@ -303,6 +317,9 @@ def test_unknown_architecture():
     assert detect_family({"model_type": "llama"}).architecture == "LlamaForCausalLM"
 
 
+QWEN3_MOE = REAL_HF_CONFIGS["Qwen3-30B-A3B"]
+
+
 @pytest.mark.parametrize(
     "cfg, feature",
     [
@@ -312,6 +329,10 @@ def test_unknown_architecture():
         (llama(hidden_act="gelu"), "activation 'gelu'"),
         ({**llama(), "architectures": ["GemmaForCausalLM"], "model_type": "gemma", "use_bidirectional_attention": True},
          "bidirectional"),
+        ({**QWEN3_MOE, "norm_topk_prob": False}, r"not renormalised over the chosen experts \(norm_topk_prob false"),
+        ({**QWEN3_MOE, "decoder_sparse_step": 2}, r"dense MLP layers between the expert layers \(decoder_sparse_step\)"),
+        ({**QWEN3_MOE, "mlp_only_layers": [3]}, r"dense MLP layers among the expert layers \(mlp_only_layers\)"),
+        ({k: v for k, v in QWEN3_MOE.items() if k != "norm_topk_prob"}, "norm_topk_prob false"),  # the class default
     ],
 )
 def test_features_litgpt_lacks_are_refused(cfg, feature):
