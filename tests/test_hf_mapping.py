@@ -374,11 +374,30 @@ def test_plans_are_data(built):
     plan = plan_hf_to_litgpt(b.config_json, list(b.tensors))
     described = {r.output: r.describe() for r in plan.recipes}
     qkv = "transformer.h.0.attn.qkv.weight"
-    assert described[qkv] == f"{qkv} <- model.layers.0.self_attn.qkv_proj.weight (copy)"
+    assert described[qkv] == f"{qkv} <- model.layers.0.self_attn.qkv_proj.weight (rows kept in sequential order)"
     assert "take row block 2 of 2" in described["transformer.h.0.mlp.fc_2.weight"]
     assert "model_config.yaml" in plan.texts
     grouped = plan_hf_to_litgpt(built("falcon-40b-grouped").config_json, list(built("falcon-40b-grouped").tensors))
     assert any("reorder rows grouped -> sequential" in r.describe() for r in grouped.recipes)
+
+
+@pytest.mark.parametrize("case_id, key, value", [("phi3-fused", "num_key_value_heads", 1),
+                                                 ("falcon-7b-mqa", "num_attention_heads", 2)])
+def test_fused_rows_must_match_the_head_counts(case_id, key, value, built, tmp_path):
+    """Where the fused order needs no re-ordering (Phi-3's sequential rows, Falcon-7B's one K/V head), a
+    config.json whose head counts disagree with the tensor is still refused, --no-verify and inspect too."""
+    from typer.testing import CliRunner
+    from qkvconv.cli import app
+
+    b = built(case_id)
+    src = tmp_path / "src"
+    shutil.copytree(b.directory, src)
+    (src / "config.json").write_text(json.dumps({**b.config_json, key: value}))
+    runner = CliRunner()
+    for args in (["convert", src, "--to", "litgpt", "--out", tmp_path / "out", "--no-verify"], ["inspect", src]):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 2 and "rows for H=" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_every_family_is_covered():

@@ -108,6 +108,31 @@ class Reorder(Step):
 
 
 @dataclass(frozen=True)
+class CheckRows(Step):
+    """Leave a fused QKV tensor's rows where they are, once its row count is the one the heads imply: where
+    source and target orders coincide (Phi-3's sequential rows, Falcon-7B's single K/V head), a config whose
+    head counts disagree with the file would otherwise pass unnoticed."""
+
+    moves_rows = True
+
+    order: QKVOrder
+    heads: HeadLayout
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        (t,) = tensors
+        check_reorder(tuple(t.shape), self.order, self.order, self.heads)  # a LayoutError (ValueError)
+        return [t]
+
+    def describe(self) -> str:
+        return f"rows kept in {self.order.value} order"
+
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        ((shape, dtype),) = inputs
+        check_reorder(shape, self.order, self.order, self.heads)
+        return [(shape, dtype)]
+
+
+@dataclass(frozen=True)
 class Fuse(Step):
     """Separate q, k, v (in that input order) -> one fused tensor with rows in `order`."""
 

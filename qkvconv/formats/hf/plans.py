@@ -35,7 +35,7 @@ from qkvconv.formats.hf.config import (
 from qkvconv.formats.hf.steps import ConcatRows, TakeRows, Tied
 from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, QKVOrder, same_rows
-from qkvconv.plans.plan import Fuse, Plan, Recipe, Reorder, Step, TakePart
+from qkvconv.plans.plan import CheckRows, Fuse, Plan, Recipe, Reorder, Step, TakePart
 from qkvconv.model import names
 
 LITGPT_CONFIG = "model_config.yaml"
@@ -87,9 +87,9 @@ def _layer_modules(family: Family, block: Block, n_expert: int) -> dict[str, str
 
 
 def _reorder_steps(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> tuple[Step, ...]:
-    """A Reorder, or nothing when the two orders coincide for these heads (G = 1, G = H)."""
+    """A Reorder, or a row-count check when the two orders coincide for these heads (G = 1, G = H)."""
     if same_rows(src, dst, heads):
-        return ()
+        return (CheckRows(src, heads),)
     return (Reorder(src, dst, heads),)
 
 
