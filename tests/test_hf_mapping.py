@@ -266,6 +266,24 @@ def test_hf_config_from_real_litgpt_configs(name):
     assert forward_fields(litgpt_config_from_hf(hf_cfg)) == forward_fields(lit_cfg)
 
 
+def test_condensed_positions_are_linear_rope_scaling():
+    """litgpt's rope_condense_ratio (LLaMA-2-7B-32K: positions / 8) rotates as transformers' linear RoPE
+    scaling (inverse frequencies / 8): it was refused ("no supported architecture computes this model");
+    now config.json says linear 8, which reads back as rope_adjustments {"factor": 8.0}. With a local
+    RoPE base litgpt condenses the local layers' positions too, which no config.json says: refused.
+    (tests/test_litgpt_configs.py checks the logits of the whole round trip.)"""
+    lit_cfg = asdict(Config.from_name("LLaMA-2-7B-32K"))
+    hf_cfg = hf_config_from_litgpt(lit_cfg)
+    assert hf_cfg["architectures"] == ["LlamaForCausalLM"]
+    assert hf_cfg["rope_parameters"] == {"rope_type": "linear", "factor": 8.0, "rope_theta": 10000.0}
+    back = litgpt_config_from_hf(hf_cfg)
+    assert back["rope_adjustments"] == {"factor": 8.0} and "rope_condense_ratio" not in back
+    assert forward_fields(back)["rope_condense_ratio"] == 1
+    gemma3 = {**asdict(Config.from_name("Gemma-3-4b-it")), "rope_condense_ratio": 2, "rope_adjustments": None}
+    with pytest.raises(UnsupportedFamily, match="differs in rope_condense_ratio"):
+        hf_config_from_litgpt(gemma3)
+
+
 def test_neox_rotary_share_survives_transformers(tmp_path):
     """transformers 5.3 re-reads GPT-NeoX's rotary share only from `rotary_pct`; qkvconv writes it."""
     lit_cfg = {**asdict(Config.from_name("pythia-160m")), "rotary_percentage": 0.5}

@@ -324,9 +324,17 @@ def _extra_fields(family: Family, cfg: Mapping[str, Any], block: Block, window_l
 
 
 def _forward_fields(litgpt_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """What the forward pass computes with (qkvconv.forward), without the name."""
+    """What the forward pass computes with (qkvconv.forward), without the name.
+
+    Positions condensed by c (litgpt's rope_condense_ratio, LLaMA-2-7B-32K) rotate exactly as linear RoPE
+    scaling by c (every inverse frequency / c), which is how config.json says it: where nothing else
+    scales the RoPE and there is no local base (litgpt condenses the local layers' positions too), the
+    fields say linear scaling, so that the two spellings compare equal."""
     arch = asdict(Architecture.from_litgpt_config(litgpt_cfg))
     arch.pop("name")
+    condense = arch["rope_condense_ratio"]
+    if condense != 1 and arch["rope_scaling"] == "none" and arch["rope_local_base"] is None:
+        arch.update(rope_condense_ratio=1, rope_scaling="linear", rope_factor=float(condense))
     return arch
 
 
@@ -402,6 +410,7 @@ def _hf_config_for(family: Family, litgpt_cfg: Mapping[str, Any], flags: Mapping
             _write(cfg, rule, value)  # null where the model has none: the class default would cap
 
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(arch.rope_base)}
+    scaling = _forward_fields(litgpt_cfg)  # condensed positions as linear scaling
     if arch.rope_scaling == "llama3":
         rope.update(
             rope_type="llama3",
@@ -410,8 +419,8 @@ def _hf_config_for(family: Family, litgpt_cfg: Mapping[str, Any], flags: Mapping
             high_freq_factor=arch.rope_high_freq_factor,
             original_max_position_embeddings=arch.rope_original_max_seq_len,
         )
-    elif arch.rope_scaling == "linear":
-        rope.update(rope_type="linear", factor=arch.rope_factor)
+    elif scaling["rope_scaling"] == "linear":
+        rope.update(rope_type="linear", factor=scaling["rope_factor"])
     if c.local_rope_theta is not None:  # per layer type: the global settings, and the local base
         cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
             "rope_type": "default", "rope_theta": float(arch.rope_local_base or _read({}, c.local_rope_theta))}}

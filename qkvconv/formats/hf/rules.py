@@ -4,14 +4,13 @@ tokenizer's ids across a change of architecture. Torch-free, like config.py."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from qkvconv.errors import QkvconvError
-from qkvconv.formats.hf.config import HF_CONFIG, describe_layout, detect_family, hf_config_from_litgpt, litgpt_config_from_hf
+from qkvconv.formats.hf.config import (
+    HF_CONFIG, _forward_fields, describe_layout, detect_family, hf_config_from_litgpt, litgpt_config_from_hf)
 from qkvconv.io.config_files import read_json
-from qkvconv.model.architecture import Architecture
 
 # config.json keys that belong to the tokenizer or the file, not the architecture: kept across a change
 # of architecture (--qkv)
@@ -47,12 +46,9 @@ def tied(config_json: dict[str, Any] | None) -> bool:
 
 def same_function(cfg: dict[str, Any], config_json: dict[str, Any]) -> bool:
     try:
-        a = asdict(Architecture.from_litgpt_config(cfg))
-        b = asdict(Architecture.from_litgpt_config(litgpt_config_from_hf(config_json)))
+        return _forward_fields(cfg) == _forward_fields(litgpt_config_from_hf(config_json))
     except QkvconvError:
         return False
-    a.pop("name"), b.pop("name")
-    return a == b
 
 
 def hf_config_for(cfg: dict[str, Any], source_json: dict[str, Any] | None, qkv: str | None = None) -> dict[str, Any]:
