@@ -221,3 +221,26 @@ def test_inspect_refuses_an_hf_config_that_contradicts_the_tensors(built, tmp_pa
         result = cli(*command)
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output and result.output.startswith("error:")
+
+
+def test_condensed_positions_convert_with_their_check(tmp_path: Path) -> None:
+    """LLaMA-2-7B-32K's condensed positions become linear RoPE scaling in config.json: the default check and
+    verify hold the two spellings for one function (the check once crashed here on an error it named wrong)."""
+    import dataclasses
+
+    import yaml
+    from litgpt import Config
+    from litgpt.model import GPT
+
+    cfg = Config.from_name("LLaMA-2-7B-32K", n_layer=2, n_embd=32, n_head=4, n_query_groups=4, intermediate_size=48,
+                           padded_vocab_size=96, vocab_size=96, block_size=64)
+    torch.manual_seed(0)
+    lit = tmp_path / "lit"
+    lit.mkdir()
+    torch.save(GPT(cfg).state_dict(), lit / "lit_model.pth")
+    (lit / "model_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    result = cli("convert", lit, "--to", "hf", "--out", tmp_path / "hf")
+    assert result.exit_code == 0, result.output
+    assert "every layer and the logits agree" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"]["rope_type"] == "linear"
+    assert cli("verify", lit, tmp_path / "hf").exit_code == 0

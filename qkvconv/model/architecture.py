@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from qkvconv.errors import UnsupportedFamily
@@ -125,6 +125,18 @@ class Architecture:
     @property
     def q_per_kv(self) -> int:
         return self.n_head // self.n_query_groups
+
+    def function_fields(self) -> dict[str, Any]:
+        """The fields that decide the function, without the name, one spelling per function: positions
+        condensed by c (litgpt's rope_condense_ratio, LLaMA-2-7B-32K) rotate as linear RoPE scaling by c
+        (every inverse frequency / c), config.json's way to say it, so where nothing else scales the RoPE
+        and there is no local base (litgpt condenses the local layers' positions too) both read as linear."""
+        out = asdict(self)
+        out.pop("name")
+        condense = out["rope_condense_ratio"]
+        if condense != 1 and out["rope_scaling"] == "none" and out["rope_local_base"] is None:
+            out.update(rope_condense_ratio=1, rope_scaling="linear", rope_factor=float(condense))
+        return out
 
     @classmethod
     def from_litgpt_config(cls, cfg: Mapping[str, Any]) -> Architecture:

@@ -28,13 +28,13 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from qkvconv.reference import forward
-from qkvconv.errors import CheckFailed, QkvconvError
+from qkvconv.errors import CheckFailed, QkvconvError, UnsupportedFamily
 from qkvconv.model.nonfinite import is_finite, max_difference
 from qkvconv.progress import layers, status
 from qkvconv.formats.weights import ModelWeights
@@ -257,11 +257,8 @@ def _forward_pass(
 
 def _comparable(a: forward.Architecture, b: forward.Architecture) -> None:
     """Fail (exit 1) when the two configs describe different functions: they cannot be equal."""
-    diffs = [
-        f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
-        for f in fields(a)
-        if f.name not in REPRESENTATION_FIELDS | {"name"} and getattr(a, f.name) != getattr(b, f.name)
-    ]
+    fa, fb = a.function_fields(), b.function_fields()
+    diffs = [f"{k}: {fa[k]!r} vs {fb[k]!r}" for k in fa if k not in REPRESENTATION_FIELDS and fa[k] != fb[k]]
     if diffs:
         raise CheckFailed(f"the two checkpoints have different architectures ({'; '.join(diffs[:3])})")
 
@@ -339,7 +336,7 @@ def forward_check(open_sides: Callable[[], tuple[Any, Any]], device: str, subjec
     with status("checking: opening both sides"):
         try:
             before, after = open_sides()
-        except forward.UnsupportedFamily as e:
+        except UnsupportedFamily as e:
             return f"forward-pass check skipped: {e}"
         except QkvconvError as e:
             if not optional:
@@ -351,7 +348,7 @@ def forward_check(open_sides: Callable[[], tuple[Any, Any]], device: str, subjec
         atol, rtol = DEFAULT_TOLERANCE[stored]
     try:
         report = verify(before, after, device=device, atol=atol, rtol=rtol, progress=layers("checking"))
-    except forward.UnsupportedFamily as e:
+    except UnsupportedFamily as e:
         return f"forward-pass check skipped: {e}"
     if not report.passed:
         raise mismatch(report, subject, undone)

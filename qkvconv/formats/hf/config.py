@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from dataclasses import asdict
 from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
@@ -324,18 +323,9 @@ def _extra_fields(family: Family, cfg: Mapping[str, Any], block: Block, window_l
 
 
 def _forward_fields(litgpt_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """What the forward pass computes with (qkvconv.forward), without the name.
-
-    Positions condensed by c (litgpt's rope_condense_ratio, LLaMA-2-7B-32K) rotate exactly as linear RoPE
-    scaling by c (every inverse frequency / c), which is how config.json says it: where nothing else
-    scales the RoPE and there is no local base (litgpt condenses the local layers' positions too), the
-    fields say linear scaling, so that the two spellings compare equal."""
-    arch = asdict(Architecture.from_litgpt_config(litgpt_cfg))
-    arch.pop("name")
-    condense = arch["rope_condense_ratio"]
-    if condense != 1 and arch["rope_scaling"] == "none" and arch["rope_local_base"] is None:
-        arch.update(rope_condense_ratio=1, rope_scaling="linear", rope_factor=float(condense))
-    return arch
+    """What the forward pass computes with (qkvconv.forward), one spelling per function (see
+    Architecture.function_fields)."""
+    return Architecture.from_litgpt_config(litgpt_cfg).function_fields()
 
 
 # ---------------------------------------------------------------------------------------------
