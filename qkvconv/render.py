@@ -107,6 +107,10 @@ def verify_table(report) -> None:
         memory += f", peak GPU {report.peak_gpu_bytes / 2**20:,.0f} MiB"
     _out().print(f"top-1 agreement {report.top1_agreement:.1%}; tolerance atol={report.atol:g} rtol={report.rtol:g}; "
               f"{report.seconds:.2f} s, {memory}")
+    if report.tolerance_reason:
+        _out().print(f"tolerance: {report.tolerance_reason}")
+    for note in report.notes:
+        _out().print(f"[yellow]note:[/] {note}")
     if report.nonfinite_summary:
         _out().print(f"[yellow]{report.nonfinite_summary}[/]")
     if report.passed:

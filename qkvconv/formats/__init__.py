@@ -35,6 +35,7 @@ class FormatEntry:
     markers: tuple[str, ...] = ()  # glob patterns a directory must all match; () = written only, never detected
     attribute: str = "FORMAT"
     adapter: bool = False  # a LoRA adapter on a base model (the Format says so too; here for torch-free listings)
+    single_file: str | None = None  # a format that is one file with this suffix (GGUF): the file is the checkpoint
 
     def matches(self, directory: Path) -> bool:
         return bool(self.markers) and all(any(directory.glob(pattern)) for pattern in self.markers)
@@ -56,6 +57,8 @@ ENTRIES: tuple[FormatEntry, ...] = (
                 ("config.json",)),
     FormatEntry("meta", "qkvconv.formats.meta", "Meta's original Llama (params.json, consolidated.00.pth)",
                 ("params.json", "consolidated.*.pth")),
+    FormatEntry("gguf", "qkvconv.formats.gguf.format", "llama.cpp's GGUF (one .gguf file)", ("*.gguf",),
+                single_file=".gguf"),
 )
 BY_NAME = {e.name: e for e in ENTRIES}
 NAMES = tuple(e.name for e in ENTRIES)
@@ -70,8 +73,31 @@ def get(name: str) -> FormatEntry:
         raise QkvconvError(f"--to must be one of {', '.join(NAMES)}, got {name!r}") from None
 
 
+def _single_file(path: Path) -> FormatEntry | None:
+    """The entry of a single-file format whose file `path` is (by its magic where the format has one)."""
+    for entry in ENTRIES:
+        if entry.single_file and path.suffix == entry.single_file:
+            return entry
+    from qkvconv.formats.gguf.reading import is_gguf  # torch-free
+
+    return BY_NAME["gguf"] if is_gguf(path) else None
+
+
+def locate(source: Path) -> tuple[FormatEntry, Path]:
+    """The format of `source` (a checkpoint directory, a file in one, or a single-file checkpoint such as a
+    .gguf) and the path its Format reads: the file itself for single-file formats, else the directory."""
+    if source.is_file():
+        entry = _single_file(source)
+        if entry is not None:
+            return entry, source
+        source = source.parent
+    return detect(source), source
+
+
 def detect(directory: Path) -> FormatEntry:
-    """The format of a checkpoint directory, from the files it holds."""
+    """The format of a checkpoint directory, from the files it holds (or of a single-file checkpoint)."""
+    if directory.is_file() and (entry := _single_file(directory)) is not None:
+        return entry
     if directory.is_dir():
         for entry in ENTRIES:
             if entry.matches(directory):

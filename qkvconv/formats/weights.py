@@ -218,7 +218,7 @@ def open_weights(
     say (`base_option` names the option it came from, for errors)."""
     from qkvconv import formats
 
-    directory = source.parent if source.is_file() else source
-    if not directory.is_dir():
+    if not source.exists():
         raise QkvconvError(f"{source} does not exist")
-    return formats.detect(directory).load().weights(source, base=base, base_option=base_option)
+    entry, path = formats.locate(source)
+    return entry.load().weights(path if entry.single_file else source, base=base, base_option=base_option)

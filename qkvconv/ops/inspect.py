@@ -15,17 +15,17 @@ from qkvconv.errors import QkvconvError
 # Report keys, in the order the table shows them; the JSON mode emits exactly these.
 FIELDS = (
     "source", "format", "family", "model", "legacy", "naming", "qkv_order", "evidence", "n_layer", "n_head",
-    "n_query_groups", "head_size", "n_embd", "attention", "lora", "dtype", "parameters", "files", "notes",
+    "n_query_groups", "head_size", "n_embd", "attention", "rope", "lora", "dtype", "parameters", "files", "notes",
 )
 
 
 def inspect_path(source: Path, base: Path | None = None) -> dict[str, Any]:
     """Inspect any supported checkpoint directory (litgpt, litgpt LoRA, Hugging Face, Meta, PEFT).
     `base`: the base of a LoRA run, where its hyperparameters.yaml does not lead to it."""
-    directory = source.parent if source.is_file() else source
-    if not directory.is_dir():
+    if not source.exists():
         raise QkvconvError(f"{source} does not exist")
-    report = formats.detect(directory).load().inspect(directory, base)
+    entry, path = formats.locate(source)
+    report = entry.load().inspect(path, base)
     extra = [k for k in report if k not in FIELDS]  # a format's own keys (HF: architecture) come after
     return {k: report[k] for k in (*FIELDS, *extra) if k in report}
 

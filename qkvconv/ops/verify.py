@@ -75,6 +75,10 @@ class VerifyReport:
     peak_gpu_bytes: int | None = None
     # weights holding NaN/inf, per side; only looked for when a stage held NaN/inf (see the module's doc)
     nonfinite_weights: dict[str, list[str]] = field(default_factory=lambda: {"reference": [], "candidate": []})
+    # why the tolerance is what it is, where a side's storage set it (a quantized GGUF), and what else the
+    # reader should know (a setting one side's file cannot record, taken from the other side)
+    tolerance_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -255,6 +259,34 @@ def _forward_pass(
     return nonfinite
 
 
+def _assumed(reference: Any, candidate: Any, arch_a: forward.Architecture, arch_b: forward.Architecture
+             ) -> tuple[forward.Architecture, forward.Architecture, list[str]]:
+    """Settings a side's file cannot record (a GGUF's GELU: llama.cpp's is the tanh approximation, the file
+    says nothing) are taken from the other side, and the notes say so: the check is then about the weights."""
+    from dataclasses import replace
+
+    notes = []
+    for side, other, arch, other_arch in ((reference, candidate, arch_a, arch_b), (candidate, reference, arch_b, arch_a)):
+        for name in getattr(side, "assumed", ()):
+            mine, theirs = getattr(arch, name), getattr(other_arch, name)
+            if mine != theirs and not getattr(other, "assumed", ()):
+                notes.append(f"{side.description} cannot record {name} (llama.cpp computes {mine!r}); compared with "
+                             f"the other side's {theirs!r}: llama.cpp's own run differs by that approximation")
+                if side is reference:
+                    arch_a = replace(arch_a, **{name: theirs})
+                else:
+                    arch_b = replace(arch_b, **{name: theirs})
+    return arch_a, arch_b, notes
+
+
+def _storage_tolerance(reference: Any, candidate: Any) -> Any:
+    """The tolerance a side's lossy storage (a quantized or half-precision GGUF against a wider reference)
+    needs, the larger of the two sides'; None where the dtype's defaults hold."""
+    found = [t for side, other in ((reference, candidate), (candidate, reference))
+             if hasattr(side, "tolerance") and (t := side.tolerance(other.dtype())) is not None]
+    return max(found, key=lambda t: t.rtol, default=None)
+
+
 def _comparable(a: forward.Architecture, b: forward.Architecture) -> None:
     """Fail (exit 1) when the two configs describe different functions: they cannot be equal."""
     fa, fb = a.function_fields(), b.function_fields()
@@ -285,16 +317,22 @@ def verify(
     _check_tolerance("--rtol", rtol)
     dev = resolve_device(device)
     arch_a, arch_b = architecture(reference), architecture(candidate)
+    arch_a, arch_b, notes = _assumed(reference, candidate, arch_a, arch_b)
     _comparable(arch_a, arch_b)
     tokens = sequence_length(tokens, block_size(reference), block_size(candidate))
     cdtype = compute_dtype(reference, dev, dtype)
     d_atol, d_rtol = DEFAULT_TOLERANCE[cdtype]
+    storage = _storage_tolerance(reference, candidate) if atol is None and rtol is None else None
+    if storage is not None:
+        d_atol, d_rtol = max(d_atol, storage.atol), max(d_rtol, storage.rtol)
     # --atol alone means a purely absolute tolerance; neither means the dtype's defaults
     atol, rtol = (d_atol if atol is None else atol), ((d_rtol if atol is None else 0.0) if rtol is None else rtol)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, arch_a.padded_vocab_size, (batch, tokens), generator=generator).to(dev)
     report = VerifyReport(reference.description, candidate.description, str(dev), str(cdtype).removeprefix("torch."),
-                          tokens, seed, atol, rtol)
+                          tokens, seed, atol, rtol, notes=notes)
+    if storage is not None:
+        report.tolerance_reason = f"{storage.why}: atol {storage.atol:g}, rtol {storage.rtol:g} (set by the stored type)"
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 

@@ -1,0 +1,195 @@
+"""llama.cpp's architectures as data: per `general.architecture`, where every litgpt tensor lives in a
+GGUF file, what llama.cpp does to it on the way, and how llama.cpp runs the model. Torch-free.
+
+    arch = resolve("falcon", tensor_names)   # Falcon-40B's layout when attn_norm_2 is present
+    arch.rope                                # RopeOrder.HALF: llama.cpp's NEOX rope (pairs offset by n_rot/2)
+    arch.layer["norm_1"]                     # "attn_norm_2": the norm that feeds attention
+
+Every fact below is read from llama.cpp as vendored in llama-cpp-python 0.3.36 (cited per entry; see
+docs/layouts.md "GGUF"): the converter (`convert_hf_to_gguf.py`, `conversion/*.py`), the model graphs
+(`src/models/*.cpp`) and `llama_model_rope_type` in `src/llama-model.cpp`, which says which
+architectures rotate adjacent pairs of a head's dims ("NORM": Meta's order, litgpt `rope_interleave`) and
+which rotate dims i and i + n_rot/2 ("NEOX": the half order of transformers and litgpt).
+
+Tensor names are modules without `.weight` / `.bias` (both map alike); `{i}` is the layer. q/k/v are either
+`split` (attn_q, attn_k, attn_v) or `fused` (attn_qkv, rows sequential: Q heads, K heads, V heads, which the
+converter makes of Falcon's grouped and GPT-NeoX's per-head rows and which Phi-3's qkv_proj already is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from collections.abc import Collection, Mapping
+
+from qkvconv.errors import UnsupportedFamily
+from qkvconv.model import names as L
+from qkvconv.model.rotary import RopeOrder
+
+GLOBAL = {L.EMBEDDING: "token_embd", L.FINAL_NORM: "output_norm", L.HEAD: "output"}
+QKV_SPLIT = ("blk.{i}.attn_q", "blk.{i}.attn_k", "blk.{i}.attn_v")
+QKV_FUSED = "blk.{i}.attn_qkv"
+
+# litgpt module (under transformer.h.{i}) -> GGUF module
+LLAMA_LAYER = {
+    L.NORM_1: "blk.{i}.attn_norm",
+    L.ATTN_PROJ: "blk.{i}.attn_output",
+    L.NORM_2: "blk.{i}.ffn_norm",
+    L.MLP_FC_1: "blk.{i}.ffn_gate",  # the activated one: down(act(gate(x)) * up(x))
+    L.MLP_FC_2: "blk.{i}.ffn_up",
+    L.MLP_PROJ: "blk.{i}.ffn_down",
+}
+NEOX_LAYER = {
+    L.NORM_1: "blk.{i}.attn_norm",
+    L.ATTN_PROJ: "blk.{i}.attn_output",
+    L.NORM_2: "blk.{i}.ffn_norm",
+    L.MLP_FC: "blk.{i}.ffn_up",
+    L.MLP_PROJ: "blk.{i}.ffn_down",
+}
+QK_NORMS = {L.NORM_Q: "blk.{i}.attn_q_norm", L.NORM_K: "blk.{i}.attn_k_norm"}
+
+# llama.cpp's GELU (ggml_gelu, used by LLM_FFN_GELU) is the tanh approximation on the CPU and GPU
+# backends; GGUF records no activation, so this is how llama.cpp runs every GELU architecture here.
+GGML_GELU = "tanh"
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """One llama.cpp architecture (`general.architecture`) as qkvconv reads and writes it."""
+
+    name: str  # general.architecture
+    label: str  # for people, and litgpt's `name` (which decides Gemma's 1 + w norms)
+    rope: RopeOrder  # NORM -> pairs, NEOX -> half (llama_model_rope_type)
+    qkv: str  # "split" | "fused"
+    layer: Mapping[str, str]  # litgpt module -> GGUF module, per layer (q/k/v apart)
+    norm_class_name: str  # "RMSNorm" | "LayerNorm"
+    mlp_class_name: str  # "LLaMAMLP" | "GptNeoxMLP" | "GemmaMLP"
+    eps_key: str  # attention.layer_norm_rms_epsilon | attention.layer_norm_epsilon
+    parallel_residual: bool = False
+    parallel_residual_key: str | None = None  # a metadata key that says it (gptneox.use_parallel_residual)
+    shared_attention_norm: bool = False  # one norm feeds attention and MLP (Falcon-7B, Phi-2)
+    gate_up: bool = False  # ffn_up holds gate then up rows (Phi-3's gate_up_proj), no ffn_gate
+    norm_offset: float = 0.0  # the converter stores Gemma's norm weights as 1 + w
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(n_embd) (the graph's ggml_scale)
+    norm_qk: str | None = None  # litgpt norm_qk_type of attn_q_norm / attn_k_norm
+    tied_only: bool = False  # no output tensor at all: the head is token_embd (Gemma)
+    sliding_window: str = "none"  # "none": llama.cpp ignores any window; "all": every layer
+    where: str = ""  # where in llama.cpp this is done (docs)
+    converter: str = ""  # the HF architecture whose converter class writes it
+    gelu: str = GGML_GELU
+
+    def module(self, litgpt_module: str, i: int | str) -> str:
+        return self.layer[litgpt_module].format(i=i)
+
+    def qkv_modules(self, i: int | str) -> tuple[str, ...]:
+        return tuple(m.format(i=i) for m in QKV_SPLIT) if self.qkv == "split" else (QKV_FUSED.format(i=i),)
+
+
+LLAMA = GGUFArch(
+    "llama", "Llama (GGUF)", RopeOrder.PAIRS, "split", LLAMA_LAYER, "RMSNorm", "LLaMAMLP",
+    "attention.layer_norm_rms_epsilon", converter="LlamaForCausalLM, MistralForCausalLM",
+    where="conversion/llama.py LlamaModel.modify_tensors permutes q_proj and k_proj (LlamaModel.permute, per "
+          "head: half -> pairs; K with num_key_value_heads); src/models/llama.cpp reads no sliding window",
+)
+QWEN2 = GGUFArch(
+    "qwen2", "Qwen2 (GGUF)", RopeOrder.HALF, "split", LLAMA_LAYER, "RMSNorm", "LLaMAMLP",
+    "attention.layer_norm_rms_epsilon", converter="Qwen2ForCausalLM",
+    where="conversion/qwen.py Qwen2Model: tensors renamed only; NEOX rope",
+)
+QWEN3 = replace(QWEN2, name="qwen3", label="Qwen3 (GGUF)", layer={**LLAMA_LAYER, **QK_NORMS}, norm_qk="default",
+                converter="Qwen3ForCausalLM", where="conversion/qwen.py Qwen3Model: tensors renamed only; NEOX rope")
+PHI3 = GGUFArch(
+    "phi3", "Phi-3 (GGUF)", RopeOrder.HALF, "fused",
+    {L.NORM_1: "blk.{i}.attn_norm", L.ATTN_PROJ: "blk.{i}.attn_output", L.NORM_2: "blk.{i}.ffn_norm",
+     L.MLP_PROJ: "blk.{i}.ffn_down"},
+    "RMSNorm", "LLaMAMLP", "attention.layer_norm_rms_epsilon", gate_up=True, converter="Phi3ForCausalLM",
+    where="conversion/phi.py Phi3MiniModel: qkv_proj and gate_up_proj kept fused (attn_qkv, ffn_up; "
+          "src/models/phi3.cpp splits ffn_up with swiglu, gate first); its sliding window is switched off "
+          "(\"Phi SWA is currently disabled\")",
+)
+FALCON = GGUFArch(
+    "falcon", "Falcon 7B (GGUF)", RopeOrder.HALF, "fused", NEOX_LAYER, "LayerNorm", "GptNeoxMLP",
+    "attention.layer_norm_epsilon", parallel_residual=True, shared_attention_norm=True,
+    converter="FalconForCausalLM",
+    where="conversion/falcon.py FalconModel.modify_tensors re-orders query_key_value from grouped (per KV group: "
+          "its Q heads, K, V) to sequential; src/models/falcon.cpp: attention reads attn_norm_2 where present "
+          "(Falcon-40B: HF ln_attn), the MLP attn_norm (HF ln_mlp; Falcon-7B: the one shared input_layernorm)",
+)
+FALCON_40B = replace(FALCON, label="Falcon 40B (GGUF)", shared_attention_norm=False,
+                     layer={**NEOX_LAYER, L.NORM_1: "blk.{i}.attn_norm_2", L.NORM_2: "blk.{i}.attn_norm"})
+GPTNEOX = GGUFArch(
+    "gptneox", "GPT-NeoX (GGUF)", RopeOrder.HALF, "fused", NEOX_LAYER, "LayerNorm", "GptNeoxMLP",
+    "attention.layer_norm_epsilon", parallel_residual=True, parallel_residual_key="use_parallel_residual",
+    converter="GPTNeoXForCausalLM",
+    where="conversion/gptneox.py GPTNeoXModel.modify_tensors re-orders query_key_value (weight and bias) from "
+          "per-head (q_h, k_h, v_h) to sequential; rope.dimension_count = rotary_pct * head_size",
+)
+GEMMA = GGUFArch(
+    "gemma", "Gemma (GGUF)", RopeOrder.HALF, "split", LLAMA_LAYER, "RMSNorm", "GemmaMLP",
+    "attention.layer_norm_rms_epsilon", norm_offset=1.0, scale_embeddings=True, tied_only=True,
+    converter="GemmaForCausalLM",
+    where="conversion/gemma.py GemmaModel.modify_tensors stores every norm weight as w + 1 and drops lm_head "
+          "(tied); src/models/gemma.cpp scales embeddings by sqrt(n_embd), Q by 1/sqrt(head_dim), GELU-gated MLP",
+)
+STABLELM = GGUFArch(
+    "stablelm", "StableLM (GGUF)", RopeOrder.HALF, "split", LLAMA_LAYER, "LayerNorm", "LLaMAMLP",
+    "attention.layer_norm_epsilon", converter="StableLmForCausalLM",
+    where="conversion/stablelm.py: tensors renamed only; a model without ffn_norm runs attention and MLP in "
+          "parallel on attn_norm (use_parallel_residual)",
+)
+PHI2 = GGUFArch(
+    "phi2", "Phi-2 (GGUF)", RopeOrder.HALF, "split", {k: v for k, v in NEOX_LAYER.items() if k != L.NORM_2},
+    "LayerNorm", "GptNeoxMLP", "attention.layer_norm_epsilon", parallel_residual=True, shared_attention_norm=True,
+    converter="PhiForCausalLM",
+    where="conversion/phi.py Phi2Model: tensors renamed only; one LayerNorm feeds attention and MLP in parallel",
+)
+OLMO2 = GGUFArch(
+    "olmo2", "OLMo 2 (GGUF)", RopeOrder.HALF, "split",
+    {L.ATTN_PROJ: "blk.{i}.attn_output", L.POST_ATTENTION_NORM: "blk.{i}.post_attention_norm",
+     L.POST_MLP_NORM: "blk.{i}.post_ffw_norm", L.MLP_FC_1: "blk.{i}.ffn_gate", L.MLP_FC_2: "blk.{i}.ffn_up",
+     L.MLP_PROJ: "blk.{i}.ffn_down", **QK_NORMS},
+    "RMSNorm", "LLaMAMLP", "attention.layer_norm_rms_epsilon", norm_qk="olmo2", converter="Olmo2ForCausalLM",
+    where="conversion/olmo.py Olmo2Model: tensors renamed only; NEOX rope",
+)
+
+ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, PHI3, FALCON, GPTNEOX, GEMMA, STABLELM,
+                                                  PHI2, OLMO2)}
+
+
+def resolve(name: str, tensor_names: Collection[str]) -> GGUFArch:
+    """The entry of `general.architecture`, with the variant its tensors show (Falcon-40B: attn_norm_2;
+    StableLM without ffn_norm: parallel residual on one norm). Unknown architectures are refused."""
+    arch = ARCHS.get(name)
+    if arch is None:
+        raise UnsupportedFamily(f"GGUF architecture {name!r} is not one qkvconv reads (it reads: {', '.join(ARCHS)})")
+    if arch is FALCON and "blk.0.attn_norm_2.weight" in tensor_names:
+        return FALCON_40B
+    if arch is STABLELM and "blk.0.ffn_norm.weight" not in tensor_names:
+        return replace(arch, parallel_residual=True, shared_attention_norm=True,
+                       layer={k: v for k, v in arch.layer.items() if k != L.NORM_2})
+    return arch
+
+
+def for_family(litgpt_name: str, cfg: Mapping[str, object]) -> GGUFArch | None:
+    """The architecture `convert --to gguf` writes for a litgpt config, or None (no llama.cpp architecture
+    computes it): chosen by what the config computes, as llama.cpp's converter chooses by the HF class."""
+    mlp, norm = cfg.get("mlp_class_name"), cfg.get("norm_class_name")
+    for arch in _WRITE_ORDER:
+        if arch.mlp_class_name == mlp and arch.norm_class_name == norm and _fits(arch, cfg):
+            return arch
+    return None
+
+
+def _fits(arch: GGUFArch, cfg: Mapping[str, object]) -> bool:
+    parallel, shared = bool(cfg.get("parallel_residual")), bool(cfg.get("shared_attention_norm"))
+    if arch.parallel_residual_key is None and (parallel, shared) != (arch.parallel_residual, arch.shared_attention_norm):
+        return False
+    if arch.parallel_residual_key is not None and shared:
+        return False
+    norm_qk = cfg.get("norm_qk_type", "default") if cfg.get("norm_qk") else None
+    return norm_qk == arch.norm_qk and bool(cfg.get("norm_1", True)) == (L.NORM_1 in arch.layer)
+
+
+_WRITE_ORDER = (LLAMA, QWEN3, GEMMA, GPTNEOX, FALCON, FALCON_40B, OLMO2)
+
+
+__all__ = ["ARCHS", "GGUFArch", "GGML_GELU", "resolve", "for_family"]

@@ -1,0 +1,177 @@
+"""The GGUF format in the registry: one `.gguf` file (llama.cpp's), read and written with ggml's `gguf`
+package. Which rotary order it holds depends on the architecture (archs.py): pairs for llama.cpp's
+NORM-rope architectures (Llama, Mistral), half for NEOX (Qwen2, Phi-3, Falcon, GPT-NeoX, Gemma).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qkvconv.errors import QkvconvError
+from qkvconv.formats.base import Format, Source, Transformations
+from qkvconv.formats.gguf.reading import TOLERANCES, GGUFFile, Tolerance, litgpt_config, plan_gguf_to_litgpt
+
+if TYPE_CHECKING:
+    from qkvconv.io.readers import TensorMeta
+    from qkvconv.plans.plan import Plan
+    from qkvconv.plans.transforms import ModelPlan
+
+WEIGHTS = "model.gguf"  # the file written inside an --out directory
+
+
+def gguf_path(source: Path) -> Path:
+    """The .gguf file of `source`: itself, or the one .gguf file of a directory."""
+    if source.is_file():
+        return source
+    found = sorted(source.glob("*.gguf"))
+    if len(found) != 1:
+        raise QkvconvError(f"{source} holds {len(found)} .gguf files; name the file itself")
+    return found[0]
+
+
+def _open(source: Path) -> tuple[GGUFFile, dict[str, Any], Plan]:
+    g = GGUFFile(gguf_path(source))
+    cfg = litgpt_config(g)
+    return g, cfg, plan_gguf_to_litgpt(g, cfg)
+
+
+def rope_report(order: str, fraction: float, evidence: str) -> dict[str, Any]:
+    return {"order": order, "fraction": fraction, "evidence": evidence}
+
+
+def inspect_gguf(source: Path) -> dict[str, Any]:
+    """The inspect report: architecture, heads, QKV layout and rotary order (with the metadata keys that
+    say so), tensor types and sizes."""
+    from collections import Counter
+
+    from qkvconv.model.layout import HeadLayout
+
+    g, cfg, _ = _open(source)
+    arch = g.arch
+    heads = HeadLayout(cfg["n_head"], cfg["n_query_groups"], cfg["head_size"])
+    n_rot = round(cfg["rotary_percentage"] * cfg["head_size"])
+    types: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    for name in g.names():
+        t = g._tensor(name)
+        types[g.type_name(name)] += int(t.n_elements)
+        sizes[g.type_name(name)] += int(t.n_bytes)
+    kind = "NORM (adjacent pairs)" if arch.rope.value == "pairs" else "NEOX (dims i and i + n_rot/2)"
+    qkv = ("separate attn_q / attn_k / attn_v" if arch.qkv == "split"
+           else "one fused attn_qkv, rows sequential (Q heads, K heads, V heads)")
+    evidence = [
+        f"general.architecture = {arch.name}: llama.cpp rotates it with {kind} RoPE (llama_model_rope_type)",
+        f"{arch.name}.attention.head_count = {cfg['n_head']}, head_count_kv = {cfg['n_query_groups']}, "
+        f"key_length = {cfg['head_size']}, rope.dimension_count = {n_rot}",
+        f"{qkv}; {arch.where}",
+    ]
+    tokenizer = g.get("tokenizer.ggml.model")
+    return {
+        "source": str(g.path), "format": "gguf", "family": arch.name, "model": g.get("general.name"),
+        "legacy": False, "naming": "blk.{i}.attn_q/attn_k/attn_v" if arch.qkv == "split" else "blk.{i}.attn_qkv",
+        "qkv_order": "split" if arch.qkv == "split" else "sequential", "evidence": evidence,
+        "n_layer": cfg["n_layer"], "n_head": heads.n_head, "n_query_groups": heads.n_query_groups,
+        "head_size": heads.head_size, "n_embd": cfg["n_embd"], "attention": heads.attention, "lora": None,
+        "dtype": next(iter(types)) if len(types) == 1 else dict(types.most_common()),
+        "parameters": sum(types.values()),
+        "files": [{"name": g.path.name, "bytes": g.path.stat().st_size}],
+        "notes": [] if tokenizer else ["no tokenizer.ggml.model: llama.cpp cannot load this file"],
+        "rope": rope_report(arch.rope.value, cfg["rotary_percentage"],
+                            f"general.architecture = {arch.name} ({kind} in llama.cpp), {arch.name}.rope."
+                            f"dimension_count = {n_rot} of head size {cfg['head_size']}"),
+        "architecture": arch.name,
+        "tensor_types": {k: {"parameters": v, "bytes": sizes[k]} for k, v in types.most_common()},
+        "tokenizer": tokenizer,
+    }
+
+
+@dataclass
+class GGUFWeights:
+    """A GGUF file under litgpt names for the reference forward pass (formats/weights.py PlannedWeights'
+    contract), with what verify must know about its storage: the tolerance its lossiest tensor type
+    needs, and the config fields the file cannot record (which GELU: llama.cpp's own is tanh)."""
+
+    description: str
+    config: dict[str, Any]
+    reader: GGUFFile
+    recipes: dict[str, Any]
+    storage: str = "F32"
+    assumed: frozenset[str] = field(default_factory=frozenset)
+
+    def __call__(self, name: str) -> Any:
+        recipe = self.recipes[name]
+        return recipe.apply([self.reader.read(i) for i in recipe.inputs])
+
+    def release(self) -> None:
+        self.reader.release()
+
+    def dtype(self) -> Any:
+        import torch
+
+        return {"F16": torch.float16, "BF16": torch.bfloat16}.get(self.storage, torch.float32)
+
+    def tolerance(self, other_dtype: Any) -> Tolerance | None:
+        """The stage tolerance this file's storage needs against a reference stored as `other_dtype`;
+        None where the defaults hold (float types no narrower than the other side's)."""
+        if self.storage == "F32" or (self.storage in ("F16", "BF16") and self.dtype() == other_dtype):
+            return None
+        known = TOLERANCES.get(self.storage)
+        if known is None:
+            raise QkvconvError(f"{self.description}: weights in {self.storage}, for which qkvconv has no calibrated "
+                               "tolerance (it knows F16, BF16, Q8_0, Q4_0); pass --atol and --rtol to compare at yours")
+        return known
+
+
+def gguf_weights(source: Path) -> GGUFWeights:
+    g, cfg, plan = _open(source)
+    assumed = frozenset({"gelu_approximate"}) if cfg["mlp_class_name"] in ("GptNeoxMLP", "GemmaMLP") else frozenset()
+    return GGUFWeights(str(g.path), cfg, g, {r.output: r for r in plan.recipes}, g.lossiest(), assumed)
+
+
+class GGUF(Format):
+    name = "gguf"
+    rope = None  # the architecture decides (archs.py)
+    configs = ()
+
+    def inspect(self, directory: Path, base: Path | None = None) -> dict[str, Any]:
+        return inspect_gguf(directory)
+
+    def weights(self, source: Path, base: Path | None = None, base_option: str = "--base") -> Any:
+        return gguf_weights(source)
+
+    def source(self, directory: Path) -> Source:
+        from qkvconv.plans.transforms import ModelPlan
+
+        g, cfg, plan = _open(directory)
+        if g.lossiest() not in ("F32", "F16", "BF16"):
+            raise QkvconvError(f"{g.path} holds {g.lossiest()} weights: converting them would not be exact "
+                               "(qkvconv converts F32, F16 and BF16 files; verify compares quantized ones)")
+        return Source(ModelPlan(plan, cfg), g, None, "output.weight" not in g.names())
+
+    def target_plan(self, model: ModelPlan, source_json: dict[str, Any] | None, changes: Transformations,
+                    source_format: str) -> Plan:
+        from qkvconv.formats.gguf.writing import plan_litgpt_to_gguf
+
+        return plan_litgpt_to_gguf(model, source_json, changes)
+
+    def expressible(self, cfg: dict[str, Any], source_json: dict[str, Any] | None) -> None:
+        from qkvconv.formats.gguf.writing import choose_arch
+
+        choose_arch(cfg, source_json)
+
+    def files(self, layout: dict[str, TensorMeta], max_shard_size: int | None) -> dict[str, list[str]]:
+        return {WEIGHTS: list(layout)}
+
+    def writer(self, directory: Path, layout: dict[str, TensorMeta], max_shard_size: int | None,
+               header: dict[str, Any] | None = None) -> AbstractContextManager[Any]:
+        from qkvconv.formats.gguf.writing import GGUFTensorWriter
+
+        if header is None:
+            raise QkvconvError("a GGUF file needs its metadata: the plan carries none")
+        return GGUFTensorWriter(directory / WEIGHTS, layout, header)
+
+
+FORMAT = GGUF()

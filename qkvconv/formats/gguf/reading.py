@@ -1,0 +1,333 @@
+"""Reading a GGUF file with ggml's own `gguf` package: tensors one at a time, the litgpt config its
+metadata implies, and the plan from llama.cpp's tensor names back to litgpt's.
+
+    gguf_file = GGUFFile(Path("model.gguf"))        # gguf.GGUFReader: the file is memory-mapped
+    arch = gguf_file.arch                           # archs.GGUFArch, e.g. llama (rotary in pairs order)
+    cfg = litgpt_config(gguf_file)                  # litgpt Config fields: heads, eps, rope, biases, ...
+    plan = plan_gguf_to_litgpt(gguf_file)           # recipes: attn_q/k/v fused, Gemma's 1 + w undone
+
+Q and K stay in the order llama.cpp rotates them (pairs for NORM-rope architectures, whose converter
+permuted them): the config says so with `rope_interleave`, so the reference forward pass computes what
+llama.cpp computes, and a wrong permutation in any layer shows in that layer's output. ggml lists dims
+innermost first; the reader's arrays are already in torch's order. Quantized tensors are dequantized
+with gguf.quants.dequantize to float32; their error is judged with the tolerance of their type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qkvconv.errors import QkvconvError, UnsupportedFamily
+from qkvconv.formats.gguf.archs import GGUFArch, resolve
+from qkvconv.model import names as L
+from qkvconv.model.layout import HeadLayout, QKVOrder
+from qkvconv.plans.plan import CheckRows, Fuse, Plan, Recipe, Step
+
+MAGIC = b"GGUF"
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def is_gguf(path: Path) -> bool:
+    """A file that starts with GGUF's magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a model stored in a lossy tensor type may be from its float source at each forward-pass
+    stage (atol + rtol * the stage's scale), and why."""
+
+    atol: float
+    rtol: float
+    why: str
+
+
+# Per lossy type: the stage tolerance verify applies, calibrated on tests/test_gguf.py's models (the
+# largest stage difference a correct file showed, with margin; a wrong Q/K permutation in one layer is
+# off by far more, see docs/layouts.md). F16/BF16 apply only against a wider reference.
+TOLERANCES = {
+    "F16": Tolerance(1e-3, 5e-3, "F16 weights round each value to 11 significant bits"),
+    "BF16": Tolerance(1e-2, 4e-2, "BF16 weights round each value to 8 significant bits"),
+    "Q8_0": Tolerance(2e-2, 0.15, "Q8_0 stores blocks of 32 weights as 8-bit integers with one scale"),
+    "Q4_0": Tolerance(5e-2, 0.6, "Q4_0 stores blocks of 32 weights as 4-bit integers with one scale"),
+}
+
+
+class GGUFFile:
+    """One GGUF file as a TensorReader (io/readers.py): names, metas, tensors read one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        import gguf
+
+        self.path = path
+        try:
+            self._reader = gguf.GGUFReader(path, "r")
+        except (ValueError, OSError, IndexError, KeyError) as e:
+            raise QkvconvError(f"cannot read {path} as GGUF: {e}") from None
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        name = self.get("general.architecture")
+        if not isinstance(name, str):
+            raise QkvconvError(f"{path} has no general.architecture")
+        self.arch: GGUFArch = resolve(name, self._tensors)
+
+    # metadata
+    def get(self, key: str, default: Any = None) -> Any:
+        """A metadata value; a float32 value as the shortest decimal that rounds to it (1e-06, not
+        9.99999997e-07): GGUF stores config floats in 32 bits."""
+        import numpy as np
+        from gguf import GGUFValueType
+
+        field = self._reader.fields.get(key)
+        if field is None:
+            return default
+        value = field.contents()
+        if field.types == [GGUFValueType.FLOAT32]:
+            return float(str(np.float32(value)))
+        return value
+
+    def key(self, suffix: str, default: Any = None) -> Any:
+        """An architecture key: `{general.architecture}.{suffix}`."""
+        return self.get(f"{self.arch.name}.{suffix}", default)
+
+    def keys(self) -> list[str]:
+        return list(self._reader.fields)
+
+    # tensors (TensorReader)
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def type_name(self, name: str) -> str:
+        return self._tensor(name).tensor_type.name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensor(name).shape.tolist()))
+
+    def _tensor(self, name: str) -> Any:
+        t = self._tensors.get(name)
+        if t is None:
+            raise QkvconvError(f"{self.path} has no tensor {name!r}")
+        return t
+
+    def meta(self, name: str) -> Any:
+        import torch
+
+        from qkvconv.plans.plan import TensorMeta
+
+        kind = self.type_name(name)
+        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(kind, torch.float32)
+        return TensorMeta(self.shape(name), dtype)
+
+    def read(self, name: str) -> Any:
+        import numpy as np
+        import torch
+
+        t, kind = self._tensor(name), self.type_name(name)
+        shape = self.shape(name)
+        if kind in FLOAT_TYPES:
+            data = np.array(t.data, copy=True).reshape(-1)
+            out = torch.from_numpy(data)
+            if kind == "BF16":  # the reader hands BF16 over as its raw 16 bits
+                out = out.view(torch.bfloat16)
+            return out.reshape(shape)
+        from gguf import quants
+
+        try:
+            data = quants.dequantize(np.asarray(t.data), t.tensor_type)
+        except NotImplementedError:
+            raise QkvconvError(f"{self.path}: gguf cannot dequantize {name} ({kind})") from None
+        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(shape)
+
+    def peek(self, name: str) -> Any:
+        return self.read(name)
+
+    def raw(self, name: str) -> Any:
+        """Float tensors' bytes as stored (little-endian files on a little-endian machine)."""
+        import sys
+
+        from qkvconv.io.readers import RawBytes
+
+        t = self._tensor(name)
+        if self.type_name(name) not in FLOAT_TYPES or sys.byteorder != "little" or self._reader.endianess.name != "LITTLE":
+            return None
+        return RawBytes(self.path, int(t.data_offset), int(t.n_bytes))
+
+    def release(self) -> None:
+        """The file is memory-mapped by numpy; read tensors are copies."""
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    # what verify needs to know of the storage
+    def lossiest(self) -> str:
+        """The least precise tensor type of the weight matrices (2D tensors), e.g. Q8_0, F16 or F32."""
+        order = {"F32": 0, "F16": 1, "BF16": 2}
+        kinds = {self.type_name(n) for n in self._tensors if len(self.shape(n)) > 1}
+        return max(kinds, key=lambda k: order.get(k, 3 if k in TOLERANCES else 4), default="F32")
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata -> litgpt config
+
+
+def _require(g: GGUFFile, suffix: str) -> Any:
+    value = g.key(suffix)
+    if value is None:
+        raise QkvconvError(f"{g.path} has no {g.arch.name}.{suffix}")
+    return value
+
+
+def litgpt_config(g: GGUFFile) -> dict[str, Any]:
+    """The litgpt Config fields of the model as llama.cpp runs it (`rope_interleave` for NORM rope)."""
+    arch, names = g.arch, set(g.names())
+    n_embd, n_layer, n_head = (int(_require(g, k)) for k in ("embedding_length", "block_count", "attention.head_count"))
+    n_kv = int(g.key("attention.head_count_kv", n_head))
+    head_size = int(g.key("attention.key_length", n_embd // n_head))
+    n_rot = int(g.key("rope.dimension_count", head_size))
+    vocab = g.shape("token_embd.weight")[0]
+    if "rope_freqs.weight" in names:
+        raise UnsupportedFamily(f"{g.path} carries rope_freqs (per-frequency RoPE factors, Llama 3.1's scaling), which "
+                                "qkvconv's GGUF reader does not map yet")
+    scaling = g.key("rope.scaling.type")
+    adjustments = None
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise UnsupportedFamily(f"{g.path} uses {scaling} RoPE scaling, which qkvconv's GGUF reader does not map")
+        adjustments = {"factor": float(_require(g, "rope.scaling.factor"))}
+    up = g.shape("blk.0.ffn_up.weight")[0]
+    qkv_bias = any(f"{m}.bias" in names for m in arch.qkv_modules(0))
+    proj_bias = "blk.0.attn_output.bias" in names
+    parallel = arch.parallel_residual
+    if arch.parallel_residual_key:
+        parallel = bool(g.key(arch.parallel_residual_key, True))
+    theta = float(g.key("rope.freq_base", 10000.0))
+    cfg: dict[str, Any] = {
+        "name": arch.label,
+        "block_size": int(g.key("context_length", 4096)),
+        "n_layer": n_layer,
+        "n_embd": n_embd,
+        "vocab_size": vocab,
+        "padded_vocab_size": vocab,
+        "norm_class_name": arch.norm_class_name,
+        "norm_eps": float(_require(g, arch.eps_key)),
+        "parallel_residual": parallel,
+        "shared_attention_norm": arch.shared_attention_norm,
+        "n_head": n_head,
+        "head_size": head_size,
+        "n_query_groups": n_kv,
+        "bias": proj_bias,
+        "attn_bias": qkv_bias and not proj_bias,
+        "lm_head_bias": "output.bias" in names,
+        "rotary_percentage": n_rot / head_size,
+        "rope_base": int(theta) if theta.is_integer() else theta,
+        "rope_interleave": arch.rope.value == "pairs",
+        "rope_adjustments": adjustments,
+        "intermediate_size": up // 2 if arch.gate_up else up,
+        "mlp_class_name": arch.mlp_class_name,
+        "gelu_approximate": arch.gelu if arch.mlp_class_name in ("GptNeoxMLP", "GemmaMLP") else "none",
+        "scale_embeddings": arch.scale_embeddings,
+        "norm_qk": arch.norm_qk is not None,
+        "norm_qk_type": arch.norm_qk or "default",
+        "norm_1": L.NORM_1 in arch.layer,
+        "norm_2": L.NORM_2 in arch.layer or arch.shared_attention_norm,
+        "post_attention_norm": L.POST_ATTENTION_NORM in arch.layer,
+        "post_mlp_norm": L.POST_MLP_NORM in arch.layer,
+    }
+    window = g.key("attention.sliding_window")
+    if window and arch.sliding_window == "all":
+        cfg.update(sliding_window_size=int(window), sliding_window_indices=[1] * n_layer)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF names -> litgpt names
+
+
+@dataclass(frozen=True)
+class AddConstant(Step):
+    """t + value, in float32 (or wider): undoes (or makes) llama.cpp's 1 + w of Gemma's norm weights."""
+
+    value: float
+
+    def apply(self, tensors: list[Any]) -> list[Any]:
+        import torch
+
+        (t,) = tensors
+        wide = torch.promote_types(t.dtype, torch.float32)
+        return [(t.to(wide) + self.value).to(t.dtype)]
+
+    def describe(self) -> str:
+        return f"add {self.value:g}"
+
+    def metas(self, inputs: list[Any]) -> list[Any]:
+        return list(inputs)
+
+
+def plan_gguf_to_litgpt(g: GGUFFile, cfg: dict[str, Any] | None = None) -> Plan:
+    """Recipes from the GGUF file's tensors to litgpt's (q/k/v fused in sequential order, fused attn_qkv
+    checked against the heads, Phi-3's ffn_up split into gate and up, Gemma's norms back to w). A tensor
+    the architecture does not account for is refused; a missing `output` means the head is token_embd."""
+    from qkvconv.formats.hf.steps import TakeRows
+
+    cfg = cfg or litgpt_config(g)
+    arch = g.arch
+    heads = HeadLayout(cfg["n_head"], cfg["n_query_groups"], cfg["head_size"])
+    present = set(g.names())
+    used: set[str] = set()
+
+    def take(name: str) -> str:
+        if name not in present:
+            raise QkvconvError(f"{g.path} has no tensor {name!r}, which its {arch.name} metadata implies")
+        used.add(name)
+        return name
+
+    def params(module: str) -> list[str]:
+        return ["weight"] + (["bias"] if f"{module}.bias" in present else [])
+
+    def norm_steps(litgpt_module: str) -> tuple[Step, ...]:
+        is_norm = "norm" in litgpt_module or litgpt_module == L.FINAL_NORM
+        return (AddConstant(-arch.norm_offset),) if arch.norm_offset and is_norm else ()
+
+    recipes = [Recipe(f"{L.EMBEDDING}.weight", (take("token_embd.weight"),))]
+    for i in range(cfg["n_layer"]):
+        lit = L.layer(i)
+        qkv = arch.qkv_modules(i)
+        for p in params(qkv[0]):
+            if len(qkv) == 3:
+                recipes.append(Recipe(f"{lit}.{L.QKV}.{p}", tuple(take(f"{m}.{p}") for m in qkv),
+                                      (Fuse(QKVOrder.SEQUENTIAL, heads),)))
+            else:
+                recipes.append(Recipe(f"{lit}.{L.QKV}.{p}", (take(f"{qkv[0]}.{p}"),),
+                                      (CheckRows(QKVOrder.SEQUENTIAL, heads),)))
+        for module in arch.layer:
+            source = arch.module(module, i)
+            for p in params(source):
+                steps = norm_steps(module) if p == "weight" else ()
+                recipes.append(Recipe(f"{lit}.{module}.{p}", (take(f"{source}.{p}"),), steps))
+        if arch.gate_up:
+            for p in params(f"blk.{i}.ffn_up"):
+                up = take(f"blk.{i}.ffn_up.{p}")
+                recipes += [Recipe(f"{lit}.{L.MLP_FC_1}.{p}", (up,), (TakeRows(0, 2),)),
+                            Recipe(f"{lit}.{L.MLP_FC_2}.{p}", (up,), (TakeRows(1, 2),))]
+    for p in params("output_norm"):
+        recipes.append(Recipe(f"{L.FINAL_NORM}.{p}", (take(f"output_norm.{p}"),),
+                              norm_steps(L.FINAL_NORM) if p == "weight" else ()))
+    notes = [f"GGUF {arch.name}: {arch.where}"]
+    if "output.weight" in present:
+        recipes += [Recipe(f"{L.HEAD}.{p}", (take(f"output.{p}"),)) for p in params("output")]
+    else:
+        recipes.append(Recipe(f"{L.HEAD}.weight", ("token_embd.weight",)))
+        notes.append("no output.weight: the head is token_embd (tied)")
+    left = sorted(present - used)
+    if left:
+        raise UnsupportedFamily(f"{g.path} has tensors a {arch.name} model as qkvconv reads it does not have: "
+                                f"{', '.join(left[:5])}; qkvconv reads only what it can account for")
+    return Plan(recipes, notes=notes)
+
+
+__all__ = ["GGUFFile", "TOLERANCES", "Tolerance", "AddConstant", "is_gguf", "litgpt_config", "plan_gguf_to_litgpt"]
