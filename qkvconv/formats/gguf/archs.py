@@ -107,7 +107,8 @@ PHI3 = GGUFArch(
           "(\"Phi SWA is currently disabled\")",
 )
 FALCON = GGUFArch(
-    "falcon", "Falcon 7B (GGUF)", RopeOrder.HALF, "fused", NEOX_LAYER, "LayerNorm", "GptNeoxMLP",
+    "falcon", "Falcon 7B (GGUF)", RopeOrder.HALF, "fused", {k: v for k, v in NEOX_LAYER.items() if k != L.NORM_2},
+    "LayerNorm", "GptNeoxMLP",
     "attention.layer_norm_epsilon", parallel_residual=True, shared_attention_norm=True,
     converter="FalconForCausalLM",
     where="conversion/falcon.py FalconModel.modify_tensors re-orders query_key_value from grouped (per KV group: "

@@ -121,7 +121,7 @@ class GGUFWeights:
         known = TOLERANCES.get(self.storage)
         if known is None:
             raise QkvconvError(f"{self.description}: weights in {self.storage}, for which qkvconv has no calibrated "
-                               "tolerance (it knows F16, BF16, Q8_0, Q4_0); pass --atol and --rtol to compare at yours")
+                               "tolerance (it knows F16, BF16 and Q8_0); pass --atol and --rtol to compare at yours")
         return known
 
 

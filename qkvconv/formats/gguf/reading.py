@@ -48,14 +48,15 @@ class Tolerance:
     why: str
 
 
-# Per lossy type: the stage tolerance verify applies, calibrated on tests/test_gguf.py's models (the
-# largest stage difference a correct file showed, with margin; a wrong Q/K permutation in one layer is
-# off by far more, see docs/layouts.md). F16/BF16 apply only against a wider reference.
+# Per lossy type: the stage tolerance verify applies (atol, rtol of the stage's max |reference|), from
+# tests/test_gguf.py's models made by llama.cpp's converter: correct Q8_0 files stayed within 1.3% per
+# layer and 3.2% on the logits (the issue saw up to 7.5% at tiny sizes), a Llama with one layer's Q/K
+# permutation undone was 17% off at that layer; a partial-rotary Phi-3 only 5%, which Q8_0's tolerance
+# cannot tell from rounding (its F32 file can). F16/BF16 apply only against a wider reference.
 TOLERANCES = {
     "F16": Tolerance(1e-3, 5e-3, "F16 weights round each value to 11 significant bits"),
     "BF16": Tolerance(1e-2, 4e-2, "BF16 weights round each value to 8 significant bits"),
-    "Q8_0": Tolerance(2e-2, 0.15, "Q8_0 stores blocks of 32 weights as 8-bit integers with one scale"),
-    "Q4_0": Tolerance(5e-2, 0.6, "Q4_0 stores blocks of 32 weights as 4-bit integers with one scale"),
+    "Q8_0": Tolerance(1e-2, 0.1, "Q8_0 stores blocks of 32 weights as 8-bit integers with one scale"),
 }
 
 

@@ -166,6 +166,8 @@ def _sliding_window(family: Family, cfg: Mapping[str, Any], n_layer: int) -> tup
     sw = family.sliding_window
     if sw is None:
         return None, None
+    if any(key in cfg and cfg[key] is None for key in sw.size.keys):  # an explicit null: no window (Mistral v0.2)
+        return None, None
     size = _read(cfg, sw.size)
     if size is None or not _read(cfg, sw.enabled):
         return None, None

@@ -1,0 +1,106 @@
+"""llama.cpp's own converter as the oracle of the GGUF tests: tiny random transformers models of each
+family, a tokenizer trained for each (the converter needs one), converted by convert_hf_to_gguf.py in
+the environment fixtures/build_llamacpp_converter.sh builds (cached under ~/.cache/qkvconv, keyed by
+the llama-cpp-python version it unpacks the converter from)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "fixtures" / "build_llamacpp_converter.sh"
+TOKENIZERS = ROOT / "fixtures" / "gguf_tokenizers.py"
+VERSION = "0.3.36"
+GPT2_VOCAB = 50304  # >= GPT-2's 50257 tokens, which Falcon's and GPT-NeoX's converters take from tokenizer.json
+
+SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=96, max_position_embeddings=64)
+
+
+@dataclass(frozen=True)
+class Family:
+    id: str
+    hf: dict[str, Any]  # AutoConfig.for_model settings
+    tokenizer: str  # "spm" | "gpt2"
+    config_json: dict[str, Any] = field(default_factory=dict)  # keys set in config.json after saving (None: removed)
+    arch: str = ""  # general.architecture llama.cpp writes
+
+
+FAMILIES = [
+    Family("llama-gqa", {"model_type": "llama", **SMALL, "rms_norm_eps": 1e-5}, "spm", arch="llama"),
+    Family("mistral", {"model_type": "mistral", **SMALL, "sliding_window": None}, "spm", arch="llama"),
+    Family("qwen2-bias-tied", {"model_type": "qwen2", **SMALL, "tie_word_embeddings": True,
+                               "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}, "spm", arch="qwen2"),
+    Family("phi3-fused", {"model_type": "phi3", **SMALL, "original_max_position_embeddings": 64,
+                          "partial_rotary_factor": 0.5, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+           "spm", arch="phi3"),
+    Family("falcon-7b", {"model_type": "falcon", **{k: v for k, v in SMALL.items() if k not in (
+        "intermediate_size", "num_key_value_heads")}, "vocab_size": GPT2_VOCAB, "multi_query": True,
+        "parallel_attn": True}, "gpt2", config_json={"num_kv_heads": 1}, arch="falcon"),
+    Family("falcon-40b", {"model_type": "falcon", **{k: v for k, v in SMALL.items() if k not in (
+        "intermediate_size", "num_key_value_heads")}, "vocab_size": GPT2_VOCAB, "new_decoder_architecture": True,
+        "num_kv_heads": 2}, "gpt2", arch="falcon"),
+    Family("gpt-neox", {"model_type": "gpt_neox", **{k: v for k, v in SMALL.items() if k != "num_key_value_heads"},
+                        "hidden_size": 64, "intermediate_size": 96, "vocab_size": GPT2_VOCAB},
+           "gpt2", config_json={"rotary_pct": 0.25}, arch="gptneox"),
+    Family("gemma", {"model_type": "gemma", **SMALL, "head_dim": 16}, "spm", arch="gemma"),
+]
+BY_ID = {f.id: f for f in FAMILIES}
+
+
+def converter_dir() -> Path:
+    """The converter's environment, built by the fixture script on first use and cached."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qkvconv"
+    directory = cache / f"llamacpp-converter-{VERSION}"
+    if not (directory / "READY").is_file():
+        subprocess.run(["bash", str(BUILD), str(directory)], check=True, timeout=1800,
+                       env={**os.environ, "PYTHON": sys.executable, "LLAMACPP_PYTHON_VERSION": VERSION})
+    return directory
+
+
+def build_hf(family: Family, directory: Path, converter: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A tiny random model of `family` saved with save_pretrained, with a tokenizer the converter accepts."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**family.hf)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # nonzero random everything: norms and biases too
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    model.to(dtype).save_pretrained(directory)
+    if family.config_json:
+        path = directory / "config.json"
+        saved = json.loads(path.read_text())
+        for key, value in family.config_json.items():
+            if value is None:
+                saved.pop(key, None)
+            else:
+                saved[key] = value
+        path.write_text(json.dumps(saved, indent=2))
+    python = converter / "venv" / "bin" / "python"
+    if family.tokenizer == "spm":
+        args = ["spm", str(directory), "--vocab", "64"]
+    else:
+        args = ["gpt2", str(directory), "--vocab-file", str(converter / "llama.cpp" / "models" / "ggml-vocab-gpt-2.gguf")]
+    subprocess.run([str(python), str(TOKENIZERS), *args], check=True, capture_output=True, timeout=300)
+    return directory
+
+
+def llamacpp_convert(hf_dir: Path, out: Path, converter: Path, outtype: str = "f32") -> Path:
+    """convert_hf_to_gguf.py, unmodified, in its own environment."""
+    python = converter / "venv" / "bin" / "python"
+    result = subprocess.run([str(python), str(converter / "llama.cpp" / "convert_hf_to_gguf.py"), str(hf_dir),
+                             "--outfile", str(out), "--outtype", outtype],
+                            capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"})
+    if result.returncode != 0:
+        raise AssertionError(f"llama.cpp's converter failed on {hf_dir}:\n{result.stderr[-3000:]}")
+    return out

@@ -1,0 +1,165 @@
+"""GGUF: files made by llama.cpp's own converter (the oracle, tests/gguf_oracle.py) inspected and verified
+against their Hugging Face source; one layer's Q/K rotary permutation wrong must fail, naming the layer;
+quantized files are judged at their type's tolerance; `convert --to gguf` output verifies, loads in
+gguf's reader and holds the tensors llama.cpp's converter writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("transformers")
+
+from gguf_oracle import BY_ID, FAMILIES, build_hf, converter_dir, llamacpp_convert  # noqa: E402
+
+from qkvconv.cli import app  # noqa: E402
+from qkvconv.formats.weights import open_weights  # noqa: E402
+from qkvconv.model.rotary import RopeOrder, head_permutation  # noqa: E402
+from qkvconv.ops.verify import verify  # noqa: E402
+
+runner = CliRunner()
+IDS = [f.id for f in FAMILIES]
+PAIRS_ARCHS = {"llama"}  # llama.cpp's NORM rope among the families here
+
+
+@pytest.fixture(scope="module")
+def converter() -> Path:
+    return converter_dir()
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, converter) -> dict[str, tuple[Path, Path]]:
+    """Every family: its HF directory and the F32 GGUF llama.cpp's converter made of it (two at a time)."""
+    root = tmp_path_factory.mktemp("gguf")
+
+    def one(family_id: str) -> tuple[Path, Path]:
+        hf = build_hf(BY_ID[family_id], root / family_id, converter)
+        return hf, llamacpp_convert(hf, root / f"{family_id}.gguf", converter)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(IDS, pool.map(one, IDS)))
+
+
+def run(*args: str) -> tuple[int, dict]:
+    result = runner.invoke(app, [*args, "--json"])
+    return result.exit_code, json.loads(result.stdout)
+
+
+def corrupt_rotary(src: Path, dst: Path, layer: int) -> Path:
+    """A copy of `src` whose layer `layer` has Q and K rows in the other rotary order than llama.cpp runs
+    the architecture with: llama's permutation undone (llama.cpp #2376's bug, for one layer), or applied to
+    a NEOX architecture that must not have it (transformers #31844's Phi-3). Written through gguf."""
+    shutil.copyfile(src, dst)
+    reader = gguf.GGUFReader(dst, "r+")
+    arch = reader.fields["general.architecture"].contents()
+
+    def key(name: str, default=None):
+        field = reader.fields.get(f"{arch}.{name}")
+        return default if field is None else field.contents()
+
+    n_embd, n_head = key("embedding_length"), key("attention.head_count")
+    n_kv = key("attention.head_count_kv", n_head)
+    hs = key("attention.key_length", n_embd // n_head)
+    n_rot = key("rope.dimension_count", hs)
+    order = (RopeOrder.PAIRS, RopeOrder.HALF) if arch in PAIRS_ARCHS else (RopeOrder.HALF, RopeOrder.PAIRS)
+    per_head = head_permutation(hs, n_rot, *order).numpy()
+
+    def rows(heads: int) -> np.ndarray:
+        return (np.arange(heads)[:, None] * hs + per_head[None, :]).reshape(-1)
+
+    changed = 0
+    for t in reader.tensors:
+        prefix = f"blk.{layer}."
+        if not t.name.startswith(prefix):
+            continue
+        module = t.name[len(prefix):].rsplit(".", 1)[0]
+        if module in ("attn_q", "attn_k"):
+            index = rows(n_head if module == "attn_q" else n_kv)
+        elif module == "attn_qkv":
+            q, k = rows(n_head), rows(n_kv) + n_head * hs
+            index = np.concatenate([q, k, np.arange((n_head + n_kv) * hs, (n_head + 2 * n_kv) * hs)])
+        else:
+            continue
+        t.data[...] = np.array(t.data)[index]
+        changed += 1
+    assert changed >= 1
+    del reader
+    return dst
+
+
+@pytest.mark.parametrize("family_id", IDS)
+def test_llamacpp_gguf_verifies_against_its_source(made, family_id):
+    hf, gguf_file = made[family_id]
+    code, report = run("verify", str(hf), str(gguf_file))
+    assert code == 0, report
+    assert report["passed"] and report["top1_agreement"] == 1.0
+    worst = max(s["max_abs_diff"] / s["scale"] for s in report["stages"])
+    assert worst < 2e-6, report["stages"]  # float32 file: only the rotary order's rounding (llama: pairs)
+    gelu = BY_ID[family_id].hf["model_type"] in ("falcon", "gpt_neox")  # exact GELU in HF; Gemma is tanh on both
+    assert any("gelu_approximate" in n for n in report["notes"]) == gelu
+
+
+@pytest.mark.parametrize("family_id", IDS)
+def test_wrong_rotary_permutation_in_one_layer_fails_naming_it(made, family_id, tmp_path):
+    hf, gguf_file = made[family_id]
+    bad = corrupt_rotary(gguf_file, tmp_path / "bad.gguf", layer=1)
+    code, report = run("verify", str(hf), str(bad))
+    assert code == 1
+    assert report["first_difference"] == "layer 1"
+    assert [s["within"] for s in report["stages"][:2]] == [True, True]  # embed, layer 0
+
+
+@pytest.mark.parametrize("family_id", IDS)
+def test_inspect_gguf(made, family_id):
+    hf, gguf_file = made[family_id]
+    code, report = run("inspect", str(gguf_file))
+    assert code == 0
+    config = json.loads((hf / "config.json").read_text())
+    family = BY_ID[family_id]
+    assert report["format"] == "gguf" and report["family"] == family.arch
+    assert report["n_head"] == config["num_attention_heads"]
+    kv = 1 if config.get("multi_query") and not config.get("new_decoder_architecture") else \
+        config.get("num_key_value_heads", config.get("num_kv_heads", config["num_attention_heads"]))
+    assert report["n_query_groups"] == kv
+    fraction = config.get("rotary_pct") or config.get("rope_parameters", {}).get("partial_rotary_factor") or 1.0
+    assert report["rope"]["order"] == ("pairs" if family.arch in PAIRS_ARCHS else "half")
+    assert report["rope"]["fraction"] == pytest.approx(fraction)
+    assert report["tensor_types"] == {"F32": {"parameters": report["parameters"], "bytes": 4 * report["parameters"]}}
+    assert report["qkv_order"] == ("sequential" if family.arch in ("phi3", "falcon", "gptneox") else "split")
+
+
+@pytest.mark.parametrize("family_id,outtype,catches", [("llama-gqa", "q8_0", True), ("phi3-fused", "q8_0", False),
+                                                       ("llama-gqa", "f16", True)])
+def test_lossy_gguf_is_judged_at_its_types_tolerance(made, converter, family_id, outtype, catches, tmp_path):
+    """`catches`: the wrong permutation is larger than the type's rounding (a partial-rotary tiny Phi-3's is
+    not at Q8_0: 5% of the stage's scale; its F32 file is where the permutation is checked)."""
+    hf, _ = made[family_id]
+    lossy = llamacpp_convert(hf, tmp_path / f"{outtype}.gguf", converter, outtype=outtype)
+    code, report = run("verify", str(hf), str(lossy))
+    assert code == 0, report["stages"]
+    assert outtype.upper() in report["tolerance_reason"]
+    assert max(s["max_abs_diff"] for s in report["stages"]) > 0  # really rounded
+    if catches:
+        code, report = run("verify", str(hf), str(corrupt_rotary(lossy, tmp_path / "bad.gguf", layer=1)))
+        assert code == 1 and report["first_difference"] == "layer 1"
+    # the user's own tolerance replaces the type's
+    code, report = run("verify", str(hf), str(lossy), "--atol", "1e-5", "--rtol", "1e-5")
+    assert code == 1 and report["tolerance_reason"] is None
+
+
+def test_weights_match_llamacpp_tensor_for_tensor(made):
+    """What qkvconv reads out of llama.cpp's file is the source's tensors, re-ordered exactly (llama: Q/K in
+    pairs order, which the config's rope_interleave says)."""
+    hf, gguf_file = made["falcon-40b"]
+    a, b = open_weights(hf), open_weights(gguf_file)
+    for name in a.recipes:
+        assert (a(name) == b(name)).all(), name
+    report = verify(a, b)
+    assert all(s.max_abs_diff == 0 for s in report.stages)
