@@ -279,6 +279,34 @@ def _assumed(reference: Any, candidate: Any, arch_a: forward.Architecture, arch_
     return arch_a, arch_b, notes
 
 
+class _QuantizedAlike:
+    """The reference with each weight quantized (and dequantized) the way the candidate GGUF stores it, by
+    gguf's own quantizer: a correct Q8_0 file then computes exactly what this reference computes, so
+    a wrong row anywhere fails at float32's tolerance instead of hiding in the rounding (F16/BF16 tensors:
+    the reference's values rounded to that type)."""
+
+    def __init__(self, weights: Any, candidate: Any) -> None:
+        self.weights, self.candidate = weights, candidate
+        self.description = weights.description
+        self.quantized: dict[str, str] = {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        from qkvconv.formats.gguf.format import requantize
+
+        t = self.weights(name)
+        kind = self.candidate.quantized_as(name) if name in self.candidate.recipes else None
+        if kind is None:
+            return t
+        self.quantized[name] = kind
+        return requantize(t, kind).to(t.dtype if t.dtype == torch.float64 else torch.float32)
+
+    def release(self) -> None:
+        self.weights.release()
+
+    def dtype(self) -> torch.dtype:
+        return self.weights.dtype()
+
+
 def _storage_tolerance(reference: Any, candidate: Any) -> Any:
     """The tolerance a side's lossy storage (a quantized or half-precision GGUF against a wider reference)
     needs, the larger of the two sides'; None where the dtype's defaults hold."""
@@ -336,10 +364,17 @@ def verify(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
+    quantized = None
+    if hasattr(candidate, "quantized_as") and storage is None and getattr(candidate, "storage", "F32") != "F32":
+        reference = quantized = _QuantizedAlike(reference, candidate)
     if _forward_pass(report, (arch_a, arch_b), (reference, candidate), ids, cdtype, progress=progress):
         zeroed = (_Zeroed(reference), _Zeroed(candidate))
         _forward_pass(report, (arch_a, arch_b), zeroed, ids, cdtype, ZEROED)
         report.nonfinite_weights = {"reference": zeroed[0].nonfinite, "candidate": zeroed[1].nonfinite}
+    if quantized is not None and quantized.quantized:
+        kinds = sorted(set(quantized.quantized.values()))
+        report.tolerance_reason = (f"the reference's weights were quantized to {', '.join(kinds)} with gguf's quantizer "
+                                   f"({len(quantized.quantized)} tensors) and compared at float32's tolerance")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(dev))

@@ -20,6 +20,21 @@ if TYPE_CHECKING:
     from qkvconv.plans.transforms import ModelPlan
 
 WEIGHTS = "model.gguf"  # the file written inside an --out directory
+# types verify quantizes the reference into with gguf.quants (F16/BF16: rounds), rather than widening tolerances
+REQUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def requantize(tensor: Any, kind: str) -> Any:
+    """`tensor` quantized to `kind` with gguf.quants and back to float32 (rows of whole blocks)."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, quants
+
+    if kind in ("F16", "BF16"):
+        return tensor.detach().to(torch.float16 if kind == "F16" else torch.bfloat16).to(torch.float32)
+    qtype = GGMLQuantizationType[kind]
+    data = tensor.detach().to(torch.float32).numpy()
+    return torch.from_numpy(np.ascontiguousarray(quants.dequantize(quants.quantize(data, qtype), qtype)))
 
 
 def gguf_path(source: Path) -> Path:
@@ -113,15 +128,31 @@ class GGUFWeights:
 
         return {"F16": torch.float16, "BF16": torch.bfloat16}.get(self.storage, torch.float32)
 
+    def quantized_as(self, name: str) -> str | None:
+        """The quantized type every input of litgpt tensor `name` is stored in (Q8_0, ...), where gguf can
+        also quantize it, else None. Quantization works on blocks inside each row, so the rows llama.cpp
+        moved (fused, re-ordered, permuted for rotary) quantize the same as the reference's rows."""
+        from gguf import GGMLQuantizationType, quants
+
+        kinds = {self.reader.type_name(i) for i in self.recipes[name].inputs}
+        if len(kinds) != 1 or (kind := kinds.pop()) == "F32":
+            return None
+        if kind in ("F16", "BF16"):
+            return kind
+        cls = getattr(quants, kind, None)
+        implemented = cls is not None and "quantize_blocks" in vars(cls)
+        return kind if implemented and hasattr(GGMLQuantizationType, kind) else None
+
     def tolerance(self, other_dtype: Any) -> Tolerance | None:
         """The stage tolerance this file's storage needs against a reference stored as `other_dtype`;
         None where the defaults hold (float types no narrower than the other side's)."""
-        if self.storage == "F32" or (self.storage in ("F16", "BF16") and self.dtype() == other_dtype):
-            return None
+        if self.storage in ("F32", "F16", "BF16") or self.storage in REQUANTIZED:
+            return None  # verify rounds or quantizes the reference alike (verify._QuantizedAlike)
         known = TOLERANCES.get(self.storage)
         if known is None:
-            raise QkvconvError(f"{self.description}: weights in {self.storage}, for which qkvconv has no calibrated "
-                               "tolerance (it knows F16, BF16 and Q8_0); pass --atol and --rtol to compare at yours")
+            raise QkvconvError(f"{self.description}: weights in {self.storage}, which gguf can dequantize but not "
+                               "quantize, and for which qkvconv has no calibrated tolerance; pass --atol and --rtol "
+                               "to compare at yours")
         return known
 
 
