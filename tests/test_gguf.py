@@ -161,3 +161,44 @@ def test_weights_match_llamacpp_tensor_for_tensor(made):
         assert (a(name) == b(name)).all(), name
     report = verify(a, b)
     assert all(s.max_abs_diff == 0 for s in report.stages)
+
+
+@pytest.mark.parametrize("family_id", IDS)
+def test_convert_to_gguf_writes_what_llamacpp_writes(made, family_id, tmp_path):
+    """`convert --to gguf` (checked by the forward pass before it is published) loads in gguf's reader and
+    holds llama.cpp's converter's tensors bit for bit, under its names; litgpt -> GGUF gives the same."""
+    hf, oracle = made[family_id]
+    out = tmp_path / "out.gguf"
+    code, report = run("convert", str(hf), "--to", "gguf", "--out", str(out))
+    assert code == 0, report
+    assert "agree" in report["checks"][0]
+    mine, theirs = gguf.GGUFReader(out), gguf.GGUFReader(oracle)
+    assert mine.fields["general.architecture"].contents() == BY_ID[family_id].arch
+    ours = {t.name: np.array(t.data) for t in mine.tensors}
+    assert sorted(ours) == sorted(t.name for t in theirs.tensors)
+    for t in theirs.tensors:
+        assert t.tensor_type == mine.tensors[[x.name for x in mine.tensors].index(t.name)].tensor_type, t.name
+        assert np.array_equal(ours[t.name], np.array(t.data)), t.name
+    code, report = run("verify", str(hf), str(out))
+    assert code == 0
+    if family_id in ("llama-gqa", "gpt-neox"):  # from litgpt (half rotary, sequential qkv) as well
+        code, _ = run("convert", str(hf), "--to", "litgpt", "--out", str(tmp_path / "lit"))
+        assert code == 0
+        code, report = run("convert", str(tmp_path / "lit"), "--to", "gguf", "--out", str(tmp_path / "lit-out"))
+        assert code == 0, report
+        again = gguf.GGUFReader(tmp_path / "lit-out" / "model.gguf")
+        assert all(np.array_equal(ours[t.name], np.array(t.data)) for t in again.tensors)
+
+
+def test_convert_to_gguf_refuses_what_llamacpp_would_compute_otherwise(built_window, tmp_path):
+    code, report = run("convert", str(built_window), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
+    assert code == 2 and "sliding window" in report["error"]
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.fixture
+def built_window(tmp_path, converter):
+    from gguf_oracle import Family
+
+    family = Family("mistral-window", {**BY_ID["mistral"].hf, "sliding_window": 4}, "spm")
+    return build_hf(family, tmp_path / "mistral-window", converter)

@@ -12,6 +12,7 @@ target (the target format's `target_plan`): still one plan, each source tensor r
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,9 @@ def convert(
     `merge`: a litgpt LoRA run becomes a full litgpt checkpoint with the update merged into its base."""
     target = formats.get(to).load()
     changes = changes or Transformations()
-    directory = source.parent if source.is_file() else source
-    src = formats.detect(directory).load()
+    src_entry, source_path = formats.locate(source)
+    directory = source_path
+    src = src_entry.load()
     report = ConvertReport(directory, out, src.name, to)
     if merge:
         return _merge(directory, src, to, out, base, changes, forward_check, device, allow_nonfinite, report)
@@ -158,12 +160,19 @@ def convert(
         report.actions += plan.notes + notes
         return report
     assert out is not None
-    with new_directory(out) as tmp:
-        # a direct plan keeps the source's own config.json (hf -> hf) or the one kept beside a litgpt checkpoint
-        skip = set(plan.texts) | (_model_configs() if direct is None else {CONFIG, HYPERPARAMETERS})
-        copy_other_files(directory, tmp, skip, WEIGHT_SUFFIXES)
+    entry = formats.get(to)
+    single = entry.single_file is not None and out.suffix == entry.single_file  # --out model.gguf: that file
+    if single and out.exists():
+        raise QkvconvError(f"{out} already exists; choose a new --out file")
+    build = out.with_name(f".{out.name}.qkvconv-build") if single else out
+    with new_directory(build) as tmp:
+        if entry.single_file is None:
+            # a direct plan keeps the source's own config.json (hf -> hf) or the one kept beside a litgpt checkpoint
+            skip = set(plan.texts) | (_model_configs() if direct is None else {CONFIG, HYPERPARAMETERS})
+            copy_other_files(directory, tmp, skip, WEIGHT_SUFFIXES)
         total = sum(m.nbytes for m in layout.values())
-        with target.writer(tmp, layout, max_shard_size) as writer:
+        extra = {"header": plan.header} if plan.header else {}
+        with target.writer(tmp, layout, max_shard_size, **extra) as writer:
             execute(plan, reader, writer, progress_for(total, f"writing {out.name}"), allow_nonfinite=allow_nonfinite)
         for name, text in plan.texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
@@ -173,8 +182,12 @@ def convert(
             from qkvconv.formats.weights import open_weights
             from qkvconv.ops.verify import forward_check as check
 
-            report.checks.append(check(lambda: (open_weights(directory), open_weights(tmp)), device,
+            report.checks.append(check(lambda: (open_weights(source_path), open_weights(tmp)), device,
                                        "the converted checkpoint", "nothing was written", rounds=changes.fold_norms))
+    if single:  # the checked file leaves its build directory in one rename
+        (written,) = shards
+        os.rename(build / written, out)
+        build.rmdir()
     return report
 
 

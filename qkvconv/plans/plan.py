@@ -230,6 +230,7 @@ class Plan:
     recipes: list[Recipe] = field(default_factory=list)
     texts: dict[str, str] = field(default_factory=dict)  # file name -> content (configs)
     notes: list[str] = field(default_factory=list)
+    header: dict[str, Any] = field(default_factory=dict)  # metadata a self-describing file holds (GGUF's keys)
 
     def apply_in_memory(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run every recipe on an in-memory state dict (small models, tests)."""

@@ -228,7 +228,7 @@ def compose(outer: Plan, inner: Plan) -> Plan:
             raise QkvconvError(f"{r.output} needs {missing[0]}, which nothing makes")
         recipes.append(replace(combine(r.output, [made[i] for i in r.inputs], *r.steps), dtype=r.dtype))
     notes = list(dict.fromkeys(inner.notes + outer.notes))  # both may describe the same layout
-    return Plan(recipes, dict(outer.texts), notes)
+    return Plan(recipes, dict(outer.texts), notes, dict(outer.header))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,258 @@
+"""Writing GGUF: litgpt names -> llama.cpp's, the metadata llama.cpp reads, and a streaming writer whose
+header, key/values and tensor infos are written by gguf's GGUFWriter.
+
+    arch = choose_arch(litgpt_cfg, config_json)          # refuses what no llama.cpp architecture computes
+    plan = plan_litgpt_to_gguf(model, config_json, changes)   # Q/K put in the arch's rotary order; plan.header
+    with GGUFTensorWriter(path, layout, plan.header) as w:    # tensors then written in any order (pwrite)
+        ...
+
+Norm weights and biases (1D) are written as F32 (as llama.cpp's converter does), matrices in the source's
+F32, F16 or BF16. No tokenizer is converted: the file says `tokenizer.ggml.model = none`, which llama.cpp
+loads as a model without a vocabulary (llama-vocab.cpp); add one with llama.cpp's tools to generate text.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from qkvconv.errors import QkvconvError, UnsupportedFamily
+from qkvconv.formats.base import Transformations
+from qkvconv.formats.gguf.archs import ARCHS, GGUFArch, for_family
+from qkvconv.formats.gguf.reading import AddConstant
+from qkvconv.model import names as L
+from qkvconv.model.architecture import Architecture
+from qkvconv.model.layout import HeadLayout, QKVOrder
+from qkvconv.plans.plan import CheckRows, Plan, Recipe, Step, TakePart
+
+
+def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUFArch:
+    """The llama.cpp architecture that computes this litgpt model (the one llama.cpp's converter picks for the
+    source's HF class where there is one), or UnsupportedFamily saying what llama.cpp would compute otherwise."""
+    arch_obj = Architecture.from_litgpt_config(cfg)
+    hf = ((source_json or {}).get("architectures") or [None])[0]
+    arch = next((a for a in ARCHS.values() if hf and hf in a.converter.split(", ")), None)
+    if arch is not None and arch.name == "falcon" and not arch_obj.shared_attention_norm:
+        from qkvconv.formats.gguf.archs import FALCON_40B
+
+        arch = FALCON_40B
+    arch = arch or for_family(cfg.get("name", ""), cfg)
+    if arch is None:
+        raise UnsupportedFamily("no llama.cpp architecture qkvconv writes computes this model (it writes llama, qwen2, "
+                                "qwen3, phi3, falcon, gptneox, gemma, olmo2)")
+    problems = []
+    if any(arch_obj.sliding_window_layers) and arch_obj.sliding_window_size is not None:
+        problems.append(f"a sliding window ({arch.name} in llama.cpp attends to every earlier token)")
+    if arch_obj.attention_logit_softcapping or arch_obj.final_logit_softcapping:
+        problems.append("soft-capping")
+    if arch_obj.rope_scaling not in ("none", "linear") or arch_obj.rope_local_base is not None:
+        problems.append(f"{arch_obj.rope_scaling} RoPE scaling")
+    if arch_obj.n_expert:
+        problems.append("a mixture of experts")
+    if not arch_obj.norm_affine:
+        problems.append("norms without weights")
+    if abs(arch_obj.attention_scale * arch_obj.head_size ** 0.5 - 1) > 1e-9:
+        problems.append("attention scores scaled other than by 1/sqrt(head_size)")
+    if (arch_obj.norm_class_name, arch_obj.mlp_class_name) != (arch.norm_class_name, arch.mlp_class_name) or \
+            arch_obj.scale_embeddings != arch.scale_embeddings or arch_obj.norm_unit_offset != bool(arch.norm_offset):
+        problems.append(f"{arch_obj.norm_class_name}/{arch_obj.mlp_class_name} where llama.cpp's {arch.name} has "
+                        f"{arch.norm_class_name}/{arch.mlp_class_name}")
+    if arch_obj.lm_head_bias and arch.name != "phi2":
+        problems.append("a bias on the head")
+    if problems:
+        raise UnsupportedFamily(f"llama.cpp's {arch.name} cannot compute a model with {', '.join(problems)}: not "
+                                "written, since the file would load and compute something else")
+    return arch
+
+
+def _gguf_recipes(arch: GGUFArch, cfg: dict[str, Any], outputs: set[str], tied: bool) -> list[Recipe]:
+    """litgpt names -> GGUF names (q/k/v split or the sequential attn_qkv, Phi-3's gate and up fused, Gemma's
+    norms as 1 + w, 1D tensors as float32)."""
+    import torch
+
+    from qkvconv.formats.hf.steps import ConcatRows, Tied
+
+    a = Architecture.from_litgpt_config(cfg)
+    heads = HeadLayout(a.n_head, a.n_query_groups, a.head_size)
+    recipes: list[Recipe] = []
+
+    def add(output: str, inputs: tuple[str, ...], steps: tuple[Step, ...] = ()) -> None:
+        missing = [i for i in inputs if i not in outputs]
+        if missing:
+            raise QkvconvError(f"the model has no {missing[0]}, which llama.cpp's {arch.name} needs")
+        vector = output.endswith(".bias") or "norm" in output
+        recipes.append(Recipe(output, inputs, steps, torch.float32 if vector else None))
+
+    def offset(module: str) -> tuple[Step, ...]:
+        is_norm = "norm" in module or module == L.FINAL_NORM
+        return (AddConstant(arch.norm_offset),) if arch.norm_offset and is_norm else ()
+
+    add("token_embd.weight", (f"{L.EMBEDDING}.weight",))
+    for i in range(a.n_layer):
+        lit = L.layer(i)
+        for p in ("weight", "bias"):
+            qkv = f"{lit}.{L.QKV}.{p}"
+            if qkv not in outputs:
+                continue
+            if arch.qkv == "split":
+                for part, module in zip("qkv", arch.qkv_modules(i)):
+                    add(f"{module}.{p}", (qkv,), (TakePart(part, QKVOrder.SEQUENTIAL, heads),))
+            else:
+                add(f"{arch.qkv_modules(i)[0]}.{p}", (qkv,), (CheckRows(QKVOrder.SEQUENTIAL, heads),))
+        for module, target in arch.layer.items():
+            for p in ("weight", "bias"):
+                if f"{lit}.{module}.{p}" in outputs:
+                    add(f"{target.format(i=i)}.{p}", (f"{lit}.{module}.{p}",), offset(module) if p == "weight" else ())
+        if arch.gate_up:
+            for p in ("weight", "bias"):
+                if f"{lit}.{L.MLP_FC_1}.{p}" in outputs:
+                    add(f"blk.{i}.ffn_up.{p}", (f"{lit}.{L.MLP_FC_1}.{p}", f"{lit}.{L.MLP_FC_2}.{p}"), (ConcatRows(),))
+    for p in ("weight", "bias"):
+        if f"{L.FINAL_NORM}.{p}" in outputs:
+            add(f"output_norm.{p}", (f"{L.FINAL_NORM}.{p}",), offset(L.FINAL_NORM) if p == "weight" else ())
+    if arch.tied_only:  # no output tensor: the head must be the embedding (checked as the plan runs)
+        recipes[0] = Recipe("token_embd.weight", (f"{L.EMBEDDING}.weight", f"{L.HEAD}.weight"), (Tied(),))
+    elif not tied or f"{L.HEAD}.bias" in outputs:  # tied: no output tensor, as llama.cpp's converter writes it
+        add("output.weight", (f"{L.HEAD}.weight",))
+        if f"{L.HEAD}.bias" in outputs:
+            add("output.bias", (f"{L.HEAD}.bias",))
+    return recipes
+
+
+def header(arch: GGUFArch, cfg: dict[str, Any], file_type: int) -> dict[str, tuple[str, Any]]:
+    """The metadata llama.cpp reads for this architecture: key -> (GGUFWriter's add_* kind, value)."""
+    a = Architecture.from_litgpt_config(cfg)
+    k = arch.name
+    out: dict[str, tuple[str, Any]] = {
+        "general.name": ("string", str(cfg.get("name") or arch.label)),
+        "general.file_type": ("uint32", file_type),
+        f"{k}.context_length": ("uint32", int(cfg.get("block_size") or 4096)),
+        f"{k}.embedding_length": ("uint32", a.n_embd),
+        f"{k}.block_count": ("uint32", a.n_layer),
+        f"{k}.feed_forward_length": ("uint32", int(cfg.get("intermediate_size") or 4 * a.n_embd)),
+        f"{k}.attention.head_count": ("uint32", a.n_head),
+        f"{k}.attention.head_count_kv": ("uint32", a.n_query_groups),
+        f"{k}.attention.key_length": ("uint32", a.head_size),
+        f"{k}.attention.value_length": ("uint32", a.head_size),
+        f"{k}.rope.dimension_count": ("uint32", a.rope_n_elem),
+        f"{k}.rope.freq_base": ("float32", float(a.rope_base)),
+        f"{k}.{arch.eps_key}": ("float32", float(a.norm_eps)),
+        "tokenizer.ggml.model": ("string", "none"),
+    }
+    if k == "llama":
+        out[f"{k}.vocab_size"] = ("uint32", a.padded_vocab_size)
+    if k == "falcon":  # llama.cpp's converter marks its sequential attn_qkv so (ggml's Falcon example)
+        out[f"{k}.tensor_data_layout"] = ("string", "jploski")
+    if arch.parallel_residual_key:
+        out[f"{k}.{arch.parallel_residual_key}"] = ("bool", a.parallel_residual)
+    factor = a.rope_factor if a.rope_scaling == "linear" else (a.rope_condense_ratio if a.rope_condense_ratio != 1 else None)
+    if factor is not None:
+        out[f"{k}.rope.scaling.type"] = ("string", "linear")
+        out[f"{k}.rope.scaling.factor"] = ("float32", float(factor))
+    return out
+
+
+def plan_litgpt_to_gguf(model: Any, source_json: dict[str, Any] | None, changes: Transformations) -> Plan:
+    """The pivot model as a GGUF of the architecture llama.cpp computes it with: Q/K rows put in that
+    architecture's rotary order (pairs for llama: the permutation llama.cpp's converter makes)."""
+    from qkvconv.plans.transforms import compose, set_rope
+
+    arch = choose_arch(model.config, source_json)
+    if changes.rope is not None and changes.rope is not arch.rope:
+        raise QkvconvError(f"--rope {changes.rope.value} with --to gguf: llama.cpp's {arch.name} rotates "
+                           f"{arch.rope.value} order only")
+    if changes.qkv is not None:
+        raise QkvconvError(f"--qkv with --to gguf: llama.cpp's {arch.name} fixes the QKV projection ({arch.qkv})")
+    source_rope = model.rope_order
+    model = set_rope(model, arch.rope)
+    outputs = set(model.outputs())
+    tied = _tied(model)
+    inner = model.plan
+    recipes = _gguf_recipes(arch, model.config, outputs, tied)
+    plan = compose(Plan(recipes), inner)
+    file_type = 0  # set by the writer from the tensors' dtypes
+    notes = [f"GGUF architecture {arch.name} ({arch.rope.value} rotary in llama.cpp)"]
+    if source_rope is not arch.rope:
+        notes.append(f"Q/K rows permuted {source_rope.value} -> {arch.rope.value}, as llama.cpp's converter does")
+    if arch.mlp_class_name in ("GptNeoxMLP", "GemmaMLP") and model.config.get("gelu_approximate", "none") != "tanh":
+        notes.append("llama.cpp computes this GELU with the tanh approximation (the file cannot say otherwise): "
+                     "its run differs from the source by that approximation")
+    notes.append("no tokenizer converted: tokenizer.ggml.model = none")
+    plan.notes = list(dict.fromkeys(plan.notes + notes))
+    plan.header = {"arch": arch.name, "keys": header(arch, model.config, file_type)}
+    return plan
+
+
+def _tied(model: Any) -> bool:
+    """Whether lm_head is made of the embedding (the pivot plan copies it: same input, no steps)."""
+    made = {r.output: r for r in model.plan.recipes}
+    head, emb = made.get(f"{L.HEAD}.weight"), made.get(f"{L.EMBEDDING}.weight")
+    return head is not None and emb is not None and head.inputs == emb.inputs and head.steps == emb.steps
+
+
+class GGUFTensorWriter:
+    """A GGUF file written through gguf's GGUFWriter (header, metadata, tensor infos), then each tensor
+    with pwrite at its offset, in whatever order the engine hands them over; removed on failure."""
+
+    def __init__(self, path: Path, layout: dict[str, Any], header: dict[str, Any]) -> None:
+        self.path, self.layout, self.header = path, layout, header
+        self.fd: int | None = None
+        self.offsets: dict[str, int] = {}
+        self.end = 0
+
+    def __enter__(self) -> GGUFTensorWriter:
+        import numpy as np
+        import torch
+        from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+
+        dtypes = {m.dtype for m in self.layout.values() if len(m.shape) > 1}
+        file_type = {frozenset({torch.float16}): LlamaFileType.MOSTLY_F16,
+                     frozenset({torch.bfloat16}): LlamaFileType.MOSTLY_BF16}.get(frozenset(dtypes), LlamaFileType.ALL_F32)
+        writer = GGUFWriter(self.path, self.header["arch"])
+        for key, (kind, value) in self.header["keys"].items():
+            if key == "general.file_type":
+                value = int(file_type)
+            getattr(writer, f"add_{kind}")(key, value)
+        for name, meta in self.layout.items():
+            if meta.dtype == torch.bfloat16:
+                writer.add_tensor_info(name, meta.shape, np.dtype(np.uint16), meta.nbytes, raw_dtype=GGMLQuantizationType.BF16)
+            elif meta.dtype in (torch.float32, torch.float16):
+                writer.add_tensor_info(name, meta.shape, np.dtype(str(meta.dtype).removeprefix("torch.")), meta.nbytes)
+            else:
+                raise QkvconvError(f"{name} is {meta.dtype}: GGUF output holds float32, float16 and bfloat16 only")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        assert writer.fout is not None
+        start = GGUFWriter.ggml_pad(writer.fout[0].tell(), writer.data_alignment)
+        writer.close()
+        offset = 0
+        for name, meta in self.layout.items():
+            self.offsets[name] = start + offset
+            offset += GGUFWriter.ggml_pad(meta.nbytes, writer.data_alignment)
+        self.end = start + offset
+        self.fd = os.open(self.path, os.O_WRONLY)
+        return self
+
+    def write(self, name: str, tensor: Any) -> None:
+        from qkvconv.io.readers import byte_view
+
+        meta = self.layout[name]
+        if tuple(tensor.shape) != tuple(meta.shape) or tensor.dtype != meta.dtype:
+            raise QkvconvError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {meta.shape} {meta.dtype}")
+        data = byte_view(tensor.detach().contiguous())
+        assert self.fd is not None
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self.fd, data[written:], self.offsets[name] + written)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self.fd is not None:
+            if exc_type is None:
+                os.ftruncate(self.fd, self.end)
+                os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+        if exc_type is not None:
+            self.path.unlink(missing_ok=True)
