@@ -14,12 +14,13 @@ README = (Path(__file__).parent.parent / "README.md").read_text()
 runner = CliRunner()
 
 INSPECT_KEYS = ["source", "format", "family", "model", "legacy", "naming", "qkv_order", "evidence", "n_layer", "n_head",
-                "n_query_groups", "head_size", "n_embd", "attention", "lora", "dtype", "parameters", "files", "notes"]
+                "n_query_groups", "head_size", "n_embd", "attention", "rope", "lora", "dtype", "parameters", "files", "notes"]
 UPGRADE_KEYS = ["source", "destination", "changed", "actions", "checks", "recovered", "lora_rank", "notes"]
 ERROR_KEYS = ["error", "exit_code", "meaning"]
 CONVERT_KEYS = ["source", "destination", "source_format", "target_format", "actions", "checks", "plan"]
 VERIFY_KEYS = ["reference", "candidate", "device", "dtype", "tokens", "seed", "atol", "rtol", "stages",
-               "top1_agreement", "seconds", "peak_rss_bytes", "peak_gpu_bytes", "nonfinite_weights", "passed",
+               "top1_agreement", "seconds", "peak_rss_bytes", "peak_gpu_bytes", "nonfinite_weights",
+               "tolerance_reason", "notes", "passed",
                "first_difference", "logits_max_abs_diff"]
 
 

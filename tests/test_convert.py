@@ -133,8 +133,8 @@ def test_convert_refuses_existing_out_and_unknown_target(built, tmp_path: Path) 
     result = cli("convert", b.directory, "--to", "litgpt", "--out", taken)
     assert result.exit_code == 2 and "not empty" in result.output
     assert (taken / "precious.txt").read_text() == "keep me"
-    result = cli("convert", b.directory, "--to", "gguf", "--out", tmp_path / "x")
-    assert result.exit_code == 2 and "'gguf' is not one of" in result.output and "litgpt-lora" in result.output
+    result = cli("convert", b.directory, "--to", "onnx", "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "'onnx' is not one of" in result.output and "litgpt-lora" in result.output
 
 
 def test_inspect_hf_repo_id_offline(built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qkvconv.errors import QkvconvError
+from qkvconv.errors import QkvconvError, UnsupportedFamily
 
 if TYPE_CHECKING:
     from qkvconv.io.readers import TensorMeta, TensorReader
@@ -135,3 +135,23 @@ def file_list(directory: Path) -> list[dict[str, Any]]:
 
     return [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(directory.iterdir())
             if p.is_file() and not is_temporary(p)]
+
+
+def rope_report(cfg: dict[str, Any] | None, source: str) -> dict[str, Any] | None:
+    """inspect's `rope` field from a litgpt config: the rotary order of each Q/K head's rows (`half`: dims i
+    and i + n/2 rotate together; `pairs`: dims 2i and 2i + 1), the share of a head's dims that rotate, and
+    where that was read (`source`). None where the config is unknown (an adapter whose base is not found)."""
+    if cfg is None:
+        return None
+    from qkvconv.model.architecture import Architecture
+
+    try:
+        arch = Architecture.from_litgpt_config(cfg)
+        interleave, fraction = arch.rope_interleave, arch.rope_n_elem / arch.head_size
+    except (UnsupportedFamily, TypeError, ValueError, ZeroDivisionError):
+        # a model the forward pass does not cover still has a rotary order; a malformed config has none
+        interleave, fraction = cfg.get("rope_interleave", False), cfg.get("rotary_percentage", 0.25)
+        if not isinstance(interleave, bool) or isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            return None
+    order = "pairs" if interleave else "half"
+    return {"order": order, "fraction": fraction, "evidence": source}

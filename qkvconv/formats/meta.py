@@ -28,7 +28,7 @@ from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.model.architecture import Architecture
 from qkvconv.model import names as L  # litgpt's names
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
-from qkvconv.formats.base import Source, TorchFileFormat, Transformations, file_list, tensor_summary
+from qkvconv.formats.base import Source, TorchFileFormat, Transformations, file_list, rope_report, tensor_summary
 from qkvconv.formats.litgpt.checkpoint import ModelShape
 from qkvconv.model.rotary import RopeOrder
 from qkvconv.plans.plan import Fuse, Plan, Recipe, TakePart
@@ -314,6 +314,8 @@ def _inspect(directory: Path) -> dict[str, Any]:
                      "pairs order (dims 2i, 2i+1 rotate together)"],
         "n_layer": shape.n_layer, "n_head": shape.heads.n_head, "n_query_groups": shape.heads.n_query_groups,
         "head_size": shape.heads.head_size, "n_embd": shape.n_embd, "attention": shape.heads.attention,
+        "rope": rope_report(cfg, "Meta's reference code rotates dims (2i, 2i+1) together (view_as_complex): pairs, "
+                                 "every dim"),
         "lora": None, "dtype": dtype, "parameters": parameters,
         "files": file_list(directory),
         "notes": [],

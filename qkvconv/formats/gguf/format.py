@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qkvconv.errors import QkvconvError
-from qkvconv.formats.base import Format, Source, Transformations
+from qkvconv.formats.base import Format, Source, Transformations, rope_report
 from qkvconv.formats.gguf.reading import TOLERANCES, GGUFFile, Tolerance, litgpt_config, plan_gguf_to_litgpt
 
 if TYPE_CHECKING:
@@ -53,10 +53,6 @@ def _open(source: Path) -> tuple[GGUFFile, dict[str, Any], Plan]:
     return g, cfg, plan_gguf_to_litgpt(g, cfg)
 
 
-def rope_report(order: str, fraction: float, evidence: str) -> dict[str, Any]:
-    return {"order": order, "fraction": fraction, "evidence": evidence}
-
-
 def inspect_gguf(source: Path) -> dict[str, Any]:
     """The inspect report: architecture, heads, QKV layout and rotary order (with the metadata keys that
     say so), tensor types and sizes."""
@@ -94,8 +90,7 @@ def inspect_gguf(source: Path) -> dict[str, Any]:
         "parameters": sum(types.values()),
         "files": [{"name": g.path.name, "bytes": g.path.stat().st_size}],
         "notes": [] if tokenizer else ["no tokenizer.ggml.model: llama.cpp cannot load this file"],
-        "rope": rope_report(arch.rope.value, cfg["rotary_percentage"],
-                            f"general.architecture = {arch.name} ({kind} in llama.cpp), {arch.name}.rope."
+        "rope": rope_report(cfg, f"general.architecture = {arch.name} ({kind} in llama.cpp), {arch.name}.rope."
                             f"dimension_count = {n_rot} of head size {cfg['head_size']}"),
         "architecture": arch.name,
         "tensor_types": {k: {"parameters": v, "bytes": sizes[k]} for k, v in types.most_common()},

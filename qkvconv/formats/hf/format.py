@@ -66,6 +66,7 @@ class HuggingFace(Format):
                       "evidence": "architecture not in qkvconv's family table: the QKV order cannot be interpreted"}
             notes.append(f"{architecture} is not supported for conversion; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         return {
+            "rope": hf_rope(config_json) if layout["family"] is not None else None,
             "source": str(directory), "format": self.name, "family": layout["family"],
             "model": config_json.get("_name_or_path") or None, "architecture": architecture,
             "legacy": False, "naming": layout["qkv"], "qkv_order": layout["qkv_order"], "evidence": [layout["evidence"]],
@@ -131,6 +132,20 @@ class HuggingFace(Format):
         from qkvconv.io.writers import SafetensorsWriter
 
         return SafetensorsWriter(directory, layout, max_shard_size=max_shard_size)
+
+
+def hf_rope(config_json: dict[str, Any]) -> dict[str, Any] | None:
+    """inspect's rope field: transformers' classes in the family table rotate half (rotate_half), on the share
+    of each head's dims that config.json gives (partial_rotary_factor, GPT-NeoX's rotary_pct)."""
+    from qkvconv.errors import UnsupportedFamily
+    from qkvconv.formats.base import rope_report
+
+    try:
+        cfg = litgpt_config_from_hf(config_json)
+    except UnsupportedFamily:
+        return None
+    return rope_report(cfg, f"{(config_json.get('architectures') or ['?'])[0]} applies rotate_half (half order) in "
+                            "transformers; the rotating share from config.json (partial_rotary_factor / rotary_pct)")
 
 
 def check_shapes(config_json: dict[str, Any], reader: Any, directory: Path) -> None:

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from qkvconv.formats.base import rope_report
 from qkvconv.errors import QkvconvError
 from qkvconv.formats.base import file_list
 from qkvconv.formats.litgpt.checkpoint import (
@@ -129,6 +130,8 @@ def inspect_litgpt(ckpt: LitgptCheckpoint, base: Path | None = None) -> dict[str
         "head_size": heads.head_size,
         "n_embd": shape.n_embd,
         "attention": heads.attention,
+        "rope": rope_report(ckpt.config, "model_config.yaml rope_interleave (true: pairs; litgpt's default false: "
+                                         "half) and rotary_percentage"),
         "lora": lora,
         "dtype": next(iter(dtypes)) if len(dtypes) == 1 else {k: v for k, v in dtypes.most_common()},
         "parameters": parameters,

@@ -36,6 +36,14 @@ def _base_config(config: dict[str, Any], directory: Path) -> dict[str, Any] | No
     return None
 
 
+def _base_rope(hf_config: dict) -> dict | None:
+    """An adapter has no rotary order of its own: its base's, where the base's config.json is known."""
+    from qkvconv.formats.hf.format import hf_rope
+
+    rope = hf_rope(hf_config)
+    return None if rope is None else {**rope, "evidence": f"the base model's: {rope['evidence']}"}
+
+
 def inspect_peft(directory: Path, *, hf_config: dict | None = None) -> dict[str, Any]:
     """The inspect report of a PEFT adapter: its LoRA settings, and with the base family known (hf_config,
     a local base_model_name_or_path, or the architecture in auto_mapping) the litgpt LoRA it maps to."""
@@ -104,6 +112,7 @@ def inspect_peft(directory: Path, *, hf_config: dict | None = None) -> dict[str,
         "head_size": layout["head_size"] if layout else None,
         "n_embd": hf_config.get("hidden_size") if hf_config else None,
         "attention": layout["attention"] if layout else None,
+        "rope": _base_rope(hf_config) if layout else None,
         "lora": lora,
         "peft_type": config.get("peft_type"),
         "task_type": config.get("task_type"),
