@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import threading
 
 import torch
 
@@ -21,6 +24,7 @@ TOKENIZERS = ROOT / "fixtures" / "gguf_tokenizers.py"
 VERSION = "0.3.36"
 GPT2_VOCAB = 50304  # >= GPT-2's 50257 tokens, which Falcon's and GPT-NeoX's converters take from tokenizer.json
 
+_GPT2_LOCK = threading.Lock()  # the module fixture builds two families at a time
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=96, max_position_embeddings=64)
 
@@ -32,6 +36,7 @@ class Family:
     tokenizer: str  # "spm" | "gpt2"
     config_json: dict[str, Any] = field(default_factory=dict)  # keys set in config.json after saving (None: removed)
     arch: str = ""  # general.architecture llama.cpp writes
+    hf_vocab: int | None = None  # vocab_size where the tokenizer needs a larger one than SMALL's
 
 
 FAMILIES = [
@@ -53,7 +58,19 @@ FAMILIES = [
            "gpt2", config_json={"rotary_pct": 0.25}, arch="gptneox"),
     Family("gemma", {"model_type": "gemma", **SMALL, "head_dim": 16}, "spm", arch="gemma"),
 ]
-BY_ID = {f.id: f for f in FAMILIES}
+# the registry's other families llama.cpp supports
+MORE = [
+    Family("qwen3-qk-norm", {"model_type": "qwen3", **SMALL, "head_dim": 16,
+                             "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}, "spm", arch="qwen3"),
+    Family("olmo2", {"model_type": "olmo2", **SMALL, "rms_norm_eps": 1e-6}, "gpt2", arch="olmo2",
+           hf_vocab=GPT2_VOCAB),
+    Family("stablelm", {"model_type": "stablelm", **SMALL, "use_qkv_bias": True, "partial_rotary_factor": 0.5}, "gpt2",
+           arch="stablelm",
+           hf_vocab=GPT2_VOCAB),
+    Family("phi-2", {"model_type": "phi", **SMALL, "num_key_value_heads": 4, "partial_rotary_factor": 0.5},
+           "gpt2", arch="phi2", hf_vocab=GPT2_VOCAB),
+]
+BY_ID = {f.id: f for f in FAMILIES + MORE}
 
 
 def converter_dir() -> Path:
@@ -70,7 +87,8 @@ def build_hf(family: Family, directory: Path, converter: Path, dtype: torch.dtyp
     """A tiny random model of `family` saved with save_pretrained, with a tokenizer the converter accepts."""
     import transformers
 
-    config = transformers.AutoConfig.for_model(**family.hf)
+    settings = {**family.hf, **({"vocab_size": family.hf_vocab} if family.hf_vocab else {})}
+    config = transformers.AutoConfig.for_model(**settings)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # nonzero random everything: norms and biases too
@@ -89,10 +107,29 @@ def build_hf(family: Family, directory: Path, converter: Path, dtype: torch.dtyp
     python = converter / "venv" / "bin" / "python"
     if family.tokenizer == "spm":
         args = ["spm", str(directory), "--vocab", "64"]
-    else:
-        args = ["gpt2", str(directory), "--vocab-file", str(converter / "llama.cpp" / "models" / "ggml-vocab-gpt-2.gguf")]
-    subprocess.run([str(python), str(TOKENIZERS), *args], check=True, capture_output=True, timeout=300)
+        subprocess.run([str(python), str(TOKENIZERS), *args], check=True, capture_output=True, timeout=300)
+    else:  # GPT-2's tokenizer.json is the same for every family: made once, beside the converter
+        made = converter / "gpt2-tokenizer"
+        with _GPT2_LOCK:
+            _gpt2_tokenizer(converter, made, python)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(made / name, directory / name)
     return directory
+
+
+def _gpt2_tokenizer(converter: Path, made: Path, python: Path) -> None:
+    """GPT-2's tokenizer.json rebuilt from llama.cpp's ggml-vocab-gpt-2.gguf, once (then cached)."""
+    if (made / "tokenizer.json").is_file():
+        return
+    staging = converter / f"gpt2-tokenizer.{os.getpid()}"
+    staging.mkdir(exist_ok=True)
+    vocab = converter / "llama.cpp" / "models" / "ggml-vocab-gpt-2.gguf"
+    subprocess.run([str(python), str(TOKENIZERS), "gpt2", str(staging), "--vocab-file", str(vocab)],
+                   check=True, capture_output=True, timeout=300)
+    try:
+        staging.rename(made)
+    except OSError:  # made meanwhile by another process
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def llamacpp_convert(hf_dir: Path, out: Path, converter: Path, outtype: str = "f32") -> Path:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-from gguf_oracle import BY_ID, FAMILIES, build_hf, converter_dir, llamacpp_convert  # noqa: E402
+from gguf_oracle import BY_ID, FAMILIES, MORE, build_hf, converter_dir, llamacpp_convert  # noqa: E402
 
 from qkvconv.cli import app  # noqa: E402
 from qkvconv.formats.weights import open_weights  # noqa: E402
@@ -25,7 +25,7 @@ from qkvconv.model.rotary import RopeOrder, head_permutation  # noqa: E402
 from qkvconv.ops.verify import verify  # noqa: E402
 
 runner = CliRunner()
-IDS = [f.id for f in FAMILIES]
+IDS = [f.id for f in FAMILIES + MORE]
 PAIRS_ARCHS = {"llama"}  # llama.cpp's NORM rope among the families here
 
 
@@ -133,6 +133,21 @@ def test_inspect_gguf(made, family_id):
     assert report["rope"]["fraction"] == pytest.approx(fraction)
     assert report["tensor_types"] == {"F32": {"parameters": report["parameters"], "bytes": 4 * report["parameters"]}}
     assert report["qkv_order"] == ("sequential" if family.arch in ("phi3", "falcon", "gptneox") else "split")
+
+
+def test_rope_field_of_every_format(made, legacy, tmp_path):
+    """inspect --json says the rotary order and share for every format: litgpt (rope_interleave), HF (half),
+    Meta (pairs), PEFT (its base's), GGUF (as llama.cpp runs the architecture)."""
+    assert run("inspect", str(legacy("gqa_llama")))[1]["rope"]["order"] == "half"
+    hf, _ = made["gpt-neox"]
+    rope = run("inspect", str(hf))[1]["rope"]
+    assert (rope["order"], rope["fraction"]) == ("half", 0.25)
+    llama, _ = made["llama-gqa"]
+    assert run("convert", str(llama), "--to", "meta", "--out", str(tmp_path / "meta"))[0] == 0
+    assert run("inspect", str(tmp_path / "meta"))[1]["rope"]["order"] == "pairs"
+    assert run("convert", str(llama), "--to", "litgpt", "--rope", "pairs", "--out", str(tmp_path / "lit"))[0] == 0
+    rope = run("inspect", str(tmp_path / "lit"))[1]["rope"]
+    assert (rope["order"], rope["fraction"]) == ("pairs", 1.0) and "rope_interleave" in rope["evidence"]
 
 
 @pytest.mark.parametrize("family_id,outtype", [("llama-gqa", "q8_0"), ("phi3-fused", "q8_0"),
