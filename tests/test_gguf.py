@@ -217,3 +217,41 @@ def built_window(tmp_path, converter):
 
     family = Family("mistral-window", {**BY_ID["mistral"].hf, "sliding_window": 4}, "spm")
     return build_hf(family, tmp_path / "mistral-window", converter)
+
+
+def rewrite(src: Path, dst: Path, keys: dict | None = None, tensors: dict | None = None) -> Path:
+    """A copy of `src` written through gguf's GGUFWriter with more float32 keys and tensors."""
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, field.contents())
+        else:
+            writer.add_key_value(key, field.contents(), field.types[0])
+    for key, value in (keys or {}).items():
+        writer.add_float32(key, value)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    for name, value in (tensors or {}).items():
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+@pytest.mark.parametrize("keys,tensors,why", [
+    ({"llama.attn_logit_softcapping": 30.0}, None, "llama.attn_logit_softcapping"),
+    (None, {"rope_freqs.weight": np.ones(4, dtype=np.float32)}, "rope_freqs"),
+])
+def test_gguf_settings_the_reader_does_not_map_are_refused(made, tmp_path, keys, tensors, why):
+    """A key or tensor that may change what llama.cpp computes, and that qkvconv does not map, is refused
+    (exit 2) rather than verified as a model the file may not be."""
+    hf, gguf_file = made["llama-gqa"]
+    same = rewrite(gguf_file, tmp_path / "same.gguf")
+    assert run("verify", str(hf), str(same))[0] == 0  # the rewriting itself changes nothing
+    code, report = run("verify", str(hf), str(rewrite(gguf_file, tmp_path / "odd.gguf", keys, tensors)))
+    assert code == 2 and why in report["error"]

@@ -177,12 +177,32 @@ def _require(g: GGUFFile, suffix: str) -> Any:
     return value
 
 
+# `{arch}.*` keys this reader accounts for: any other (soft-capping, clamping, attention or embedding
+# scales, YaRN, experts, ...) may change what llama.cpp computes, so a file holding one is refused rather
+# than verified as something it is not. sliding_window: read where llama.cpp uses it (archs.py), which
+# none of these architectures does; rope.scaling.original_context_length matters to YaRN/LongRoPE only.
+KNOWN_KEYS = frozenset({
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+    "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
+    "attention.layer_norm_epsilon", "attention.layer_norm_rms_epsilon", "attention.sliding_window",
+    "rope.dimension_count", "rope.freq_base", "rope.scaling.type", "rope.scaling.factor",
+    "rope.scaling.original_context_length", "use_parallel_residual", "tensor_data_layout",
+})
+
+
 def litgpt_config(g: GGUFFile) -> dict[str, Any]:
     """The litgpt Config fields of the model as llama.cpp runs it (`rope_interleave` for NORM rope)."""
     arch, names = g.arch, set(g.names())
+    prefix = f"{arch.name}."
+    unknown = sorted(k[len(prefix):] for k in g.keys() if k.startswith(prefix) and k[len(prefix):] not in KNOWN_KEYS)
+    if unknown:
+        raise UnsupportedFamily(f"{g.path} sets {', '.join(prefix + k for k in unknown[:3])}, which qkvconv's GGUF "
+                                "reader does not map: refused rather than read as a model it may not be")
     n_embd, n_layer, n_head = (int(_require(g, k)) for k in ("embedding_length", "block_count", "attention.head_count"))
     n_kv = int(g.key("attention.head_count_kv", n_head))
     head_size = int(g.key("attention.key_length", n_embd // n_head))
+    if int(g.key("attention.value_length", head_size)) != head_size:
+        raise UnsupportedFamily(f"{g.path}: value heads of another size than key heads, which litgpt has not")
     n_rot = int(g.key("rope.dimension_count", head_size))
     vocab = g.shape("token_embd.weight")[0]
     if "rope_freqs.weight" in names:
