@@ -255,3 +255,14 @@ def test_gguf_settings_the_reader_does_not_map_are_refused(made, tmp_path, keys,
     assert run("verify", str(hf), str(same))[0] == 0  # the rewriting itself changes nothing
     code, report = run("verify", str(hf), str(rewrite(gguf_file, tmp_path / "odd.gguf", keys, tensors)))
     assert code == 2 and why in report["error"]
+
+
+@pytest.mark.parametrize("family_id", ["llama-gqa", "gemma", "phi3-fused"])
+def test_convert_from_gguf(made, family_id, tmp_path):
+    """A float GGUF converts back to Hugging Face (llama: Q/K from pairs to half again) and litgpt, each
+    checked by the forward pass, and computes its source's function."""
+    hf, gguf_file = made[family_id]
+    for to in ("hf", "litgpt"):
+        code, report = run("convert", str(gguf_file), "--to", to, "--out", str(tmp_path / to))
+        assert code == 0, report
+        assert run("verify", str(hf), str(tmp_path / to))[0] == 0

@@ -166,7 +166,7 @@ def convert(
         raise QkvconvError(f"{out} already exists; choose a new --out file")
     build = out.with_name(f".{out.name}.qkvconv-build") if single else out
     with new_directory(build) as tmp:
-        if entry.single_file is None:
+        if entry.single_file is None and src_entry.single_file is None:  # a single file has no other files
             # a direct plan keeps the source's own config.json (hf -> hf) or the one kept beside a litgpt checkpoint
             skip = set(plan.texts) | (_model_configs() if direct is None else {CONFIG, HYPERPARAMETERS})
             copy_other_files(directory, tmp, skip, WEIGHT_SUFFIXES)

@@ -76,6 +76,10 @@ class GGUFArch:
     where: str = ""  # where in llama.cpp this is done (docs)
     converter: str = ""  # the HF architecture whose converter class writes it
     gelu: str = GGML_GELU
+    # biases llama.cpp's graph has for it (src/models/*.cpp): on q/k/v ("optional" or "required"), and on the
+    # other linears (attention output, MLP); writing refuses a model whose biases do not fit
+    qkv_bias: str = "none"
+    proj_bias: str = "none"
 
     def module(self, litgpt_module: str, i: int | str) -> str:
         return self.layer[litgpt_module].format(i=i)
@@ -86,16 +90,17 @@ class GGUFArch:
 
 LLAMA = GGUFArch(
     "llama", "Llama (GGUF)", RopeOrder.PAIRS, "split", LLAMA_LAYER, "RMSNorm", "LLaMAMLP",
-    "attention.layer_norm_rms_epsilon", converter="LlamaForCausalLM, MistralForCausalLM",
+    "attention.layer_norm_rms_epsilon", converter="LlamaForCausalLM, MistralForCausalLM", qkv_bias="optional",
     where="conversion/llama.py LlamaModel.modify_tensors permutes q_proj and k_proj (LlamaModel.permute, per "
           "head: half -> pairs; K with num_key_value_heads); src/models/llama.cpp reads no sliding window",
 )
 QWEN2 = GGUFArch(
     "qwen2", "Qwen2 (GGUF)", RopeOrder.HALF, "split", LLAMA_LAYER, "RMSNorm", "LLaMAMLP",
-    "attention.layer_norm_rms_epsilon", converter="Qwen2ForCausalLM",
+    "attention.layer_norm_rms_epsilon", converter="Qwen2ForCausalLM", qkv_bias="required",
     where="conversion/qwen.py Qwen2Model: tensors renamed only; NEOX rope",
 )
 QWEN3 = replace(QWEN2, name="qwen3", label="Qwen3 (GGUF)", layer={**LLAMA_LAYER, **QK_NORMS}, norm_qk="default",
+                qkv_bias="none",
                 converter="Qwen3ForCausalLM", where="conversion/qwen.py Qwen3Model: tensors renamed only; NEOX rope")
 PHI3 = GGUFArch(
     "phi3", "Phi-3 (GGUF)", RopeOrder.HALF, "fused",
@@ -120,7 +125,7 @@ FALCON_40B = replace(FALCON, label="Falcon 40B (GGUF)", shared_attention_norm=Fa
 GPTNEOX = GGUFArch(
     "gptneox", "GPT-NeoX (GGUF)", RopeOrder.HALF, "fused", NEOX_LAYER, "LayerNorm", "GptNeoxMLP",
     "attention.layer_norm_epsilon", parallel_residual=True, parallel_residual_key="use_parallel_residual",
-    converter="GPTNeoXForCausalLM",
+    converter="GPTNeoXForCausalLM", qkv_bias="required", proj_bias="required",
     where="conversion/gptneox.py GPTNeoXModel.modify_tensors re-orders query_key_value (weight and bias) from "
           "per-head (q_h, k_h, v_h) to sequential; rope.dimension_count = rotary_pct * head_size",
 )
@@ -133,14 +138,14 @@ GEMMA = GGUFArch(
 )
 STABLELM = GGUFArch(
     "stablelm", "StableLM (GGUF)", RopeOrder.HALF, "split", LLAMA_LAYER, "LayerNorm", "LLaMAMLP",
-    "attention.layer_norm_epsilon", converter="StableLmForCausalLM",
+    "attention.layer_norm_epsilon", converter="StableLmForCausalLM", qkv_bias="optional",
     where="conversion/stablelm.py: tensors renamed only; a model without ffn_norm runs attention and MLP in "
           "parallel on attn_norm (use_parallel_residual)",
 )
 PHI2 = GGUFArch(
     "phi2", "Phi-2 (GGUF)", RopeOrder.HALF, "split", {k: v for k, v in NEOX_LAYER.items() if k != L.NORM_2},
     "LayerNorm", "GptNeoxMLP", "attention.layer_norm_epsilon", parallel_residual=True, shared_attention_norm=True,
-    converter="PhiForCausalLM",
+    converter="PhiForCausalLM", qkv_bias="required", proj_bias="required",
     where="conversion/phi.py Phi2Model: tensors renamed only; one LayerNorm feeds attention and MLP in parallel",
 )
 OLMO2 = GGUFArch(
@@ -170,7 +175,7 @@ def resolve(name: str, tensor_names: Collection[str]) -> GGUFArch:
     return arch
 
 
-def for_family(litgpt_name: str, cfg: Mapping[str, object]) -> GGUFArch | None:
+def for_family(cfg: Mapping[str, object]) -> GGUFArch | None:
     """The architecture `convert --to gguf` writes for a litgpt config, or None (no llama.cpp architecture
     computes it): chosen by what the config computes, as llama.cpp's converter chooses by the HF class."""
     mlp, norm = cfg.get("mlp_class_name"), cfg.get("norm_class_name")
@@ -186,11 +191,20 @@ def _fits(arch: GGUFArch, cfg: Mapping[str, object]) -> bool:
         return False
     if arch.parallel_residual_key is not None and shared:
         return False
+    proj = bool(cfg.get("bias"))
+    qkv = proj or bool(cfg.get("attn_bias"))
+    if not bias_fits(arch.qkv_bias, qkv) or not bias_fits(arch.proj_bias, proj):
+        return False
     norm_qk = cfg.get("norm_qk_type", "default") if cfg.get("norm_qk") else None
     return norm_qk == arch.norm_qk and bool(cfg.get("norm_1", True)) == (L.NORM_1 in arch.layer)
+
+
+def bias_fits(rule: str, present: bool) -> bool:
+    """Whether biases `present` (or not) fit an architecture's rule: "none", "optional" or "required"."""
+    return rule == "optional" or present == (rule == "required")
 
 
 _WRITE_ORDER = (LLAMA, QWEN3, GEMMA, GPTNEOX, FALCON, FALCON_40B, OLMO2)
 
 
-__all__ = ["ARCHS", "GGUFArch", "GGML_GELU", "resolve", "for_family"]
+__all__ = ["ARCHS", "GGUFArch", "GGML_GELU", "bias_fits", "resolve", "for_family"]

@@ -19,7 +19,7 @@ from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.base import Transformations
-from qkvconv.formats.gguf.archs import ARCHS, GGUFArch, for_family
+from qkvconv.formats.gguf.archs import ARCHS, GGUFArch, bias_fits, for_family
 from qkvconv.formats.gguf.reading import AddConstant
 from qkvconv.model import names as L
 from qkvconv.model.architecture import Architecture
@@ -37,7 +37,7 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
         from qkvconv.formats.gguf.archs import FALCON_40B
 
         arch = FALCON_40B
-    arch = arch or for_family(cfg.get("name", ""), cfg)
+    arch = arch or for_family(cfg)
     if arch is None:
         raise UnsupportedFamily("no llama.cpp architecture qkvconv writes computes this model (it writes llama, qwen2, "
                                 "qwen3, phi3, falcon, gptneox, gemma, olmo2)")
@@ -60,6 +60,9 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
                         f"{arch.norm_class_name}/{arch.mlp_class_name}")
     if arch_obj.lm_head_bias and arch.name != "phi2":
         problems.append("a bias on the head")
+    if not bias_fits(arch.qkv_bias, arch_obj.qkv_bias) or not bias_fits(arch.proj_bias, arch_obj.proj_bias):
+        problems.append(f"biases (q/k/v: {arch_obj.qkv_bias}, other linears: {arch_obj.proj_bias}) where llama.cpp's "
+                        f"{arch.name} has q/k/v: {arch.qkv_bias}, others: {arch.proj_bias}")
     if problems:
         raise UnsupportedFamily(f"llama.cpp's {arch.name} cannot compute a model with {', '.join(problems)}: not "
                                 "written, since the file would load and compute something else")
