@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "fixtures" / "build_llamacpp_converter.sh"
 TOKENIZERS = ROOT / "fixtures" / "gguf_tokenizers.py"
+CONVERT_MANY = ROOT / "fixtures" / "gguf_convert_many.py"
 VERSION = "0.3.36"
 GPT2_VOCAB = 50304  # >= GPT-2's 50257 tokens, which Falcon's and GPT-NeoX's converters take from tokenizer.json
 
@@ -132,12 +133,13 @@ def _gpt2_tokenizer(converter: Path, made: Path, python: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def llamacpp_convert(hf_dir: Path, out: Path, converter: Path, outtype: str = "f32") -> Path:
-    """convert_hf_to_gguf.py, unmodified, in its own environment."""
+def llamacpp_convert(jobs: list[tuple[Path, Path, str]], converter: Path) -> None:
+    """convert_hf_to_gguf.py, unmodified, in its own environment: (HF directory, .gguf file, outtype) per job,
+    all in one process (fixtures/gguf_convert_many.py)."""
     python = converter / "venv" / "bin" / "python"
-    result = subprocess.run([str(python), str(converter / "llama.cpp" / "convert_hf_to_gguf.py"), str(hf_dir),
-                             "--outfile", str(out), "--outtype", outtype],
-                            capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"})
+    args = json.dumps([[str(hf), "--outfile", str(out), "--outtype", outtype] for hf, out, outtype in jobs])
+    result = subprocess.run([str(python), str(CONVERT_MANY), str(converter / "llama.cpp" / "convert_hf_to_gguf.py"), args],
+                            capture_output=True, text=True, timeout=1200,
+                            env={k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"})
     if result.returncode != 0:
-        raise AssertionError(f"llama.cpp's converter failed on {hf_dir}:\n{result.stderr[-3000:]}")
-    return out
+        raise AssertionError(f"llama.cpp's converter failed:\n{result.stderr[-3000:]}")

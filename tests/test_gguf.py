@@ -34,17 +34,34 @@ def converter() -> Path:
     return converter_dir()
 
 
+LOSSY = [("llama-gqa", "q8_0"), ("phi3-fused", "q8_0"), ("llama-gqa", "f16")]
+
+
 @pytest.fixture(scope="module")
-def made(tmp_path_factory, converter) -> dict[str, tuple[Path, Path]]:
-    """Every family: its HF directory and the F32 GGUF llama.cpp's converter made of it (two at a time)."""
+def oracle(tmp_path_factory, converter) -> dict[tuple[str, str], tuple[Path, Path]]:
+    """(family, outtype) -> its HF directory and the GGUF llama.cpp's converter made of it: every family in
+    F32, and LOSSY. Models are built two at a time; the converter runs once for all of them."""
     root = tmp_path_factory.mktemp("gguf")
-
-    def one(family_id: str) -> tuple[Path, Path]:
-        hf = build_hf(BY_ID[family_id], root / family_id, converter)
-        return hf, llamacpp_convert(hf, root / f"{family_id}.gguf", converter)
-
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(IDS, pool.map(one, IDS)))
+        hf = dict(zip(IDS, pool.map(lambda i: build_hf(BY_ID[i], root / i, converter), IDS)))
+    jobs = [(i, "f32") for i in IDS] + LOSSY
+    llamacpp_convert([(hf[i], root / f"{i}.{t}.gguf", t) for i, t in jobs], converter)
+    out = {}
+    for i, t in jobs:
+        made = root / f"{i}.{t}.gguf"
+        if BY_ID[i].tokenizer == "gpt2":
+            # GPT-2's 50257 tokens and merges take gguf's reader 2 s to parse on every open: the tests read a
+            # copy without those arrays (tensors and model keys as llama.cpp wrote them;
+            # test_llamacpp_gguf_with_its_full_vocabulary reads an original)
+            made = rewrite(made, root / f"{i}.{t}.novocab.gguf", drop=VOCAB_ARRAYS)
+        out[i, t] = hf[i], made
+    return out
+
+
+@pytest.fixture(scope="module")
+def made(oracle) -> dict[str, tuple[Path, Path]]:
+    """Every family: its HF directory and its F32 GGUF made by llama.cpp's converter."""
+    return {i: oracle[i, "f32"] for i in IDS}
 
 
 def run(*args: str) -> tuple[int, dict]:
@@ -106,6 +123,15 @@ def test_llamacpp_gguf_verifies_against_its_source(made, family_id):
     assert any("gelu_approximate" in n for n in report["notes"]) == gelu
 
 
+def test_llamacpp_gguf_with_its_full_vocabulary(made, tmp_path):
+    """The file exactly as llama.cpp's converter wrote it (GPT-2's vocabulary included) verifies the same."""
+    hf, _ = made["gpt-neox"]
+    original = hf.parent / "gpt-neox.f32.gguf"
+    assert "tokenizer.ggml.tokens" in gguf.GGUFReader(original).fields
+    code, report = run("verify", str(hf), str(original))
+    assert code == 0 and report["passed"]
+
+
 @pytest.mark.parametrize("family_id", IDS)
 def test_wrong_rotary_permutation_in_one_layer_fails_naming_it(made, family_id, tmp_path):
     hf, gguf_file = made[family_id]
@@ -150,15 +176,13 @@ def test_rope_field_of_every_format(made, legacy, tmp_path):
     assert (rope["order"], rope["fraction"]) == ("pairs", 1.0) and "rope_interleave" in rope["evidence"]
 
 
-@pytest.mark.parametrize("family_id,outtype", [("llama-gqa", "q8_0"), ("phi3-fused", "q8_0"),
-                                               ("llama-gqa", "f16")])
-def test_lossy_gguf_is_compared_with_its_reference_quantized_alike(made, converter, family_id, outtype, tmp_path):
+@pytest.mark.parametrize("family_id,outtype", LOSSY)
+def test_lossy_gguf_is_compared_with_its_reference_quantized_alike(oracle, family_id, outtype, tmp_path):
     """Q8_0 (blocks inside each row) and F16 round each row alike wherever llama.cpp moved it, so verify
     quantizes the reference with gguf's own quantizer and compares at float32's tolerance: a correct file
     computes the same numbers, and a wrong permutation cannot hide in the rounding (a partial-rotary
     Phi-3's is 5% of the stage's scale, below any tolerance wide enough for Q8_0's rounding)."""
-    hf, _ = made[family_id]
-    lossy = llamacpp_convert(hf, tmp_path / f"{outtype}.gguf", converter, outtype=outtype)
+    hf, lossy = oracle[family_id, outtype]
     code, report = run("verify", str(hf), str(lossy))
     assert code == 0, report["stages"]
     assert outtype.upper() in report["tolerance_reason"] and report["rtol"] == 1e-5
@@ -219,12 +243,15 @@ def built_window(tmp_path, converter):
     return build_hf(family, tmp_path / "mistral-window", converter)
 
 
-def rewrite(src: Path, dst: Path, keys: dict | None = None, tensors: dict | None = None) -> Path:
-    """A copy of `src` written through gguf's GGUFWriter with more float32 keys and tensors."""
+VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+
+
+def rewrite(src: Path, dst: Path, keys: dict | None = None, tensors: dict | None = None, drop: tuple = ()) -> Path:
+    """A copy of `src` written through gguf's GGUFWriter with more float32 keys and tensors, `drop` keys left out."""
     reader = gguf.GGUFReader(src)
     writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
             continue
         if field.types[0] == gguf.GGUFValueType.ARRAY:
             writer.add_array(key, field.contents())
