@@ -42,6 +42,9 @@ class Family:
 
 FAMILIES = [
     Family("llama-gqa", {"model_type": "llama", **SMALL, "rms_norm_eps": 1e-5}, "spm", arch="llama"),
+    Family("llama3-rope", {"model_type": "llama", **SMALL, "head_dim": 16, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}}, "spm", arch="llama"),
     Family("mistral", {"model_type": "mistral", **SMALL, "sliding_window": None}, "spm", arch="llama"),
     Family("qwen2-bias-tied", {"model_type": "qwen2", **SMALL, "tie_word_embeddings": True,
                                "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}, "spm", arch="qwen2"),

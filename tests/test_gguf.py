@@ -272,7 +272,7 @@ def rewrite(src: Path, dst: Path, keys: dict | None = None, tensors: dict | None
 
 @pytest.mark.parametrize("keys,tensors,why", [
     ({"llama.attn_logit_softcapping": 30.0}, None, "llama.attn_logit_softcapping"),
-    (None, {"rope_freqs.weight": np.ones(4, dtype=np.float32)}, "rope_freqs"),
+    (None, {"rope_freqs.weight": np.array([1, 2, 3, 5], dtype=np.float32)}, "rope_freqs"),
 ])
 def test_gguf_settings_the_reader_does_not_map_are_refused(made, tmp_path, keys, tensors, why):
     """A key or tensor that may change what llama.cpp computes, and that qkvconv does not map, is refused

@@ -205,22 +205,25 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
         raise UnsupportedFamily(f"{g.path}: value heads of another size than key heads, which litgpt has not")
     n_rot = int(g.key("rope.dimension_count", head_size))
     vocab = g.shape("token_embd.weight")[0]
-    if "rope_freqs.weight" in names:
-        raise UnsupportedFamily(f"{g.path} carries rope_freqs (per-frequency RoPE factors, Llama 3.1's scaling), which "
-                                "qkvconv's GGUF reader does not map yet")
-    scaling = g.key("rope.scaling.type")
+    theta = float(g.key("rope.freq_base", 10000.0))
+    # llama.cpp scales every frequency by 1 / rope.scaling.factor unless the type is YaRN-like (llama-model.cpp
+    # load_hparams: the type defaults to linear)
+    scaling, factor = g.key("rope.scaling.type", "linear"), g.key("rope.scaling.factor")
     adjustments = None
-    if scaling not in (None, "none"):
-        if scaling != "linear":
-            raise UnsupportedFamily(f"{g.path} uses {scaling} RoPE scaling, which qkvconv's GGUF reader does not map")
-        adjustments = {"factor": float(_require(g, "rope.scaling.factor"))}
+    if scaling not in ("linear", "none"):
+        raise UnsupportedFamily(f"{g.path} uses {scaling} RoPE scaling, which qkvconv's GGUF reader does not map")
+    if factor not in (None, 0.0, 1.0):
+        adjustments = {"factor": float(factor)}
+    if "rope_freqs.weight" in names:
+        if adjustments:
+            raise UnsupportedFamily(f"{g.path} has both rope_freqs and rope.scaling.factor")
+        adjustments = llama3_scaling(g, theta, head_size)
     up = g.shape("blk.0.ffn_up.weight")[0]
     qkv_bias = any(f"{m}.bias" in names for m in arch.qkv_modules(0))
     proj_bias = "blk.0.attn_output.bias" in names
     parallel = arch.parallel_residual
     if arch.parallel_residual_key:
         parallel = bool(g.key(arch.parallel_residual_key, True))
-    theta = float(g.key("rope.freq_base", 10000.0))
     cfg: dict[str, Any] = {
         "name": arch.label,
         "block_size": int(g.key("context_length", 4096)),
@@ -259,6 +262,50 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
     return cfg
 
 
+# Llama 3.1/3.2's RoPE scaling as its config.json gives it (rope_scaling: low_freq_factor 1, high_freq_factor 4,
+# original_max_position_embeddings 8192; factor 8 for 3.1, 32 for 3.2)
+LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_seq_len": 8192}
+
+
+def llama3_factors(base: float, head_size: int, factor: float, low: float, high: float, original: int) -> list[float]:
+    """The per-frequency divisors llama.cpp stores as rope_freqs for Llama-3 RoPE scaling, computed as its
+    converter does (conversion/llama.py LlamaModel.generate_extra_tensors; the graph divides frequency i
+    by factor i), which is litgpt's llama3 rope_adjustments."""
+    import math
+
+    import torch
+
+    freqs = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    low_wavelen, high_wavelen = original / low, original / high
+    out = []
+    for freq in freqs:  # 0-d float32 tensors, as the converter iterates: its arithmetic is float32's
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(float(1 / ((1 - smooth) / factor + smooth)))
+    return out
+
+
+def llama3_scaling(g: GGUFFile, base: float, head_size: int) -> dict[str, Any] | None:
+    """rope_freqs read back as litgpt's llama3 rope_adjustments: the Llama 3.1/3.2 settings (its largest factor,
+    LLAMA3) when they give exactly these factors, else refused: other settings could give the same
+    factors, and the file keeps no more than the factors."""
+    stored = g.read("rope_freqs.weight").double().tolist()
+    factor = max(stored)
+    if all(f == 1.0 for f in stored):  # every frequency divided by 1: no scaling
+        return None
+    want = llama3_factors(base, head_size, factor, LLAMA3["low_freq_factor"], LLAMA3["high_freq_factor"],
+                          LLAMA3["original_max_seq_len"])
+    if len(want) != len(stored) or any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip(stored, want)):
+        raise UnsupportedFamily(f"{g.path}: its rope_freqs are not Llama 3.1/3.2's scaling (low_freq_factor 1, "
+                                "high_freq_factor 4, original length 8192) of any factor; qkvconv maps only those")
+    return {"factor": factor, **LLAMA3}
+
+
 # ---------------------------------------------------------------------------------------------
 # GGUF names -> litgpt names
 
@@ -293,7 +340,7 @@ def plan_gguf_to_litgpt(g: GGUFFile, cfg: dict[str, Any] | None = None) -> Plan:
     arch = g.arch
     heads = HeadLayout(cfg["n_head"], cfg["n_query_groups"], cfg["head_size"])
     present = set(g.names())
-    used: set[str] = set()
+    used: set[str] = {"rope_freqs.weight"} & present  # read into the config (llama3_scaling)
 
     def take(name: str) -> str:
         if name not in present:

@@ -14,13 +14,14 @@ loads as a model without a vocabulary (llama-vocab.cpp); add one with llama.cpp'
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.base import Transformations
 from qkvconv.formats.gguf.archs import ARCHS, GGUFArch, bias_fits, for_family
-from qkvconv.formats.gguf.reading import AddConstant
+from qkvconv.formats.gguf.reading import LLAMA3, AddConstant, llama3_factors
 from qkvconv.model import names as L
 from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, QKVOrder
@@ -46,8 +47,12 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
         problems.append(f"a sliding window ({arch.name} in llama.cpp attends to every earlier token)")
     if arch_obj.attention_logit_softcapping or arch_obj.final_logit_softcapping:
         problems.append("soft-capping")
-    if arch_obj.rope_scaling not in ("none", "linear") or arch_obj.rope_local_base is not None:
-        problems.append(f"{arch_obj.rope_scaling} RoPE scaling")
+    llama3 = arch_obj.rope_scaling == "llama3" and arch.name == "llama" and (
+        arch_obj.rope_low_freq_factor, arch_obj.rope_high_freq_factor, arch_obj.rope_original_max_seq_len) == tuple(
+        LLAMA3.values())
+    if arch_obj.rope_scaling not in ("none", "linear") and not llama3 or arch_obj.rope_local_base is not None:
+        problems.append(f"{arch_obj.rope_scaling} RoPE scaling (llama3 is written for Llama with Llama 3.1's "
+                        "low/high frequency factors 1 and 4 and original length 8192)")
     if arch_obj.n_expert:
         problems.append("a mixture of experts")
     if not arch_obj.norm_affine:
@@ -67,6 +72,27 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
         raise UnsupportedFamily(f"llama.cpp's {arch.name} cannot compute a model with {', '.join(problems)}: not "
                                 "written, since the file would load and compute something else")
     return arch
+
+
+@dataclass(frozen=True)
+class Constant(Step):
+    """A tensor computed from the config alone (Llama 3's rope_freqs); its input only anchors it in the plan."""
+
+    values: tuple[float, ...]
+    what: str
+
+    def apply(self, tensors: list[Any]) -> list[Any]:
+        import torch
+
+        return [torch.tensor(self.values, dtype=torch.float32)]
+
+    def describe(self) -> str:
+        return self.what
+
+    def metas(self, inputs: list[Any]) -> list[Any]:
+        import torch
+
+        return [((len(self.values),), torch.float32)]
 
 
 def _gguf_recipes(arch: GGUFArch, cfg: dict[str, Any], outputs: set[str], tied: bool) -> list[Recipe]:
@@ -114,6 +140,10 @@ def _gguf_recipes(arch: GGUFArch, cfg: dict[str, Any], outputs: set[str], tied: 
     for p in ("weight", "bias"):
         if f"{L.FINAL_NORM}.{p}" in outputs:
             add(f"output_norm.{p}", (f"{L.FINAL_NORM}.{p}",), offset(L.FINAL_NORM) if p == "weight" else ())
+    if a.rope_scaling == "llama3":  # llama.cpp divides frequency i by rope_freqs[i]
+        factors = llama3_factors(float(a.rope_base), a.head_size, a.rope_factor, a.rope_low_freq_factor,
+                                 a.rope_high_freq_factor, a.rope_original_max_seq_len)
+        add("rope_freqs.weight", (f"{L.FINAL_NORM}.weight",), (Constant(tuple(factors), "Llama-3 RoPE factors"),))
     if arch.tied_only:  # no output tensor: the head must be the embedding (checked as the plan runs)
         recipes[0] = Recipe("token_embd.weight", (f"{L.EMBEDDING}.weight", f"{L.HEAD}.weight"), (Tied(),))
     elif not tied or f"{L.HEAD}.bias" in outputs:  # tied: no output tensor, as llama.cpp's converter writes it
