@@ -246,13 +246,18 @@ def built_window(tmp_path, converter):
 VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
-def rewrite(src: Path, dst: Path, keys: dict | None = None, tensors: dict | None = None, drop: tuple = ()) -> Path:
-    """A copy of `src` written through gguf's GGUFWriter with more float32 keys and tensors, `drop` keys left out."""
+def rewrite(src: Path, dst: Path, keys: dict | None = None, tensors: dict | None = None, drop: tuple = (),
+            arch: str | None = None) -> Path:
+    """A copy of `src` written through gguf's GGUFWriter with more float32 keys and tensors, `drop` keys left
+    out, and its architecture renamed to `arch` (its keys with it)."""
     reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    old = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dst, arch or old)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
             continue
+        if arch and key.startswith(old + "."):
+            key = arch + key[len(old):]
         if field.types[0] == gguf.GGUFValueType.ARRAY:
             writer.add_array(key, field.contents())
         else:
@@ -293,3 +298,14 @@ def test_convert_from_gguf(made, family_id, tmp_path):
         code, report = run("convert", str(gguf_file), "--to", to, "--out", str(tmp_path / to))
         assert code == 0, report
         assert run("verify", str(hf), str(tmp_path / to))[0] == 0
+
+
+def test_inspect_of_an_architecture_qkvconv_does_not_map(made, tmp_path):
+    """inspect still tells heads, QKV tensors and llama.cpp's rotary order (its llama_model_rope_type table);
+    verify refuses (exit 2)."""
+    hf, gguf_file = made["llama-gqa"]
+    other = rewrite(gguf_file, tmp_path / "granite.gguf", arch="granite")
+    code, report = run("inspect", str(other))
+    assert code == 0 and report["family"] == "granite" and report["n_query_groups"] == 2
+    assert report["rope"]["order"] == "pairs" and "not supported" in report["notes"][0]
+    assert run("verify", str(hf), str(other))[0] == 2

@@ -161,6 +161,27 @@ ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, PHI3, FAL
                                                   PHI2, OLMO2)}
 
 
+# llama_model_rope_type (src/llama-model.cpp, llama-cpp-python 0.3.36) by general.architecture, for inspect of
+# architectures qkvconv does not map: NORM rotates adjacent pairs, NEOX dims i and i + n_rot/2
+ROPE_NORM = frozenset((
+    "llama llada llama4 deci baichuan starcoder internlm2 minicpm xverse command-r cohere2 cohere2moe olmo arctic "
+    "deepseek deepseek2 deepseek2-ocr deepseek32 deepseek4 muse-glimmer plm chatglm granite granitemoe granitehybrid "
+    "graniteswitch granite_swa chameleon bailingmoe neo-bert smollm3 arcee ernie4_5 ernie4_5-moe mistral3 eagle3 "
+    "mistral4 llama-embed maincoder glm-dsa dots3note nanbeige pockettts").split())
+ROPE_NEOX = frozenset((
+    "falcon falcon-h1 grok dbrx bert jina-bert-v3 modern-bert nomic-bert nomic-bert-moe eurobert stablelm bitnet qwen "
+    "qwen2 dream qwen2moe qwen3 qwen3moe llada-moe rnd1 olmo2 olmoe phi2 phi3 phimoe plamo plamo2 plamo3 gemma gemma2 "
+    "gemma3 gemma3n gemma4 gemma4-assistant gemma-embedding starcoder2 openelm gptneox codeshell orion nemotron exaone "
+    "exaone4 exaone-moe minicpm3 bailingmoe2 dots1 hunyuan-moe jais2 gpt-oss hunyuan-dense hy_v3 lfm2 lfm2moe "
+    "smallthinker seed_oss grovemoe apertus minimax-01 minimax-m2 minimax-m3 cogvlm pangu-embedded afmoe laguna "
+    "qwen3next mimo2 step35 spark2_5 talkie mellum maple hrm_text").split())
+
+
+def rope_of(name: str) -> RopeOrder | None:
+    """How llama.cpp rotates architecture `name` (None: no RoPE, or an order chosen at run time)."""
+    return RopeOrder.PAIRS if name in ROPE_NORM else RopeOrder.HALF if name in ROPE_NEOX else None
+
+
 def resolve(name: str, tensor_names: Collection[str]) -> GGUFArch:
     """The entry of `general.architecture`, with the variant its tensors show (Falcon-40B: attn_norm_2;
     StableLM without ffn_norm: parallel residual on one norm). Unknown architectures are refused."""
@@ -207,4 +228,4 @@ def bias_fits(rule: str, present: bool) -> bool:
 _WRITE_ORDER = (LLAMA, QWEN3, GEMMA, GPTNEOX, FALCON, FALCON_40B, OLMO2)
 
 
-__all__ = ["ARCHS", "GGUFArch", "GGML_GELU", "bias_fits", "resolve", "for_family"]
+__all__ = ["ARCHS", "GGUFArch", "GGML_GELU", "bias_fits", "resolve", "rope_of", "for_family"]

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qkvconv.errors import QkvconvError
+from qkvconv.errors import QkvconvError, UnsupportedFamily
+from qkvconv.formats.gguf.archs import rope_of
+from qkvconv.model.rotary import RopeOrder
 from qkvconv.formats.base import Format, Source, Transformations, rope_report
 from qkvconv.formats.gguf.reading import TOLERANCES, GGUFFile, Tolerance, litgpt_config, plan_gguf_to_litgpt
 
@@ -56,20 +58,18 @@ def _open(source: Path) -> tuple[GGUFFile, dict[str, Any], Plan]:
 def inspect_gguf(source: Path) -> dict[str, Any]:
     """The inspect report: architecture, heads, QKV layout and rotary order (with the metadata keys that
     say so), tensor types and sizes."""
-    from collections import Counter
-
     from qkvconv.model.layout import HeadLayout
 
-    g, cfg, _ = _open(source)
+    g = GGUFFile(gguf_path(source))
+    try:
+        cfg = litgpt_config(g)
+        plan_gguf_to_litgpt(g, cfg)
+    except UnsupportedFamily as e:
+        return _inspect_unmapped(g, str(e))
     arch = g.arch
     heads = HeadLayout(cfg["n_head"], cfg["n_query_groups"], cfg["head_size"])
     n_rot = round(cfg["rotary_percentage"] * cfg["head_size"])
-    types: Counter[str] = Counter()
-    sizes: Counter[str] = Counter()
-    for name in g.names():
-        t = g._tensor(name)
-        types[g.type_name(name)] += int(t.n_elements)
-        sizes[g.type_name(name)] += int(t.n_bytes)
+    types, sizes = _types(g)
     kind = "NORM (adjacent pairs)" if arch.rope.value == "pairs" else "NEOX (dims i and i + n_rot/2)"
     qkv = ("separate attn_q / attn_k / attn_v" if arch.qkv == "split"
            else "one fused attn_qkv, rows sequential (Q heads, K heads, V heads)")
@@ -86,15 +86,63 @@ def inspect_gguf(source: Path) -> dict[str, Any]:
         "qkv_order": "split" if arch.qkv == "split" else "sequential", "evidence": evidence,
         "n_layer": cfg["n_layer"], "n_head": heads.n_head, "n_query_groups": heads.n_query_groups,
         "head_size": heads.head_size, "n_embd": cfg["n_embd"], "attention": heads.attention, "lora": None,
-        "dtype": next(iter(types)) if len(types) == 1 else dict(types.most_common()),
+        "dtype": next(iter(types)) if len(types) == 1 else types,
         "parameters": sum(types.values()),
         "files": [{"name": g.path.name, "bytes": g.path.stat().st_size}],
         "notes": [] if tokenizer else ["no tokenizer.ggml.model: llama.cpp cannot load this file"],
         "rope": rope_report(cfg, f"general.architecture = {arch.name} ({kind} in llama.cpp), {arch.name}.rope."
                             f"dimension_count = {n_rot} of head size {cfg['head_size']}"),
         "architecture": arch.name,
-        "tensor_types": {k: {"parameters": v, "bytes": sizes[k]} for k, v in types.most_common()},
+        "tensor_types": {k: {"parameters": v, "bytes": sizes[k]} for k, v in types.items()},
         "tokenizer": tokenizer,
+    }
+
+
+def _types(g: GGUFFile) -> tuple[dict[str, int], dict[str, int]]:
+    """Parameters and bytes per tensor type."""
+    from collections import Counter
+
+    types: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    for name in g.names():
+        t = g._tensor(name)
+        types[g.type_name(name)] += int(t.n_elements)
+        sizes[g.type_name(name)] += int(t.n_bytes)
+    return dict(types.most_common()), dict(sizes)
+
+
+def _inspect_unmapped(g: GGUFFile, why: str) -> dict[str, Any]:
+    """What the metadata says of a GGUF qkvconv does not map (another architecture, or a setting it refuses):
+    heads, QKV tensors and llama.cpp's rotary order for the architecture; verify and convert refuse it."""
+    name = g.arch_name
+    n_head, n_embd = g.key("attention.head_count"), g.key("embedding_length")
+    n_kv = g.key("attention.head_count_kv", n_head)
+    head_size = g.key("attention.key_length", n_embd // n_head if n_embd and isinstance(n_head, int) and n_head else None)
+    qkv = ("blk.{i}.attn_qkv" if "blk.0.attn_qkv.weight" in g.names() else
+           "blk.{i}.attn_q/attn_k/attn_v" if "blk.0.attn_q.weight" in g.names() else None)
+    order = rope_of(name)
+    n_rot = g.key("rope.dimension_count", head_size)
+    types, sizes = _types(g)
+    attention = None
+    if isinstance(n_head, int) and isinstance(n_kv, int) and n_kv:
+        attention = "MHA" if n_kv == n_head else "MQA" if n_kv == 1 else "GQA"
+    kind = {None: "no RoPE (or chosen at run time)", RopeOrder.PAIRS: "NORM (adjacent pairs)",
+            RopeOrder.HALF: "NEOX (dims i and i + n_rot/2)"}[order]
+    return {
+        "source": str(g.path), "format": "gguf", "family": name, "model": g.get("general.name"), "legacy": False,
+        "naming": qkv, "qkv_order": None if qkv is None else "split" if "attn_q/" in qkv else "sequential",
+        "evidence": [f"general.architecture = {name}: llama.cpp rotates it with {kind} RoPE (llama_model_rope_type)"],
+        "n_layer": g.key("block_count"), "n_head": n_head, "n_query_groups": n_kv, "head_size": head_size,
+        "n_embd": n_embd, "attention": attention, "lora": None,
+        "dtype": next(iter(types)) if len(types) == 1 else types, "parameters": sum(types.values()),
+        "files": [{"name": g.path.name, "bytes": g.path.stat().st_size}],
+        "notes": [f"not supported for verify or convert: {why}"],
+        "rope": None if order is None else {
+            "order": order.value, "fraction": n_rot / head_size if n_rot and head_size else None,
+            "evidence": f"general.architecture = {name} ({kind} in llama.cpp)"},
+        "architecture": name,
+        "tensor_types": {k: {"parameters": v, "bytes": sizes[k]} for k, v in types.items()},
+        "tokenizer": g.get("tokenizer.ggml.model"),
     }
 
 

@@ -69,7 +69,15 @@ class GGUFFile:
         name = self.get("general.architecture")
         if not isinstance(name, str):
             raise QkvconvError(f"{path} has no general.architecture")
-        self.arch: GGUFArch = resolve(name, self._tensors)
+        self.arch_name = name
+        self._arch: GGUFArch | None = None
+
+    @property
+    def arch(self) -> GGUFArch:
+        """The architecture as qkvconv maps it (archs.py); UnsupportedFamily where it does not."""
+        if self._arch is None:
+            self._arch = resolve(self.arch_name, self._tensors)
+        return self._arch
 
     # metadata
     def get(self, key: str, default: Any = None) -> Any:
@@ -88,7 +96,7 @@ class GGUFFile:
 
     def key(self, suffix: str, default: Any = None) -> Any:
         """An architecture key: `{general.architecture}.{suffix}`."""
-        return self.get(f"{self.arch.name}.{suffix}", default)
+        return self.get(f"{self.arch_name}.{suffix}", default)
 
     def keys(self) -> list[str]:
         return list(self._reader.fields)
