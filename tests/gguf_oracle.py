@@ -71,6 +71,12 @@ MORE = [
     Family("stablelm", {"model_type": "stablelm", **SMALL, "use_qkv_bias": True, "partial_rotary_factor": 0.5}, "gpt2",
            arch="stablelm",
            hf_vocab=GPT2_VOCAB),
+    Family("mixtral", {"model_type": "mixtral", **SMALL, "num_local_experts": 4, "num_experts_per_tok": 2,
+                       "sliding_window": None}, "spm", arch="llama"),
+    Family("qwen3-moe", {"model_type": "qwen3_moe", **SMALL, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                         "moe_intermediate_size": 24, "norm_topk_prob": True,
+                         "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}, "gpt2", arch="qwen3moe",
+           hf_vocab=GPT2_VOCAB),
     Family("phi-2", {"model_type": "phi", **SMALL, "num_key_value_heads": 4, "partial_rotary_factor": 0.5},
            "gpt2", arch="phi2", hf_vocab=GPT2_VOCAB),
 ]

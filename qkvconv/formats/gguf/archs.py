@@ -80,6 +80,7 @@ class GGUFArch:
     # other linears (attention output, MLP); writing refuses a model whose biases do not fit
     qkv_bias: str = "none"
     proj_bias: str = "none"
+    experts: str = "none"  # a mixture of experts in every layer: "none", "optional" (llama: Mixtral), "required"
 
     def module(self, litgpt_module: str, i: int | str) -> str:
         return self.layer[litgpt_module].format(i=i)
@@ -90,7 +91,8 @@ class GGUFArch:
 
 LLAMA = GGUFArch(
     "llama", "Llama (GGUF)", RopeOrder.PAIRS, "split", LLAMA_LAYER, "RMSNorm", "LLaMAMLP",
-    "attention.layer_norm_rms_epsilon", converter="LlamaForCausalLM, MistralForCausalLM", qkv_bias="optional",
+    "attention.layer_norm_rms_epsilon", converter="LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM",
+    qkv_bias="optional", experts="optional",
     where="conversion/llama.py LlamaModel.modify_tensors permutes q_proj and k_proj (LlamaModel.permute, per "
           "head: half -> pairs; K with num_key_value_heads); src/models/llama.cpp reads no sliding window",
 )
@@ -102,6 +104,10 @@ QWEN2 = GGUFArch(
 QWEN3 = replace(QWEN2, name="qwen3", label="Qwen3 (GGUF)", layer={**LLAMA_LAYER, **QK_NORMS}, norm_qk="default",
                 qkv_bias="none",
                 converter="Qwen3ForCausalLM", where="conversion/qwen.py Qwen3Model: tensors renamed only; NEOX rope")
+QWEN3MOE = replace(QWEN3, name="qwen3moe", label="Qwen3-MoE (GGUF)", converter="Qwen3MoeForCausalLM", experts="required",
+                   where="conversion/qwen.py Qwen3MoeModel (Qwen2MoeModel.modify_tensors): the experts of a layer "
+                         "stacked into 3D ffn_gate_exps / ffn_up_exps / ffn_down_exps; NEOX rope; "
+                         "src/models/qwen3moe.cpp always renormalises the chosen experts' weights")
 PHI3 = GGUFArch(
     "phi3", "Phi-3 (GGUF)", RopeOrder.HALF, "fused",
     {L.NORM_1: "blk.{i}.attn_norm", L.ATTN_PROJ: "blk.{i}.attn_output", L.NORM_2: "blk.{i}.ffn_norm",
@@ -157,8 +163,15 @@ OLMO2 = GGUFArch(
     where="conversion/olmo.py Olmo2Model: tensors renamed only; NEOX rope",
 )
 
-ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, PHI3, FALCON, GPTNEOX, GEMMA, STABLELM,
-                                                  PHI2, OLMO2)}
+ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, QWEN3MOE, PHI3, FALCON, GPTNEOX, GEMMA,
+                                                  STABLELM, PHI2, OLMO2)}
+
+# litgpt's LLaMAMoE router and experts (under transformer.h.{i}) <-> llama.cpp's, whose experts of one layer are
+# stacked in one 3D tensor per linear (expert e: index e of its first dim); src/models/llama.cpp renormalises
+# the chosen experts' softmax weights (build_moe_ffn norm_w = true), as litgpt does
+ROUTER = "blk.{i}.ffn_gate_inp"
+EXPERTS = {"fc_1": "blk.{i}.ffn_gate_exps", "fc_2": "blk.{i}.ffn_up_exps", "proj": "blk.{i}.ffn_down_exps"}
+DENSE_MLP = (L.MLP_FC, L.MLP_FC_1, L.MLP_FC_2, L.MLP_PROJ)
 
 
 # llama_model_rope_type (src/llama-model.cpp, llama-cpp-python 0.3.36) by general.architecture, for inspect of
@@ -200,6 +213,7 @@ def for_family(cfg: Mapping[str, object]) -> GGUFArch | None:
     """The architecture `convert --to gguf` writes for a litgpt config, or None (no llama.cpp architecture
     computes it): chosen by what the config computes, as llama.cpp's converter chooses by the HF class."""
     mlp, norm = cfg.get("mlp_class_name"), cfg.get("norm_class_name")
+    mlp = "LLaMAMLP" if mlp == "LLaMAMoE" else mlp
     for arch in _WRITE_ORDER:
         if arch.mlp_class_name == mlp and arch.norm_class_name == norm and _fits(arch, cfg):
             return arch
@@ -211,6 +225,8 @@ def _fits(arch: GGUFArch, cfg: Mapping[str, object]) -> bool:
     if arch.parallel_residual_key is None and (parallel, shared) != (arch.parallel_residual, arch.shared_attention_norm):
         return False
     if arch.parallel_residual_key is not None and shared:
+        return False
+    if not bias_fits(arch.experts, cfg.get("mlp_class_name") == "LLaMAMoE"):
         return False
     proj = bool(cfg.get("bias"))
     qkv = proj or bool(cfg.get("attn_bias"))
@@ -225,7 +241,7 @@ def bias_fits(rule: str, present: bool) -> bool:
     return rule == "optional" or present == (rule == "required")
 
 
-_WRITE_ORDER = (LLAMA, QWEN3, GEMMA, GPTNEOX, FALCON, FALCON_40B, OLMO2)
+_WRITE_ORDER = (LLAMA, QWEN3, QWEN3MOE, GEMMA, GPTNEOX, FALCON, FALCON_40B, OLMO2)
 
 
 __all__ = ["ARCHS", "GGUFArch", "GGML_GELU", "bias_fits", "resolve", "rope_of", "for_family"]

@@ -159,11 +159,22 @@ class GGUFWeights:
     storage: str = "F32"
     assumed: frozenset[str] = field(default_factory=frozenset)
 
+    def __post_init__(self) -> None:
+        self._held: dict[str, Any] = {}  # a layer's stacked experts, read once for all its experts
+
+    def _read(self, name: str) -> Any:
+        if len(self.reader.shape(name)) < 3:
+            return self.reader.read(name)
+        if name not in self._held:
+            self._held[name] = self.reader.read(name)
+        return self._held[name]
+
     def __call__(self, name: str) -> Any:
         recipe = self.recipes[name]
-        return recipe.apply([self.reader.read(i) for i in recipe.inputs])
+        return recipe.apply([self._read(i) for i in recipe.inputs])
 
     def release(self) -> None:
+        self._held.clear()
         self.reader.release()
 
     def dtype(self) -> Any:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
-from qkvconv.formats.gguf.archs import GGUFArch, resolve
+from qkvconv.formats.gguf.archs import DENSE_MLP, EXPERTS, ROUTER, GGUFArch, resolve
 from qkvconv.model import names as L
 from qkvconv.model.layout import HeadLayout, QKVOrder
 from qkvconv.plans.plan import CheckRows, Fuse, Plan, Recipe, Step
@@ -195,6 +195,7 @@ KNOWN_KEYS = frozenset({
     "attention.layer_norm_epsilon", "attention.layer_norm_rms_epsilon", "attention.sliding_window",
     "rope.dimension_count", "rope.freq_base", "rope.scaling.type", "rope.scaling.factor",
     "rope.scaling.original_context_length", "use_parallel_residual", "tensor_data_layout",
+    "expert_count", "expert_used_count", "expert_feed_forward_length",
 })
 
 
@@ -226,7 +227,10 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
         if adjustments:
             raise UnsupportedFamily(f"{g.path} has both rope_freqs and rope.scaling.factor")
         adjustments = llama3_scaling(g, theta, head_size)
-    up = g.shape("blk.0.ffn_up.weight")[0]
+    moe = "blk.0.ffn_gate_inp.weight" in names
+    if moe and arch.experts == "none" or not moe and arch.experts == "required":
+        raise UnsupportedFamily(f"{g.path}: {'experts' if moe else 'no experts'} in a {arch.name} file")
+    up = g.shape("blk.0.ffn_up_exps.weight")[1] if moe else g.shape("blk.0.ffn_up.weight")[0]
     qkv_bias = any(f"{m}.bias" in names for m in arch.qkv_modules(0))
     proj_bias = "blk.0.attn_output.bias" in names
     parallel = arch.parallel_residual
@@ -264,6 +268,9 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
         "post_attention_norm": L.POST_ATTENTION_NORM in arch.layer,
         "post_mlp_norm": L.POST_MLP_NORM in arch.layer,
     }
+    if moe:
+        cfg.update(mlp_class_name="LLaMAMoE", moe_intermediate_size=up, n_expert=int(_require(g, "expert_count")),
+                   n_expert_per_token=int(_require(g, "expert_used_count")))
     window = g.key("attention.sliding_window")
     if window and arch.sliding_window == "all":
         cfg.update(sliding_window_size=int(window), sliding_window_indices=[1] * n_layer)
@@ -338,6 +345,26 @@ class AddConstant(Step):
         return list(inputs)
 
 
+@dataclass(frozen=True)
+class TakeExpert(Step):
+    """Expert e's matrix out of llama.cpp's stack of a layer's experts (its first dim)."""
+
+    index: int
+
+    def apply(self, tensors: list[Any]) -> list[Any]:
+        (t,) = tensors
+        return [t[self.index].contiguous()]
+
+    def describe(self) -> str:
+        return f"expert {self.index} of the stack"
+
+    def metas(self, inputs: list[Any]) -> list[Any]:
+        ((shape, dtype),) = inputs
+        if len(shape) != 3 or self.index >= shape[0]:
+            raise ValueError(f"no expert {self.index} in a stack of shape {shape}")
+        return [(shape[1:], dtype)]
+
+
 def plan_gguf_to_litgpt(g: GGUFFile, cfg: dict[str, Any] | None = None) -> Plan:
     """Recipes from the GGUF file's tensors to litgpt's (q/k/v fused in sequential order, fused attn_qkv
     checked against the heads, Phi-3's ffn_up split into gate and up, Gemma's norms back to w). A tensor
@@ -374,7 +401,16 @@ def plan_gguf_to_litgpt(g: GGUFFile, cfg: dict[str, Any] | None = None) -> Plan:
             else:
                 recipes.append(Recipe(f"{lit}.{L.QKV}.{p}", (take(f"{qkv[0]}.{p}"),),
                                       (CheckRows(QKVOrder.SEQUENTIAL, heads),)))
+        moe = cfg.get("mlp_class_name") == "LLaMAMoE"
+        if moe:
+            recipes.append(Recipe(f"{lit}.{L.MOE_ROUTER}.weight", (take(ROUTER.format(i=i) + ".weight"),)))
+            for linear, stacked in EXPERTS.items():
+                source = take(stacked.format(i=i) + ".weight")
+                recipes += [Recipe(f"{lit}.{L.expert(e, linear)}.weight", (source,), (TakeExpert(e),))
+                            for e in range(cfg["n_expert"])]
         for module in arch.layer:
+            if moe and module in DENSE_MLP:
+                continue
             source = arch.module(module, i)
             for p in params(source):
                 steps = norm_steps(module) if p == "weight" else ()

@@ -20,7 +20,7 @@ from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.base import Transformations
-from qkvconv.formats.gguf.archs import ARCHS, GGUFArch, bias_fits, for_family
+from qkvconv.formats.gguf.archs import ARCHS, DENSE_MLP, EXPERTS, ROUTER, GGUFArch, bias_fits, for_family
 from qkvconv.formats.gguf.reading import LLAMA3, AddConstant, llama3_factors
 from qkvconv.model import names as L
 from qkvconv.model.architecture import Architecture
@@ -53,13 +53,14 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
     if arch_obj.rope_scaling not in ("none", "linear") and not llama3 or arch_obj.rope_local_base is not None:
         problems.append(f"{arch_obj.rope_scaling} RoPE scaling (llama3 is written for Llama with Llama 3.1's "
                         "low/high frequency factors 1 and 4 and original length 8192)")
-    if arch_obj.n_expert:
-        problems.append("a mixture of experts")
+    if not bias_fits(arch.experts, bool(arch_obj.n_expert)):
+        problems.append("a mixture of experts" if arch_obj.n_expert else "a dense MLP")
     if not arch_obj.norm_affine:
         problems.append("norms without weights")
     if abs(arch_obj.attention_scale * arch_obj.head_size ** 0.5 - 1) > 1e-9:
         problems.append("attention scores scaled other than by 1/sqrt(head_size)")
-    if (arch_obj.norm_class_name, arch_obj.mlp_class_name) != (arch.norm_class_name, arch.mlp_class_name) or \
+    mlp = "LLaMAMLP" if arch_obj.mlp_class_name == "LLaMAMoE" else arch_obj.mlp_class_name
+    if (arch_obj.norm_class_name, mlp) != (arch.norm_class_name, arch.mlp_class_name) or \
             arch_obj.scale_embeddings != arch.scale_embeddings or arch_obj.norm_unit_offset != bool(arch.norm_offset):
         problems.append(f"{arch_obj.norm_class_name}/{arch_obj.mlp_class_name} where llama.cpp's {arch.name} has "
                         f"{arch.norm_class_name}/{arch.mlp_class_name}")
@@ -93,6 +94,26 @@ class Constant(Step):
         import torch
 
         return [((len(self.values),), torch.float32)]
+
+
+@dataclass(frozen=True)
+class Stack(Step):
+    """A layer's experts' matrices stacked along a new first dim, as llama.cpp holds them."""
+
+    def apply(self, tensors: list[Any]) -> list[Any]:
+        import torch
+
+        return [torch.stack(tensors)]
+
+    def describe(self) -> str:
+        return "stack the experts"
+
+    def metas(self, inputs: list[Any]) -> list[Any]:
+        shapes = {shape for shape, _ in inputs}
+        if len(shapes) != 1:
+            raise ValueError(f"experts of different shapes: {sorted(shapes)}")
+        (shape, dtype) = inputs[0]
+        return [((len(inputs), *shape), dtype)]
 
 
 def _gguf_recipes(arch: GGUFArch, cfg: dict[str, Any], outputs: set[str], tied: bool) -> list[Recipe]:
@@ -129,7 +150,14 @@ def _gguf_recipes(arch: GGUFArch, cfg: dict[str, Any], outputs: set[str], tied: 
                     add(f"{module}.{p}", (qkv,), (TakePart(part, QKVOrder.SEQUENTIAL, heads),))
             else:
                 add(f"{arch.qkv_modules(i)[0]}.{p}", (qkv,), (CheckRows(QKVOrder.SEQUENTIAL, heads),))
+        if a.n_expert:
+            add(f"{ROUTER.format(i=i)}.weight", (f"{lit}.{L.MOE_ROUTER}.weight",))
+            for linear, stacked in EXPERTS.items():
+                add(f"{stacked.format(i=i)}.weight", tuple(f"{lit}.{L.expert(e, linear)}.weight"
+                                                           for e in range(a.n_expert)), (Stack(),))
         for module, target in arch.layer.items():
+            if a.n_expert and module in DENSE_MLP:
+                continue
             for p in ("weight", "bias"):
                 if f"{lit}.{module}.{p}" in outputs:
                     add(f"{target.format(i=i)}.{p}", (f"{lit}.{module}.{p}",), offset(module) if p == "weight" else ())
@@ -164,6 +192,10 @@ def header(arch: GGUFArch, cfg: dict[str, Any], file_type: int) -> dict[str, tup
         f"{k}.embedding_length": ("uint32", a.n_embd),
         f"{k}.block_count": ("uint32", a.n_layer),
         f"{k}.feed_forward_length": ("uint32", int(cfg.get("intermediate_size") or 4 * a.n_embd)),
+        **({f"{k}.expert_count": ("uint32", a.n_expert), f"{k}.expert_used_count": ("uint32", a.n_expert_per_token)}
+           if a.n_expert else {}),
+        **({f"{k}.expert_feed_forward_length": ("uint32", int(cfg.get("moe_intermediate_size") or 0))}
+           if a.n_expert and cfg.get("moe_intermediate_size") else {}),
         f"{k}.attention.head_count": ("uint32", a.n_head),
         f"{k}.attention.head_count_kv": ("uint32", a.n_query_groups),
         f"{k}.attention.key_length": ("uint32", a.head_size),
