@@ -71,6 +71,10 @@ MORE = [
     Family("stablelm", {"model_type": "stablelm", **SMALL, "use_qkv_bias": True, "partial_rotary_factor": 0.5}, "gpt2",
            arch="stablelm",
            hf_vocab=GPT2_VOCAB),
+    # llama.cpp's gemma2 scales Q by 1/sqrt(head_dim) (query_pre_attn_scalar is not in the file): 16 here
+    Family("gemma2", {"model_type": "gemma2", **SMALL, "head_dim": 16, "sliding_window": 4,
+                      "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0, "query_pre_attn_scalar": 16},
+           "spm", arch="gemma2"),
     Family("mixtral", {"model_type": "mixtral", **SMALL, "num_local_experts": 4, "num_experts_per_tok": 2,
                        "sliding_window": None}, "spm", arch="llama"),
     Family("qwen3-moe", {"model_type": "qwen3_moe", **SMALL, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,

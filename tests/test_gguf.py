@@ -311,3 +311,18 @@ def test_inspect_of_an_architecture_qkvconv_does_not_map(made, tmp_path):
     assert code == 0 and report["family"] == "granite" and report["n_query_groups"] == 2
     assert report["rope"]["order"] == "pairs" and "not supported" in report["notes"][0]
     assert run("verify", str(hf), str(other))[0] == 2
+
+
+def test_gemma2_query_scalar_llamacpp_does_not_keep(converter, tmp_path):
+    """llama.cpp's gemma2 scales Q by 1/sqrt(head_dim) (1/sqrt(n_embd / n_head) for the 46-layer 27B), not by
+    query_pre_attn_scalar, which the file cannot hold: a Gemma 2 whose scalar differs computes something
+    else in llama.cpp. verify says so (exit 1) and convert --to gguf refuses it (exit 2)."""
+    from gguf_oracle import Family
+
+    family = Family("gemma2-scalar", {**BY_ID["gemma2"].hf, "query_pre_attn_scalar": 20}, "spm")
+    hf = build_hf(family, tmp_path / "hf", converter)
+    llamacpp_convert([(hf, tmp_path / "llamacpp.gguf", "f32")], converter)
+    code, report = run("verify", str(hf), str(tmp_path / "llamacpp.gguf"))
+    assert code == 1 and "attention_scale" in report["error"]
+    code, report = run("convert", str(hf), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
+    assert code == 2 and "query_pre_attn_scalar" in report["error"]

@@ -81,6 +81,7 @@ class GGUFArch:
     qkv_bias: str = "none"
     proj_bias: str = "none"
     experts: str = "none"  # a mixture of experts in every layer: "none", "optional" (llama: Mixtral), "required"
+    keys: frozenset[str] = frozenset()  # `{arch}.*` keys it reads beyond every architecture's (reading.KNOWN_KEYS)
 
     def module(self, litgpt_module: str, i: int | str) -> str:
         return self.layer[litgpt_module].format(i=i)
@@ -142,6 +143,17 @@ GEMMA = GGUFArch(
     where="conversion/gemma.py GemmaModel.modify_tensors stores every norm weight as w + 1 and drops lm_head "
           "(tied); src/models/gemma.cpp scales embeddings by sqrt(n_embd), Q by 1/sqrt(head_dim), GELU-gated MLP",
 )
+GEMMA2 = replace(
+    GEMMA, name="gemma2", label="Gemma 2 (GGUF)", converter="Gemma2ForCausalLM",
+    layer={**LLAMA_LAYER, L.POST_ATTENTION_NORM: "blk.{i}.post_attention_norm",
+           L.POST_MLP_NORM: "blk.{i}.post_ffw_norm"},
+    sliding_window="gemma2",
+    keys=frozenset({"attn_logit_softcapping", "final_logit_softcapping", "attention.sliding_window_pattern"}),
+    where="conversion/gemma.py Gemma2Model: norm weights stored as w + 1, lm_head dropped; src/models/gemma2.cpp: "
+          "the window on layers il % 2 == 0 (load_swa_pattern(2), default 4096), Q scaled by 1/sqrt(head_dim) "
+          "(27B, 46 layers: 1/sqrt(n_embd / n_head)) whatever query_pre_attn_scalar was, attention and final "
+          "logits soft-capped",
+)
 STABLELM = GGUFArch(
     "stablelm", "StableLM (GGUF)", RopeOrder.HALF, "split", LLAMA_LAYER, "LayerNorm", "LLaMAMLP",
     "attention.layer_norm_epsilon", converter="StableLmForCausalLM", qkv_bias="optional",
@@ -164,7 +176,7 @@ OLMO2 = GGUFArch(
 )
 
 ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, QWEN3MOE, PHI3, FALCON, GPTNEOX, GEMMA,
-                                                  STABLELM, PHI2, OLMO2)}
+                                                  GEMMA2, STABLELM, PHI2, OLMO2)}
 
 # litgpt's LLaMAMoE router and experts (under transformer.h.{i}) <-> llama.cpp's, whose experts of one layer are
 # stacked in one 3D tensor per linear (expert e: index e of its first dim); src/models/llama.cpp renormalises
@@ -232,6 +244,8 @@ def _fits(arch: GGUFArch, cfg: Mapping[str, object]) -> bool:
     qkv = proj or bool(cfg.get("attn_bias"))
     if not bias_fits(arch.qkv_bias, qkv) or not bias_fits(arch.proj_bias, proj):
         return False
+    if bool(cfg.get("post_attention_norm")) != (L.POST_ATTENTION_NORM in arch.layer):
+        return False
     norm_qk = cfg.get("norm_qk_type", "default") if cfg.get("norm_qk") else None
     return norm_qk == arch.norm_qk and bool(cfg.get("norm_1", True)) == (L.NORM_1 in arch.layer)
 
@@ -241,7 +255,18 @@ def bias_fits(rule: str, present: bool) -> bool:
     return rule == "optional" or present == (rule == "required")
 
 
-_WRITE_ORDER = (LLAMA, QWEN3, QWEN3MOE, GEMMA, GPTNEOX, FALCON, FALCON_40B, OLMO2)
+_WRITE_ORDER = (LLAMA, QWEN3, QWEN3MOE, GEMMA, GEMMA2, GPTNEOX, FALCON, FALCON_40B, OLMO2)
+
+
+def gemma2_attention_scalar(n_layer: int, n_embd: int, n_head: int, head_size: int) -> int:
+    """What llama.cpp's gemma2 scales Q by the -1/2 power of: n_embd / n_head for the 27B (46 layers), else
+    head_size (src/models/gemma2.cpp; the file has no query_pre_attn_scalar)."""
+    return n_embd // n_head if n_layer == 46 else head_size
+
+
+def gemma2_window_layers(n_layer: int, pattern: int = 2) -> list[int]:
+    """llama_hparams::set_swa_pattern(n, dense_first=false): layer il slides when il % n < n - 1."""
+    return [int(pattern == 0 or il % pattern < pattern - 1) for il in range(n_layer)]
 
 
 __all__ = ["ARCHS", "GGUFArch", "GGML_GELU", "bias_fits", "resolve", "rope_of", "for_family"]

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
-from qkvconv.formats.gguf.archs import DENSE_MLP, EXPERTS, ROUTER, GGUFArch, resolve
+from qkvconv.formats.gguf.archs import (DENSE_MLP, EXPERTS, ROUTER, GGUFArch, gemma2_attention_scalar,
+                                       gemma2_window_layers, resolve)
 from qkvconv.model import names as L
 from qkvconv.model.layout import HeadLayout, QKVOrder
 from qkvconv.plans.plan import CheckRows, Fuse, Plan, Recipe, Step
@@ -203,7 +204,8 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
     """The litgpt Config fields of the model as llama.cpp runs it (`rope_interleave` for NORM rope)."""
     arch, names = g.arch, set(g.names())
     prefix = f"{arch.name}."
-    unknown = sorted(k[len(prefix):] for k in g.keys() if k.startswith(prefix) and k[len(prefix):] not in KNOWN_KEYS)
+    unknown = sorted(k[len(prefix):] for k in g.keys()
+                     if k.startswith(prefix) and k[len(prefix):] not in KNOWN_KEYS | arch.keys)
     if unknown:
         raise UnsupportedFamily(f"{g.path} sets {', '.join(prefix + k for k in unknown[:3])}, which qkvconv's GGUF "
                                 "reader does not map: refused rather than read as a model it may not be")
@@ -274,6 +276,15 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
     window = g.key("attention.sliding_window")
     if window and arch.sliding_window == "all":
         cfg.update(sliding_window_size=int(window), sliding_window_indices=[1] * n_layer)
+    if arch.sliding_window == "gemma2":
+        pattern = g.key("attention.sliding_window_pattern", 2)
+        if not isinstance(pattern, int):
+            raise UnsupportedFamily(f"{g.path}: a per-layer sliding_window_pattern, which qkvconv does not map")
+        cfg.update(sliding_window_size=int(g.key("attention.sliding_window", 4096)),
+                   sliding_window_indices=gemma2_window_layers(n_layer, pattern),
+                   attention_scores_scalar=gemma2_attention_scalar(n_layer, n_embd, n_head, head_size),
+                   attention_logit_softcapping=g.key("attn_logit_softcapping"),
+                   final_logit_softcapping=g.key("final_logit_softcapping"))
     return cfg
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.base import Transformations
-from qkvconv.formats.gguf.archs import ARCHS, DENSE_MLP, EXPERTS, ROUTER, GGUFArch, bias_fits, for_family
+from qkvconv.formats.gguf.archs import (ARCHS, DENSE_MLP, EXPERTS, ROUTER, GGUFArch, bias_fits, for_family,
+                                       gemma2_attention_scalar, gemma2_window_layers)
 from qkvconv.formats.gguf.reading import LLAMA3, AddConstant, llama3_factors
 from qkvconv.model import names as L
 from qkvconv.model.architecture import Architecture
@@ -43,10 +44,23 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
         raise UnsupportedFamily("no llama.cpp architecture qkvconv writes computes this model (it writes llama, qwen2, "
                                 "qwen3, phi3, falcon, gptneox, gemma, olmo2)")
     problems = []
-    if any(arch_obj.sliding_window_layers) and arch_obj.sliding_window_size is not None:
-        problems.append(f"a sliding window ({arch.name} in llama.cpp attends to every earlier token)")
-    if arch_obj.attention_logit_softcapping or arch_obj.final_logit_softcapping:
-        problems.append("soft-capping")
+    windowed = any(arch_obj.sliding_window_layers) and arch_obj.sliding_window_size is not None
+    if arch.sliding_window == "gemma2":
+        if not windowed or list(map(int, arch_obj.sliding_window_layers)) != gemma2_window_layers(arch_obj.n_layer):
+            problems.append("a sliding window on other layers than every even one (llama.cpp's gemma2)")
+        scalar = gemma2_attention_scalar(arch_obj.n_layer, arch_obj.n_embd, arch_obj.n_head, arch_obj.head_size)
+        if abs(arch_obj.attention_scale * scalar ** 0.5 - 1) > 1e-9:
+            problems.append(f"attention scores scaled other than by 1/sqrt({scalar}), llama.cpp's gemma2 for "
+                            f"{arch_obj.n_layer} layers (it has no query_pre_attn_scalar)")
+        if arch_obj.attention_logit_softcapping is None or arch_obj.final_logit_softcapping is None:
+            problems.append("no soft-capping (llama.cpp's gemma2 always caps)")
+    else:
+        if windowed:
+            problems.append(f"a sliding window ({arch.name} in llama.cpp attends to every earlier token)")
+        if arch_obj.attention_logit_softcapping or arch_obj.final_logit_softcapping:
+            problems.append("soft-capping")
+        if abs(arch_obj.attention_scale * arch_obj.head_size ** 0.5 - 1) > 1e-9:
+            problems.append("attention scores scaled other than by 1/sqrt(head_size)")
     llama3 = arch_obj.rope_scaling == "llama3" and arch.name == "llama" and (
         arch_obj.rope_low_freq_factor, arch_obj.rope_high_freq_factor, arch_obj.rope_original_max_seq_len) == tuple(
         LLAMA3.values())
@@ -57,8 +71,6 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
         problems.append("a mixture of experts" if arch_obj.n_expert else "a dense MLP")
     if not arch_obj.norm_affine:
         problems.append("norms without weights")
-    if abs(arch_obj.attention_scale * arch_obj.head_size ** 0.5 - 1) > 1e-9:
-        problems.append("attention scores scaled other than by 1/sqrt(head_size)")
     mlp = "LLaMAMLP" if arch_obj.mlp_class_name == "LLaMAMoE" else arch_obj.mlp_class_name
     if (arch_obj.norm_class_name, mlp) != (arch.norm_class_name, arch.mlp_class_name) or \
             arch_obj.scale_embeddings != arch.scale_embeddings or arch_obj.norm_unit_offset != bool(arch.norm_offset):
@@ -211,6 +223,10 @@ def header(arch: GGUFArch, cfg: dict[str, Any], file_type: int) -> dict[str, tup
         out[f"{k}.tensor_data_layout"] = ("string", "jploski")
     if arch.parallel_residual_key:
         out[f"{k}.{arch.parallel_residual_key}"] = ("bool", a.parallel_residual)
+    if arch.sliding_window == "gemma2":
+        out[f"{k}.attn_logit_softcapping"] = ("float32", float(a.attention_logit_softcapping or 0.0))
+        out[f"{k}.final_logit_softcapping"] = ("float32", float(a.final_logit_softcapping or 0.0))
+        out[f"{k}.attention.sliding_window"] = ("uint32", int(a.sliding_window_size or 0))
     factor = a.rope_factor if a.rope_scaling == "linear" else (a.rope_condense_ratio if a.rope_condense_ratio != 1 else None)
     if factor is not None:
         out[f"{k}.rope.scaling.type"] = ("string", "linear")
