@@ -188,6 +188,7 @@ def test_lossy_gguf_is_compared_with_its_reference_quantized_alike(oracle, famil
     code, report = run("verify", str(hf), str(lossy))
     assert code == 0, report["stages"]
     assert outtype.upper() in report["tolerance_reason"] and report["rtol"] == 1e-5
+    assert run("verify", str(lossy), str(hf))[0] == 0  # either side may be the GGUF
     bad = corrupt_rotary(lossy, tmp_path / "bad.gguf", layer=1)
     code, report = run("verify", str(hf), str(bad))
     assert code == 1 and report["first_difference"] == "layer 1", report["stages"]

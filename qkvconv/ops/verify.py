@@ -365,8 +365,12 @@ def verify(
         torch.cuda.reset_peak_memory_stats(dev)
 
     quantized = None
-    if hasattr(candidate, "quantized_as") and storage is None and getattr(candidate, "storage", "F32") != "F32":
-        reference = quantized = _QuantizedAlike(reference, candidate)
+    lossy = [w for w in (candidate, reference) if hasattr(w, "quantized_as") and getattr(w, "storage", "F32") != "F32"]
+    if storage is None and len(lossy) == 1:  # the float side quantized as the GGUF side stores each weight
+        if lossy[0] is candidate:
+            reference = quantized = _QuantizedAlike(reference, candidate)
+        else:
+            candidate = quantized = _QuantizedAlike(candidate, reference)
     if _forward_pass(report, (arch_a, arch_b), (reference, candidate), ids, cdtype, progress=progress):
         zeroed = (_Zeroed(reference), _Zeroed(candidate))
         _forward_pass(report, (arch_a, arch_b), zeroed, ids, cdtype, ZEROED)
