@@ -250,7 +250,7 @@ VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggm
 
 
 def rewrite(src: Path, dst: Path, keys: dict | None = None, tensors: dict | None = None, drop: tuple = (),
-            arch: str | None = None) -> Path:
+            arch: str | None = None, quantize_to=None) -> Path:
     """A copy of `src` written through gguf's GGUFWriter with more float32 keys and tensors, `drop` keys left
     out, and its architecture renamed to `arch` (its keys with it)."""
     reader = gguf.GGUFReader(src)
@@ -268,7 +268,11 @@ def rewrite(src: Path, dst: Path, keys: dict | None = None, tensors: dict | None
     for key, value in (keys or {}).items():
         writer.add_float32(key, value)
     for t in reader.tensors:
-        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+        data = np.array(t.data)
+        if quantize_to is not None and data.ndim == 2 and data.shape[1] % 32 == 0 and t.name != "token_embd.weight":
+            writer.add_tensor(t.name, gguf.quants.quantize(data, quantize_to), raw_dtype=quantize_to)
+        else:
+            writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
     for name, value in (tensors or {}).items():
         writer.add_tensor(name, value)
     writer.write_header_to_file()
@@ -327,3 +331,14 @@ def test_gemma2_query_scalar_llamacpp_does_not_keep(converter, tmp_path):
     assert code == 1 and "attention_scale" in report["error"]
     code, report = run("convert", str(hf), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
     assert code == 2 and "query_pre_attn_scalar" in report["error"]
+
+
+def test_a_type_without_a_calibrated_comparison_needs_a_tolerance(made, tmp_path):
+    """Q4_0 (here quantized by gguf; llama-quantize may round with an importance matrix): no quantize-alike
+    comparison and no calibrated tolerance, so verify asks for one (exit 2) and runs with it."""
+    hf, gguf_file = made["llama-gqa"]
+    q4 = rewrite(gguf_file, tmp_path / "q4.gguf", quantize_to=gguf.GGMLQuantizationType.Q4_0)
+    code, report = run("verify", str(hf), str(q4))
+    assert code == 2 and "Q4_0" in report["error"] and "--atol" in report["error"]
+    code, report = run("verify", str(hf), str(q4), "--atol", "1", "--rtol", "1")
+    assert code == 0 and report["stages"][-1]["max_abs_diff"] > 0

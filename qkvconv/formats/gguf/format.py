@@ -22,8 +22,11 @@ if TYPE_CHECKING:
     from qkvconv.plans.transforms import ModelPlan
 
 WEIGHTS = "model.gguf"  # the file written inside an --out directory
-# types verify quantizes the reference into with gguf.quants (F16/BF16: rounds), rather than widening tolerances
-REQUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+# types verify quantizes the reference into with gguf.quants (F16/BF16: rounds), rather than widening tolerances.
+# Q8_0 only: llama.cpp quantizes it one way (its reference rounding, which gguf's quantizer reproduces: checked
+# against llama.cpp's converter); Q4_0 and the others take an importance matrix in llama-quantize, which rounds
+# differently, so a correct file could fail
+REQUANTIZED = ("Q8_0",)
 
 
 def requantize(tensor: Any, kind: str) -> Any:
@@ -195,7 +198,7 @@ class GGUFWeights:
             return kind
         cls = getattr(quants, kind, None)
         implemented = cls is not None and "quantize_blocks" in vars(cls)
-        return kind if implemented and hasattr(GGMLQuantizationType, kind) else None
+        return kind if kind in REQUANTIZED and implemented and hasattr(GGMLQuantizationType, kind) else None
 
     def tolerance(self, other_dtype: Any) -> Tolerance | None:
         """The stage tolerance this file's storage needs against a reference stored as `other_dtype`;
@@ -204,9 +207,9 @@ class GGUFWeights:
             return None  # verify rounds or quantizes the reference alike (verify._QuantizedAlike)
         known = TOLERANCES.get(self.storage)
         if known is None:
-            raise QkvconvError(f"{self.description}: weights in {self.storage}, which gguf can dequantize but not "
-                               "quantize, and for which qkvconv has no calibrated tolerance; pass --atol and --rtol "
-                               "to compare at yours")
+            raise QkvconvError(f"{self.description}: weights in {self.storage}, which qkvconv cannot quantize the "
+                               "reference into as llama.cpp does (it does so for Q8_0, F16, BF16) and for which it has "
+                               "no calibrated tolerance; pass --atol and --rtol to compare at yours")
         return known
 
 

@@ -49,9 +49,9 @@ class Tolerance:
     why: str
 
 
-# Lossy types gguf can dequantize but not quantize (K-quants, ...) need a tolerance instead of verify's
-# quantize-alike comparison (format.py REQUANTIZED); none is calibrated yet (no file of those types can be
-# made without llama.cpp's C++ quantizer), so verify asks for --atol/--rtol there.
+# Lossy types other than Q8_0 (K-quants, Q4_0, ...) would need a tolerance instead of verify's quantize-alike
+# comparison (format.py REQUANTIZED); none is calibrated (no file of those types can be made here without
+# llama.cpp's C++ quantizer), so verify asks for --atol/--rtol there (dequantized with gguf.quants).
 TOLERANCES: dict[str, Tolerance] = {}
 
 
