@@ -185,6 +185,10 @@ IMPORT_CASES = {
     "gemma3": ("gemma3", dict(target_modules=["q_proj", "k_proj", "gate_proj", "lm_head"], r=2, lora_alpha=4)),
     "olmo": ("olmo", dict(target_modules=["q_proj", "v_proj", "up_proj"], r=2, lora_alpha=4)),
     "olmo2": ("olmo2", dict(target_modules=["q_proj", "k_proj", "o_proj", "down_proj"], r=2, lora_alpha=4)),
+    "starcoder2": ("starcoder2", dict(target_modules=["q_proj", "v_proj", "o_proj", "c_fc", "c_proj", "lm_head"], r=2,
+                                      lora_alpha=4)),
+    "granite": ("granite", dict(target_modules=["q_proj", "k_proj", "v_proj", "up_proj"], r=2, lora_alpha=4)),
+    "smollm3": ("smollm3", dict(target_modules=["k_proj", "o_proj", "gate_proj", "lm_head"], r=2, lora_alpha=4)),
 }
 
 
