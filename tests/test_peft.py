@@ -196,6 +196,10 @@ IMPORT_CASES = {
     # experts and routers are no nn.Linear in transformers 5: the attention and the head carry the adapters
     "mixtral": ("mixtral", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"], r=2, lora_alpha=4)),
     "qwen3_moe": ("qwen3_moe", dict(target_modules=["q_proj", "v_proj", "o_proj"], r=3, lora_alpha=5)),
+    "starcoder2": ("starcoder2", dict(target_modules=["q_proj", "v_proj", "o_proj", "c_fc", "c_proj", "lm_head"], r=2,
+                                      lora_alpha=4)),
+    "granite": ("granite", dict(target_modules=["q_proj", "k_proj", "v_proj", "up_proj"], r=2, lora_alpha=4)),
+    "smollm3": ("smollm3", dict(target_modules=["k_proj", "o_proj", "gate_proj", "lm_head"], r=2, lora_alpha=4)),
 }
 
 

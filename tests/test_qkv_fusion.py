@@ -107,7 +107,9 @@ def test_every_family_has_one_fusion():
                       "Phi3ForCausalLM": "fused", "Qwen3ForCausalLM": "split", "StableLmForCausalLM": "split",
                       "PhiForCausalLM": "split", "Gemma2ForCausalLM": "split", "Gemma3ForCausalLM": "split",
                       "OlmoForCausalLM": "split", "Olmo2ForCausalLM": "split", "MixtralForCausalLM": "split",
-                      "Qwen3MoeForCausalLM": "split"}
+                      "Qwen3MoeForCausalLM": "split",
+                      "Starcoder2ForCausalLM": "split",
+                      "GraniteForCausalLM": "split", "SmolLM3ForCausalLM": "split", "CohereForCausalLM": "split"}
 
 
 @pytest.mark.parametrize("case_id, qkv, want", [

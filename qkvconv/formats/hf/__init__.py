@@ -2,6 +2,7 @@
 
     table.py     the schema of the family table (Read, Choose, Split, Fused, Block, HFConfig, Family)
     families.py  the architectures as data: where every tensor lives, where config.json keeps each number
+                 (families_more.py: more of them; pieces.py: what the entries share)
     config.py    config.json <-> litgpt config, family detection, the rules that pick an architecture
                  (torch-free: `inspect` reads configs and headers without torch)
     steps.py     row steps the HF mappings need (take or concatenate row blocks, tied heads)

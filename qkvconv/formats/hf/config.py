@@ -9,18 +9,21 @@ directory needs none.
     describe_layout(cfg)                       # inspect: where q/k/v live, in which order, with evidence
 
 Anything the family table does not cover is refused with an UnsupportedFamily that says what and
-names the supported architectures (its `reason` without the list).
+names the supported architectures (its `reason` without the list). A family in the table can still be
+refused: every `unsupported` feature it has is named ("X with A and B has no litgpt equivalent").
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import struct
 from collections.abc import Mapping
 from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.hf.families import FAMILIES, GELU_APPROXIMATE, SILU, supported
-from qkvconv.formats.hf.table import REQUIRED, Block, Choose, Family, Fused, Read, Split
+from qkvconv.formats.hf.table import NOTHING, REQUIRED, Block, Choose, Family, Fused, Matcher, Read, Split
 from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
 
@@ -104,6 +107,11 @@ def require_family(config_json: Mapping[str, Any]) -> Family:
     return family
 
 
+def _features(features: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return " and ".join(filter(None, (", ".join(features[:-1]), features[-1])))
+
+
 def _refuse(family: Family, feature: str) -> UnsupportedFamily:
     reason = f"{family.architecture} with {feature} has no litgpt equivalent"
     return UnsupportedFamily(f"{reason}; qkvconv maps: {supported()}", reason=reason)
@@ -178,7 +186,7 @@ def _sliding_window(family: Family, cfg: Mapping[str, Any], n_layer: int) -> tup
         first = _read(cfg, sw.first_layer)
         layers = [int(i >= first) for i in range(n_layer)]
     else:
-        layers = [1] * n_layer
+        layers = [int(sw.untyped)] * n_layer
     if not any(layers):
         return None, None
     return int(size), layers
@@ -199,11 +207,12 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
     """
     family = require_family(config_json)
     cfg = config_json
-    for flags, feature in family.unsupported:
-        if family.matches(cfg, flags):
-            raise _refuse(family, feature)
-
     n_embd, heads = _heads(family, cfg)
+    scale_embeddings, scores_scalar, off_scales = _scales(family, cfg, n_embd, heads.head_size)
+    features = family.refused_features(cfg) + off_scales
+    if features:
+        raise _refuse(family, _features(features))
+
     n_layer = _int(cfg, family.config.n_layer, "num_hidden_layers")
     intermediate = _read(cfg, family.config.intermediate_size)
     intermediate = 4 * n_embd if intermediate is None else int(intermediate)
@@ -269,9 +278,10 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
         "intermediate_size": intermediate,
         "mlp_class_name": family.mlp_class_name,
         "gelu_approximate": gelu_approximate,
-        "scale_embeddings": family.scale_embeddings,
+        "scale_embeddings": scale_embeddings,
         **({"norm_qk": True, "norm_qk_type": family.norm_qk} if family.norm_qk else {}),
         **_moe_fields(family, cfg),
+        **({"attention_scores_scalar": scores_scalar} if scores_scalar is not None else {}),
         **_extra_fields(family, cfg, block, window_layers, n_layer),
     }
 
@@ -320,6 +330,38 @@ def _extra_fields(family: Family, cfg: Mapping[str, Any], block: Block, window_l
         if value is not None:
             out[lit] = float(value)
     return out
+
+
+def _float32(x: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", x))[0])
+
+
+def _scales(family: Family, cfg: Mapping[str, Any], n_embd: int, head_size: int
+            ) -> tuple[bool, int | None, list[str]]:
+    """litgpt's scale_embeddings and attention_scores_scalar (None: head_size's) for the family's embedding
+    and attention scales (Granite's multipliers), and the values of those that litgpt has no twin of.
+
+    Embeddings: transformers multiplies by the float32 of the config value, litgpt (scale_embeddings) by the
+    float32 of n_embd ** 0.5: 1 and that are litgpt's. Scores: litgpt multiplies by 1 / sqrt(scalar), an
+    integer scalar (to double precision: one rounding of the config value's decimal digits)."""
+    c, off = family.config, []
+    scale_embeddings = family.scale_embeddings
+    if c.embedding_scale is not None:
+        scale = float(_read(cfg, c.embedding_scale))
+        scale_embeddings = scale != 1.0
+        if scale_embeddings and _float32(scale) != _float32(n_embd ** 0.5):
+            off.append(f"embeddings scaled by {c.embedding_scale.keys[0]}={scale!r} (litgpt scales them by "
+                       "sqrt(n_embd) or not at all)")
+    scalar = None
+    if c.attention_scale is not None:
+        scale = float(_read(cfg, c.attention_scale))
+        scalar = round(1.0 / (scale * scale)) if scale > 2 ** -26 else 0  # below: no scalar under 2 ** 52
+        if scalar < 1 or not math.isclose(1.0 / math.sqrt(scalar), scale, rel_tol=1e-12):
+            off.append(f"attention scores scaled by {c.attention_scale.keys[0]}={scale!r}, not 1/sqrt of an integer "
+                       "(litgpt's attention_scores_scalar)")
+        if scalar == head_size:  # litgpt's default: other litgpt configs leave it out
+            scalar = None
+    return scale_embeddings, scalar, off
 
 
 def _forward_fields(litgpt_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -394,6 +436,14 @@ def _hf_config_for(family: Family, litgpt_cfg: Mapping[str, Any], flags: Mapping
     _write(cfg, concrete.block.parallel_residual, arch.parallel_residual)
     if c.attention_scores_scalar is not None:
         _write(cfg, c.attention_scores_scalar, int(litgpt_cfg.get("attention_scores_scalar") or arch.head_size))
+    if c.attention_scale is not None:
+        _write(cfg, c.attention_scale, 1.0 / math.sqrt(litgpt_cfg.get("attention_scores_scalar") or arch.head_size))
+    if c.embedding_scale is not None:
+        _write(cfg, c.embedding_scale, arch.n_embd ** 0.5 if arch.scale_embeddings else 1.0)
+    for flags, _ in concrete.unsupported:  # where transformers' default would be a feature litgpt lacks
+        for key, rule in flags.items():
+            if isinstance(rule, Matcher) and rule.neutral(arch.n_layer) is not NOTHING:
+                cfg[key] = rule.neutral(arch.n_layer)
     for rule, value in ((c.attention_softcap, arch.attention_logit_softcapping),
                         (c.final_softcap, arch.final_logit_softcapping)):
         if rule is not None:
@@ -449,7 +499,11 @@ def hf_config_from_litgpt(
     if architecture is not None and architecture not in FAMILIES:
         reason = f"{architecture} is not an architecture qkvconv maps"
         raise UnsupportedFamily(f"{reason}; supported: {supported()}", reason=reason)
-    candidates = [FAMILIES[architecture]] if architecture else list(FAMILIES.values())
+    if architecture is not None and not FAMILIES[architecture].convertible:
+        family = FAMILIES[architecture]
+        raise _refuse(family, _features([feature for flags, feature in family.unsupported if not flags]))
+    # families that litgpt cannot hold whatever the flags (inspect-only) are no candidates
+    candidates = [FAMILIES[architecture]] if architecture else [f for f in FAMILIES.values() if f.convertible]
     if qkv is not None:
         candidates = [f for f in candidates if f.fusion == qkv]
         if not candidates:
