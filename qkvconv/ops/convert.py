@@ -158,6 +158,12 @@ def convert(
         report.actions += plan.notes + notes
         return report
     assert out is not None
+    prints = None
+    if forward_check:  # the source's checksums, taken while the engine writes (ops/check.py)
+        from qkvconv.formats.weights import open_weights
+        from qkvconv.ops.check import SourcePrints
+
+        prints = SourcePrints(lambda: open_weights(directory), device)
     with new_directory(out) as tmp:
         # a direct plan keeps the source's own config.json (hf -> hf) or the one kept beside a litgpt checkpoint
         skip = set(plan.texts) | (_model_configs() if direct is None else {CONFIG, HYPERPARAMETERS})
@@ -169,12 +175,12 @@ def convert(
             (tmp / name).write_text(text, encoding="utf-8")
         report.actions.append(f"wrote {len(layout)} tensors ({total:,} bytes) in {len(shards)} file(s)")
         report.actions += plan.notes + notes
-        if forward_check:
-            from qkvconv.formats.weights import open_weights
-            from qkvconv.ops.verify import forward_check as check
+        if prints is not None:
+            from qkvconv.ops.check import conversion_check
 
-            report.checks.append(check(lambda: (open_weights(directory), open_weights(tmp)), device,
-                                       "the converted checkpoint", "nothing was written", rounds=changes.fold_norms))
+            report.checks.append(conversion_check(lambda: (open_weights(directory), open_weights(tmp)), device,
+                                                  "the converted checkpoint", "nothing was written",
+                                                  rounds=changes.fold_norms, source_prints=prints))
     return report
 
 
@@ -185,7 +191,7 @@ def _merge(directory: Path, src: Format, to: str, out: Path | None, base: Path |
         raise QkvconvError("--merge turns a litgpt LoRA run into a full litgpt checkpoint: --to litgpt --out DIR "
                            "(convert the merged result onwards in a second step)")
     from qkvconv.ops.merge import merge_lora
-    from qkvconv.ops.verify import upgrade_check
+    from qkvconv.ops.check import upgrade_check
 
     merged = merge_lora(directory, out, base=base, forward_check=upgrade_check(device) if forward_check else None,
                         allow_nonfinite=allow_nonfinite)
