@@ -186,8 +186,8 @@ def conversion_check(open_sides: Callable[[], tuple[Any, Any]], device: str, sub
     line += f"{identical} of {total} tensors hold the source's bits; " if identical else ""
     nan = (f"; weights with NaN/inf ({', '.join(sorted(nonfinite)[:3])}) compared NaN for NaN in the same places, "
            "and again read as 0") if nonfinite else ""
-    return line + (f"{_span(computed)} compute what the source's do on random inputs ({CHECK_TOKENS} tokens; largest "
-                   f"difference {worst:.2g} of its scale, tolerance atol {atol:g} + rtol {rtol:g} x scale){nan}")
+    return line + (f"{_span(computed)} computed on random inputs ({CHECK_TOKENS} tokens) against the source's, largest "
+                   f"difference {worst:.2g} of its scale (tolerance atol {atol:g} + rtol {rtol:g} x scale){nan}")
 
 
 def _fields(arch: forward.Architecture) -> dict[str, Any]:
