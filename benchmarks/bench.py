@@ -110,6 +110,7 @@ def main() -> None:
         ("qkvconv upgrade legacy -> current --no-verify", [*qkvconv, "upgrade", str(legacy), "--out", str(outputs / "c"), "--no-verify"], size_of(legacy)),
         ("qkvconv upgrade legacy -> current (verified)", [*qkvconv, "upgrade", str(legacy), "--out", str(outputs / "d")], size_of(legacy)),
         ("qkvconv convert litgpt -> HF --no-verify", [*qkvconv, "convert", str(legacy), "--to", "hf", "--out", str(outputs / "e"), "--no-verify"], size_of(legacy)),
+        ("qkvconv convert litgpt -> HF (verified)", [*qkvconv, "convert", str(legacy), "--to", "hf", "--out", str(outputs / "f")], size_of(legacy)),
     ]
     if not args.no_litgpt:
         steps.append(("litgpt convert_hf_checkpoint (peer)", [py, "-c", LITGPT, str(hf), "tiny-llama-1.1b" if args.size == "1b" else "Llama-2-7b-hf"], size_of(hf)))
