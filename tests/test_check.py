@@ -96,3 +96,18 @@ def test_checksums_see_moves_and_swaps() -> None:
     for changed in (w[[1, 0, 2, 3, 4, 5]], w[:, [1, 0, 2, 3, 4, 5, 6, 7]], swapped):
         other = fingerprint(changed.contiguous(), torch.device("cpu"))
         assert not (torch.equal(same[2], other[2]) and torch.equal(same[3], other[3]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run on the device machine)")
+@pytest.mark.parametrize("rope", [None, "pairs"])
+def test_the_check_runs_on_cuda(rope: str | None, legacy, tmp_path: Path) -> None:
+    """--device cuda: the checksums and the computed layers run on the GPU, and still see one wrong row."""
+    src = legacy("gqa_llama")
+    out = tmp_path / "out"
+    result = runner.invoke(app, [str(a) for a in ("convert", src, "--to", "litgpt", "--out", out, "--device", "cuda",
+                                                  *(["--rope", rope] if rope else []))])
+    assert result.exit_code == 0, result.output
+    assert "checked on cuda" in " ".join(result.output.split())
+    damage(out / "lit_model.pth", "transformer.h.0.attn.qkv.weight", 3, lambda r: r * 1.5 + 0.1)
+    with pytest.raises(CheckFailed, match="first difference at layer 0"):
+        conversion_check(lambda: (open_weights(src), open_weights(out)), "cuda", "the result", "undone")
