@@ -109,9 +109,9 @@ def test_upgrade_reports_the_forward_check(legacy) -> None:
     result = cli("upgrade", legacy("mqa_falcon"))
     assert result.exit_code == 0
     text = " ".join(result.output.split())
-    assert "checked on cpu" in text and "all 16 tensors hold the source's bits" in text
+    assert "all 16 tensors hold the source's bits" in text
     result = cli("upgrade", legacy("mha_neox"), "--no-verify")
-    assert result.exit_code == 0 and "checked on" not in result.output
+    assert result.exit_code == 0 and "checked in" not in result.output
 
 
 def test_verify_different_architectures_exit_1(legacy) -> None:

@@ -42,11 +42,12 @@ Print = tuple[tuple[int, ...], torch.dtype, torch.Tensor, torch.Tensor]
 _INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def fingerprint(t: torch.Tensor, device: torch.device) -> Print:
+def fingerprint(t: torch.Tensor) -> Print:
     """Shape, dtype, and the sums of each row and each column of the tensor's bits read as integers
     (8-byte words where a row holds a whole number of them): equal for equal bits, different after any
-    change, move or swap of a row or column short of a crafted one. Memory-bound, no float conversion."""
-    t = t.to(device)
+    change, move or swap of a row or column short of a crafted one. Memory-bound, no float conversion:
+    it runs where the tensor is read (the CPU), so a check that finds every tensor unchanged never starts
+    a GPU (whose context alone costs a few hundred MB of host memory)."""
     m = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
     if m.numel() and (m.shape[1] * m.element_size()) % 8 == 0 and m.is_contiguous():
         bits = m.view(torch.int64)
@@ -77,12 +78,12 @@ def groups(names: list[str], n_layer: int) -> dict[str, list[str]]:
     return out
 
 
-def prints(weights: Any, names: dict[str, list[str]], device: torch.device) -> dict[str, Print]:
+def prints(weights: Any, names: dict[str, list[str]]) -> dict[str, Print]:
     """The checksums of every tensor, stage by stage, pages given back between stages."""
     out = {}
     for stage in names.values():
         for n in stage:
-            out[n] = fingerprint(weights(n), device)
+            out[n] = fingerprint(weights(n))
         weights.release()
     return out
 
@@ -91,15 +92,15 @@ class SourcePrints:
     """The source's checksums, taken in a thread while the engine writes (the pages it reads are the ones
     the engine has just read): `start` before the write, the check takes `result()` after it."""
 
-    def __init__(self, open_source: Callable[[], Any], device: str) -> None:
+    def __init__(self, open_source: Callable[[], Any]) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvconv-check")
-        self._future: Future = self._pool.submit(self._run, open_source, device)
+        self._future: Future = self._pool.submit(self._run, open_source)
 
     @staticmethod
-    def _run(open_source: Callable[[], Any], device: str) -> tuple[Any, dict[str, Print]]:
+    def _run(open_source: Callable[[], Any]) -> tuple[Any, dict[str, Print]]:
         source = open_source()
         arch = architecture(source)
-        return source, prints(source, groups(tensor_names(source.config), arch.n_layer), resolve_device(device))
+        return source, prints(source, groups(tensor_names(source.config), arch.n_layer))
 
     def result(self) -> tuple[Any, dict[str, Print]]:
         try:
@@ -161,32 +162,33 @@ def conversion_check(open_sides: Callable[[], tuple[Any, Any]], device: str, sub
     same_form = _fields(arch_a) == _fields(arch_b)  # else every stage is compared by what it computes
     names_a, names_b = tensor_names(before.config), tensor_names(after.config)
     stages_a, stages_b = groups(names_a, arch_a.n_layer), groups(names_b, arch_b.n_layer)
-    x = _random_hidden(arch_a, cdtype, dev)
+    x: torch.Tensor | None = None  # made at the first computed stage: a GPU starts only when one is needed
     identical, computed, worst, nonfinite = 0, [], 0.0, set()
     tick = layers("checking") or (lambda done, total: None)
     tick(0, len(stages_a))
     with torch.inference_mode():
         for done, stage in enumerate(stages_a, 1):
             exact = same_form and stages_a[stage] == stages_b[stage] and all(
-                _same(before_prints[n] if before_prints is not None else fingerprint(before(n), dev),
-                      fingerprint(after(n), dev)) for n in stages_a[stage])
+                _same(before_prints[n] if before_prints is not None else fingerprint(before(n)),
+                      fingerprint(after(n))) for n in stages_a[stage])
             if exact:
                 identical += len(stages_a[stage])
             else:
                 computed.append(stage)
+                x = _random_hidden(arch_a, cdtype, dev) if x is None else x
                 worst = max(worst, _compare(stage, (arch_a, arch_b), (before, after), x, atol, rtol, subject, undone,
                                             nonfinite))
             before.release()
             after.release()
             tick(done, len(stages_a))
     total = len(names_a)
-    line = f"checked on {dev} in {time.perf_counter() - start:.1f} s: "
+    line = f"checked in {time.perf_counter() - start:.1f} s: "
     if not computed:
         return line + f"all {total} tensors hold the source's bits in litgpt's names (row and column checksums)"
     line += f"{identical} of {total} tensors hold the source's bits; " if identical else ""
     nan = (f"; weights with NaN/inf ({', '.join(sorted(nonfinite)[:3])}) compared NaN for NaN in the same places, "
            "and again read as 0") if nonfinite else ""
-    return line + (f"{_span(computed)} computed on random inputs ({CHECK_TOKENS} tokens) against the source's, largest "
+    return line + (f"{_span(computed)} computed on random inputs ({CHECK_TOKENS} tokens, on {dev}) against the source's, largest "
                    f"difference {worst:.2g} of its scale (tolerance atol {atol:g} + rtol {rtol:g} x scale){nan}")
 
 

@@ -163,7 +163,7 @@ def convert(
         from qkvconv.formats.weights import open_weights
         from qkvconv.ops.check import SourcePrints
 
-        prints = SourcePrints(lambda: open_weights(directory), device)
+        prints = SourcePrints(lambda: open_weights(directory))
     with new_directory(out) as tmp:
         # a direct plan keeps the source's own config.json (hf -> hf) or the one kept beside a litgpt checkpoint
         skip = set(plan.texts) | (_model_configs() if direct is None else {CONFIG, HYPERPARAMETERS})
