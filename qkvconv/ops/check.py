@@ -159,7 +159,10 @@ def conversion_check(open_sides: Callable[[], tuple[Any, Any]], device: str, sub
     stored = after.dtype()
     cdtype = torch.float32 if dev.type == "cpu" or stored not in (torch.bfloat16, torch.float16) else stored
     atol, rtol = DEFAULT_TOLERANCE[stored if rounds and stored in (torch.bfloat16, torch.float16) else cdtype]
-    same_form = _fields(arch_a) == _fields(arch_b)  # else every stage is compared by what it computes
+    # Where the configs differ (rotary order, K/V heads, biases), equal bits in a layer need not compute the
+    # same: every layer is computed then. The embedding and head compute alike from equal bits under equal
+    # function fields (a head bias shows in the names).
+    same_form = _fields(arch_a) == _fields(arch_b)
     names_a, names_b = tensor_names(before.config), tensor_names(after.config)
     stages_a, stages_b = groups(names_a, arch_a.n_layer), groups(names_b, arch_b.n_layer)
     x: torch.Tensor | None = None  # made at the first computed stage: a GPU starts only when one is needed
@@ -168,7 +171,7 @@ def conversion_check(open_sides: Callable[[], tuple[Any, Any]], device: str, sub
     tick(0, len(stages_a))
     with torch.inference_mode():
         for done, stage in enumerate(stages_a, 1):
-            exact = same_form and stages_a[stage] == stages_b[stage] and all(
+            exact = (same_form or not stage.startswith("layer ")) and stages_a[stage] == stages_b[stage] and all(
                 _same(before_prints[n] if before_prints is not None else fingerprint(before(n)),
                       fingerprint(after(n))) for n in stages_a[stage])
             if exact:

@@ -159,11 +159,12 @@ def convert(
         return report
     assert out is not None
     prints = None
-    if forward_check:  # the source's checksums, taken while the engine writes (ops/check.py)
+    if forward_check:
         from qkvconv.formats.weights import open_weights
-        from qkvconv.ops.check import SourcePrints
+        from qkvconv.ops.check import SourcePrints, conversion_check
 
-        prints = SourcePrints(lambda: open_weights(directory))
+        # the source's checksums, taken while the engine writes; a transformation changes most tensors
+        prints = None if changes.of_weights() else SourcePrints(lambda: open_weights(directory))
     with new_directory(out) as tmp:
         # a direct plan keeps the source's own config.json (hf -> hf) or the one kept beside a litgpt checkpoint
         skip = set(plan.texts) | (_model_configs() if direct is None else {CONFIG, HYPERPARAMETERS})
@@ -175,9 +176,7 @@ def convert(
             (tmp / name).write_text(text, encoding="utf-8")
         report.actions.append(f"wrote {len(layout)} tensors ({total:,} bytes) in {len(shards)} file(s)")
         report.actions += plan.notes + notes
-        if prints is not None:
-            from qkvconv.ops.check import conversion_check
-
+        if forward_check:
             report.checks.append(conversion_check(lambda: (open_weights(directory), open_weights(tmp)), device,
                                                   "the converted checkpoint", "nothing was written",
                                                   rounds=changes.fold_norms, source_prints=prints))
