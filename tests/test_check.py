@@ -112,3 +112,22 @@ def test_the_check_runs_on_cuda(rope: str | None, legacy, tmp_path: Path) -> Non
     damage(out / "lit_model.pth", "transformer.h.0.attn.qkv.weight", 3, lambda r: r * 1.5 + 0.1)
     with pytest.raises(CheckFailed, match="first difference at layer 0"):
         conversion_check(lambda: (open_weights(src), open_weights(out)), "cuda", "the result", "undone")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("columns", [12, 6])  # whole 8-byte words per row, or not (bf16: 24 and 12 bytes)
+def test_checksums_of_stacked_parts_are_the_whole_tensors(dtype, columns) -> None:
+    """A reader that hands over q, k, v (or any stacked rows) gives the checksums the fused tensor has."""
+    from qkvconv.ops.check import print_of
+
+    parts = [torch.randn(rows, columns).to(dtype) for rows in (5, 3, 3)]
+
+    class Stacked:
+        def parts(self, name):
+            return parts
+
+        def __call__(self, name):
+            raise AssertionError("the whole tensor is never built")
+
+    got, want = print_of(Stacked(), "x"), fingerprint(torch.cat(parts))
+    assert got[:2] == want[:2] and torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
