@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
 from dataclasses import asdict
 from typing import Any
 
@@ -94,34 +94,51 @@ def groups(names: list[str], n_layer: int) -> dict[str, list[str]]:
 
 
 def prints(weights: Any, names: dict[str, list[str]]) -> dict[str, Print]:
-    """The checksums of every tensor, stage by stage, pages given back between stages."""
+    """The checksums of every tensor, the pages read given back after each (a 7B layer's pages held at
+    once would be most of a GiB)."""
     out = {}
     for stage in names.values():
         for n in stage:
             out[n] = print_of(weights, n)
-        weights.release()
+            weights.release()
     return out
+
+
+def _unchanged(names: list[str], before: Any, after: Any, before_prints: dict[str, Print] | None) -> bool:
+    """Every tensor holds the source's bits (checksums), pages given back tensor by tensor."""
+    for n in names:
+        same = _same(before_prints[n] if before_prints is not None else print_of(before, n), print_of(after, n))
+        before.release()
+        after.release()
+        if not same:
+            return False
+    return True
 
 
 class SourcePrints:
     """The source's checksums, taken in a thread while the engine writes (the pages it reads are the ones
-    the engine has just read): `start` before the write, the check takes `result()` after it."""
+    the engine has just read); the check takes `result()` after the write. A daemon thread: a conversion
+    that fails or is interrupted exits without waiting for it (it only reads)."""
 
     def __init__(self, open_source: Callable[[], Any]) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvconv-check")
-        self._future: Future = self._pool.submit(self._run, open_source)
+        self._outcome: tuple[Any, dict[str, Print]] | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(open_source,), name="qkvconv-check", daemon=True)
+        self._thread.start()
 
-    @staticmethod
-    def _run(open_source: Callable[[], Any]) -> tuple[Any, dict[str, Print]]:
-        source = open_source()
-        arch = architecture(source)
-        return source, prints(source, groups(tensor_names(source.config), arch.n_layer))
+    def _run(self, open_source: Callable[[], Any]) -> None:
+        try:
+            source = open_source()
+            arch = architecture(source)
+            self._outcome = source, prints(source, groups(tensor_names(source.config), arch.n_layer))
+        except BaseException as e:  # handed to the caller of result()
+            self._outcome = e
 
     def result(self) -> tuple[Any, dict[str, Print]]:
-        try:
-            return self._future.result()
-        finally:
-            self._pool.shutdown()
+        self._thread.join()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        assert self._outcome is not None
+        return self._outcome
 
 
 def _random_hidden(arch: forward.Architecture, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -186,9 +203,8 @@ def conversion_check(open_sides: Callable[[], tuple[Any, Any]], device: str, sub
     tick(0, len(stages_a))
     with torch.inference_mode():
         for done, stage in enumerate(stages_a, 1):
-            exact = (same_form or not stage.startswith("layer ")) and stages_a[stage] == stages_b[stage] and all(
-                _same(before_prints[n] if before_prints is not None else print_of(before, n),
-                      print_of(after, n)) for n in stages_a[stage])
+            exact = ((same_form or not stage.startswith("layer ")) and stages_a[stage] == stages_b[stage]
+                     and _unchanged(stages_a[stage], before, after, before_prints))
             if exact:
                 identical += len(stages_a[stage])
             else:
@@ -259,16 +275,31 @@ def _span(stages: list[str]) -> str:
 
 
 
-def upgrade_check(device: str = "cpu") -> Callable[[Any, dict], str]:
+class UpgradeCheck:
     """The check of `upgrade` and of a LoRA merge: the staged files, read as the checkpoint they will
-    replace, against the original."""
-    from qkvconv.formats.weights import litgpt_weights
+    replace, against the original. `start(original)` before writing takes the original's checksums in a
+    thread meanwhile (an upgrade only re-orders rows, so they serve; a merge changes every adapted weight)."""
 
-    def check(original: Any, staged: dict) -> str:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.prints: SourcePrints | None = None
+
+    def start(self, original: Any) -> None:
+        from qkvconv.formats.weights import litgpt_weights
+
+        self.prints = SourcePrints(lambda: litgpt_weights(original))
+
+    def __call__(self, original: Any, staged: dict) -> str:
+        from qkvconv.formats.weights import litgpt_weights
+
+        prints, self.prints = self.prints, None
         return conversion_check(lambda: (litgpt_weights(original), litgpt_weights(original, overrides=staged)),
-                                device, "the upgraded checkpoint", "nothing was replaced", optional=True)
+                                self.device, "the upgraded checkpoint", "nothing was replaced", optional=True,
+                                source_prints=prints)
 
-    return check
+
+def upgrade_check(device: str = "cpu") -> UpgradeCheck:
+    return UpgradeCheck(device)
 
 
-__all__ = ["SourcePrints", "conversion_check", "fingerprint", "upgrade_check"]
+__all__ = ["SourcePrints", "UpgradeCheck", "conversion_check", "fingerprint", "upgrade_check"]

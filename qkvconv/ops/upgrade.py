@@ -288,6 +288,8 @@ def upgrade(
             else:
                 report.actions.append("already current (attn.qkv, sequential order): nothing to do")
             return report
+        if hasattr(forward_check, "start"):  # the original's checksums, taken while the upgrade is written
+            forward_check.start(ckpt)  # type: ignore[union-attr]
         staged: list[_StagedFile] = []
         for sd in legacy_files:
             if sd.path.name == LORA_WEIGHTS or sd.extra:  # small, or with non-tensor entries: in memory
