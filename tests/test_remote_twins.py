@@ -278,3 +278,59 @@ def test_peft_adapter_on_internlm2_wqkv_becomes_llama_q_k_v_adapters(llama_twin,
     assert exact(got, want)
     with torch.no_grad():
         assert not exact(transformers.AutoModelForCausalLM.from_pretrained(twin_dir)(TOKENS).logits, want)
+
+
+def test_peft_adapter_on_phi_msft_wqkv_becomes_phi_adapters(tmp_path) -> None:
+    """The same for the original Phi-2's sequential mixer.Wqkv -> HF Phi's q/k/v_proj."""
+    peft = pytest.importorskip("peft")
+    from qkvconv.model.layout import split
+
+    twin_dir, twin, _ = build_twin(tmp_path / "phi", model_type="phi", **PHI_SIZES)
+    base = tmp_path / "phi-msft"
+    phi_msft_from_phi(twin, base)
+    heads, r, alpha = HeadLayout(4, 4, 8), 3, 3
+    torch.manual_seed(4)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    tensors = {}
+    for i in range(2):
+        key = f"base_model.model.transformer.h.{i}.mixer.Wqkv"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(r, 32) * 0.3
+        tensors[f"{key}.lora_B.weight"] = torch.randn(heads.rows, r) * 0.3
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "target_modules": ["Wqkv"],
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "base_model_name_or_path": str(base)}))
+    out = tmp_path / "phi-adapter"
+    result = cli("convert", adapter, "--to", "peft", "--qkv", "split", "--base", base, "--out", out)
+    assert result.exit_code == 0, result.output
+    with_adapter = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(twin_dir), out)
+    with_adapter.eval()
+    merged = dict(twin)
+    for i in range(2):
+        key = f"base_model.model.transformer.h.{i}.mixer.Wqkv"
+        delta = tensors[f"{key}.lora_B.weight"] @ tensors[f"{key}.lora_A.weight"] * (alpha / r)
+        for part, d in zip("qkv", split(delta, QKVOrder.SEQUENTIAL, heads)):
+            name = f"model.layers.{i}.self_attn.{part}_proj.weight"
+            merged[name] = twin[name] + d
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(twin_dir)
+    oracle.load_state_dict(merged)
+    oracle.eval()
+    with torch.no_grad():
+        assert exact(with_adapter(TOKENS).logits, oracle(TOKENS).logits)
+
+
+def test_verify_settles_internlm2_against_its_twin(llama_twin, tmp_path) -> None:
+    """`verify` computes the remote original through the table: the twin agrees with it, and a copy whose wqkv
+    was fused in the wrong order (sequential, same shapes) is caught."""
+    twin_dir, twin, _ = llama_twin
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    internlm2_from_llama(twin, good)
+    tensors = internlm2_from_llama(twin, bad)
+    for i in range(2):
+        q, k, v = (twin[f"model.layers.{i}.self_attn.{x}_proj.weight"] for x in "qkv")
+        tensors[f"model.layers.{i}.attention.wqkv.weight"] = torch.cat([q, k, v])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, bad / "model.safetensors", metadata={"format": "pt"})
+    assert cli("verify", twin_dir, good).exit_code == 0
+    result = cli("verify", twin_dir, bad)
+    assert result.exit_code == 1, result.output
