@@ -112,7 +112,9 @@ def test_every_family_has_one_fusion():
                       "GraniteForCausalLM": "split", "SmolLM3ForCausalLM": "split", "CohereForCausalLM": "split",
                       "GPT2LMHeadModel": "fused", "GPTBigCodeForCausalLM": "fused", "BloomForCausalLM": "fused",
                       "MptForCausalLM": "fused", "DbrxForCausalLM": "fused", "PersimmonForCausalLM": "fused",
-                      "CodeGenForCausalLM": "fused", "InternLM2ForCausalLM": "fused"}
+                      "CodeGenForCausalLM": "fused", "InternLM2ForCausalLM": "fused",
+                      "PhiForCausalLM (phi-msft)": "fused", "BaichuanForCausalLM": "fused", "QWenLMHeadModel": "fused",
+                      "ChatGLMModel": "fused"}
 
 
 @pytest.mark.parametrize("case_id, qkv, want", [

@@ -334,3 +334,41 @@ def test_verify_settles_internlm2_against_its_twin(llama_twin, tmp_path) -> None
     assert cli("verify", twin_dir, good).exit_code == 0
     result = cli("verify", twin_dir, bad)
     assert result.exit_code == 1, result.output
+
+
+# Remote-code originals inspect names but does not convert: (config.json, the fused tensor's name per layer,
+# order, (H, G, hs), a phrase of the evidence). Tensors are zeros of the shapes the layout implies.
+INSPECT_ONLY = {
+    "baichuan": ({"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 32,
+                  "num_attention_heads": 4, "num_hidden_layers": 2, "auto_map": {}},
+                 "model.layers.{i}.self_attn.W_pack", "sequential", (4, 4, 8), "ALiBi in the 13B ones"),
+    "qwen1": ({"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": 32, "num_attention_heads": 4,
+               "num_hidden_layers": 2, "kv_channels": 8, "rotary_pct": 0.5, "auto_map": {}},
+              "transformer.h.{i}.attn.c_attn", "sequential", (4, 4, 8), "on the first 4 of 8 dims"),
+    "chatglm": ({"architectures": ["ChatGLMModel"], "model_type": "chatglm", "hidden_size": 32,
+                 "num_attention_heads": 4, "num_layers": 2, "kv_channels": 8, "multi_query_attention": True,
+                 "multi_query_group_num": 2, "auto_map": {}},
+                "transformer.encoder.layers.{i}.self_attention.query_key_value", "sequential", (4, 2, 8),
+                "rotary, pairs order, on the first 4 of 8 dims"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INSPECT_ONLY))
+def test_remote_originals_inspect_names_the_layout(name: str, tmp_path) -> None:
+    config, tensor, order, (H, G, hs), phrase = INSPECT_ONLY[name]
+    source = tmp_path / name
+    source.mkdir()
+    rows = (H + 2 * G) * hs
+    save_file({tensor.format(i=i) + ".weight": torch.zeros(rows, 32) for i in range(2)}, source / "model.safetensors",
+              metadata={"format": "pt"})
+    (source / "config.json").write_text(json.dumps(config))
+    result = cli("inspect", source, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert (report["qkv_order"], report["n_head"], report["n_query_groups"], report["head_size"]) == (order, H, G, hs)
+    assert phrase in " | ".join(report["evidence"]) and "not converted yet" in report["notes"][0]
+    out = tmp_path / "out"
+    refused = cli("convert", source, "--to", "hf", "--out", out)
+    assert refused.exit_code == 2 and "not converted yet" in refused.output and not out.exists()
+    (source / "config.json").write_text(json.dumps({**config, "hidden_size": 48}))  # the columns no longer fit
+    assert cli("inspect", source).exit_code == 2

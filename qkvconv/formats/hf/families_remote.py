@@ -80,4 +80,78 @@ PHI_MSFT = Family(
     twin="PhiForCausalLM",
 )
 
-REMOTE = (INTERNLM2, PHI_MSFT)
+
+
+# Remote-code originals that `inspect` names but qkvconv does not convert yet (an `unsupported` entry with no
+# flags): only what inspect reads is meaningful (the fused tensor, the head keys, the layer count); the other
+# modules are named as llama.cpp's gguf-py tensor_mapping.py lists them, for the reader.
+def _inspect_only(n_embd: Read, n_layer: Read, n_head: Read, head_size: Read | None, rotary: Read | float) -> HFConfig:
+    return HFConfig(n_embd=n_embd, n_layer=n_layer, n_head=n_head, head_size=head_size,
+                    intermediate_size=Read("intermediate_size", default=None), vocab_size=Read("vocab_size", default=0),
+                    block_size=Read("seq_length", "max_position_embeddings", default=0), norm_eps=1e-6,
+                    activation="silu", tie_embeddings=Read("tie_word_embeddings", default=False), rope_theta=10000.0,
+                    rotary_fraction=rotary)
+
+
+NOT_YET = "not converted yet: {}"
+
+# Baichuan / Baichuan 2 (model_type baichuan). llama.cpp conversion/baichuan.py: `self_attn.W_pack` cut into three
+# equal thirds Q, K, V (sequential), K/V heads num_key_value_heads or num_attention_heads. The 7B models rotate
+# (half order: llama.cpp permutes q and k like HF Llama's), the 13B ones use ALiBi, with the same config keys;
+# Baichuan 2 normalises the head's rows at run time (NormHead). config.json tells neither apart.
+BAICHUAN = Family(
+    architecture="BaichuanForCausalLM", model_type="baichuan", name="Baichuan / Baichuan 2 (remote code)",
+    layer_prefix="model.layers.{i}",
+    qkv=Fused("self_attn.W_pack", QKVOrder.SEQUENTIAL, kv_heads=Read("num_key_value_heads", "num_attention_heads")),
+    block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False),
+    layer_tensors={"self_attn.o_proj": "attn.proj"}, embedding="model.embed_tokens", final_norm="model.norm",
+    lm_head="lm_head",
+    config=_inspect_only(Read("hidden_size"), Read("num_hidden_layers"), Read("num_attention_heads"), None, 1.0),
+    biases=Biases(qkv=False, attn_out=False, mlp=False), norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+    positions="rotary, half order in the 7B models, ALiBi in the 13B ones (config.json does not say which)",
+    unsupported=(({}, NOT_YET.format("7B (rotary) and 13B (ALiBi), Baichuan 1 and 2 (a normalised head) share "
+                                     "config.json")),),
+    remote_code=True,
+)
+
+# Qwen-1 (QWenLMHeadModel, model_type qwen). llama.cpp conversion/qwen.py QwenModel has no tensor hook: c_attn
+# goes to ggml's sequential attn_qkv as it is (tensor_mapping.py "transformer.h.{bid}.attn.c_attn  # gpt2 qwen");
+# MHA with a bias; rotary in half order on rotary_pct of each head.
+QWEN1 = Family(
+    architecture="QWenLMHeadModel", model_type="qwen", name="Qwen-1 (remote code)",
+    layer_prefix="transformer.h.{i}",
+    qkv=Fused("attn.c_attn", QKVOrder.SEQUENTIAL, kv_heads=None),
+    block=Block({"ln_1": "norm_1", "ln_2": "norm_2"}, parallel_residual=False),
+    layer_tensors={"attn.c_proj": "attn.proj"}, embedding="transformer.wte", final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    config=_inspect_only(Read("hidden_size"), Read("num_hidden_layers"), Read("num_attention_heads"),
+                         Read("kv_channels", default=None), Read("rotary_pct", default=1.0)),
+    biases=Biases(qkv=True, attn_out=False, mlp=False), norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+    unsupported=(({}, NOT_YET.format("intermediate_size is twice the MLP width, and use_dynamic_ntk/use_logn_attn "
+                                     "change attention beyond seq_length, which Qwen2 does not")),),
+    remote_code=True,
+)
+
+# ChatGLM2/3, GLM-4 (model_type chatglm). llama.cpp conversion/chatglm.py: K/V heads multi_query_group_num, the
+# rotating dims half of each head (partial_rotary_factor 0.5), query_key_value kept as ggml's sequential
+# attn_qkv (tensor_mapping.py "encoder.layers.{bid}.self_attention.query_key_value  # chatglm", after the
+# converter strips "transformer."); the HF twin GlmForCausalLM rotates in pairs order (transformers 5.3 glm).
+CHATGLM = Family(
+    architecture="ChatGLMModel", model_type="chatglm", name="ChatGLM2/3, GLM-4 (remote code)",
+    layer_prefix="transformer.encoder.layers.{i}",
+    qkv=Fused("self_attention.query_key_value", QKVOrder.SEQUENTIAL,
+              kv_heads=Read("multi_query_group_num", "num_key_value_heads", "num_attention_heads")),
+    block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False),
+    layer_tensors={"self_attention.dense": "attn.proj"}, embedding="transformer.embedding.word_embeddings",
+    final_norm="transformer.encoder.final_layernorm", lm_head="transformer.output_layer",
+    config=_inspect_only(Read("hidden_size"), Read("num_layers"), Read("num_attention_heads"),
+                         Read("kv_channels", default=None), 0.5),
+    biases=Biases(qkv=Read("add_qkv_bias", default=False), attn_out=False, mlp=False), norm_class_name="RMSNorm",
+    mlp_class_name="LLaMAMLP",
+    positions="rotary, pairs order",
+    unsupported=(({}, NOT_YET.format("rotary in pairs order, which qkvconv's HF format does not write "
+                                     "(GlmForCausalLM keeps it)")),),
+    remote_code=True,
+)
+
+REMOTE = (INTERNLM2, PHI_MSFT, BAICHUAN, QWEN1, CHATGLM)
