@@ -146,6 +146,13 @@ def test_evidence_names_the_deciding_key_and_positions(built) -> None:  # noqa: 
                      evidence("persimmon"))
     assert "positions: ALiBi" in evidence("bloom") and "positions: ALiBi" in evidence("mpt")
     assert "positions: learned absolute positions" in evidence("gpt2")
+    # a value config.json does not hold is said to be the default, not attributed to a key
+    b = built("persimmon")
+    cfg = {k: v for k, v in b.config_json.items() if k not in ("partial_rotary_factor", "rope_parameters")}
+    from qkvconv.formats.hf import describe_layout
+
+    assert "on the first 4 of 8 dims of each Q/K head (the default, config.json having no rope_parameters.partial_rotary_factor)" \
+        in describe_layout(cfg)["details"][1]
 
 
 @pytest.mark.parametrize("case_id", ["gpt2", "codegen", "dbrx-gqa"])

@@ -29,6 +29,12 @@ def _qkv_evidence(family: Family, heads: HeadLayout) -> str:
     )
 
 
+def _key_of(config_json: Mapping[str, Any], rule: Read) -> str:
+    """Where a Read's value came from: the first of its keys config.json holds, or the class default."""
+    key = next((k for k in rule.keys if _lookup(config_json, k) is not None), None)
+    return f"config.json {key}" if key is not None else f"the default, config.json having no {rule.keys[0]}"
+
+
 def _flags_text(family: Family, config_json: Mapping[str, Any], flags: Mapping[str, Any]) -> str:
     return " and ".join(f"{k}={family.flag(config_json, k)!r}" + ("" if k in config_json else " (transformers' default)")
                         for k in flags)
@@ -47,8 +53,7 @@ def _decided_by(config_json: Mapping[str, Any], family: Family) -> str:
                 why += f" and {_flags_text(entry, config_json, keys)}"
                 break
     kv = family.qkv.kv_heads  # type: ignore[union-attr]
-    heads = (f"config.json {next((k for k in kv.keys if _lookup(config_json, k) is not None), kv.keys[0])}"
-             if isinstance(kv, Read) else "fixed at 1 by the layout" if kv == 1 else "as many as query heads (MHA)")
+    heads = (_key_of(config_json, kv) if isinstance(kv, Read) else "fixed at 1 by the layout" if kv == 1 else "as many as query heads (MHA)")
     return f"decided by {why}; key/value heads: {heads}"
 
 
@@ -63,8 +68,7 @@ def _positions(config_json: Mapping[str, Any], family: Family, heads: HeadLayout
     rule = c.rotary_dims if dims is not None else c.rotary_fraction
     if dims is None:
         dims = int(heads.head_size * float(_read(config_json, c.rotary_fraction)))
-    source = (f" (config.json {next((k for k in rule.keys if _lookup(config_json, k) is not None), rule.keys[0])})"
-              if isinstance(rule, Read) else "")
+    source = f" ({_key_of(config_json, rule)})" if isinstance(rule, Read) else ""
     return f"positions: {what}, on the first {dims} of {heads.head_size} dims of each Q/K head{source}"
 
 
