@@ -350,6 +350,9 @@ INSPECT_ONLY = {
                  "multi_query_group_num": 2, "auto_map": {}},
                 "transformer.encoder.layers.{i}.self_attention.query_key_value", "sequential", (4, 2, 8),
                 "rotary, pairs order, on the first 4 of 8 dims"),
+    "jais": ({"architectures": ["JAISLMHeadModel"], "model_type": "jais", "n_embd": 32, "n_head": 4, "n_layer": 2,
+              "position_embedding_type": "alibi", "auto_map": {}},
+             "transformer.h.{i}.attn.c_attn", "sequential", (4, 4, 8), "stored transposed as [in, out] (Conv1D)"),
 }
 
 
@@ -359,7 +362,8 @@ def test_remote_originals_inspect_names_the_layout(name: str, tmp_path) -> None:
     source = tmp_path / name
     source.mkdir()
     rows = (H + 2 * G) * hs
-    save_file({tensor.format(i=i) + ".weight": torch.zeros(rows, 32) for i in range(2)}, source / "model.safetensors",
+    shape = (32, rows) if name == "jais" else (rows, 32)  # JAIS's c_attn is a Conv1D
+    save_file({tensor.format(i=i) + ".weight": torch.zeros(shape) for i in range(2)}, source / "model.safetensors",
               metadata={"format": "pt"})
     (source / "config.json").write_text(json.dumps(config))
     result = cli("inspect", source, "--json")
@@ -370,5 +374,5 @@ def test_remote_originals_inspect_names_the_layout(name: str, tmp_path) -> None:
     out = tmp_path / "out"
     refused = cli("convert", source, "--to", "hf", "--out", out)
     assert refused.exit_code == 2 and "not converted yet" in refused.output and not out.exists()
-    (source / "config.json").write_text(json.dumps({**config, "hidden_size": 48}))  # the columns no longer fit
+    (source / "config.json").write_text(json.dumps({**config, "hidden_size": 48, "n_embd": 48}))  # columns do not fit
     assert cli("inspect", source).exit_code == 2

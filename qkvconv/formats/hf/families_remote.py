@@ -154,4 +154,22 @@ CHATGLM = Family(
     remote_code=True,
 )
 
-REMOTE = (INTERNLM2, PHI_MSFT, BAICHUAN, QWEN1, CHATGLM)
+# JAIS (JAISLMHeadModel, model_type jais). llama.cpp conversion/jais.py JaisModel: GPT-2's names and keys (n_embd,
+# n_head, n_positions, n_inner), c_attn a Conv1D transposed on the way (`.c_attn.weight` -> transpose(1, 0)) into
+# ggml's sequential attn_qkv; ALiBi (position_embedding_type "alibi", asserted), SwiGLU (c_fc, c_fc2), embeddings
+# and logits scaled by mup_* settings.
+JAIS = Family(
+    architecture="JAISLMHeadModel", model_type="jais", name="JAIS (remote code)",
+    layer_prefix="transformer.h.{i}",
+    qkv=Fused("attn.c_attn", QKVOrder.SEQUENTIAL, kv_heads=None, transposed=True),
+    block=Block({"ln_1": "norm_1", "ln_2": "norm_2"}, parallel_residual=False),
+    layer_tensors={"attn.c_proj": "attn.proj"}, embedding="transformer.wte", final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    config=_inspect_only(Read("n_embd"), Read("n_layer"), Read("n_head"), None, 1.0),
+    biases=Biases(qkv=True, attn_out=True, mlp=True), norm_class_name="LayerNorm", mlp_class_name="LLaMAMLP",
+    positions="ALiBi",
+    unsupported=(({}, NOT_YET.format("ALiBi and embeddings and logits scaled by its mup_* settings")),),
+    remote_code=True,
+)
+
+REMOTE = (INTERNLM2, PHI_MSFT, BAICHUAN, QWEN1, CHATGLM, JAIS)
