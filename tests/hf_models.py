@@ -221,6 +221,45 @@ REFUSED = [
 ]
 REFUSED_BY_ID = {c.id: c for c in REFUSED}
 
+# Transformers-native classes with a fused QKV matrix that litgpt cannot compute (families_fused.py): inspect
+# names their layout, convert refuses (tests/test_fused_native.py). Settings that would make the scaling oracle
+# inexact are off: DBRX's clip_qkv (a clamp) far above any value (transformers 5.3's DbrxAttention fails on a
+# null clip_qkv: `clamp(min=None, max=None)`), Persimmon's LayerNorm eps on q/k (1e-12).
+GPT2_SIZES = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=POSITIONS)
+NATIVE = [
+    Case("gpt2", {"model_type": "gpt2", **GPT2_SIZES}, QKVOrder.SEQUENTIAL,
+         refused="GPT2LMHeadModel with learned absolute position embeddings (transformer.wpe) has no litgpt equivalent"),
+    Case("gpt-bigcode-mqa", {"model_type": "gpt_bigcode", **GPT2_SIZES, "multi_query": True}, QKVOrder.SEQUENTIAL,
+         refused="GPTBigCodeForCausalLM with learned absolute position embeddings (transformer.wpe) has no litgpt "
+                 "equivalent"),
+    Case("gpt-bigcode-mha", {"model_type": "gpt_bigcode", **GPT2_SIZES, "multi_query": False}, QKVOrder.PER_HEAD,
+         refused="GPTBigCodeForCausalLM with learned absolute position embeddings (transformer.wpe) has no litgpt "
+                 "equivalent"),
+    Case("bloom", {"model_type": "bloom", "hidden_size": 32, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB},
+         QKVOrder.PER_HEAD, refused="BloomForCausalLM with ALiBi position biases and a LayerNorm on the embeddings "
+                                    "has no litgpt equivalent"),
+    Case("mpt", {"model_type": "mpt", "d_model": 32, "n_layers": 2, "n_heads": 4, "vocab_size": VOCAB,
+                 "max_seq_len": POSITIONS}, QKVOrder.SEQUENTIAL,
+         refused="MptForCausalLM with ALiBi position biases and LayerNorms without a bias (no_bias) has no litgpt "
+                 "equivalent"),
+    Case("dbrx-gqa", {"model_type": "dbrx", "d_model": 32, "n_layers": 2, "n_heads": 4, "vocab_size": VOCAB,
+                      "max_seq_len": POSITIONS, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 1e4},
+                      "ffn_config": {"ffn_hidden_size": 32, "hidden_size": 32, "moe_num_experts": 2, "moe_top_k": 1}},
+         QKVOrder.SEQUENTIAL, refused="DbrxForCausalLM with LayerNorms without a bias (litgpt's LayerNorm always has "
+                                      "one) has no litgpt equivalent"),
+    Case("persimmon", {"model_type": "persimmon", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "intermediate_size": 48, "vocab_size": VOCAB, "max_position_embeddings": POSITIONS,
+                       "layer_norm_eps": 1e-12},
+         QKVOrder.PER_HEAD, refused="PersimmonForCausalLM with the squared-ReLU MLP (relu2) and LayerNorms with biases "
+                                    "on each query/key head (qk_layernorm) has no litgpt equivalent"),
+    # 8 heads: two per mp_num block; head size 6 with 4 rotating dims
+    Case("codegen", {"model_type": "codegen", "n_embd": 48, "n_layer": 2, "n_head": 8, "vocab_size": VOCAB,
+                     "n_positions": POSITIONS, "rotary_dim": 4},
+         QKVOrder.CODEGEN_MP4, refused="CodeGenForCausalLM with no bias on the attention output but MLP biases "
+                                       "(litgpt's `bias` switches both together) has no litgpt equivalent"),
+]
+NATIVE_BY_ID = {c.id: c for c in NATIVE}
+
 
 @dataclass
 class Built:

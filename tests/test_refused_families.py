@@ -51,8 +51,9 @@ def test_inspect_names_the_layout(case_id: str, built) -> None:  # noqa: F811
     assert (report["naming"], report["qkv_order"]) == ("split", "split")
     assert (report["n_head"], report["n_query_groups"], report["head_size"]) == (n_head, n_kv, head_size)
     assert report["attention"] == ("MHA" if n_kv == n_head else "GQA")
-    assert report["evidence"] == [f"{family.architecture}: separate model.layers.{{i}}.{{self_attn.q_proj,"
-                                  "self_attn.k_proj,self_attn.v_proj} (rows sequential when concatenated)"]
+    assert report["evidence"][0] == (f"{family.architecture}: separate model.layers.{{i}}.{{self_attn.q_proj,"
+                                       "self_attn.k_proj,self_attn.v_proj} (rows sequential when concatenated)")
+    assert report["evidence"][1].startswith("decided by the architecture (config.json architectures)")
     assert report["notes"] == [f"not convertible to litgpt: {b.case.refused}"]
     text = cli("inspect", b.directory)
     assert text.exit_code == 0, text.output

@@ -6,7 +6,6 @@ directory needs none.
     family = detect_family(cfg)                # None: an architecture qkvconv cannot interpret
     lit_cfg = litgpt_config_from_hf(cfg)       # litgpt.Config(**lit_cfg) builds the same model
     hf_cfg = hf_config_from_litgpt(lit_cfg)    # a config.json when the source has none
-    describe_layout(cfg)                       # inspect: where q/k/v live, in which order, with evidence
 
 Anything the family table does not cover is refused with an UnsupportedFamily that says what and
 names the supported architectures (its `reason` without the list). A family in the table can still be
@@ -25,7 +24,7 @@ from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.hf.families import FAMILIES, GELU_APPROXIMATE, SILU, supported
 from qkvconv.formats.hf.table import NOTHING, REQUIRED, Block, Choose, Family, Fused, Matcher, Read, Split
 from qkvconv.model.architecture import Architecture
-from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
+from qkvconv.model.layout import HeadLayout, LayoutError
 
 HF_CONFIG = "config.json"
 
@@ -75,6 +74,11 @@ def _int(cfg: Mapping[str, Any], rule: Read, what: str) -> int:
 
 def _architecture_name(config_json: Mapping[str, Any]) -> str | None:
     archs = config_json.get("architectures") or []
+    # a remote-code original is known by its model_type first: some name a transformers class in
+    # `architectures` (phi-2's original config says PhiForCausalLM with model_type phi-msft)
+    remote = [f.architecture for f in FAMILIES.values() if f.remote_code and f.model_type == config_json.get("model_type")]
+    if remote:
+        return remote[0]
     for a in archs:
         if a in FAMILIES:
             return a
@@ -207,6 +211,8 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
     """
     family = require_family(config_json)
     cfg = config_json
+    if not family.convertible:  # inspect-only: refused before any number is read
+        raise _refuse(family, _features(family.refused_features(cfg)))
     n_embd, heads = _heads(family, cfg)
     scale_embeddings, scores_scalar, off_scales = _scales(family, cfg, n_embd, heads.head_size)
     features = family.refused_features(cfg) + off_scales
@@ -241,7 +247,8 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
     block = family.block
     assert isinstance(block, Block)
     rope_base, rope_adjustments = _rope(family, cfg)
-    rotary = float(_read(cfg, family.config.rotary_fraction))
+    dims = _read(cfg, family.config.rotary_dims) if family.config.rotary_dims is not None else None
+    rotary = dims / heads.head_size if dims is not None else float(_read(cfg, family.config.rotary_fraction))
     window, window_layers = _sliding_window(family, cfg, n_layer)
 
     name = name or _litgpt_name(family)
@@ -503,7 +510,9 @@ def hf_config_from_litgpt(
         family = FAMILIES[architecture]
         raise _refuse(family, _features([feature for flags, feature in family.unsupported if not flags]))
     # families that litgpt cannot hold whatever the flags (inspect-only) are no candidates
-    candidates = [FAMILIES[architecture]] if architecture else [f for f in FAMILIES.values() if f.convertible]
+    # remote-code formats are written only where asked for by name
+    candidates = ([FAMILIES[architecture]] if architecture else
+                  [f for f in FAMILIES.values() if f.convertible and not f.remote_code])
     if qkv is not None:
         candidates = [f for f in candidates if f.fusion == qkv]
         if not candidates:
@@ -536,35 +545,3 @@ def hf_config_from_litgpt(
     raise UnsupportedFamily(
         f"{reason}; {f'with {qkv} QKV qkvconv maps' if qkv else 'supported'}: "
         f"{', '.join(f.architecture for f in candidates)}", reason=reason)
-
-
-def _qkv_evidence(family: Family, heads: HeadLayout) -> str:
-    qkv = family.qkv
-    where = f"{family.layer_prefix.format(i='{i}')}."
-    if isinstance(qkv, Split):
-        return f"{family.architecture}: separate {where}{{{qkv.q},{qkv.k},{qkv.v}}} (rows sequential when concatenated)"
-    assert isinstance(qkv, Fused)
-    return (
-        f"{family.architecture}: fused {where}{qkv.name} with rows in {qkv.order.value} order "
-        f"(H={heads.n_head}, G={heads.n_query_groups}, hs={heads.head_size})"
-    )
-
-
-def describe_layout(config_json: Mapping[str, Any]) -> dict[str, Any] | None:
-    """For inspect: family, QKV placement and head counts of an HF config.json; None when unknown."""
-    family = detect_family(config_json)
-    if family is None:
-        return None
-    _, heads = _heads(family, config_json)
-    qkv = family.qkv
-    return {
-        "architecture": family.architecture,
-        "family": family.name,
-        "qkv": "split" if isinstance(qkv, Split) else f"fused {qkv.name}",  # type: ignore[union-attr]
-        "qkv_order": QKVOrder.SPLIT.value if isinstance(qkv, Split) else qkv.order.value,  # type: ignore[union-attr]
-        "n_head": heads.n_head,
-        "n_query_groups": heads.n_query_groups,
-        "head_size": heads.head_size,
-        "attention": heads.attention,
-        "evidence": _qkv_evidence(family, heads),
-    }

@@ -58,6 +58,8 @@ from qkvconv.formats.hf.pieces import (  # noqa: F401
     llama_style_config,
     partial_rotary,
 )
+from qkvconv.formats.hf.families_fused import NATIVE_FUSED
+from qkvconv.formats.hf.families_remote import REMOTE
 from qkvconv.formats.hf.families_more import COHERE, GRANITE, SMOLLM3, STARCODER2
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +398,7 @@ FALCON = Family(
     },
     unsupported=(({"alibi": True}, "ALiBi position biases (alibi=true, e.g. falcon-rw-1b/7b)"),),
     ignored=IGNORED_EVERYWHERE,
+    positions=Choose(({"alibi": True}, "ALiBi"), ({}, "rotary, half order")),
 )
 
 # gemma2/modeling_gemma2.py: Gemma's (1 + w) RMSNorm, scaled embeddings and GELU MLP, plus a norm after
@@ -498,9 +501,11 @@ QWEN3_MOE = replace(
 
 # Keyed by config.json "architectures"[0]. The order is the preference when a litgpt config alone has
 # to pick an architecture (hf_config_from_litgpt): the first whose config can express it. families_more.py's
-# come last, Cohere (which litgpt never computes: inspect only, never written) at the very end.
+# come last, then Cohere and the fused native classes of families_fused.py (which litgpt never computes: inspect
+# only, never written) at the very end.
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, GPT_NEOX, FALCON, PHI3, STABLELM, PHI, OLMO,
-                                                                 OLMO2, MIXTRAL, QWEN3_MOE, STARCODER2, GRANITE, SMOLLM3, COHERE)}
+                                                                 OLMO2, MIXTRAL, QWEN3_MOE, STARCODER2, GRANITE, SMOLLM3,
+                                                                 *REMOTE, COHERE, *NATIVE_FUSED)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for a, f in FAMILIES.items() if f.convertible)
 
 

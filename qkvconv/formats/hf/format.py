@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.base import Format, Source, Transformations, file_list, tensor_summary
-from qkvconv.formats.hf.config import HF_CONFIG, _heads, _int, describe_layout, litgpt_config_from_hf, require_family
+from qkvconv.formats.hf.config import HF_CONFIG, _heads, _int, litgpt_config_from_hf, require_family
+from qkvconv.formats.hf.describe import describe_layout
 from qkvconv.formats.hf.families import SUPPORTED_ARCHITECTURES
 from qkvconv.formats.hf.rules import hf_config_for, qkv_note, tied
 from qkvconv.formats.hf.table import Fused, Split
@@ -73,10 +74,11 @@ class HuggingFace(Format):
         return {
             "source": str(directory), "format": self.name, "family": layout["family"],
             "model": config_json.get("_name_or_path") or None, "architecture": architecture,
-            "legacy": False, "naming": layout["qkv"], "qkv_order": layout["qkv_order"], "evidence": [layout["evidence"]],
-            "n_layer": config_json.get("num_hidden_layers", config_json.get("n_layer")),
+            "legacy": False, "naming": layout["qkv"], "qkv_order": layout["qkv_order"],
+            "evidence": [layout["evidence"], *layout.get("details", [])],
+            "n_layer": layout.get("n_layer", config_json.get("num_hidden_layers", config_json.get("n_layer"))),
             "n_head": layout["n_head"], "n_query_groups": layout["n_query_groups"], "head_size": layout["head_size"],
-            "n_embd": config_json.get("hidden_size", config_json.get("n_embd")), "attention": layout["attention"],
+            "n_embd": layout.get("n_embd", config_json.get("hidden_size", config_json.get("n_embd"))), "attention": layout["attention"],
             "lora": None, "dtype": dtype, "parameters": parameters, "files": file_list(directory), "notes": notes,
         }
 
@@ -108,6 +110,8 @@ class HuggingFace(Format):
         reader = open_reader(directory)
         if to == "hf":  # re-shard (and check) as it is; config.json travels with the other files
             plan_hf_to_litgpt(config_json, reader.names())  # refuses what the family table can't account for
+            if require_family(config_json).twin is not None:  # a remote-code original becomes its twin
+                return None
             return Plan([copy(n) for n in reader.names()]), reader
         return plan_hf_to_litgpt(config_json, reader.names(), legacy=to == "litgpt-legacy"), reader
 
@@ -178,7 +182,8 @@ def check_qkv_shapes(config_json: dict[str, Any], reader: Any, directory: Path) 
     else:
         assert isinstance(qkv, Fused)
         per_layer = {qkv.name: q + 2 * kv}
-    shapes = {f"{family.layer_prefix.format(i=i)}.{module}.weight": (rows, n_embd)
+    transposed = isinstance(qkv, Fused) and qkv.transposed  # Conv1D: [in, out]
+    shapes = {f"{family.layer_prefix.format(i=i)}.{module}.weight": (n_embd, rows) if transposed else (rows, n_embd)
               for i in range(n_layer) for module, rows in per_layer.items()}
     beyond = f"{family.layer_prefix.format(i=n_layer)}."
     names = set(reader.names())

@@ -114,6 +114,10 @@ class Fused:
     name: str
     order: QKVOrder
     kv_heads: Read | int | None
+    transposed: bool = False  # stored [in, out] (GPT-2's Conv1D): the rows of `order` are the tensor's columns
+    # (order, who reads it so): other orders in which software reads these same tensors, where nothing in the
+    # checkpoint says which wrote it; inspect then calls the layout ambiguous instead of guessing
+    also_read_as: tuple[tuple[QKVOrder, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,8 @@ class HFConfig:
     attention_scale: Read | None = None
     # embeddings times this value (Granite's embedding_multiplier); litgpt has 1 and sqrt(n_embd) (scale_embeddings)
     embedding_scale: Read | None = None
+    # rotating dims per head where config.json gives a count instead of a share (CodeGen's rotary_dim; null: all)
+    rotary_dims: Read | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +247,13 @@ class Family:
     # is compared for equality, or SET, or a Matcher
     unsupported: tuple[tuple[Mapping[str, Any], str], ...] = ()
     ignored: tuple[str, ...] = ()  # regexes of non-weight buffers some checkpoints carry
+    # how positions enter the model, for inspect: "rotary, half order" (rotate_half), "rotary, pairs order"
+    # (GPT-J's rotate_every_two), "ALiBi", "learned absolute positions"
+    positions: str | Choose = "rotary, half order"
+    # a remote-code model (config.json `auto_map`, no transformers class): read, never written unless named, and
+    # `convert --to hf` writes it as `twin`, the transformers class that computes the same function
+    remote_code: bool = False
+    twin: str | None = None
 
     @property
     def fusion(self) -> str:
