@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+import atexit
 import threading
 from dataclasses import asdict
 from typing import Any
@@ -93,12 +94,14 @@ def groups(names: list[str], n_layer: int) -> dict[str, list[str]]:
     return out
 
 
-def prints(weights: Any, names: dict[str, list[str]]) -> dict[str, Print]:
+def prints(weights: Any, names: dict[str, list[str]], stop: threading.Event | None = None) -> dict[str, Print]:
     """The checksums of every tensor, the pages read given back after each (a 7B layer's pages held at
-    once would be most of a GiB)."""
+    once would be most of a GiB); given up (partial) once `stop` is set."""
     out = {}
     for stage in names.values():
         for n in stage:
+            if stop is not None and stop.is_set():
+                return out
             out[n] = print_of(weights, n)
             weights.release()
     return out
@@ -117,24 +120,32 @@ def _unchanged(names: list[str], before: Any, after: Any, before_prints: dict[st
 
 class SourcePrints:
     """The source's checksums, taken in a thread while the engine writes (the pages it reads are the ones
-    the engine has just read); the check takes `result()` after the write. A daemon thread: a conversion
-    that fails or is interrupted exits without waiting for it (it only reads)."""
+    the engine has just read); the check takes `result()` after the write. A conversion that fails exits
+    without waiting for it: at exit it stops after the tensor in hand (a thread still inside torch when the
+    interpreter ends aborts the process)."""
 
     def __init__(self, open_source: Callable[[], Any]) -> None:
         self._outcome: tuple[Any, dict[str, Print]] | BaseException | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(open_source,), name="qkvconv-check", daemon=True)
         self._thread.start()
+        atexit.register(self._give_up)
+
+    def _give_up(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
     def _run(self, open_source: Callable[[], Any]) -> None:
         try:
             source = open_source()
             arch = architecture(source)
-            self._outcome = source, prints(source, groups(tensor_names(source.config), arch.n_layer))
+            self._outcome = source, prints(source, groups(tensor_names(source.config), arch.n_layer), self._stop)
         except BaseException as e:  # handed to the caller of result()
             self._outcome = e
 
     def result(self) -> tuple[Any, dict[str, Print]]:
         self._thread.join()
+        atexit.unregister(self._give_up)
         if isinstance(self._outcome, BaseException):
             raise self._outcome
         assert self._outcome is not None
