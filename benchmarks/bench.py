@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--warm", action="store_true", help="keep the page cache (default: drop it before each step)")
     parser.add_argument("--no-litgpt", action="store_true", help="skip litgpt's converter (if litgpt is not installed)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds over all steps; the median is reported")
+    parser.add_argument("--device", default="cpu", help="where the checks run (cpu, cuda, auto)")
+    parser.add_argument("--only", default="", help="comma-separated words: run the steps whose name holds one "
+                        "(the plain copy always runs: the ratios need it)")
     args = parser.parse_args()
     shape, py, cold = SHAPES[args.size], sys.executable, not args.warm
     hf, legacy = args.work / f"{shape}-hf", args.work / f"{shape}-legacy"
@@ -110,9 +113,17 @@ def main() -> None:
         ("qkvconv upgrade legacy -> current --no-verify", [*qkvconv, "upgrade", str(legacy), "--out", str(outputs / "c"), "--no-verify"], size_of(legacy)),
         ("qkvconv upgrade legacy -> current (verified)", [*qkvconv, "upgrade", str(legacy), "--out", str(outputs / "d")], size_of(legacy)),
         ("qkvconv convert litgpt -> HF --no-verify", [*qkvconv, "convert", str(legacy), "--to", "hf", "--out", str(outputs / "e"), "--no-verify"], size_of(legacy)),
+        ("qkvconv convert litgpt -> HF (verified)", [*qkvconv, "convert", str(legacy), "--to", "hf", "--out", str(outputs / "f")], size_of(legacy)),
     ]
+    if args.device != "cpu":  # the checked steps run their check there
+        steps = [(n if "verify" in n else n.replace("(verified)", f"(checked on {args.device})"),
+                 c if "--no-verify" in c or "qkvconv" not in " ".join(c) else [*c, "--device", args.device], b)
+                 for n, c, b in steps]
     if not args.no_litgpt:
         steps.append(("litgpt convert_hf_checkpoint (peer)", [py, "-c", LITGPT, str(hf), "tiny-llama-1.1b" if args.size == "1b" else "Llama-2-7b-hf"], size_of(hf)))
+    if args.only:
+        words = [w.strip() for w in args.only.split(",") if w.strip()]
+        steps = [s for i, s in enumerate(steps) if i == 0 or any(w in s[0] for w in words)]
     samples: dict[str, list[tuple[float, int]]] = {name: [] for name, _, _ in steps}
     for round_ in range(args.repeat):
         for name, cmd, nbytes in steps:

@@ -256,9 +256,9 @@ def upgrade_cmd(
     with progress.status("planning"):
         from qkvconv.ops import merge as merging
         from qkvconv.ops import upgrade as upgrading
-        from qkvconv.ops import verify as verifying
+        from qkvconv.ops import check as checking
     working()
-    check = verifying.upgrade_check(device) if verify else None
+    check = checking.upgrade_check(device) if verify else None
     if lora_merge:
         if out is None:
             raise QkvconvError("--lora-merge writes a full checkpoint: give it a new directory with --out")

@@ -87,14 +87,14 @@ def populate_hub_cache(cache: Path, repo_id: str, source: Path, commit: str = "0
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Tiny random transformers models by case id (hf_models.CASES), built on first use in this module."""
-    from hf_models import BY_ID, _build
+    """Tiny random transformers models by case id (hf_models.CASES, REFUSED and NATIVE), built on first use in this module."""
+    from hf_models import BY_ID, NATIVE_BY_ID, REFUSED_BY_ID, _build
 
     cache: dict = {}
 
     def get(case_id: str):
         if case_id not in cache:
-            cache[case_id] = _build(BY_ID[case_id], tmp_path_factory.mktemp(case_id))
+            cache[case_id] = _build({**BY_ID, **REFUSED_BY_ID, **NATIVE_BY_ID}[case_id], tmp_path_factory.mktemp(case_id))
         return cache[case_id]
 
     return get

@@ -36,6 +36,7 @@ class Case:
     converter: bool = True  # litgpt's convert_hf_checkpoint covers this layout
     inferred: str | None = None  # what hf_config_from_litgpt picks without an architecture (default: the same)
     converter_name: str | None = None  # name to register for litgpt's converter (default: "<litgpt_real>-tiny-qkvconv")
+    refused: str | None = None  # REFUSED: the reason convert gives ("X with FEATURE has no litgpt equivalent")
 
 
 def attention_of(model_type: str) -> dict[str, Any]:
@@ -164,8 +165,100 @@ CASES = [
          QKVOrder.SEQUENTIAL, "Phi-3-mini-4k-instruct",
          tiny(n_embd=32, n_query_groups=2, head_size=8, intermediate_size=48, rotary_percentage=0.5,
               sliding_window_size=5, sliding_window_indices=[1, 1])),
+    # StarCoder2: LayerNorms, GELU MLP c_fc/c_proj, biases everywhere (use_bias), sequential residual, GQA,
+    # a window on every layer, tied head. litgpt has no such config and its converter no such layout.
+    Case("starcoder2-window", {"model_type": "starcoder2", **LLAMA_SIZES, "sliding_window": 4, "norm_epsilon": 1e-2,
+                               "rope_parameters": {"rope_theta": 1e5}},
+         QKVOrder.SPLIT, converter=False),
+    # ... without biases and MHA: the same function as a Falcon with per-head MHA and two sequential norms,
+    # which hf_config_from_litgpt prefers (it comes first)
+    Case("starcoder2-no-bias", {"model_type": "starcoder2", **LLAMA_SIZES, "num_key_value_heads": 4, "use_bias": False,
+                                "hidden_act": "gelu"},
+         QKVOrder.SPLIT, converter=False, inferred="FalconForCausalLM"),
+    # Granite with neutral residual and logits multipliers: Llama with the scores scaled by
+    # attention_multiplier (litgpt attention_scores_scalar 256) and the embeddings by sqrt(hidden_size)
+    # (litgpt scale_embeddings); biases everywhere
+    Case("granite-neutral", {"model_type": "granite", **LLAMA_SIZES, "attention_multiplier": 0.0625,
+                             "embedding_multiplier": 32 ** 0.5, "attention_bias": True, "mlp_bias": True},
+         QKVOrder.SPLIT, converter=False),
+    # SmolLM3 with RoPE in every layer (no_rope_layers all 1): Llama, tied, with a window on layer 1
+    Case("smollm3-all-rope", {"model_type": "smollm3", **LLAMA_SIZES, "no_rope_layers": [1, 1], "pad_token_id": None,
+                              "use_sliding_window": True, "sliding_window": 4,
+                              "layer_types": ["full_attention", "sliding_attention"]},
+         QKVOrder.SPLIT, converter=False),
 ]
 BY_ID = {c.id: c for c in CASES}
+
+# Families (or flags of families) litgpt has no equivalent of: `inspect` names their layout, `convert`
+# refuses with exactly this reason.
+REFUSED = [
+    # no no_rope_layers: SmolLM3Config derives [1, 1, 1, 0] (every fourth layer without RoPE)
+    Case("smollm3-nope", {"model_type": "smollm3", **LLAMA_SIZES, "num_hidden_layers": 4, "pad_token_id": None},
+         QKVOrder.SPLIT,
+         refused="SmolLM3ForCausalLM with layers without rotary (no_rope_layers) has no litgpt equivalent"),
+    Case("smollm3-window-flash-only",
+         {"model_type": "smollm3", **LLAMA_SIZES, "no_rope_layers": [1, 1], "pad_token_id": None, "sliding_window": 4,
+          "layer_types": ["full_attention", "sliding_attention"]},
+         QKVOrder.SPLIT, refused="SmolLM3ForCausalLM with a window that transformers' eager and SDPA attention apply "
+                                 "and flash attention does not (sliding layers in layer_types, use_sliding_window "
+                                 "false) has no litgpt equivalent"),
+    # Granite 3-like multipliers (values as remembered from the Hub, not read here)
+    Case("granite-3-multipliers", {"model_type": "granite", **LLAMA_SIZES, "embedding_multiplier": 12.0,
+                                   "attention_multiplier": 0.0078125, "residual_multiplier": 0.22,
+                                   "logits_scaling": 8.0},
+         QKVOrder.SPLIT, refused="GraniteForCausalLM with residual branches scaled by residual_multiplier, logits "
+                                 "divided by logits_scaling and embeddings scaled by embedding_multiplier=12.0 (litgpt "
+                                 "scales them by sqrt(n_embd) or not at all) has no litgpt equivalent"),
+    # CohereConfig's defaults: logit_scale 0.0625, tied head; MHA here
+    Case("cohere", {"model_type": "cohere", **LLAMA_SIZES, "num_key_value_heads": 4},
+         QKVOrder.SPLIT, refused="CohereForCausalLM with logits scaled by logit_scale and LayerNorms without a bias "
+                                 "(CohereLayerNorm; litgpt's LayerNorm always has one) has no litgpt equivalent"),
+    # per-head query/key norms (q_norm, k_norm tensors), GQA, logits not scaled
+    Case("cohere-qk-norm", {"model_type": "cohere", **LLAMA_SIZES, "use_qk_norm": True, "logit_scale": 1.0},
+         QKVOrder.SPLIT, refused="CohereForCausalLM with a LayerNorm per query/key head with its own weights "
+                                 "(use_qk_norm) and LayerNorms without a bias (CohereLayerNorm; litgpt's LayerNorm "
+                                 "always has one) has no litgpt equivalent"),
+]
+REFUSED_BY_ID = {c.id: c for c in REFUSED}
+
+# Transformers-native classes with a fused QKV matrix that litgpt cannot compute (families_fused.py): inspect
+# names their layout, convert refuses (tests/test_fused_native.py). Settings that would make the scaling oracle
+# inexact are off: DBRX's clip_qkv (a clamp) far above any value (transformers 5.3's DbrxAttention fails on a
+# null clip_qkv: `clamp(min=None, max=None)`), Persimmon's LayerNorm eps on q/k (1e-12).
+GPT2_SIZES = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=POSITIONS)
+NATIVE = [
+    Case("gpt2", {"model_type": "gpt2", **GPT2_SIZES}, QKVOrder.SEQUENTIAL,
+         refused="GPT2LMHeadModel with learned absolute position embeddings (transformer.wpe) has no litgpt equivalent"),
+    Case("gpt-bigcode-mqa", {"model_type": "gpt_bigcode", **GPT2_SIZES, "multi_query": True}, QKVOrder.SEQUENTIAL,
+         refused="GPTBigCodeForCausalLM with learned absolute position embeddings (transformer.wpe) has no litgpt "
+                 "equivalent"),
+    Case("gpt-bigcode-mha", {"model_type": "gpt_bigcode", **GPT2_SIZES, "multi_query": False}, QKVOrder.PER_HEAD,
+         refused="GPTBigCodeForCausalLM with learned absolute position embeddings (transformer.wpe) has no litgpt "
+                 "equivalent"),
+    Case("bloom", {"model_type": "bloom", "hidden_size": 32, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB},
+         QKVOrder.PER_HEAD, refused="BloomForCausalLM with ALiBi position biases and a LayerNorm on the embeddings "
+                                    "has no litgpt equivalent"),
+    Case("mpt", {"model_type": "mpt", "d_model": 32, "n_layers": 2, "n_heads": 4, "vocab_size": VOCAB,
+                 "max_seq_len": POSITIONS}, QKVOrder.SEQUENTIAL,
+         refused="MptForCausalLM with ALiBi position biases and LayerNorms without a bias (no_bias) has no litgpt "
+                 "equivalent"),
+    Case("dbrx-gqa", {"model_type": "dbrx", "d_model": 32, "n_layers": 2, "n_heads": 4, "vocab_size": VOCAB,
+                      "max_seq_len": POSITIONS, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 1e4},
+                      "ffn_config": {"ffn_hidden_size": 32, "hidden_size": 32, "moe_num_experts": 2, "moe_top_k": 1}},
+         QKVOrder.SEQUENTIAL, refused="DbrxForCausalLM with LayerNorms without a bias (litgpt's LayerNorm always has "
+                                      "one) has no litgpt equivalent"),
+    Case("persimmon", {"model_type": "persimmon", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "intermediate_size": 48, "vocab_size": VOCAB, "max_position_embeddings": POSITIONS,
+                       "layer_norm_eps": 1e-12},
+         QKVOrder.PER_HEAD, refused="PersimmonForCausalLM with the squared-ReLU MLP (relu2) and LayerNorms with biases "
+                                    "on each query/key head (qk_layernorm) has no litgpt equivalent"),
+    # 8 heads: two per mp_num block; head size 6 with 4 rotating dims
+    Case("codegen", {"model_type": "codegen", "n_embd": 48, "n_layer": 2, "n_head": 8, "vocab_size": VOCAB,
+                     "n_positions": POSITIONS, "rotary_dim": 4},
+         QKVOrder.CODEGEN_MP4, refused="CodeGenForCausalLM with no bias on the attention output but MLP biases "
+                                       "(litgpt's `bias` switches both together) has no litgpt equivalent"),
+]
+NATIVE_BY_ID = {c.id: c for c in NATIVE}
 
 
 @dataclass

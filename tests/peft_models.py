@@ -1,4 +1,4 @@
-"""Tiny random transformers base models (Llama, GPT-NeoX, Falcon 40B, Phi-3, Gemma) with the same
+"""Tiny random transformers base models (Llama, GPT-NeoX, Falcon 40B, Phi-3, Gemma, ...) with the same
 weights in litgpt's layout, and LoRA adapters on them made by litgpt and by PEFT, shared by the test
 modules. The `bases` fixture (conftest.py) builds a base on demand, once per test module."""
 
@@ -67,6 +67,13 @@ BASES = {
     # query/key norms, RoPE per layer type
     "gemma3": {"model_type": "gemma3_text", **LLAMA_SIZES, "head_dim": 16, "sliding_window": 4,
                "layer_types": ["sliding_attention", "full_attention"]},
+    # LayerNorms, GELU MLP c_fc/c_proj with biases, a window, tied head
+    "starcoder2": {"model_type": "starcoder2", **LLAMA_SIZES, "sliding_window": 4},
+    # neutral residual/logits multipliers: the attention and embedding scales are litgpt's
+    "granite": {"model_type": "granite", **LLAMA_SIZES, "attention_multiplier": 0.0625,
+                "embedding_multiplier": 32 ** 0.5},
+    # RoPE in every layer (no_rope_layers all 1), tied head
+    "smollm3": {"model_type": "smollm3", **LLAMA_SIZES, "no_rope_layers": [1, 1], "pad_token_id": None},
 }
 MOE_BASES = ("mixtral", "qwen3_moe")
 

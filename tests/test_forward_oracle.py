@@ -139,6 +139,14 @@ FAMILIES = [
     # ... experts with their own hidden size, query/key norms, 3 of 6 per token
     ("qwen3-moe", "Qwen3-30B-A3B", dict(n_embd=64, n_head=8, head_size=16, n_query_groups=2, intermediate_size=96,
                                         moe_intermediate_size=32, n_expert=6, n_expert_per_token=3)),
+    # StarCoder2's shape (no litgpt config of its own): LayerNorm, GptNeoxMLP with biases, sequential
+    # residual, GQA, full rotary, a window shorter than the sequence
+    ("starcoder2-shape", "pythia-14m", dict(n_embd=64, n_head=4, head_size=16, n_query_groups=2, intermediate_size=128,
+                                            parallel_residual=False, rotary_percentage=1.0, sliding_window_size=5)),
+    # Granite's with neutral residual/logits multipliers: a Llama with attention_scores_scalar and
+    # scale_embeddings (no "Gemma" in the name: plain RMSNorm)
+    ("granite-shape", "Llama-3-8B", dict(n_embd=64, n_head=8, n_query_groups=2, intermediate_size=96,
+                                         attention_scores_scalar=256, scale_embeddings=True)),
     # Gemma-7b: MHA, head_size 256 with n_embd/n_head 192 -> 24 vs 16
     ("gemma-7b", "Gemma-7b", dict(n_embd=64, n_head=4, head_size=24, n_query_groups=4, intermediate_size=96)),
     # pythia with a partial rotary of 50% and litgpt's rope_condense_ratio

@@ -33,8 +33,10 @@ HEADS = [
     (32, 8, 2),
     (9, 9, 7),
     (16, 1, 3),
+    (8, 8, 1),  # one dim per head: element-interleaved is per-head
+    (12, 12, 3),  # CodeGen's 4 blocks of 3 heads
 ]
-FUSED = [QKVOrder.SEQUENTIAL, QKVOrder.GROUPED, QKVOrder.PER_HEAD, QKVOrder.SPLIT]
+FUSED = list(QKVOrder)  # every order qkvconv names, the ones added later included
 
 
 def labels(order: QKVOrder, H: int, G: int, hs: int) -> list[tuple[str, int, int]]:
@@ -51,15 +53,31 @@ def labels(order: QKVOrder, H: int, G: int, hs: int) -> list[tuple[str, int, int
             for j in range(q_per_kv):
                 rows += head("q", g * q_per_kv + j)
             rows += head("k", g) + head("v", g)
-    else:  # per-head
+    elif order is QKVOrder.PER_HEAD:
         assert G == H
         for h in range(H):
             rows += head("q", h) + head("k", h) + head("v", h)
+    elif order is QKVOrder.INTERLEAVED:  # Megatron v1.0: a [heads, head_dim, 3] view
+        assert G == H
+        for h in range(H):
+            for d in range(hs):
+                rows += [("q", h, d), ("k", h, d), ("v", h, d)]
+    else:  # CodeGen: 4 blocks of H/4 heads, each q rows, v rows, k rows
+        assert order is QKVOrder.CODEGEN_MP4 and G == H and H % 4 == 0
+        per_block = H // 4
+        for b in range(4):
+            for kind in "qvk":
+                for j in range(per_block):
+                    rows += head(kind, b * per_block + j)
     return rows
 
 
 def valid(order: QKVOrder, H: int, G: int) -> bool:
-    return order is not QKVOrder.PER_HEAD or H == G
+    if order in (QKVOrder.PER_HEAD, QKVOrder.INTERLEAVED):
+        return H == G
+    if order is QKVOrder.CODEGEN_MP4:
+        return H == G and H % 4 == 0
+    return True
 
 
 @pytest.mark.parametrize("H,G,hs", HEADS)
@@ -83,7 +101,7 @@ def test_same_rows_is_exactly_an_identity_permutation(H: int, G: int, hs: int) -
     heads = HeadLayout(H, G, hs)
     for src, dst in itertools.product(FUSED, FUSED):
         if not (valid(src, H, G) and valid(dst, H, G)):
-            with pytest.raises(LayoutError, match="per-head order exists only for MHA"):
+            with pytest.raises(LayoutError, match="order (exists only for MHA|needs n_head divisible by 4)"):
                 same_rows(src, dst, heads)
             continue
         assert same_rows(src, dst, heads) == torch.equal(permutation(src, dst, heads), torch.arange(heads.rows))
@@ -170,3 +188,43 @@ def test_attention_kind() -> None:
     assert HeadLayout(8, 2, 4).attention == "GQA"
     assert HeadLayout(8, 1, 4).attention == "MQA"
     assert HeadLayout(1, 1, 4).attention == "MHA"
+
+
+@pytest.mark.parametrize("H,hs", [(4, 3), (8, 2), (12, 5)])
+@pytest.mark.parametrize("version,order", [(1.0, QKVOrder.INTERLEAVED), (2.0, QKVOrder.PER_HEAD)])
+def test_agrees_with_transformers_megatron_script(H: int, hs: int, version: float, order: QKVOrder) -> None:
+    """transformers' Megatron -> GPT-2 script re-orders query_key_value into GPT-2's sequential c_attn rows:
+    checkpoint version 1.0 is element-interleaved, 2.0 and later per-head (someone else's code as oracle).
+    Its reverse function for 1.0 is not the inverse of its forward one (it views (3, H, hs) and transposes to
+    (hs, 3, H), not (H, hs, 3)); the script only writes version 3.0, so only 2.0's reverse is an oracle."""
+    from transformers.models.megatron_gpt2.checkpoint_reshaping_and_interoperability import (
+        megatron_to_transformers_fix_query_key_value_ordering as to_gpt2,
+        transformers_to_megatron_fix_query_key_value_ordering as to_megatron,
+    )
+
+    heads = HeadLayout(H, H, hs)
+    for t in (torch.randn(heads.rows, 7), torch.randn(heads.rows)):
+        assert torch.equal(reorder(t, order, QKVOrder.SEQUENTIAL, heads), to_gpt2(t, version, 3, H, hs))
+        if version >= 2.0:
+            assert torch.equal(reorder(t, QKVOrder.SEQUENTIAL, order, heads), to_megatron(t, version, 3, H, hs))
+
+
+@pytest.mark.parametrize("H,hs", [(4, 3), (8, 2), (16, 4)])
+def test_agrees_with_transformers_codegen_attention(H: int, hs: int) -> None:
+    """CodeGenAttention.forward's own reshapes (mp_num = 4, split into query, value, key, _split_heads)
+    applied to a projection output, against split(..., CODEGEN_MP4)."""
+    from transformers.models.codegen.modeling_codegen import CodeGenAttention
+
+    heads = HeadLayout(H, H, hs)
+    qkv = torch.randn(2, 3, heads.rows)  # (batch, tokens, fused rows): what qkv_proj returns
+    mp_num = 4
+    qkv_split = qkv.reshape(qkv.shape[:-1] + (mp_num, -1))
+    local_dim = hs * H // mp_num
+    query, value, key = torch.split(qkv_split, local_dim, dim=-1)
+    theirs = [CodeGenAttention._split_heads(None, x, H, hs, mp_num=mp_num).reshape(2, 3, H * hs)
+              for x in (query, key, value)]
+    ours = split(qkv.reshape(-1, heads.rows).T, QKVOrder.CODEGEN_MP4, heads)
+    for mine, other in zip(ours, theirs):
+        assert torch.equal(mine.T.reshape(2, 3, H * hs), other)
+    with pytest.raises(LayoutError, match="divisible by 4"):
+        permutation(QKVOrder.CODEGEN_MP4, QKVOrder.SEQUENTIAL, HeadLayout(6, 6, 2))

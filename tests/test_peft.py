@@ -196,6 +196,10 @@ IMPORT_CASES = {
     # experts and routers are no nn.Linear in transformers 5: the attention and the head carry the adapters
     "mixtral": ("mixtral", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"], r=2, lora_alpha=4)),
     "qwen3_moe": ("qwen3_moe", dict(target_modules=["q_proj", "v_proj", "o_proj"], r=3, lora_alpha=5)),
+    "starcoder2": ("starcoder2", dict(target_modules=["q_proj", "v_proj", "o_proj", "c_fc", "c_proj", "lm_head"], r=2,
+                                      lora_alpha=4)),
+    "granite": ("granite", dict(target_modules=["q_proj", "k_proj", "v_proj", "up_proj"], r=2, lora_alpha=4)),
+    "smollm3": ("smollm3", dict(target_modules=["k_proj", "o_proj", "gate_proj", "lm_head"], r=2, lora_alpha=4)),
 }
 
 
@@ -338,8 +342,11 @@ def test_config_settings_are_refused(changes, match, plain_adapter, tmp_path):
 def test_wrong_base_and_unknown_family_are_refused(plain_adapter, bases, tmp_path):
     base, plain = plain_adapter
     refused(plain, tmp_path / "run", bases("phi3").config_json, "no litgpt LoRA equivalent")  # q_proj: not Phi-3
-    gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
-    with pytest.raises(UnsupportedFamily, match="GPT2LMHeadModel.*supported"):
+    mamba = {"architectures": ["MambaForCausalLM"], "model_type": "mamba"}
+    with pytest.raises(UnsupportedFamily, match="MambaForCausalLM.*supported"):
+        peft_to_litgpt_lora(plain, tmp_path / "run", hf_config=mamba)
+    gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}  # in the table for inspect only
+    with pytest.raises(UnsupportedFamily, match="GPT2LMHeadModel with learned absolute position embeddings"):
         peft_to_litgpt_lora(plain, tmp_path / "run", hf_config=gpt2)
     other = {**base.config_json, "hidden_size": 64}
     refused(plain, tmp_path / "run", other, "belongs to another model")

@@ -36,9 +36,10 @@ finally:
     sys.stderr.write(f"\\ntorch imported: {'torch' in sys.modules}\\n")
 """
 
-# fused (sequential, grouped, per-head) and split q/k/v; GQA, MQA, MHA; biases, a tied head, head_dim
+# fused (sequential, grouped, per-head) and split q/k/v; GQA, MQA, MHA; biases, a tied head, head_dim; a
+# family litgpt has no equivalent of (checked on its q/k/v shapes only)
 FAMILIES = ["llama3-gqa", "qwen2-bias-tied", "gemma-head-dim", "neox-parallel", "falcon-7b-mqa",
-            "falcon-40b-grouped", "phi3-fused"]
+            "falcon-40b-grouped", "phi3-fused", "cohere-qk-norm"]
 
 
 def run_probe(*args: str) -> tuple[subprocess.CompletedProcess[str], bool]:
@@ -162,7 +163,7 @@ def test_help_and_inspect_of_safetensors_do_not_import_torch(built, tmp_path: Pa
     proc, imported = run_probe("--help")
     assert proc.returncode == 0 and "inspect" in proc.stdout and not imported
     directory = sharded(built("llama3-gqa").directory, tmp_path / "sharded")
-    for source in (built("phi3-fused").directory, directory):
+    for source in (built("phi3-fused").directory, directory, built("cohere-qk-norm").directory):
         proc, imported = run_probe("inspect", str(source), "--json")
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout) == json.loads(CliRunner().invoke(app, ["inspect", str(source), "--json"]).output)

@@ -158,6 +158,15 @@ class PlannedWeights:
         recipe = self.recipes[name]  # KeyError for an absent tensor, as forward.py expects
         return recipe.apply([self.reader.read(i) for i in recipe.inputs])
 
+    def parts(self, name: str) -> list[torch.Tensor] | None:
+        """The tensor as whole source tensors whose rows, stacked in order, make it, read in place (valid
+        until release()), where the recipe only stacks them: a copy, q/k/v fused in sequential order. A
+        check takes their checksums without building the tensor. None where the recipe does more."""
+        recipe = self.recipes[name]
+        if all(step.stacks for step in recipe.steps) and len(recipe.steps) <= 1:
+            return [self.reader.peek(i) for i in recipe.inputs]
+        return None
+
     def release(self) -> None:
         self.reader.release()
 

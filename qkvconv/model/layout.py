@@ -31,6 +31,17 @@ class QKVOrder(str, Enum):
     GROUPED = "grouped"  # per KV group: its Q heads, then K_g, V_g (litgpt <= 0.5.4 `attn.attn`)
     PER_HEAD = "per-head"  # per head: q_h, k_h, v_h (GPT-NeoX, Bloom); MHA only
     SPLIT = "split"  # separate q/k/v tensors (HF Llama); concatenated they are sequential
+    # CodeGen 1/2 `qkv_proj`: 4 blocks (transformers' hard-coded mp_num = 4, the TPU cores it was trained
+    # on), block b holding heads [b*H/4, (b+1)*H/4) as their q rows, then v rows, then k rows; MHA only
+    CODEGEN_MP4 = "codegen-mp4"
+    # Megatron GPT checkpoint version 1.0 `query_key_value`: [heads, head_dim, 3], so q, k, v alternate
+    # element by element inside each head; MHA only (transformers' megatron_gpt2 conversion script)
+    INTERLEAVED = "element-interleaved"
+
+
+# orders that exist only with one key/value head per query head
+MHA_ONLY = (QKVOrder.PER_HEAD, QKVOrder.CODEGEN_MP4, QKVOrder.INTERLEAVED)
+CODEGEN_BLOCKS = 4
 
 
 @dataclass(frozen=True)
@@ -76,10 +87,19 @@ class HeadLayout:
         return "GQA"
 
 
-def _per_head_needs_mha(heads: HeadLayout) -> LayoutError:
+def _per_head_needs_mha(heads: HeadLayout, order: QKVOrder = QKVOrder.PER_HEAD) -> LayoutError:
     return LayoutError(
-        f"per-head order exists only for MHA (n_head == n_query_groups), got H={heads.n_head}, G={heads.n_query_groups}"
+        f"{order.value} order exists only for MHA (n_head == n_query_groups), got H={heads.n_head}, G={heads.n_query_groups}"
     )
+
+
+def check_order(order: QKVOrder, heads: HeadLayout) -> None:
+    """Raise LayoutError unless rows in `order` can exist for these heads (MHA-only orders; CodeGen's
+    four blocks need a head count divisible by 4)."""
+    if order in MHA_ONLY and heads.n_query_groups != heads.n_head:
+        raise _per_head_needs_mha(heads, order)
+    if order is QKVOrder.CODEGEN_MP4 and heads.n_head % CODEGEN_BLOCKS:
+        raise LayoutError(f"codegen-mp4 order needs n_head divisible by {CODEGEN_BLOCKS}, got H={heads.n_head}")
 
 
 def canonical_index(order: QKVOrder, heads: HeadLayout) -> torch.Tensor:
@@ -88,10 +108,17 @@ def canonical_index(order: QKVOrder, heads: HeadLayout) -> torch.Tensor:
 
     H, G, hs = heads.n_head, heads.n_query_groups, heads.head_size
     pos = torch.arange(heads.rows)
+    check_order(order, heads)
     if order in (QKVOrder.SEQUENTIAL, QKVOrder.SPLIT):
         return pos
-    if order is QKVOrder.PER_HEAD and G != H:
-        raise _per_head_needs_mha(heads)
+    if order is QKVOrder.INTERLEAVED:  # position = (h * hs + d) * 3 + part
+        part, head_dim = pos % 3, pos // 3
+        return part * H * hs + head_dim
+    if order is QKVOrder.CODEGEN_MP4:  # position = ((block * 3 + part) * H/4 + local head) * hs + d
+        local = H // CODEGEN_BLOCKS * hs
+        block, part, offset = pos // (3 * local), pos // local % 3, pos % local
+        projection = torch.tensor([0, 2, 1])[part]  # the parts are q, v, k
+        return projection * H * hs + block * local + offset
     # GROUPED, and PER_HEAD which is GROUPED with G == H: blocks of (q_per_kv + 2) heads.
     q = heads.q_per_kv
     slot_head, dim = pos // hs, pos % hs
@@ -111,11 +138,13 @@ def _inverse(index: torch.Tensor) -> torch.Tensor:
 
 
 def _row_order(order: QKVOrder, heads: HeadLayout) -> QKVOrder:
-    """The order whose canonical index `order` has for these heads: per-head is grouped with G = H,
-    grouped with G = 1 is sequential (one group: all Q heads, then K, then V), split is sequential."""
+    """The order whose canonical index `order` has for these heads: element-interleaved with one dim per
+    head is per-head, per-head is grouped with G = H, grouped with G = 1 is sequential (one group: all Q
+    heads, then K, then V), split is sequential. CodeGen's blocks hold v before k, so never coincide."""
+    check_order(order, heads)
+    if order is QKVOrder.INTERLEAVED and heads.head_size == 1:
+        order = QKVOrder.PER_HEAD
     if order is QKVOrder.PER_HEAD:
-        if heads.n_query_groups != heads.n_head:
-            raise _per_head_needs_mha(heads)
         order = QKVOrder.GROUPED
     if order is QKVOrder.SPLIT or (order is QKVOrder.GROUPED and heads.n_query_groups == 1):
         return QKVOrder.SEQUENTIAL
@@ -143,11 +172,8 @@ def check_reorder(shape: tuple[int, ...], src: QKVOrder, dst: QKVOrder, heads: H
             f"expected {heads.rows} rows for H={heads.n_head}, G={heads.n_query_groups}, "
             f"hs={heads.head_size}, got shape {tuple(shape)}"
         )
-    if QKVOrder.PER_HEAD in (src, dst) and heads.n_query_groups != heads.n_head:
-        raise LayoutError(
-            f"per-head order exists only for MHA (n_head == n_query_groups), "
-            f"got H={heads.n_head}, G={heads.n_query_groups}"
-        )
+    check_order(src, heads)
+    check_order(dst, heads)
 
 
 def check_parts(shapes: list[tuple[int, ...]], heads: HeadLayout) -> None:

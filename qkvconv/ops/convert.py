@@ -165,6 +165,13 @@ def convert(
     if single and out.exists():
         raise QkvconvError(f"{out} already exists; choose a new --out file")
     build = out.with_name(f".{out.name}.qkvconv-build") if single else out
+    prints = None
+    if forward_check:
+        from qkvconv.formats.weights import open_weights
+        from qkvconv.ops.check import SourcePrints, conversion_check
+
+        # the source's checksums, taken while the engine writes; a transformation changes most tensors
+        prints = None if changes.of_weights() else SourcePrints(lambda: open_weights(directory))
     with new_directory(build) as tmp:
         if entry.single_file is None and src_entry.single_file is None:  # a single file has no other files
             # a direct plan keeps the source's own config.json (hf -> hf) or the one kept beside a litgpt checkpoint
@@ -179,11 +186,9 @@ def convert(
         report.actions.append(f"wrote {len(layout)} tensors ({total:,} bytes) in {len(shards)} file(s)")
         report.actions += plan.notes + notes
         if forward_check:
-            from qkvconv.formats.weights import open_weights
-            from qkvconv.ops.verify import forward_check as check
-
-            report.checks.append(check(lambda: (open_weights(source_path), open_weights(tmp)), device,
-                                       "the converted checkpoint", "nothing was written", rounds=changes.fold_norms))
+            report.checks.append(conversion_check(lambda: (open_weights(directory), open_weights(tmp)), device,
+                                                  "the converted checkpoint", "nothing was written",
+                                                  rounds=changes.fold_norms, source_prints=prints))
     if single:  # the checked file leaves its build directory in one rename
         (written,) = shards
         os.rename(build / written, out)
@@ -198,7 +203,7 @@ def _merge(directory: Path, src: Format, to: str, out: Path | None, base: Path |
         raise QkvconvError("--merge turns a litgpt LoRA run into a full litgpt checkpoint: --to litgpt --out DIR "
                            "(convert the merged result onwards in a second step)")
     from qkvconv.ops.merge import merge_lora
-    from qkvconv.ops.verify import upgrade_check
+    from qkvconv.ops.check import upgrade_check
 
     merged = merge_lora(directory, out, base=base, forward_check=upgrade_check(device) if forward_check else None,
                         allow_nonfinite=allow_nonfinite)

@@ -34,9 +34,8 @@ from typing import Any
 import torch
 
 from qkvconv.reference import forward
-from qkvconv.errors import CheckFailed, QkvconvError, UnsupportedFamily
+from qkvconv.errors import CheckFailed, QkvconvError
 from qkvconv.model.nonfinite import is_finite, max_difference
-from qkvconv.progress import layers, status
 from qkvconv.formats.weights import ModelWeights
 
 # Default tolerances per compute dtype: (atol, rtol), with a stage passing when
@@ -385,69 +384,3 @@ def verify(
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return report
-
-
-def mismatch(report: VerifyReport, subject: str, undone: str) -> CheckFailed:
-    """The error of a failed forward-pass check (convert, upgrade). Where the NaN/inf agreed and only
-    the second pass differs, say what that pass cannot tell apart."""
-    where = f"first difference at {report.first_difference}, logits differ by {report.logits_max_abs_diff:.3g}"
-    if (report.first_difference or "").endswith(ZEROED):
-        return CheckFailed(
-            f"{subject} holds NaN/inf in the same places as the source but computes something else with them "
-            f"read as 0 ({where}): either it is wrong past the first NaN, or the conversion summed a NaN into "
-            f"other values (a LayerNorm bias folded through a linear that holds one), which this check cannot "
-            f"tell apart; {undone}"
-        )
-    return CheckFailed(f"{subject} computes something else ({where}); {undone}")
-
-
-def forward_check(open_sides: Callable[[], tuple[Any, Any]], device: str, subject: str, undone: str, *,
-                  rounds: bool = False, optional: bool = False) -> str:
-    """The check `convert` and `upgrade` run before publishing: the result must compute what the source
-    computes. Raises CheckFailed (`subject` computes something else; `undone`) when it does not, and says
-    what it proved when it does. `open_sides()` gives (source, result) weights; a model the reference pass
-    does not implement is reported as skipped, never passed. `rounds`: the conversion rounds products to
-    the stored dtype (norm folding), so a half-precision result is held to that dtype's tolerance.
-    `optional`: a source that cannot be opened for the pass (a LoRA run whose base is not found) skips the
-    check, said in its line, rather than stopping a conversion that its tensor-level checks prove."""
-    with status("checking: opening both sides"):
-        try:
-            before, after = open_sides()
-        except UnsupportedFamily as e:
-            return f"forward-pass check skipped: {e}"
-        except QkvconvError as e:
-            if not optional:
-                raise
-            return f"forward-pass check skipped: {e}"
-    atol = rtol = None
-    stored = after.dtype()
-    if rounds and stored in (torch.bfloat16, torch.float16):
-        atol, rtol = DEFAULT_TOLERANCE[stored]
-    try:
-        report = verify(before, after, device=device, atol=atol, rtol=rtol, progress=layers("checking"))
-    except UnsupportedFamily as e:
-        return f"forward-pass check skipped: {e}"
-    if not report.passed:
-        raise mismatch(report, subject, undone)
-    if all(s.max_abs_diff == 0 for s in report.stages):
-        how = "bitwise equal"
-    else:
-        worst = max(s.max_abs_diff / s.scale if s.scale else s.max_abs_diff for s in report.stages)
-        how = (f"max logit difference {report.logits_max_abs_diff:.2g}, largest stage difference {worst:.2g} of its "
-               f"scale (tolerance atol {report.atol:g} + rtol {report.rtol:g} x scale)")
-    nonfinite = f"; {report.nonfinite_summary}" if report.nonfinite_summary else ""
-    what = "every layer, router and expert" if any(s.name.endswith(" experts") for s in report.stages) else "every layer"
-    return (f"forward pass on {report.device} ({report.dtype}, {report.tokens} tokens): {what} and the logits "
-            f"agree, {how}{nonfinite}")
-
-
-def upgrade_check(device: str = "cpu"):
-    """A forward-pass check for `upgrade`: the staged result must compute what the original computes."""
-    from qkvconv.formats.litgpt import LitgptCheckpoint
-    from qkvconv.formats.weights import litgpt_weights
-
-    def check(original: LitgptCheckpoint, staged: dict) -> str:
-        return forward_check(lambda: (litgpt_weights(original), litgpt_weights(original, overrides=staged)),
-                             device, "the upgraded checkpoint", "nothing was replaced", optional=True)
-
-    return check

@@ -58,6 +58,9 @@ class Step:
     """
 
     moves_rows = False
+    # the output is the inputs' rows stacked in input order, nothing moved (a reader can hand the parts over
+    # instead of building the whole: the check takes their checksums)
+    stacks = False
 
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -114,6 +117,7 @@ class CheckRows(Step):
     head counts disagree with the file would otherwise pass unnoticed."""
 
     moves_rows = True
+    stacks = True
 
     order: QKVOrder
     heads: HeadLayout
@@ -140,6 +144,10 @@ class Fuse(Step):
 
     order: QKVOrder
     heads: HeadLayout
+
+    @property
+    def stacks(self) -> bool:  # type: ignore[override]
+        return self.order is QKVOrder.SEQUENTIAL
 
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         q, k, v = tensors

@@ -2,6 +2,7 @@
 
     table.py     the schema of the family table (Read, Choose, Split, Fused, Block, HFConfig, Family)
     families.py  the architectures as data: where every tensor lives, where config.json keeps each number
+                 (families_more.py: more of them; pieces.py: what the entries share)
     config.py    config.json <-> litgpt config, family detection, the rules that pick an architecture
                  (torch-free: `inspect` reads configs and headers without torch)
     steps.py     row steps the HF mappings need (take or concatenate row blocks, tied heads)
@@ -19,7 +20,7 @@ from typing import Any
 
 _HOME = {
     "HF_CONFIG": "config", "detect_family": "config", "litgpt_config_from_hf": "config",
-    "hf_config_from_litgpt": "config", "describe_layout": "config",
+    "hf_config_from_litgpt": "config", "describe_layout": "describe",
     "ConcatRows": "steps", "TakeRows": "steps", "Tied": "steps",
     "litgpt_state_names": "plans", "plan_hf_to_litgpt": "plans", "plan_litgpt_to_hf": "plans",
     "FORMAT": "format",

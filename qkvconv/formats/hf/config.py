@@ -6,23 +6,25 @@ directory needs none.
     family = detect_family(cfg)                # None: an architecture qkvconv cannot interpret
     lit_cfg = litgpt_config_from_hf(cfg)       # litgpt.Config(**lit_cfg) builds the same model
     hf_cfg = hf_config_from_litgpt(lit_cfg)    # a config.json when the source has none
-    describe_layout(cfg)                       # inspect: where q/k/v live, in which order, with evidence
 
 Anything the family table does not cover is refused with an UnsupportedFamily that says what and
-names the supported architectures (its `reason` without the list).
+names the supported architectures (its `reason` without the list). A family in the table can still be
+refused: every `unsupported` feature it has is named ("X with A and B has no litgpt equivalent").
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import struct
 from collections.abc import Mapping
 from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.hf.families import FAMILIES, GELU_APPROXIMATE, SILU, supported
-from qkvconv.formats.hf.table import REQUIRED, Block, Choose, Family, Fused, Read, Split
+from qkvconv.formats.hf.table import NOTHING, REQUIRED, Block, Choose, Family, Fused, Matcher, Read, Split
 from qkvconv.model.architecture import Architecture
-from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
+from qkvconv.model.layout import HeadLayout, LayoutError
 
 HF_CONFIG = "config.json"
 
@@ -72,6 +74,11 @@ def _int(cfg: Mapping[str, Any], rule: Read, what: str) -> int:
 
 def _architecture_name(config_json: Mapping[str, Any]) -> str | None:
     archs = config_json.get("architectures") or []
+    # a remote-code original is known by its model_type first: some name a transformers class in
+    # `architectures` (phi-2's original config says PhiForCausalLM with model_type phi-msft)
+    remote = [f.architecture for f in FAMILIES.values() if f.remote_code and f.model_type == config_json.get("model_type")]
+    if remote:
+        return remote[0]
     for a in archs:
         if a in FAMILIES:
             return a
@@ -102,6 +109,11 @@ def require_family(config_json: Mapping[str, Any]) -> Family:
         reason = f"config.json describes {what}, which qkvconv cannot map"
         raise UnsupportedFamily(f"{reason}; supported: {supported()}", reason=reason)
     return family
+
+
+def _features(features: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return " and ".join(filter(None, (", ".join(features[:-1]), features[-1])))
 
 
 def _refuse(family: Family, feature: str) -> UnsupportedFamily:
@@ -180,7 +192,7 @@ def _sliding_window(family: Family, cfg: Mapping[str, Any], n_layer: int) -> tup
         first = _read(cfg, sw.first_layer)
         layers = [int(i >= first) for i in range(n_layer)]
     else:
-        layers = [1] * n_layer
+        layers = [int(sw.untyped)] * n_layer
     if not any(layers):
         return None, None
     return int(size), layers
@@ -201,11 +213,14 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
     """
     family = require_family(config_json)
     cfg = config_json
-    for flags, feature in family.unsupported:
-        if family.matches(cfg, flags):
-            raise _refuse(family, feature)
-
+    if not family.convertible:  # inspect-only: refused before any number is read
+        raise _refuse(family, _features(family.refused_features(cfg)))
     n_embd, heads = _heads(family, cfg)
+    scale_embeddings, scores_scalar, off_scales = _scales(family, cfg, n_embd, heads.head_size)
+    features = family.refused_features(cfg) + off_scales
+    if features:
+        raise _refuse(family, _features(features))
+
     n_layer = _int(cfg, family.config.n_layer, "num_hidden_layers")
     intermediate = _read(cfg, family.config.intermediate_size)
     intermediate = 4 * n_embd if intermediate is None else int(intermediate)
@@ -234,7 +249,8 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
     block = family.block
     assert isinstance(block, Block)
     rope_base, rope_adjustments = _rope(family, cfg)
-    rotary = float(_read(cfg, family.config.rotary_fraction))
+    dims = _read(cfg, family.config.rotary_dims) if family.config.rotary_dims is not None else None
+    rotary = dims / heads.head_size if dims is not None else float(_read(cfg, family.config.rotary_fraction))
     window, window_layers = _sliding_window(family, cfg, n_layer)
 
     name = name or _litgpt_name(family)
@@ -271,9 +287,10 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
         "intermediate_size": intermediate,
         "mlp_class_name": family.mlp_class_name,
         "gelu_approximate": gelu_approximate,
-        "scale_embeddings": family.scale_embeddings,
+        "scale_embeddings": scale_embeddings,
         **({"norm_qk": True, "norm_qk_type": family.norm_qk} if family.norm_qk else {}),
         **_moe_fields(family, cfg),
+        **({"attention_scores_scalar": scores_scalar} if scores_scalar is not None else {}),
         **_extra_fields(family, cfg, block, window_layers, n_layer),
     }
 
@@ -322,6 +339,38 @@ def _extra_fields(family: Family, cfg: Mapping[str, Any], block: Block, window_l
         if value is not None:
             out[lit] = float(value)
     return out
+
+
+def _float32(x: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", x))[0])
+
+
+def _scales(family: Family, cfg: Mapping[str, Any], n_embd: int, head_size: int
+            ) -> tuple[bool, int | None, list[str]]:
+    """litgpt's scale_embeddings and attention_scores_scalar (None: head_size's) for the family's embedding
+    and attention scales (Granite's multipliers), and the values of those that litgpt has no twin of.
+
+    Embeddings: transformers multiplies by the float32 of the config value, litgpt (scale_embeddings) by the
+    float32 of n_embd ** 0.5: 1 and that are litgpt's. Scores: litgpt multiplies by 1 / sqrt(scalar), an
+    integer scalar (to double precision: one rounding of the config value's decimal digits)."""
+    c, off = family.config, []
+    scale_embeddings = family.scale_embeddings
+    if c.embedding_scale is not None:
+        scale = float(_read(cfg, c.embedding_scale))
+        scale_embeddings = scale != 1.0
+        if scale_embeddings and _float32(scale) != _float32(n_embd ** 0.5):
+            off.append(f"embeddings scaled by {c.embedding_scale.keys[0]}={scale!r} (litgpt scales them by "
+                       "sqrt(n_embd) or not at all)")
+    scalar = None
+    if c.attention_scale is not None:
+        scale = float(_read(cfg, c.attention_scale))
+        scalar = round(1.0 / (scale * scale)) if scale > 2 ** -26 else 0  # below: no scalar under 2 ** 52
+        if scalar < 1 or not math.isclose(1.0 / math.sqrt(scalar), scale, rel_tol=1e-12):
+            off.append(f"attention scores scaled by {c.attention_scale.keys[0]}={scale!r}, not 1/sqrt of an integer "
+                       "(litgpt's attention_scores_scalar)")
+        if scalar == head_size:  # litgpt's default: other litgpt configs leave it out
+            scalar = None
+    return scale_embeddings, scalar, off
 
 
 def _forward_fields(litgpt_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -396,6 +445,14 @@ def _hf_config_for(family: Family, litgpt_cfg: Mapping[str, Any], flags: Mapping
     _write(cfg, concrete.block.parallel_residual, arch.parallel_residual)
     if c.attention_scores_scalar is not None:
         _write(cfg, c.attention_scores_scalar, int(litgpt_cfg.get("attention_scores_scalar") or arch.head_size))
+    if c.attention_scale is not None:
+        _write(cfg, c.attention_scale, 1.0 / math.sqrt(litgpt_cfg.get("attention_scores_scalar") or arch.head_size))
+    if c.embedding_scale is not None:
+        _write(cfg, c.embedding_scale, arch.n_embd ** 0.5 if arch.scale_embeddings else 1.0)
+    for flags, _ in concrete.unsupported:  # where transformers' default would be a feature litgpt lacks
+        for key, rule in flags.items():
+            if isinstance(rule, Matcher) and rule.neutral(arch.n_layer) is not NOTHING:
+                cfg[key] = rule.neutral(arch.n_layer)
     for rule, value in ((c.attention_softcap, arch.attention_logit_softcapping),
                         (c.final_softcap, arch.final_logit_softcapping)):
         if rule is not None:
@@ -451,7 +508,13 @@ def hf_config_from_litgpt(
     if architecture is not None and architecture not in FAMILIES:
         reason = f"{architecture} is not an architecture qkvconv maps"
         raise UnsupportedFamily(f"{reason}; supported: {supported()}", reason=reason)
-    candidates = [FAMILIES[architecture]] if architecture else list(FAMILIES.values())
+    if architecture is not None and not FAMILIES[architecture].convertible:
+        family = FAMILIES[architecture]
+        raise _refuse(family, _features([feature for flags, feature in family.unsupported if not flags]))
+    # families that litgpt cannot hold whatever the flags (inspect-only) are no candidates
+    # remote-code formats are written only where asked for by name
+    candidates = ([FAMILIES[architecture]] if architecture else
+                  [f for f in FAMILIES.values() if f.convertible and not f.remote_code])
     if qkv is not None:
         candidates = [f for f in candidates if f.fusion == qkv]
         if not candidates:
@@ -484,35 +547,3 @@ def hf_config_from_litgpt(
     raise UnsupportedFamily(
         f"{reason}; {f'with {qkv} QKV qkvconv maps' if qkv else 'supported'}: "
         f"{', '.join(f.architecture for f in candidates)}", reason=reason)
-
-
-def _qkv_evidence(family: Family, heads: HeadLayout) -> str:
-    qkv = family.qkv
-    where = f"{family.layer_prefix.format(i='{i}')}."
-    if isinstance(qkv, Split):
-        return f"{family.architecture}: separate {where}{{{qkv.q},{qkv.k},{qkv.v}}} (rows sequential when concatenated)"
-    assert isinstance(qkv, Fused)
-    return (
-        f"{family.architecture}: fused {where}{qkv.name} with rows in {qkv.order.value} order "
-        f"(H={heads.n_head}, G={heads.n_query_groups}, hs={heads.head_size})"
-    )
-
-
-def describe_layout(config_json: Mapping[str, Any]) -> dict[str, Any] | None:
-    """For inspect: family, QKV placement and head counts of an HF config.json; None when unknown."""
-    family = detect_family(config_json)
-    if family is None:
-        return None
-    _, heads = _heads(family, config_json)
-    qkv = family.qkv
-    return {
-        "architecture": family.architecture,
-        "family": family.name,
-        "qkv": "split" if isinstance(qkv, Split) else f"fused {qkv.name}",  # type: ignore[union-attr]
-        "qkv_order": QKVOrder.SPLIT.value if isinstance(qkv, Split) else qkv.order.value,  # type: ignore[union-attr]
-        "n_head": heads.n_head,
-        "n_query_groups": heads.n_query_groups,
-        "head_size": heads.head_size,
-        "attention": heads.attention,
-        "evidence": _qkv_evidence(family, heads),
-    }

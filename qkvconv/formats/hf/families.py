@@ -44,55 +44,23 @@ from qkvconv.formats.hf.table import (  # noqa: F401 (the schema, re-exported wi
 from qkvconv.model.layout import QKVOrder
 
 # ---------------------------------------------------------------------------------------------
-# shared pieces
+# shared pieces (pieces.py), re-exported; the entries of families_more.py
 
-# transformers >= 5 standardizes RoPE settings into `rope_parameters`; older files have `rope_theta`
-# at the top level and scaling in `rope_scaling`. Every class here defaults to theta 10000.
-ROPE_THETA = Read("rope_parameters.rope_theta", "rope_scaling.rope_theta", "rope_theta", default=10000.0)
-def partial_rotary(default: float) -> Read:
-    """The share of each head's dims that rotate, where transformers keeps it (and its class default)."""
-    return Read("rope_parameters.partial_rotary_factor", "partial_rotary_factor", default=default)
-
-
-ROTARY_FRACTION = partial_rotary(1.0)
-
-# HF activation name -> litgpt gelu_approximate (GemmaMLP, GptNeoxMLP); LLaMAMLP is SiLU only.
-GELU_APPROXIMATE = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
-SILU = ("silu", "swish")
-
-# Non-weight buffers that older checkpoints saved: RoPE inverse frequencies, GPT-NeoX's causal mask.
-IGNORED_EVERYWHERE = (r"\.rotary_emb\.inv_freq$",)
-
-LLAMA_STYLE_QKV = Split(
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", kv_heads=Read("num_key_value_heads", default=None)
+from qkvconv.formats.hf.pieces import (  # noqa: F401
+    GATED_MLP,
+    GELU_APPROXIMATE,
+    IGNORED_EVERYWHERE,
+    LLAMA_STYLE_QKV,
+    PRE_NORMS,
+    ROPE_THETA,
+    ROTARY_FRACTION,
+    SILU,
+    llama_style_config,
+    partial_rotary,
 )
-PRE_NORMS = Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False)
-GATED_MLP = {
-    "self_attn.o_proj": "attn.proj",
-    "mlp.gate_proj": "mlp.fc_1",  # the activated half: down(act(gate(x)) * up(x))
-    "mlp.up_proj": "mlp.fc_2",
-    "mlp.down_proj": "mlp.proj",
-}
-
-
-def llama_style_config(*, head_size: Read | None, intermediate: int, vocab: int, positions: int,
-                       eps: float, act: str, tied: bool, rotary_fraction: Read | float = 1.0) -> HFConfig:
-    """The config.json keys of Llama and the families modelled on it; the defaults differ per class."""
-    return HFConfig(
-        n_embd=Read("hidden_size"),
-        n_layer=Read("num_hidden_layers"),
-        n_head=Read("num_attention_heads"),
-        head_size=head_size,
-        intermediate_size=Read("intermediate_size", default=intermediate),
-        vocab_size=Read("vocab_size", default=vocab),
-        block_size=Read("max_position_embeddings", default=positions),
-        norm_eps=Read("rms_norm_eps", default=eps),
-        activation=Read("hidden_act", default=act),
-        tie_embeddings=Read("tie_word_embeddings", default=tied),
-        rope_theta=ROPE_THETA,
-        rotary_fraction=rotary_fraction,
-    )
-
+from qkvconv.formats.hf.families_fused import NATIVE_FUSED
+from qkvconv.formats.hf.families_remote import REMOTE
+from qkvconv.formats.hf.families_more import COHERE, GRANITE, SMOLLM3, STARCODER2
 
 # ---------------------------------------------------------------------------------------------
 # the table
@@ -430,6 +398,7 @@ FALCON = Family(
     },
     unsupported=(({"alibi": True}, "ALiBi position biases (alibi=true, e.g. falcon-rw-1b/7b)"),),
     ignored=IGNORED_EVERYWHERE,
+    positions=Choose(({"alibi": True}, "ALiBi"), ({}, "rotary, half order")),
 )
 
 # gemma2/modeling_gemma2.py: Gemma's (1 + w) RMSNorm, scaled embeddings and GELU MLP, plus a norm after
@@ -531,11 +500,13 @@ QWEN3_MOE = replace(
 )
 
 # Keyed by config.json "architectures"[0]. The order is the preference when a litgpt config alone has
-# to pick an architecture (hf_config_from_litgpt): the first whose config can express it.
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (
-    LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, GPT_NEOX, FALCON, PHI3, STABLELM, PHI, OLMO, OLMO2,
-    MIXTRAL, QWEN3_MOE)}
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)
+# to pick an architecture (hf_config_from_litgpt): the first whose config can express it. families_more.py's
+# come last, then Cohere and the fused native classes of families_fused.py (which litgpt never computes: inspect
+# only, never written) at the very end.
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, GPT_NEOX, FALCON, PHI3, STABLELM, PHI, OLMO,
+                                                                 OLMO2, MIXTRAL, QWEN3_MOE, STARCODER2, GRANITE, SMOLLM3,
+                                                                 *REMOTE, COHERE, *NATIVE_FUSED)}
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for a, f in FAMILIES.items() if f.convertible)
 
 
 def supported() -> str:

@@ -14,11 +14,13 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qkvconv.errors import QkvconvError
+from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.base import Format, Source, Transformations, file_list, tensor_summary
-from qkvconv.formats.hf.config import HF_CONFIG, describe_layout, litgpt_config_from_hf
+from qkvconv.formats.hf.config import HF_CONFIG, _heads, _int, litgpt_config_from_hf, require_family
+from qkvconv.formats.hf.describe import describe_layout
 from qkvconv.formats.hf.families import SUPPORTED_ARCHITECTURES
 from qkvconv.formats.hf.rules import hf_config_for, qkv_note, tied
+from qkvconv.formats.hf.table import Fused, Split
 from qkvconv.io.config_files import read_json
 from qkvconv.model.rotary import RopeOrder
 
@@ -56,7 +58,11 @@ class HuggingFace(Format):
         architecture = (config_json.get("architectures") or [config_json.get("model_type")])[0]
         layout = describe_layout(config_json)
         notes: list[str] = []
-        if layout is not None:
+        refusal = litgpt_refusal(config_json) if layout is not None else None
+        if refusal is not None:  # the layout still holds: its q/k/v shapes are checked, and the refusal told
+            check_qkv_shapes(config_json, reader, directory)
+            notes.append(f"not convertible to litgpt: {refusal}")
+        elif layout is not None:
             check_shapes(config_json, reader, directory)
         else:
             n_head = config_json.get("num_attention_heads")
@@ -69,10 +75,11 @@ class HuggingFace(Format):
             "rope": hf_rope(config_json) if layout["family"] is not None else None,
             "source": str(directory), "format": self.name, "family": layout["family"],
             "model": config_json.get("_name_or_path") or None, "architecture": architecture,
-            "legacy": False, "naming": layout["qkv"], "qkv_order": layout["qkv_order"], "evidence": [layout["evidence"]],
-            "n_layer": config_json.get("num_hidden_layers", config_json.get("n_layer")),
+            "legacy": False, "naming": layout["qkv"], "qkv_order": layout["qkv_order"],
+            "evidence": [layout["evidence"], *layout.get("details", [])],
+            "n_layer": layout.get("n_layer", config_json.get("num_hidden_layers", config_json.get("n_layer"))),
             "n_head": layout["n_head"], "n_query_groups": layout["n_query_groups"], "head_size": layout["head_size"],
-            "n_embd": config_json.get("hidden_size", config_json.get("n_embd")), "attention": layout["attention"],
+            "n_embd": layout.get("n_embd", config_json.get("hidden_size", config_json.get("n_embd"))), "attention": layout["attention"],
             "lora": None, "dtype": dtype, "parameters": parameters, "files": file_list(directory), "notes": notes,
         }
 
@@ -104,6 +111,8 @@ class HuggingFace(Format):
         reader = open_reader(directory)
         if to == "hf":  # re-shard (and check) as it is; config.json travels with the other files
             plan_hf_to_litgpt(config_json, reader.names())  # refuses what the family table can't account for
+            if require_family(config_json).twin is not None:  # a remote-code original becomes its twin
+                return None
             return Plan([copy(n) for n in reader.names()]), reader
         return plan_hf_to_litgpt(config_json, reader.names(), legacy=to == "litgpt-legacy"), reader
 
@@ -160,6 +169,48 @@ def check_shapes(config_json: dict[str, Any], reader: Any, directory: Path) -> N
         output_metas(plan_hf_to_litgpt(config_json, names), set(names), lambda name: (reader.meta(name).shape, None))
     except QkvconvError as e:
         raise QkvconvError(f"{directory}: config.json does not match the tensors ({e})") from None
+
+
+def litgpt_refusal(config_json: dict[str, Any]) -> str | None:
+    """Why litgpt has no equivalent of the model config.json describes (the refusal's reason). None where it
+    has one, and where config.json is at fault otherwise (check_shapes, planning the conversion, says how)."""
+    try:
+        litgpt_config_from_hf(config_json)
+    except UnsupportedFamily as e:
+        return e.reason
+    except QkvconvError:
+        return None
+    return None
+
+
+def check_qkv_shapes(config_json: dict[str, Any], reader: Any, directory: Path) -> None:
+    """config.json's head counts and layer count must fit the q/k/v tensors (split q/k/v or the fused matrix,
+    rows and columns), where no conversion plan can be made to check the whole model (a family litgpt has no
+    equivalent of)."""
+    family = require_family(config_json)
+    n_embd, heads = _heads(family, config_json)
+    n_layer = _int(config_json, family.config.n_layer, "num_hidden_layers")
+    q, kv = heads.n_head * heads.head_size, heads.n_query_groups * heads.head_size
+    qkv = family.qkv
+    if isinstance(qkv, Split):
+        per_layer = {qkv.q: q, qkv.k: kv, qkv.v: kv}
+    else:
+        assert isinstance(qkv, Fused)
+        per_layer = {qkv.name: q + 2 * kv}
+    transposed = isinstance(qkv, Fused) and qkv.transposed  # Conv1D: [in, out]
+    shapes = {f"{family.layer_prefix.format(i=i)}.{module}.weight": (n_embd, rows) if transposed else (rows, n_embd)
+              for i in range(n_layer) for module, rows in per_layer.items()}
+    beyond = f"{family.layer_prefix.format(i=n_layer)}."
+    names = set(reader.names())
+    for name, shape in shapes.items():
+        if name not in names:
+            raise QkvconvError(f"{directory}: config.json does not match the tensors (no tensor {name!r})")
+        if tuple(reader.meta(name).shape) != shape:
+            raise QkvconvError(f"{directory}: config.json does not match the tensors ({name} has shape "
+                               f"{tuple(reader.meta(name).shape)}, config.json implies {shape})")
+    extra = next((n for n in sorted(names) if n.startswith(beyond)), None)
+    if extra is not None:
+        raise QkvconvError(f"{directory}: config.json does not match the tensors ({extra} is beyond its layers)")
 
 
 FORMAT = HuggingFace()

@@ -26,12 +26,12 @@ from qkvconv.formats.hf.config import (
     HF_CONFIG,
     _forward_fields,
     _heads,
-    _qkv_evidence,
     _read,
     require_family,
     hf_config_from_litgpt,
     litgpt_config_from_hf,
 )
+from qkvconv.formats.hf.describe import _qkv_evidence
 from qkvconv.formats.hf.steps import ConcatRows, TakeRows, Tied
 from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, QKVOrder, same_rows

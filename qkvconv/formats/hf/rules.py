@@ -9,7 +9,9 @@ from typing import Any
 
 from qkvconv.errors import QkvconvError
 from qkvconv.formats.hf.config import (
-    HF_CONFIG, _forward_fields, describe_layout, detect_family, hf_config_from_litgpt, litgpt_config_from_hf)
+    HF_CONFIG, _forward_fields, detect_family, hf_config_from_litgpt, litgpt_config_from_hf)
+from qkvconv.formats.hf.describe import describe_layout
+from qkvconv.formats.hf.families import FAMILIES
 from qkvconv.io.config_files import read_json
 
 # config.json keys that belong to the tokenizer or the file, not the architecture: kept across a change
@@ -61,6 +63,14 @@ def hf_config_for(cfg: dict[str, Any], source_json: dict[str, Any] | None, qkv: 
     if family is None:
         return hf_config_from_litgpt(cfg, qkv=qkv)
     assert source_json is not None
+    if family.twin is not None:  # a remote-code original: its transformers twin, with the source's token ids
+        derived = hf_config_from_litgpt(cfg, family.twin if qkv in (None, FAMILIES[family.twin].fusion) else None,
+                                        qkv=qkv)
+        derived.update({k: source_json[k] for k in CARRIED_KEYS if k in source_json})
+        target = detect_family(derived)
+        assert target is not None
+        derived[target.config.tie_embeddings.keys[0]] = tied(source_json)
+        return derived if same_function(cfg, derived) else hf_config_from_litgpt(cfg, family.twin)
     if qkv is not None and family.fusion != qkv:  # another architecture: only what is not its own carries
         derived = hf_config_from_litgpt(cfg, qkv=qkv)
         merged = dict(derived)

@@ -48,6 +48,7 @@ class ConcatRows(Step):
     """Stack the inputs' rows in input order (litgpt fc_1, fc_2 -> Phi-3 gate_up_proj)."""
 
     moves_rows = True
+    stacks = True
 
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         import torch

@@ -15,13 +15,57 @@ from qkvconv.model.layout import QKVOrder
 
 REQUIRED: Any = object()  # a Read default: config.json must hold one of the keys
 SET: Any = object()  # a flag value in `unsupported`: the key holds any value but null
+NOTHING: Any = object()  # Matcher.neutral: no value to write
+
+
+class Matcher:
+    """A flag value in `unsupported` that tests the config's value instead of equalling it.
+
+    `neutral` is a value that does not match, which hf_config_from_litgpt writes into the config.json it
+    makes (transformers' default may match: SmolLM3's derived no_rope_layers), or NOTHING.
+    """
+
+    def __call__(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def neutral(self, n_layer: int) -> Any:
+        return NOTHING
 
 
 @dataclass(frozen=True)
-class Not:
-    """A flag value in `unsupported`: the key holds anything but `value` (Qwen3-MoE decoder_sparse_step != 1)."""
+class Not(Matcher):
+    """Any value but `value` (null included): Granite's residual_multiplier other than 1."""
 
     value: Any
+
+    def __call__(self, value: Any) -> bool:
+        return value != self.value
+
+    def neutral(self, n_layer: int) -> Any:
+        return self.value
+
+
+@dataclass(frozen=True)
+class NotAll(Matcher):
+    """A per-layer list with an item other than `value`, or no list: SmolLM3's no_rope_layers not all 1."""
+
+    value: Any
+
+    def __call__(self, value: Any) -> bool:
+        return not isinstance(value, list) or any(item != self.value for item in value)
+
+    def neutral(self, n_layer: int) -> Any:
+        return [self.value] * n_layer
+
+
+@dataclass(frozen=True)
+class Contains(Matcher):
+    """A list holding `value`: layer_types with a "sliding_attention"."""
+
+    value: Any
+
+    def __call__(self, value: Any) -> bool:
+        return isinstance(value, list) and self.value in value
 
 
 @dataclass(frozen=True)
@@ -70,6 +114,10 @@ class Fused:
     name: str
     order: QKVOrder
     kv_heads: Read | int | None
+    transposed: bool = False  # stored [in, out] (GPT-2's Conv1D): the rows of `order` are the tensor's columns
+    # (order, who reads it so): other orders in which software reads these same tensors, where nothing in the
+    # checkpoint says which wrote it; inspect then calls the layout ambiguous instead of guessing
+    also_read_as: tuple[tuple[QKVOrder, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,6 +146,7 @@ class SlidingWindow:
     enabled: bool | Read = True  # Qwen2: `use_sliding_window` must be true as well
     layer_types: str | None = None  # key of a per-layer list of "sliding_attention" / "full_attention"
     first_layer: Read | None = None  # without that list: layers >= this use the window (Qwen2 max_window_layers)
+    untyped: bool = True  # without the list and first_layer: every layer uses the window (False: none)
 
 
 @dataclass(frozen=True)
@@ -151,6 +200,13 @@ class HFConfig:
     attention_softcap: Read | None = None  # attention scores soft-capped at this value (null: not)
     final_softcap: Read | None = None  # logits soft-capped at this value (null: not)
     local_rope_theta: Read | None = None  # Gemma 3: the sliding layers' own RoPE base (unscaled)
+    # attention scores times this value instead of head_size ** -0.5 (Granite's attention_multiplier); litgpt
+    # has it where it is 1/sqrt of an integer (attention_scores_scalar)
+    attention_scale: Read | None = None
+    # embeddings times this value (Granite's embedding_multiplier); litgpt has 1 and sqrt(n_embd) (scale_embeddings)
+    embedding_scale: Read | None = None
+    # rotating dims per head where config.json gives a count instead of a share (CodeGen's rotary_dim; null: all)
+    rotary_dims: Read | None = None
 
 
 @dataclass(frozen=True)
@@ -187,9 +243,17 @@ class Family:
     rope_types: tuple[str, ...] = ("default", "linear", "llama3")  # RoPE scalings its config class accepts
     # transformers' defaults of the flags that `Choose` and `unsupported` test
     flag_defaults: Mapping[str, Any] = field(default_factory=dict)
-    # flags that, all matching, mean a feature litgpt lacks, and what to call it
+    # flags that, all matching, mean a feature litgpt lacks, and what to call it ({}: always); a flag's value
+    # is compared for equality, or SET, or a Matcher
     unsupported: tuple[tuple[Mapping[str, Any], str], ...] = ()
     ignored: tuple[str, ...] = ()  # regexes of non-weight buffers some checkpoints carry
+    # how positions enter the model, for inspect: "rotary, half order" (rotate_half), "rotary, pairs order"
+    # (GPT-J's rotate_every_two), "ALiBi", "learned absolute positions"
+    positions: str | Choose = "rotary, half order"
+    # a remote-code model (config.json `auto_map`, no transformers class): read, never written unless named, and
+    # `convert --to hf` writes it as `twin`, the transformers class that computes the same function
+    remote_code: bool = False
+    twin: str | None = None
 
     @property
     def fusion(self) -> str:
@@ -203,12 +267,16 @@ class Family:
         return config_json[key] if key in config_json else self.flag_defaults.get(key)
 
     def matches(self, config_json: Mapping[str, Any], flags: Mapping[str, Any]) -> bool:
-        def match(key: str, wanted: Any) -> bool:
-            value = self.flag(config_json, key)
-            if wanted is SET:
-                return value is not None
-            return value != wanted.value if isinstance(wanted, Not) else value == wanted
-        return all(match(k, v) for k, v in flags.items())
+        return all(_match(v, self.flag(config_json, k)) for k, v in flags.items())
+
+    @property
+    def convertible(self) -> bool:
+        """False where litgpt has no equivalent whatever the flags (an `unsupported` entry with no flags)."""
+        return all(flags for flags, _ in self.unsupported)
+
+    def refused_features(self, config_json: Mapping[str, Any]) -> list[str]:
+        """The `unsupported` features config.json has, in table order."""
+        return [feature for flags, feature in self.unsupported if self.matches(config_json, flags)]
 
     def resolve(self, config_json: Mapping[str, Any]) -> Family:
         """This entry with every `Choose` replaced by the case config.json selects."""
@@ -226,3 +294,11 @@ class Family:
                               f"layout transformers can run (no case of `{f.name}` matches)")
                     raise UnsupportedFamily(reason)
         return replace(self, **changes)
+
+
+def _match(want: Any, got: Any) -> bool:
+    if want is SET:
+        return got is not None
+    if isinstance(want, Matcher):
+        return want(got)
+    return bool(got == want)

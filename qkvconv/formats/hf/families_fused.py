@@ -1,0 +1,221 @@
+"""Transformers-native classes with one fused QKV matrix that litgpt 0.5.13 cannot compute: GPT-2, GPT-BigCode,
+Bloom, MPT, DBRX, Persimmon and CodeGen. They are in the family table so that `inspect` names their layout (the
+tensor, its row order, key/value heads, transposed storage, how positions enter, which config key decided);
+each has an `unsupported` entry with no flags (`convertible` false), so `convert` refuses them with the reason.
+
+Every entry was read off transformers 5.3's modeling code (cited per entry), and tests/test_fused_native.py
+checks each order numerically on a tiny random model: scaling the rows the order calls head h's V (and Q
+against K) and undoing it in the output projection leaves transformers' logits unchanged, and does not under
+any other order. Only what inspect reads is meaningful beyond the layout (heads, layers, the QKV tensor); the
+other fields name the modules as transformers does, for the reader.
+"""
+
+from __future__ import annotations
+
+from qkvconv.formats.hf.pieces import ROPE_THETA, partial_rotary
+from qkvconv.formats.hf.table import Biases, Block, Choose, Family, Fused, HFConfig, Read
+from qkvconv.model.layout import QKVOrder
+
+NO_BIAS = Biases(qkv=False, attn_out=False, mlp=False)
+ALL_BIASES = Biases(qkv=True, attn_out=True, mlp=True)
+
+
+def gpt2_style_config(*, positions: int, act: str, tied: bool, rotary_fraction: float = 1.0,
+                      rotary_dims: Read | None = None) -> HFConfig:
+    """GPT2Config's keys (n_embd, n_layer, n_head, n_inner, n_positions), which GPT-BigCode and CodeGen share."""
+    return HFConfig(n_embd=Read("n_embd", "hidden_size"), n_layer=Read("n_layer", "num_hidden_layers"),
+                    n_head=Read("n_head", "num_attention_heads"), head_size=None,
+                    intermediate_size=Read("n_inner", default=None), vocab_size=Read("vocab_size", default=50257),
+                    block_size=Read("n_positions", default=positions),
+                    norm_eps=Read("layer_norm_epsilon", default=1e-5),
+                    activation=Read("activation_function", default=act),
+                    tie_embeddings=Read("tie_word_embeddings", default=tied), rope_theta=10000.0,
+                    rotary_fraction=rotary_fraction, rotary_dims=rotary_dims)
+
+
+GPT2_BLOCK = Block({"ln_1": "norm_1", "ln_2": "norm_2"}, parallel_residual=False)
+GPT2_NAMES = dict(layer_prefix="transformer.h.{i}", embedding="transformer.wte", final_norm="transformer.ln_f",
+                  lm_head="lm_head")
+GPT2_TENSORS = {"attn.c_proj": "attn.proj", "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
+
+# gpt2/modeling_gpt2.py GPT2Attention: `self.c_attn = Conv1D(3 * self.embed_dim, self.embed_dim)` (Conv1D keeps
+# its weight as [in, out], so the file holds the transpose of a Linear's), `query, key, value =
+# self.c_attn(hidden_states).split(self.split_size, dim=2)`: sequential, MHA, with a bias. Positions: the
+# learned `transformer.wpe`.
+GPT2 = Family(
+    architecture="GPT2LMHeadModel",
+    model_type="gpt2",
+    name="GPT-2",
+    **GPT2_NAMES,
+    qkv=Fused("attn.c_attn", QKVOrder.SEQUENTIAL, kv_heads=None, transposed=True),
+    block=GPT2_BLOCK,
+    layer_tensors=GPT2_TENSORS,
+    config=gpt2_style_config(positions=1024, act="gelu_new", tied=True),
+    biases=ALL_BIASES,
+    norm_class_name="LayerNorm",
+    mlp_class_name="GptNeoxMLP",
+    positions="learned absolute positions",
+    unsupported=(({}, "learned absolute position embeddings (transformer.wpe)"),),
+)
+
+# gpt_bigcode/modeling_gpt_bigcode.py GPTBigCodeAttention: an nn.Linear c_attn (not Conv1D) of
+# embed_dim + 2 * kv_dim rows. multi_query: `.split((embed_dim, kv_dim, kv_dim))`, all Q heads then one K and
+# one V (sequential, G = 1; StarCoder, SantaCoder). Otherwise `.view(..., num_heads, 3 * head_dim)` then
+# `.split(3 * [head_dim])`: per head. llama.cpp's converter (conversion/starcoder.py StarCoderModel) passes
+# c_attn through unchanged as ggml's sequential attn_qkv with head_count_kv fixed at 1, so it reads an MHA
+# file as sequential: the same shapes, two readings, and nothing in the file to say which software wrote it.
+GPT_BIGCODE = Family(
+    architecture="GPTBigCodeForCausalLM",
+    model_type="gpt_bigcode",
+    name=Choose(({"multi_query": True}, "GPT-BigCode (multi-query)"), ({}, "GPT-BigCode (multi-head)")),
+    **GPT2_NAMES,
+    qkv=Choose(
+        ({"multi_query": True}, Fused("attn.c_attn", QKVOrder.SEQUENTIAL, kv_heads=1)),
+        ({}, Fused("attn.c_attn", QKVOrder.PER_HEAD, kv_heads=None, also_read_as=(
+            (QKVOrder.SEQUENTIAL, "llama.cpp's StarCoderModel converter (c_attn kept as a sequential attn_qkv)"),))),
+    ),
+    block=GPT2_BLOCK,
+    layer_tensors=GPT2_TENSORS,
+    config=gpt2_style_config(positions=1024, act="gelu_pytorch_tanh", tied=True),
+    biases=ALL_BIASES,
+    norm_class_name="LayerNorm",
+    mlp_class_name="GptNeoxMLP",
+    positions="learned absolute positions",
+    flag_defaults={"multi_query": True},
+    unsupported=(({}, "learned absolute position embeddings (transformer.wpe)"),),
+)
+
+# bloom/modeling_bloom.py BloomAttention._reshape: `fused_qkv.view(batch, seq, num_heads, 3, head_dim)`, then
+# [..., 0, :], [..., 1, :], [..., 2, :]: per head, MHA, with a bias. ALiBi (build_alibi_tensor), a LayerNorm
+# on the embeddings (word_embeddings_layernorm).
+BLOOM = Family(
+    architecture="BloomForCausalLM",
+    model_type="bloom",
+    name="Bloom",
+    layer_prefix="transformer.h.{i}",
+    qkv=Fused("self_attention.query_key_value", QKVOrder.PER_HEAD, kv_heads=None),
+    block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False),
+    layer_tensors={"self_attention.dense": "attn.proj", "mlp.dense_h_to_4h": "mlp.fc", "mlp.dense_4h_to_h": "mlp.proj"},
+    embedding="transformer.word_embeddings",
+    final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    config=HFConfig(n_embd=Read("hidden_size", "n_embed"), n_layer=Read("n_layer", "num_hidden_layers"),
+                    n_head=Read("n_head", "num_attention_heads"), head_size=None,
+                    intermediate_size=Read("intermediate_size", default=None),
+                    vocab_size=Read("vocab_size", default=250880), block_size=Read("seq_length", default=2048),
+                    norm_eps=Read("layer_norm_epsilon", default=1e-5), activation="gelu_bloom",
+                    tie_embeddings=Read("tie_word_embeddings", default=True), rope_theta=10000.0, rotary_fraction=1.0),
+    biases=ALL_BIASES,
+    norm_class_name="LayerNorm",
+    mlp_class_name="GptNeoxMLP",
+    positions="ALiBi",
+    unsupported=(({}, "ALiBi position biases and a LayerNorm on the embeddings"),),
+)
+
+# mpt/modeling_mpt.py MptAttention: `Wqkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)`, `mixed_qkv.
+# chunk(3, dim=2)` after an optional clamp to attn_config.clip_qkv: sequential, MHA. MptModel always adds its
+# ALiBi tensor (build_mpt_alibi_tensor), whatever attn_config.alibi says.
+MPT = Family(
+    architecture="MptForCausalLM",
+    model_type="mpt",
+    name="MPT",
+    layer_prefix="transformer.blocks.{i}",
+    qkv=Fused("attn.Wqkv", QKVOrder.SEQUENTIAL, kv_heads=None),
+    block=Block({"norm_1": "norm_1", "norm_2": "norm_2"}, parallel_residual=False),
+    layer_tensors={"attn.out_proj": "attn.proj", "ffn.up_proj": "mlp.fc", "ffn.down_proj": "mlp.proj"},
+    embedding="transformer.wte",
+    final_norm="transformer.norm_f",
+    lm_head="lm_head",
+    config=HFConfig(n_embd=Read("d_model", "hidden_size"), n_layer=Read("n_layers", "num_hidden_layers"),
+                    n_head=Read("n_heads", "num_attention_heads"), head_size=None,
+                    intermediate_size=Read("intermediate_size", default=None),
+                    vocab_size=Read("vocab_size", default=50368), block_size=Read("max_seq_len", default=2048),
+                    norm_eps=Read("layer_norm_epsilon", default=1e-5), activation="gelu",
+                    tie_embeddings=Read("tie_word_embeddings", default=True), rope_theta=10000.0, rotary_fraction=1.0),
+    biases=NO_BIAS,
+    norm_class_name="LayerNorm",
+    mlp_class_name="GptNeoxMLP",
+    positions="ALiBi",
+    unsupported=(({}, "ALiBi position biases and LayerNorms without a bias (no_bias)"),),
+)
+
+# dbrx/modeling_dbrx.py DbrxAttention: `Wqkv` of hidden_size + 2 * kv_n_heads * head_dim rows without bias,
+# clamped to attn_config.clip_qkv, then `.split([hidden_size, kv_heads * head_dim, kv_heads * head_dim])`:
+# sequential, GQA (attn_config.kv_n_heads, DbrxAttentionConfig default 1); rotary over the whole head in
+# half order (rotate_half). Experts stored as three stacked matrices per layer (ffn.experts.mlp.w1/v1/w2).
+DBRX = Family(
+    architecture="DbrxForCausalLM",
+    model_type="dbrx",
+    name="DBRX",
+    layer_prefix="transformer.blocks.{i}",
+    qkv=Fused("norm_attn_norm.attn.Wqkv", QKVOrder.SEQUENTIAL,
+              kv_heads=Read("attn_config.kv_n_heads", "num_key_value_heads", default=1)),
+    block=Block({"norm_attn_norm.norm_1": "norm_1", "norm_attn_norm.norm_2": "norm_2"}, parallel_residual=False),
+    layer_tensors={"norm_attn_norm.attn.out_proj": "attn.proj"},
+    embedding="transformer.wte",
+    final_norm="transformer.norm_f",
+    lm_head="lm_head",
+    config=HFConfig(n_embd=Read("d_model", "hidden_size"), n_layer=Read("n_layers", "num_hidden_layers"),
+                    n_head=Read("n_heads", "num_attention_heads"), head_size=None,
+                    intermediate_size=Read("ffn_config.ffn_hidden_size", default=3584),
+                    vocab_size=Read("vocab_size", default=32000), block_size=Read("max_seq_len", default=2048),
+                    norm_eps=1e-5, activation="silu", tie_embeddings=Read("tie_word_embeddings", default=False),
+                    rope_theta=Read("rope_parameters.rope_theta", "attn_config.rope_theta", default=10000.0),
+                    rotary_fraction=1.0),
+    biases=NO_BIAS,
+    norm_class_name="LayerNorm",
+    mlp_class_name="LLaMAMoE",
+    unsupported=(({}, "LayerNorms without a bias (litgpt's LayerNorm always has one)"),),
+)
+
+# persimmon/modeling_persimmon.py PersimmonAttention._split_heads: `fused_qkv.view(batch, seq, num_heads, 3,
+# head_dim)`: per head, MHA, with a bias; q_layernorm/k_layernorm (qk_layernorm, default true) over head_dim,
+# then rotary (rotate_half) on the first int(head_dim * partial_rotary_factor) dims (default 0.5).
+PERSIMMON = Family(
+    architecture="PersimmonForCausalLM",
+    model_type="persimmon",
+    name="Persimmon",
+    layer_prefix="model.layers.{i}",
+    qkv=Fused("self_attn.query_key_value", QKVOrder.PER_HEAD, kv_heads=None),
+    block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False),
+    layer_tensors={"self_attn.dense": "attn.proj", "mlp.dense_h_to_4h": "mlp.fc", "mlp.dense_4h_to_h": "mlp.proj"},
+    embedding="model.embed_tokens",
+    final_norm="model.final_layernorm",
+    lm_head="lm_head",
+    config=HFConfig(n_embd=Read("hidden_size"), n_layer=Read("num_hidden_layers"), n_head=Read("num_attention_heads"),
+                    head_size=None, intermediate_size=Read("intermediate_size", default=16384),
+                    vocab_size=Read("vocab_size", default=262144),
+                    block_size=Read("max_position_embeddings", default=16384),
+                    norm_eps=Read("layer_norm_eps", default=1e-5), activation=Read("hidden_act", default="relu2"),
+                    tie_embeddings=Read("tie_word_embeddings", default=False), rope_theta=ROPE_THETA,
+                    rotary_fraction=partial_rotary(0.5)),
+    biases=ALL_BIASES,
+    norm_class_name="LayerNorm",
+    mlp_class_name="GptNeoxMLP",
+    flag_defaults={"qk_layernorm": True},
+    unsupported=(({}, "the squared-ReLU MLP (relu2)"),
+                 ({"qk_layernorm": True}, "LayerNorms with biases on each query/key head (qk_layernorm)")),
+)
+
+# codegen/modeling_codegen.py CodeGenAttention.forward: `qkv_proj` (no bias) reshaped into mp_num = 4 blocks,
+# each split into `query, value, key` (in that order), heads numbered block by block (_split_heads):
+# codegen-mp4, MHA. Rotary in pairs order (rotate_every_two) on the first rotary_dim dims of each head
+# (null: all); a parallel block with one ln_1 (CodeGenBlock: attn + mlp + residual); lm_head with a bias.
+CODEGEN = Family(
+    architecture="CodeGenForCausalLM",
+    model_type="codegen",
+    name="CodeGen",
+    **GPT2_NAMES,
+    qkv=Fused("attn.qkv_proj", QKVOrder.CODEGEN_MP4, kv_heads=None),
+    block=Block({"ln_1": "norm_1"}, parallel_residual=True, shared_attention_norm=True),
+    layer_tensors={"attn.out_proj": "attn.proj", "mlp.fc_in": "mlp.fc", "mlp.fc_out": "mlp.proj"},
+    config=gpt2_style_config(positions=2048, act="gelu_new", tied=False, rotary_dims=Read("rotary_dim", default=None)),
+    biases=Biases(qkv=False, attn_out=False, mlp=True),
+    norm_class_name="LayerNorm",
+    mlp_class_name="GptNeoxMLP",
+    lm_head_bias=True,
+    positions="rotary, pairs order",
+    unsupported=(({}, "no bias on the attention output but MLP biases (litgpt's `bias` switches both together)"),),
+)
+
+NATIVE_FUSED = (GPT2, GPT_BIGCODE, BLOOM, MPT, DBRX, PERSIMMON, CODEGEN)

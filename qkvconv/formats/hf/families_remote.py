@@ -1,0 +1,175 @@
+"""Remote-code originals (config.json `auto_map`: the model's own Python next to its weights, which qkvconv
+never imports or runs) that a transformers class computes exactly: read through the family table like any
+architecture, and written by `convert --to hf` as that `twin`. Their config.json keys are the remote
+configuration classes' own names.
+
+Each entry's layout facts are cited with the second source they were checked against (llama.cpp's
+converter, vendored in llama-cpp-python 0.3.36's sdist; tests/test_remote_twins.py runs its un-fusing code
+on the fused tensors qkvconv builds).
+"""
+
+from __future__ import annotations
+
+from qkvconv.formats.hf.pieces import IGNORED_EVERYWHERE, llama_style_config
+from qkvconv.formats.hf.table import Biases, Block, Family, Fused, HFConfig, Read
+from qkvconv.model.layout import QKVOrder
+
+# InternLM2 / 2.5 (`InternLM2ForCausalLM`, model_type internlm2). llama.cpp conversion/internlm.py
+# InternLM2Model.modify_tensors: `attention.wqkv` reshaped (num_groups, q_per_kv + 2, head_dim, n_embd), the
+# first q_per_kv heads of each group Q, then K, then V: grouped, with num_key_value_heads groups and head_dim
+# = hidden_size // num_attention_heads; Q and K then go through LlamaModel.permute (half -> pairs, as for HF
+# Llama), so the file is in half order. gguf-py tensor_mapping.py names the rest as Llama's:
+# model.tok_embeddings, attention_norm, attention.wo, ffn_norm, feed_forward.w1 (gate), w3 (up), w2 (down),
+# model.norm, output. The config's `bias` (the remote class's default true) puts a bias on wqkv and wo,
+# none on the MLP; released checkpoints set it false. rope_scaling "dynamic" (InternLM2.5) is refused.
+INTERNLM2 = Family(
+    architecture="InternLM2ForCausalLM",
+    model_type="internlm2",
+    name="InternLM2 (remote code)",
+    layer_prefix="model.layers.{i}",
+    qkv=Fused("attention.wqkv", QKVOrder.GROUPED, kv_heads=Read("num_key_value_heads", "num_attention_heads")),
+    block=Block({"attention_norm": "norm_1", "ffn_norm": "norm_2"}, parallel_residual=False),
+    layer_tensors={"attention.wo": "attn.proj", "feed_forward.w1": "mlp.fc_1", "feed_forward.w3": "mlp.fc_2",
+                   "feed_forward.w2": "mlp.proj"},
+    embedding="model.tok_embeddings",
+    final_norm="model.norm",
+    lm_head="output",
+    config=llama_style_config(head_size=None, intermediate=11008, vocab=103168, positions=2048, eps=1e-6,
+                              act="silu", tied=False),
+    biases=Biases(qkv=Read("bias", default=True), attn_out=Read("bias", default=True), mlp=False),
+    norm_class_name="RMSNorm",
+    mlp_class_name="LLaMAMLP",
+    rope_types=("default", "linear"),
+    ignored=IGNORED_EVERYWHERE,
+    remote_code=True,
+    twin="LlamaForCausalLM",
+)
+
+
+# Phi-1.5 / Phi-2 as first released (`model_type` phi-msft, `architectures` PhiForCausalLM, auto_map to its own
+# modeling_phi.py). gguf-py tensor_mapping.py (llama.cpp) names its tensors beside HF Phi's for the same GGUF
+# tensors: transformer.embd.wte, transformer.h.N.ln, mixer.Wqkv (ggml's attn_qkv: Q, K, V rows one after the
+# other, sequential), mixer.out_proj, mlp.fc1, mlp.fc2, lm_head.ln (final norm), lm_head.linear (head, with
+# bias); llama.cpp's PhiModel reads n_embd/n_head beside hidden_size/num_attention_heads. The config keys are
+# GPT-2's (n_embd, n_layer, n_head, n_head_kv, n_inner, n_positions, layer_norm_epsilon, activation_function)
+# and rotary_dim, a count of the rotating dims per head (half order, at the start of the head). One LayerNorm
+# feeds attention and MLP in parallel, as in HF Phi.
+PHI_MSFT = Family(
+    architecture="PhiForCausalLM (phi-msft)",
+    model_type="phi-msft",
+    name="Phi-1.5/2 original (remote code)",
+    layer_prefix="transformer.h.{i}",
+    qkv=Fused("mixer.Wqkv", QKVOrder.SEQUENTIAL, kv_heads=Read("n_head_kv", "n_head")),
+    block=Block({"ln": "norm_1"}, parallel_residual=True, shared_attention_norm=True),
+    layer_tensors={"mixer.out_proj": "attn.proj", "mlp.fc1": "mlp.fc", "mlp.fc2": "mlp.proj"},
+    embedding="transformer.embd.wte",
+    final_norm="lm_head.ln",
+    lm_head="lm_head.linear",
+    config=HFConfig(n_embd=Read("n_embd"), n_layer=Read("n_layer"), n_head=Read("n_head"), head_size=None,
+                    intermediate_size=Read("n_inner", default=None), vocab_size=Read("vocab_size", default=50304),
+                    block_size=Read("n_positions", default=2048), norm_eps=Read("layer_norm_epsilon", default=1e-5),
+                    activation=Read("activation_function", default="gelu_new"),
+                    tie_embeddings=Read("tie_word_embeddings", default=False), rope_theta=10000.0,
+                    rotary_fraction=1.0, rotary_dims=Read("rotary_dim", default=None)),
+    biases=Biases(qkv=True, attn_out=True, mlp=True),
+    norm_class_name="LayerNorm",
+    mlp_class_name="GptNeoxMLP",
+    lm_head_bias=True,
+    ignored=IGNORED_EVERYWHERE,
+    remote_code=True,
+    twin="PhiForCausalLM",
+)
+
+
+
+# Remote-code originals that `inspect` names but qkvconv does not convert yet (an `unsupported` entry with no
+# flags): only what inspect reads is meaningful (the fused tensor, the head keys, the layer count); the other
+# modules are named as llama.cpp's gguf-py tensor_mapping.py lists them, for the reader.
+def _inspect_only(n_embd: Read, n_layer: Read, n_head: Read, head_size: Read | None, rotary: Read | float) -> HFConfig:
+    return HFConfig(n_embd=n_embd, n_layer=n_layer, n_head=n_head, head_size=head_size,
+                    intermediate_size=Read("intermediate_size", default=None), vocab_size=Read("vocab_size", default=0),
+                    block_size=Read("seq_length", "max_position_embeddings", default=0), norm_eps=1e-6,
+                    activation="silu", tie_embeddings=Read("tie_word_embeddings", default=False), rope_theta=10000.0,
+                    rotary_fraction=rotary)
+
+
+NOT_YET = "not converted yet: {}"
+
+# Baichuan / Baichuan 2 (model_type baichuan). llama.cpp conversion/baichuan.py: `self_attn.W_pack` cut into three
+# equal thirds Q, K, V (sequential), K/V heads num_key_value_heads or num_attention_heads. The 7B models rotate
+# (half order: llama.cpp permutes q and k like HF Llama's), the 13B ones use ALiBi, with the same config keys;
+# Baichuan 2 normalises the head's rows at run time (NormHead). config.json tells neither apart.
+BAICHUAN = Family(
+    architecture="BaichuanForCausalLM", model_type="baichuan", name="Baichuan / Baichuan 2 (remote code)",
+    layer_prefix="model.layers.{i}",
+    qkv=Fused("self_attn.W_pack", QKVOrder.SEQUENTIAL, kv_heads=Read("num_key_value_heads", "num_attention_heads")),
+    block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False),
+    layer_tensors={"self_attn.o_proj": "attn.proj"}, embedding="model.embed_tokens", final_norm="model.norm",
+    lm_head="lm_head",
+    config=_inspect_only(Read("hidden_size"), Read("num_hidden_layers"), Read("num_attention_heads"), None, 1.0),
+    biases=Biases(qkv=False, attn_out=False, mlp=False), norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+    positions="rotary, half order in the 7B models, ALiBi in the 13B ones (config.json does not say which)",
+    unsupported=(({}, NOT_YET.format("7B (rotary) and 13B (ALiBi), Baichuan 1 and 2 (a normalised head) share "
+                                     "config.json")),),
+    remote_code=True,
+)
+
+# Qwen-1 (QWenLMHeadModel, model_type qwen). llama.cpp conversion/qwen.py QwenModel has no tensor hook: c_attn
+# goes to ggml's sequential attn_qkv as it is (tensor_mapping.py "transformer.h.{bid}.attn.c_attn  # gpt2 qwen");
+# MHA with a bias; rotary in half order on rotary_pct of each head.
+QWEN1 = Family(
+    architecture="QWenLMHeadModel", model_type="qwen", name="Qwen-1 (remote code)",
+    layer_prefix="transformer.h.{i}",
+    qkv=Fused("attn.c_attn", QKVOrder.SEQUENTIAL, kv_heads=None),
+    block=Block({"ln_1": "norm_1", "ln_2": "norm_2"}, parallel_residual=False),
+    layer_tensors={"attn.c_proj": "attn.proj"}, embedding="transformer.wte", final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    config=_inspect_only(Read("hidden_size"), Read("num_hidden_layers"), Read("num_attention_heads"),
+                         Read("kv_channels", default=None), Read("rotary_pct", default=1.0)),
+    biases=Biases(qkv=True, attn_out=False, mlp=False), norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+    unsupported=(({}, NOT_YET.format("intermediate_size is twice the MLP width, and use_dynamic_ntk/use_logn_attn "
+                                     "change attention beyond seq_length, which Qwen2 does not")),),
+    remote_code=True,
+)
+
+# ChatGLM2/3, GLM-4 (model_type chatglm). llama.cpp conversion/chatglm.py: K/V heads multi_query_group_num, the
+# rotating dims half of each head (partial_rotary_factor 0.5), query_key_value kept as ggml's sequential
+# attn_qkv (tensor_mapping.py "encoder.layers.{bid}.self_attention.query_key_value  # chatglm", after the
+# converter strips "transformer."); the HF twin GlmForCausalLM rotates in pairs order (transformers 5.3 glm).
+CHATGLM = Family(
+    architecture="ChatGLMModel", model_type="chatglm", name="ChatGLM2/3, GLM-4 (remote code)",
+    layer_prefix="transformer.encoder.layers.{i}",
+    qkv=Fused("self_attention.query_key_value", QKVOrder.SEQUENTIAL,
+              kv_heads=Read("multi_query_group_num", "num_key_value_heads", "num_attention_heads")),
+    block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False),
+    layer_tensors={"self_attention.dense": "attn.proj"}, embedding="transformer.embedding.word_embeddings",
+    final_norm="transformer.encoder.final_layernorm", lm_head="transformer.output_layer",
+    config=_inspect_only(Read("hidden_size"), Read("num_layers"), Read("num_attention_heads"),
+                         Read("kv_channels", default=None), 0.5),
+    biases=Biases(qkv=Read("add_qkv_bias", default=False), attn_out=False, mlp=False), norm_class_name="RMSNorm",
+    mlp_class_name="LLaMAMLP",
+    positions="rotary, pairs order",
+    unsupported=(({}, NOT_YET.format("rotary in pairs order, which qkvconv's HF format does not write "
+                                     "(GlmForCausalLM keeps it)")),),
+    remote_code=True,
+)
+
+# JAIS (JAISLMHeadModel, model_type jais). llama.cpp conversion/jais.py JaisModel: GPT-2's names and keys (n_embd,
+# n_head, n_positions, n_inner), c_attn a Conv1D transposed on the way (`.c_attn.weight` -> transpose(1, 0)) into
+# ggml's sequential attn_qkv; ALiBi (position_embedding_type "alibi", asserted), SwiGLU (c_fc, c_fc2), embeddings
+# and logits scaled by mup_* settings.
+JAIS = Family(
+    architecture="JAISLMHeadModel", model_type="jais", name="JAIS (remote code)",
+    layer_prefix="transformer.h.{i}",
+    qkv=Fused("attn.c_attn", QKVOrder.SEQUENTIAL, kv_heads=None, transposed=True),
+    block=Block({"ln_1": "norm_1", "ln_2": "norm_2"}, parallel_residual=False),
+    layer_tensors={"attn.c_proj": "attn.proj"}, embedding="transformer.wte", final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    config=_inspect_only(Read("n_embd"), Read("n_layer"), Read("n_head"), None, 1.0),
+    biases=Biases(qkv=True, attn_out=True, mlp=True), norm_class_name="LayerNorm", mlp_class_name="LLaMAMLP",
+    positions="ALiBi",
+    unsupported=(({}, NOT_YET.format("ALiBi and embeddings and logits scaled by its mup_* settings")),),
+    remote_code=True,
+)
+
+REMOTE = (INTERNLM2, PHI_MSFT, BAICHUAN, QWEN1, CHATGLM, JAIS)
