@@ -48,10 +48,19 @@ def _read(cfg: Mapping[str, Any], rule: Read | Any) -> Any:
     for key in rule.keys:
         value = _lookup(cfg, key)
         if value is not None:
-            return value
+            return _divided(rule, key, value)
     if rule.default is REQUIRED:
         raise QkvconvError(f"config.json has no {rule.keys[0]!r}")
-    return rule.default
+    return _divided(rule, rule.keys[0], rule.default)
+
+
+def _divided(rule: Read, key: str, value: Any) -> Any:
+    """A value in the model's units: the config's divided by the Read's divisor, which must divide it."""
+    if rule.divisor == 1 or value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value % rule.divisor:
+        raise QkvconvError(f"config.json: {key} must be an integer multiple of {rule.divisor}, got {value!r}")
+    return value // rule.divisor
 
 
 def _write(cfg: dict[str, Any], rule: Read | Any, value: Any) -> None:
@@ -62,7 +71,7 @@ def _write(cfg: dict[str, Any], rule: Read | Any, value: Any) -> None:
     node = cfg
     for part in parents:
         node = node.setdefault(part, {})
-    node[last] = value
+    node[last] = value * rule.divisor if rule.divisor != 1 and value is not None else value
 
 
 def _int(cfg: Mapping[str, Any], rule: Read, what: str) -> int:
@@ -221,7 +230,11 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
 
     n_layer = _int(cfg, family.config.n_layer, "num_hidden_layers")
     intermediate = _read(cfg, family.config.intermediate_size)
-    intermediate = 4 * n_embd if intermediate is None else int(intermediate)
+    if intermediate is None:  # the family's ratio to n_embd, in the config's units as intermediate_size
+        rule = family.config.intermediate_size
+        intermediate = _divided(rule, "the MLP size (hidden size times its ratio)",
+                                int(_read(cfg, family.config.mlp_ratio) * n_embd))
+    intermediate = int(intermediate)
     vocab = _int(cfg, family.config.vocab_size, "vocab_size")
 
     act = _read(cfg, family.config.activation)

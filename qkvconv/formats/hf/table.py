@@ -74,14 +74,20 @@ class Read:
 
     A dotted key reaches into a nested dict ("rope_parameters.rope_theta"). When qkvconv writes a
     config.json (hf_config_from_litgpt) it writes the first key.
+
+    `divisor`: the model's number is the config's value divided by this (exactly), where a config counts
+    something else than the model's unit: Qwen-1's and the original OLMo's MLP size counts the rows of both
+    halves of the gated MLP, twice its width. Written back multiplied. Defaults are in the config's units too.
     """
 
     keys: tuple[str, ...]
     default: Any = REQUIRED
+    divisor: int = 1
 
-    def __init__(self, *keys: str, default: Any = REQUIRED) -> None:
+    def __init__(self, *keys: str, default: Any = REQUIRED, divisor: int = 1) -> None:
         object.__setattr__(self, "keys", keys)
         object.__setattr__(self, "default", default)
+        object.__setattr__(self, "divisor", divisor)
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,9 @@ class HFConfig:
     embedding_scale: Read | None = None
     # rotating dims per head where config.json gives a count instead of a share (CodeGen's rotary_dim; null: all)
     rotary_dims: Read | None = None
+    # intermediate_size absent (null): n_embd times this, divided by intermediate_size's divisor (the original
+    # OLMo's mlp_ratio); litgpt's and transformers' default is 4
+    mlp_ratio: Read | float = 4
 
 
 @dataclass(frozen=True)
