@@ -339,9 +339,6 @@ def test_verify_settles_internlm2_against_its_twin(llama_twin, tmp_path) -> None
 # Remote-code originals inspect names but does not convert: (config.json, the fused tensor's name per layer,
 # order, (H, G, hs), a phrase of the evidence). Tensors are zeros of the shapes the layout implies.
 INSPECT_ONLY = {
-    "baichuan": ({"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 32,
-                  "num_attention_heads": 4, "num_hidden_layers": 2, "auto_map": {}},
-                 "model.layers.{i}.self_attn.W_pack", "sequential", (4, 4, 8), "ALiBi in the 13B ones"),
     "chatglm": ({"architectures": ["ChatGLMModel"], "model_type": "chatglm", "hidden_size": 32,
                  "num_attention_heads": 4, "num_layers": 2, "kv_channels": 8, "multi_query_attention": True,
                  "multi_query_group_num": 2, "auto_map": {}},

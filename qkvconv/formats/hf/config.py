@@ -22,7 +22,7 @@ from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.hf.families import FAMILIES, GELU_APPROXIMATE, SILU, supported
-from qkvconv.formats.hf.table import NOTHING, REQUIRED, Block, Choose, Family, Fused, Matcher, Read, Split
+from qkvconv.formats.hf.table import NOTHING, REQUIRED, VARIANT_KEY, Block, Choose, Family, Fused, Matcher, Read, Split
 from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, LayoutError
 
@@ -109,6 +109,18 @@ def detect_family(config_json: Mapping[str, Any]) -> Family | None:
     if architecture is None:
         return None
     return FAMILIES[architecture].resolve(config_json)
+
+
+def with_variant(config_json: Mapping[str, Any], name: str | None) -> dict[str, Any]:
+    """config.json with the flags of the variant `name` of its family added; an error naming the family's
+    variants when it has no such one. A family whose config.json decides by itself ignores the name: one command
+    may read several models (verify's two sides, an adapter's base), and the name is about the one that needs it."""
+    family = detect_family(config_json) if name is not None else None
+    if name is None or family is None or not family.variants:
+        return dict(config_json)
+    if name not in family.variants:
+        raise QkvconvError(f"--variant {name}: {family.architecture} has {', '.join(family.variants)}")
+    return {**config_json, **family.variants[name], VARIANT_KEY: name}
 
 
 def require_family(config_json: Mapping[str, Any]) -> Family:
@@ -222,6 +234,10 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
     cfg = config_json
     if not family.convertible:  # inspect-only: refused before any number is read
         raise _refuse(family, _features(family.refused_features(cfg)))
+    if family.variants and VARIANT_KEY not in cfg:  # never guessed
+        reason = (f"{family.architecture}: config.json cannot tell {family.undecided}; name the model with "
+                  f"--variant {' | '.join(family.variants)}")
+        raise UnsupportedFamily(reason, reason=reason)
     n_embd, heads = _heads(family, cfg)
     scale_embeddings, scores_scalar, off_scales = _scales(family, cfg, n_embd, heads.head_size)
     features = family.refused_features(cfg) + off_scales

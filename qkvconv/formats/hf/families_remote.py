@@ -10,7 +10,9 @@ on the fused tensors qkvconv builds).
 
 from __future__ import annotations
 
-from qkvconv.formats.hf.pieces import IGNORED_EVERYWHERE, llama_style_config
+from dataclasses import replace
+
+from qkvconv.formats.hf.pieces import GATED_MLP, IGNORED_EVERYWHERE, PRE_NORMS, llama_style_config
 from qkvconv.formats.hf.table import SET, Biases, Block, Choose, Family, Fused, HFConfig, Not, Read
 from qkvconv.model.layout import QKVOrder
 
@@ -82,6 +84,40 @@ PHI_MSFT = Family(
 
 
 
+# Baichuan / Baichuan 2 (model_type baichuan; Baichuan-7B's files say BaiChuanForCausalLM). llama.cpp
+# conversion/baichuan.py: `self_attn.W_pack` cut into three equal thirds Q, K, V (sequential; run on our tensor
+# by tests/test_remote_twins_baichuan.py), Q and K then permuted half -> pairs as HF Llama's are, so the file is
+# in half order; the other names are Llama's. The 7B models rotate (base 10000, the remote code's constant), the
+# 13B ones use ALiBi, with the same config keys; Baichuan 2 normalises the head's rows at run time (NormHead:
+# F.normalize(lm_head.weight), as lmdeploy's Baichuan2Reader also does on reading), Baichuan 1 does not.
+# config.json tells neither apart (vLLM guesses: hidden_size 4096 means rotary, vocab_size 125696 Baichuan 2),
+# so the user names the model (--variant); ALiBi is refused (Llama and litgpt have none).
+BAICHUAN = Family(
+    architecture="BaichuanForCausalLM", model_type="baichuan", name="Baichuan / Baichuan 2 (remote code)",
+    layer_prefix="model.layers.{i}",
+    qkv=Fused("self_attn.W_pack", QKVOrder.SEQUENTIAL, kv_heads=None),
+    block=PRE_NORMS,
+    layer_tensors=GATED_MLP, embedding="model.embed_tokens", final_norm="model.norm", lm_head="lm_head",
+    config=replace(llama_style_config(head_size=None, intermediate=11008, vocab=64000, positions=4096, eps=1e-6,
+                                      act="silu", tied=False),
+                   block_size=Read("max_position_embeddings", "model_max_length", default=4096), rope_theta=10000.0),
+    biases=Biases(qkv=False, attn_out=False, mlp=False), norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+    positions=Choose(({"qkvconv_positions": "alibi"}, "ALiBi"), ({"qkvconv_positions": "rotary"}, "rotary, half order"),
+                     ({}, "rotary, half order in the 7B models, ALiBi in the 13B ones (config.json does not say "
+                          "which: --variant)")),
+    unsupported=(({"qkvconv_positions": "alibi"}, "ALiBi (the 13B models; Llama and litgpt have none)"),),
+    ignored=IGNORED_EVERYWHERE,
+    remote_code=True,
+    twin="LlamaForCausalLM",
+    variants={"baichuan-7b": {"qkvconv_positions": "rotary", "qkvconv_normalized_head": False},
+              "baichuan2-7b": {"qkvconv_positions": "rotary", "qkvconv_normalized_head": True},
+              "baichuan-13b": {"qkvconv_positions": "alibi", "qkvconv_normalized_head": False},
+              "baichuan2-13b": {"qkvconv_positions": "alibi", "qkvconv_normalized_head": True}},
+    undecided="7B (rotary) from 13B (ALiBi) nor Baichuan 1 from 2 (a head normalised at run time)",
+    normalized_head=Read("qkvconv_normalized_head", default=False),
+)
+
+
 # Remote-code originals that `inspect` names but qkvconv does not convert yet (an `unsupported` entry with no
 # flags): only what inspect reads is meaningful (the fused tensor, the head keys, the layer count); the other
 # modules are named as llama.cpp's gguf-py tensor_mapping.py lists them, for the reader.
@@ -94,25 +130,6 @@ def _inspect_only(n_embd: Read, n_layer: Read, n_head: Read, head_size: Read | N
 
 
 NOT_YET = "not converted yet: {}"
-
-# Baichuan / Baichuan 2 (model_type baichuan). llama.cpp conversion/baichuan.py: `self_attn.W_pack` cut into three
-# equal thirds Q, K, V (sequential), K/V heads num_key_value_heads or num_attention_heads. The 7B models rotate
-# (half order: llama.cpp permutes q and k like HF Llama's), the 13B ones use ALiBi, with the same config keys;
-# Baichuan 2 normalises the head's rows at run time (NormHead). config.json tells neither apart.
-BAICHUAN = Family(
-    architecture="BaichuanForCausalLM", model_type="baichuan", name="Baichuan / Baichuan 2 (remote code)",
-    layer_prefix="model.layers.{i}",
-    qkv=Fused("self_attn.W_pack", QKVOrder.SEQUENTIAL, kv_heads=Read("num_key_value_heads", "num_attention_heads")),
-    block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False),
-    layer_tensors={"self_attn.o_proj": "attn.proj"}, embedding="model.embed_tokens", final_norm="model.norm",
-    lm_head="lm_head",
-    config=_inspect_only(Read("hidden_size"), Read("num_hidden_layers"), Read("num_attention_heads"), None, 1.0),
-    biases=Biases(qkv=False, attn_out=False, mlp=False), norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
-    positions="rotary, half order in the 7B models, ALiBi in the 13B ones (config.json does not say which)",
-    unsupported=(({}, NOT_YET.format("7B (rotary) and 13B (ALiBi), Baichuan 1 and 2 (a normalised head) share "
-                                     "config.json")),),
-    remote_code=True,
-)
 
 # Qwen-1 (QWenLMHeadModel, model_type qwen), from its remote modeling_qwen.py (read through a public copy, never
 # run) and llama.cpp conversion/qwen.py: QwenModel has no tensor hook, so c_attn goes to ggml's sequential attn_qkv

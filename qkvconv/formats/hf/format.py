@@ -21,7 +21,7 @@ from qkvconv.formats.hf.describe import describe_layout
 from qkvconv.formats.hf.families import SUPPORTED_ARCHITECTURES
 from qkvconv.formats.hf.rules import hf_config_for, qkv_note, tied
 from qkvconv.formats.hf.table import Fused, Split
-from qkvconv.io.config_files import read_json
+from qkvconv.formats.hf.variants import read_config_json
 from qkvconv.model.rotary import RopeOrder
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ class HuggingFace(Format):
         without torch; pickled ones (pytorch_model.bin) need torch.load."""
         from qkvconv.io.sharded import open_headers
 
-        config_json = read_json(directory / HF_CONFIG)
+        config_json = read_config_json(directory / HF_CONFIG)
         reader = open_headers(directory)
         if reader is None:  # pickles, or no weights at all (open_reader says which it expected)
             from qkvconv.io.readers import open_reader
@@ -93,7 +93,7 @@ class HuggingFace(Format):
         from qkvconv.plans.plan import Plan
         from qkvconv.plans.transforms import ModelPlan
 
-        config_json = read_json(directory / HF_CONFIG)
+        config_json = read_config_json(directory / HF_CONFIG)
         reader = open_reader(directory)
         plan = plan_hf_to_litgpt(config_json, reader.names())
         model = ModelPlan(Plan(plan.recipes, notes=plan.notes), litgpt_config_from_hf(config_json))
@@ -106,7 +106,7 @@ class HuggingFace(Format):
         from qkvconv.io.readers import open_reader
         from qkvconv.plans.plan import Plan, copy
 
-        config_json = read_json(directory / HF_CONFIG)
+        config_json = read_config_json(directory / HF_CONFIG)
         reader = open_reader(directory)
         if to == "hf":  # re-shard (and check) as it is; config.json travels with the other files
             plan_hf_to_litgpt(config_json, reader.names())  # refuses what the family table can't account for

@@ -16,6 +16,7 @@ from qkvconv.model.layout import QKVOrder
 REQUIRED: Any = object()  # a Read default: config.json must hold one of the keys
 SET: Any = object()  # a flag value in `unsupported`: the key holds any value but null
 NOTHING: Any = object()  # Matcher.neutral: no value to write
+VARIANT_KEY = "qkvconv_variant"  # config key of the --variant name merged in (variants.py; absent: none chosen)
 
 
 class Matcher:
@@ -263,6 +264,13 @@ class Family:
     # `convert --to hf` writes it as `twin`, the transformers class that computes the same function
     remote_code: bool = False
     twin: str | None = None
+    # where config.json cannot tell models apart that compute different functions: the names a user gives with
+    # --variant, each the flags (read as config.json keys) it stands for, and what config.json cannot tell
+    # (variants.py); without a name the family is refused
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    undecided: str = ""
+    # the head's rows are L2-normalised at run time (Baichuan 2's NormHead): the rows are converted normalised
+    normalized_head: bool | Read = False
 
     @property
     def fusion(self) -> str:
