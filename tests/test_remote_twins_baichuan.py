@@ -117,3 +117,14 @@ def test_baichuan_13b_and_unknown_names_are_refused(twin, tmp_path) -> None:
         result = cli("convert", source, "--to", "hf", "--out", tmp_path / "out", "--variant", variant)
         assert result.exit_code == 2 and why in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_peft_adapter_on_w_pack(twin, tmp_path) -> None:
+    """A PEFT LoRA on W_pack becomes q/k/v adapters of the Llama twin; the base needs its --variant too."""
+    from qkvconv.model.layout import HeadLayout
+    from test_remote_twins_mlp import check_fused_adapter
+
+    twin_dir, tensors, _ = twin
+    baichuan_from_llama(tensors, tmp_path / "baichuan", normalised_head=True)
+    check_fused_adapter(twin_dir, tensors, tmp_path / "baichuan", "model.layers.{i}.self_attn.W_pack",
+                        HeadLayout(4, 4, 8), tmp_path, "--variant", "baichuan2-7b")

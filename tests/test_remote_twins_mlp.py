@@ -251,3 +251,64 @@ def test_olmo_multi_query_and_wrong_halves(olmo_twin, tmp_path) -> None:
     save_file(tensors, wrong / "model.safetensors", metadata={"format": "pt"})
     assert cli("convert", wrong, "--to", "hf", "--out", tmp_path / "hf-wrong").exit_code == 0
     assert not exact(hf_logits(tmp_path / "hf-wrong"), logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT adapters on the fused modules -> q/k/v adapters of the twin
+
+
+def check_fused_adapter(twin_dir: Path, twin: dict, base: Path, module: str, heads, tmp_path: Path,
+                        *options: str) -> None:
+    """A PEFT LoRA on the original's fused module `module` (per layer "{i}") converts with --to peft --qkv split
+    --base ORIGINAL: peft loads it on the twin, whose logits are the twin's with the fused update un-fused
+    sequentially (the order checked against a second source above) merged in by hand."""
+    peft = pytest.importorskip("peft")
+    from qkvconv.model.layout import QKVOrder, split
+
+    r, alpha = 2, 4
+    torch.manual_seed(3)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    tensors = {}
+    for i in range(2):
+        key = f"base_model.model.{module.format(i=i)}"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(r, 32) * 0.3
+        tensors[f"{key}.lora_B.weight"] = torch.randn(heads.rows, r) * 0.3
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+        "target_modules": [module.rsplit(".", 1)[1]], "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "base_model_name_or_path": str(base)}))
+    out = tmp_path / "split-adapter"
+    result = cli("convert", adapter, "--to", "peft", "--qkv", "split", "--base", base, "--out", out, *options)
+    assert result.exit_code == 0, result.output
+    with_adapter = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(twin_dir), out)
+    merged = dict(twin)
+    for i in range(2):
+        key = f"base_model.model.{module.format(i=i)}"
+        delta = tensors[f"{key}.lora_B.weight"] @ tensors[f"{key}.lora_A.weight"] * (alpha / r)
+        for part, d in zip("qkv", split(delta, QKVOrder.SEQUENTIAL, heads)):
+            name = f"model.layers.{i}.self_attn.{part}_proj.weight"
+            merged[name] = twin[name] + d
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(twin_dir)
+    oracle.load_state_dict(merged)
+    with torch.no_grad():
+        assert exact(with_adapter.eval()(TOKENS).logits, oracle.eval()(TOKENS).logits)
+
+
+def test_peft_adapter_on_qwen1_c_attn(qwen2_twin, tmp_path) -> None:
+    from qkvconv.model.layout import HeadLayout
+
+    twin_dir, twin, _ = qwen2_twin
+    qwen1_from_qwen2(twin, tmp_path / "qwen1")
+    check_fused_adapter(twin_dir, twin, tmp_path / "qwen1", "transformer.h.{i}.attn.c_attn", HeadLayout(4, 4, 8),
+                        tmp_path)
+
+
+def test_peft_adapter_on_olmo_att_proj(olmo_twin, tmp_path) -> None:
+    from qkvconv.model.layout import HeadLayout
+
+    twin_dir, twin, _ = olmo_twin
+    olmo_from_twin(twin, tmp_path / "olmo", n_kv_heads=2)
+    check_fused_adapter(twin_dir, twin, tmp_path / "olmo", "model.transformer.blocks.{i}.att_proj",
+                        HeadLayout(4, 2, 8), tmp_path)
