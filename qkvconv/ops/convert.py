@@ -84,7 +84,7 @@ def transformed_plan(directory: Path, source_format: str, to: str, changes: Tran
         model = fold_norms(model, tied=src.tied, expressible=lambda cfg: _why_not(target, cfg, src.config_json))
     if changes.kv_heads is not None:
         model = expand_kv_heads(model, changes.kv_heads)
-    order = changes.rope or target.rope or source_rope
+    order = changes.rope or target.rope_for(src.config_json) or source_rope
     model = set_rope(model, order)
     if changes.rope is None and order is not source_rope:
         model.notes.append(f"--to {target.name} holds rotary in {order.value} order only, so the rows were re-ordered")

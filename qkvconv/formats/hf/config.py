@@ -55,8 +55,13 @@ def _read(cfg: Mapping[str, Any], rule: Read | Any) -> Any:
 
 
 def _divided(rule: Read, key: str, value: Any) -> Any:
-    """A value in the model's units: the config's divided by the Read's divisor, which must divide it."""
-    if rule.divisor == 1 or value is None:
+    """A value in the model's units: the config's divided by the Read's divisor, which must divide it (or
+    times its `times`)."""
+    if value is None:
+        return value
+    if rule.times != 1:
+        return value * rule.times
+    if rule.divisor == 1:
         return value
     if isinstance(value, bool) or not isinstance(value, int) or value % rule.divisor:
         raise QkvconvError(f"config.json: {key} must be an integer multiple of {rule.divisor}, got {value!r}")
@@ -71,7 +76,9 @@ def _write(cfg: dict[str, Any], rule: Read | Any, value: Any) -> None:
     node = cfg
     for part in parents:
         node = node.setdefault(part, {})
-    node[last] = value * rule.divisor if rule.divisor != 1 and value is not None else value
+    if value is not None and (rule.divisor != 1 or rule.times != 1):
+        value = value * rule.divisor / rule.times if rule.times != 1 else value * rule.divisor
+    node[last] = value
 
 
 def _int(cfg: Mapping[str, Any], rule: Read, what: str) -> int:
@@ -316,6 +323,7 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
         "gelu_approximate": gelu_approximate,
         "scale_embeddings": scale_embeddings,
         **({"norm_qk": True, "norm_qk_type": family.norm_qk} if family.norm_qk else {}),
+        **({"rope_interleave": True} if family.rotary_order == "pairs" else {}),
         **_moe_fields(family, cfg),
         **({"attention_scores_scalar": scores_scalar} if scores_scalar is not None else {}),
         **_extra_fields(family, cfg, block, window_layers, n_layer),

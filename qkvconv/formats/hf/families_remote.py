@@ -215,26 +215,48 @@ OLMO_HF = Family(
     twin="OlmoForCausalLM",
 )
 
-# ChatGLM2/3, GLM-4 (model_type chatglm). llama.cpp conversion/chatglm.py: K/V heads multi_query_group_num, the
-# rotating dims half of each head (partial_rotary_factor 0.5), query_key_value kept as ggml's sequential
-# attn_qkv (tensor_mapping.py "encoder.layers.{bid}.self_attention.query_key_value  # chatglm", after the
-# converter strips "transformer."); the HF twin GlmForCausalLM rotates in pairs order (transformers 5.3 glm).
+# ChatGLM2/3, GLM-4 (ChatGLMModel / ChatGLMForConditionalGeneration, model_type chatglm). llama.cpp
+# conversion/chatglm.py: K/V heads multi_query_group_num (with multi_query_attention), the rotating dims half of
+# each head, RoPE base 10000 * rope_ratio, query_key_value kept as ggml's sequential attn_qkv (tensor_mapping.py
+# "encoder.layers.{bid}.self_attention.query_key_value  # chatglm", after the converter strips "transformer."),
+# dense_h_to_4h as ggml's ffn_up holding gate then up rows (swiglu: chunk(2), silu(first) * second),
+# dense_4h_to_h, output_layer. The remote code rotates the first kv_channels // 2 dims of each head in pairs
+# (x.reshape(..., rot_dim // 2, 2)), as GlmForCausalLM does (partial_rotary_factor 0.5, pairs): the rows copy
+# unchanged. Its query_key_layer_scaling divides the scores by the layer number and multiplies them back before
+# an fp32 softmax: the same function. Checkpoints carry transformer.rotary_pos_emb.inv_freq, a buffer.
+_CHATGLM_QKV = "self_attention.query_key_value"
 CHATGLM = Family(
     architecture="ChatGLMModel", model_type="chatglm", name="ChatGLM2/3, GLM-4 (remote code)",
     layer_prefix="transformer.encoder.layers.{i}",
-    qkv=Fused("self_attention.query_key_value", QKVOrder.SEQUENTIAL,
-              kv_heads=Read("multi_query_group_num", "num_key_value_heads", "num_attention_heads")),
+    qkv=Choose(({"multi_query_attention": True},
+                Fused(_CHATGLM_QKV, QKVOrder.SEQUENTIAL, kv_heads=Read("multi_query_group_num"))),
+               ({}, Fused(_CHATGLM_QKV, QKVOrder.SEQUENTIAL, kv_heads=None))),
     block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False),
-    layer_tensors={"self_attention.dense": "attn.proj"}, embedding="transformer.embedding.word_embeddings",
+    layer_tensors={"self_attention.dense": "attn.proj", "mlp.dense_4h_to_h": "mlp.proj"},
+    fused_rows={"mlp.dense_h_to_4h": ("mlp.fc_1", "mlp.fc_2")},
+    embedding="transformer.embedding.word_embeddings",
     final_norm="transformer.encoder.final_layernorm", lm_head="transformer.output_layer",
-    config=_inspect_only(Read("hidden_size"), Read("num_layers"), Read("num_attention_heads"),
-                         Read("kv_channels", default=None), 0.5),
+    config=HFConfig(n_embd=Read("hidden_size"), n_layer=Read("num_layers"), n_head=Read("num_attention_heads"),
+                    head_size=Read("kv_channels", default=None), intermediate_size=Read("ffn_hidden_size"),
+                    vocab_size=Read("padded_vocab_size", "vocab_size"), block_size=Read("seq_length", default=2048),
+                    norm_eps=Read("layernorm_epsilon", default=1e-5), activation="silu",
+                    tie_embeddings=Read("tie_word_embeddings", default=False),
+                    rope_theta=Read("rope_ratio", default=1, times=10000.0), rotary_fraction=0.5),
     biases=Biases(qkv=Read("add_qkv_bias", default=False), attn_out=False, mlp=False), norm_class_name="RMSNorm",
     mlp_class_name="LLaMAMLP",
     positions="rotary, pairs order",
-    unsupported=(({}, NOT_YET.format("rotary in pairs order, which qkvconv's HF format does not write "
-                                     "(GlmForCausalLM keeps it)")),),
+    rotary_order="pairs",
+    flag_defaults={"multi_query_attention": False, "rmsnorm": True, "add_bias_linear": False, "post_layer_norm": True,
+                   "apply_residual_connection_post_layernorm": False, "original_rope": True},
+    unsupported=(({"rmsnorm": False}, "LayerNorms (rmsnorm false)"),
+                 ({"add_bias_linear": True}, "biases on dense and the MLP (add_bias_linear)"),
+                 ({"post_layer_norm": False}, "no final norm (post_layer_norm false)"),
+                 ({"apply_residual_connection_post_layernorm": True},
+                  "residuals taken after the norms (apply_residual_connection_post_layernorm)"),
+                 ({"original_rope": False}, "original_rope false")),
+    ignored=(*IGNORED_EVERYWHERE, r"^transformer\.rotary_pos_emb\.inv_freq$"),
     remote_code=True,
+    twin="GlmForCausalLM",
 )
 
 # JAIS (JAISLMHeadModel, model_type jais). llama.cpp conversion/jais.py JaisModel: GPT-2's names and keys (n_embd,

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.base import Format, Source, Transformations, file_list, tensor_summary
-from qkvconv.formats.hf.config import HF_CONFIG, _heads, _int, litgpt_config_from_hf, require_family
+from qkvconv.formats.hf.config import HF_CONFIG, _heads, _int, detect_family, litgpt_config_from_hf, require_family
 from qkvconv.formats.hf.describe import describe_layout
-from qkvconv.formats.hf.families import SUPPORTED_ARCHITECTURES
+from qkvconv.formats.hf.families import FAMILIES, SUPPORTED_ARCHITECTURES
 from qkvconv.formats.hf.rules import hf_config_for, qkv_note, tied
 from qkvconv.formats.hf.table import Fused, Split
 from qkvconv.formats.hf.variants import read_config_json
@@ -33,9 +33,15 @@ if TYPE_CHECKING:
 class HuggingFace(Format):
     name = "hf"
     rope = RopeOrder.HALF
-    rope_refusal = ("transformers' models of the families qkvconv maps apply rotary in half order only (rotate_half), "
-                    "so --to hf writes half; for pairs write --to litgpt (rope_interleave: true) or --to meta")
+    rope_refusal = ("transformers' models of the families qkvconv maps apply rotary in half order (rotate_half) but "
+                    "Glm, so --to hf writes half; for pairs write --to litgpt (rope_interleave: true) or --to meta")
     configs = (HF_CONFIG,)
+
+    def rope_for(self, source_json: dict[str, Any] | None) -> RopeOrder | None:
+        """Half, but pairs where the class written from this source rotates in pairs (Glm, ChatGLM's twin)."""
+        family = detect_family(source_json) if source_json else None
+        written = FAMILIES.get(family.twin or family.architecture) if family is not None else None
+        return RopeOrder.PAIRS if written is not None and written.rotary_order == "pairs" else self.rope
 
     def inspect(self, directory: Path, base: Path | None = None) -> dict[str, Any]:
         """The family table says where q/k/v live and in which order; an architecture outside the table

@@ -78,17 +78,20 @@ class Read:
 
     `divisor`: the model's number is the config's value divided by this (exactly), where a config counts
     something else than the model's unit: Qwen-1's and the original OLMo's MLP size counts the rows of both
-    halves of the gated MLP, twice its width. Written back multiplied. Defaults are in the config's units too.
+    halves of the gated MLP, twice its width. `times`: the model's number is the config's times this (ChatGLM's
+    RoPE base is 10000 times `rope_ratio`). Written back divided/multiplied. Defaults are in the config's units.
     """
 
     keys: tuple[str, ...]
     default: Any = REQUIRED
     divisor: int = 1
+    times: float = 1
 
-    def __init__(self, *keys: str, default: Any = REQUIRED, divisor: int = 1) -> None:
+    def __init__(self, *keys: str, default: Any = REQUIRED, divisor: int = 1, times: float = 1) -> None:
         object.__setattr__(self, "keys", keys)
         object.__setattr__(self, "default", default)
         object.__setattr__(self, "divisor", divisor)
+        object.__setattr__(self, "times", times)
 
 
 @dataclass(frozen=True)
@@ -271,6 +274,9 @@ class Family:
     undecided: str = ""
     # the head's rows are L2-normalised at run time (Baichuan 2's NormHead): the rows are converted normalised
     normalized_head: bool | Read = False
+    # the order in which the class rotates each Q/K head's rotating dims: "half" (rotate_half, dims i and i + d/2)
+    # or "pairs" (dims 2i and 2i + 1: Glm); pairs is litgpt's rope_interleave, and the rows stay as they are
+    rotary_order: str = "half"
 
     @property
     def fusion(self) -> str:
