@@ -120,3 +120,15 @@ def test_chatglm_rope_ratio_and_refusals(glm_twin, tmp_path) -> None:
         assert result.exit_code == 2 and why in result.output and len(result.output.strip().splitlines()) == 1, \
             result.output
         assert not (tmp_path / "out").exists()
+
+
+def test_peft_adapter_on_query_key_value(glm_twin, tmp_path) -> None:
+    """A PEFT LoRA on ChatGLM's query_key_value becomes q/k/v adapters of the Glm twin, its rows left in pairs
+    order (a permutation on the way would be caught: peft's logits are compared with the update merged by hand)."""
+    from qkvconv.model.layout import HeadLayout
+    from test_remote_twins_mlp import check_fused_adapter
+
+    twin_dir, twin, _ = glm_twin
+    chatglm_from_glm(twin, tmp_path / "chatglm")
+    check_fused_adapter(twin_dir, twin, tmp_path / "chatglm",
+                        "transformer.encoder.layers.{i}.self_attention.query_key_value", HeadLayout(4, 2, 8), tmp_path)
