@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 class HuggingFace(Format):
     name = "hf"
     rope = RopeOrder.HALF
-    rope_refusal = ("transformers' models of the families qkvconv maps apply rotary in half order (rotate_half) but "
-                    "Glm, so --to hf writes half; for pairs write --to litgpt (rope_interleave: true) or --to meta")
+    rope_refusal = ("transformers' models of the families qkvconv maps apply rotary in half order only (rotate_half), "
+                    "Glm's excepted, so --to hf writes half but for a Glm model; for pairs write --to litgpt "
+                    "(rope_interleave: true) or --to meta")
     configs = (HF_CONFIG,)
 
     def rope_for(self, source_json: dict[str, Any] | None) -> RopeOrder | None:
