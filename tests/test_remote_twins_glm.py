@@ -132,3 +132,23 @@ def test_peft_adapter_on_query_key_value(glm_twin, tmp_path) -> None:
     chatglm_from_glm(twin, tmp_path / "chatglm")
     check_fused_adapter(twin_dir, twin, tmp_path / "chatglm",
                         "transformer.encoder.layers.{i}.self_attention.query_key_value", HeadLayout(4, 2, 8), tmp_path)
+
+
+def test_verify_settles_chatglm_against_glm(glm_twin, tmp_path) -> None:
+    """`verify` computes the original through the table (pairs rotation on half of each head): the twin agrees,
+    and a copy whose Q/K rows were put in half order (same shapes) is caught."""
+    from qkvconv.model.rotary import RopeOrder, rope_permutation
+    from qkvconv.model.layout import HeadLayout, QKVOrder
+
+    twin_dir, twin, _ = glm_twin
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    chatglm_from_glm(twin, good)
+    tensors = chatglm_from_glm(twin, bad)
+    index = rope_permutation(QKVOrder.SEQUENTIAL, HeadLayout(4, 2, 8), 4, RopeOrder.PAIRS, RopeOrder.HALF)
+    for i in range(2):
+        for kind in ("weight", "bias"):
+            name = f"transformer.encoder.layers.{i}.self_attention.query_key_value.{kind}"
+            tensors[name] = tensors[name][index]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, bad / "model.safetensors", metadata={"format": "pt"})
+    assert cli("verify", twin_dir, good).exit_code == 0
+    assert cli("verify", twin_dir, bad).exit_code == 1
