@@ -97,6 +97,8 @@ def test_qwen1_converts_to_qwen2_exactly(qwen2_twin, tmp_path) -> None:
     out = tmp_path / "qwen2"
     result = cli("convert", source, "--to", "hf", "--out", out)
     assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "use_logn_attn acts only past seq_length (64 tokens" in said and "use_dynamic_ntk acts only past" in said
     config = json.loads((out / "config.json").read_text())
     assert (config["architectures"], config["intermediate_size"], config["max_position_embeddings"]) == (
         ["Qwen2ForCausalLM"], 48, 64)

@@ -157,8 +157,11 @@ QWEN1 = Family(
                     rope_theta=Read("rotary_emb_base", default=10000.0),
                     rotary_fraction=Read("rotary_pct", default=1.0)),
     biases=Biases(qkv=True, attn_out=False, mlp=False), norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
-    flag_defaults={"no_bias": True},
+    flag_defaults={"no_bias": True, "use_dynamic_ntk": True, "use_logn_attn": True},
     unsupported=(({"no_bias": False}, "biases on c_proj and the MLP (no_bias false; Qwen2 has q/k/v biases only)"),),
+    caveats=tuple(({flag: True}, f"{flag} acts only past seq_length ({{block_size}} tokens, the twin's "
+                                 "max_position_embeddings): exact up to it; Qwen2 has no such switch")
+                  for flag in ("use_dynamic_ntk", "use_logn_attn")),
     ignored=IGNORED_EVERYWHERE,
     remote_code=True,
     twin="Qwen2ForCausalLM",

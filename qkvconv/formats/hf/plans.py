@@ -190,6 +190,9 @@ def plan_hf_to_litgpt(config_json: Mapping[str, Any], hf_names: Iterable[str], *
         copy(family.final_norm, names.FINAL_NORM)
     head, embedding = f"{family.lm_head}.weight", f"{family.embedding}.weight"
     notes = [_qkv_evidence(family, heads)]
+    length = {"block_size": _read(config_json, family.config.block_size)}
+    notes += [note.format_map({**config_json, **length}) for flags, note in family.caveats
+              if family.matches(config_json, flags)]
     tied = bool(_read(config_json, family.config.tie_embeddings))
     if tied and _read(config_json, family.normalized_head):
         raise QkvconvError(f"{family.architecture}: a tied head normalised at run time is not converted")

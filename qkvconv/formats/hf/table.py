@@ -274,6 +274,9 @@ class Family:
     undecided: str = ""
     # the head's rows are L2-normalised at run time (Baichuan 2's NormHead): the rows are converted normalised
     normalized_head: bool | Read = False
+    # (flags, note): what a conversion says where these flags match, about a behaviour it keeps only in part (Qwen-1's
+    # long-context switches act past seq_length only); "{block_size}" takes the model's length, "{key}" config.json's value
+    caveats: tuple[tuple[Mapping[str, Any], str], ...] = ()
     # the order in which the class rotates each Q/K head's rotating dims: "half" (rotate_half, dims i and i + d/2)
     # or "pairs" (dims 2i and 2i + 1: Glm); pairs is litgpt's rope_interleave, and the rows stay as they are
     rotary_order: str = "half"
