@@ -171,6 +171,9 @@ MaybeNewDirOpt = Annotated[Optional[Path], typer.Option(help=NEW_DIR_HELP)]
 AllowNonfiniteOpt = Annotated[
     bool, typer.Option("--allow-nonfinite", help="Convert even when weights hold NaN/inf (refused by default).")
 ]
+VariantOpt = Annotated[Optional[str], typer.Option(
+    help="Which model a remote-code config.json stands for where it cannot tell (Baichuan: baichuan-7b, "
+         "baichuan2-7b, ...); ignored by models whose config.json decides.")]
 BaseOpt = Annotated[Optional[Path], typer.Option(help="Base checkpoint of a LoRA run (default: hyperparameters.yaml).")]
 
 
@@ -208,6 +211,7 @@ def inspect_cmd(
         Optional[Path], typer.Option(help="Base of a LoRA run, for --expect (default: hyperparameters.yaml).")
     ] = None,
     json: JsonOpt = False,
+    variant: VariantOpt = None,
     expect: Annotated[
         Optional[Expect],
         typer.Option(help="Exit 1 unless the checkpoint (and a LoRA run's base) is current, or legacy: a CI gate."),
@@ -217,7 +221,10 @@ def inspect_cmd(
     from qkvconv.io import sources
     from qkvconv.ops import inspect as inspection
 
-    report = inspection.inspect_path(sources.resolve(source, revision), base=base)
+    from qkvconv.formats.hf.variants import chosen_variant
+
+    with chosen_variant(variant):
+        report = inspection.inspect_path(sources.resolve(source, revision), base=base)
     failure = inspection.expectation_failure(report, expect.value) if expect is not None else None
     if json and failure is not None:
         fail(failure, 1, True, report)
@@ -342,6 +349,7 @@ def convert_cmd(
         bool, typer.Option("--merge", help="Merge a litgpt LoRA run into its base: a full checkpoint (--to litgpt).")
     ] = False,
     allow_nonfinite: AllowNonfiniteOpt = False,
+    variant: VariantOpt = None,
 ) -> None:
     """Convert between litgpt (current and legacy order), Hugging Face, Meta and PEFT, exactly."""
     from qkvconv.io import sources
@@ -353,10 +361,13 @@ def convert_cmd(
 
         changes = transformations(rope, kv_heads, fold_norms, qkv)
     working()
-    report = converting.convert(
-        path, to.value, out, base=base, max_shard_size=shard_bytes, dry_run=dry_run, forward_check=verify,
-        device=device, changes=changes, merge=merge, allow_nonfinite=allow_nonfinite,
-    )
+    from qkvconv.formats.hf.variants import chosen_variant
+
+    with chosen_variant(variant):
+        report = converting.convert(
+            path, to.value, out, base=base, max_shard_size=shard_bytes, dry_run=dry_run, forward_check=verify,
+            device=device, changes=changes, merge=merge, allow_nonfinite=allow_nonfinite,
+        )
     _show_conversion(report, dry_run, json)
 
 
@@ -433,6 +444,7 @@ def verify_cmd(
         Optional[Path], typer.Option(help="Base of the candidate, where it differs from --base.")
     ] = None,
     json: JsonOpt = False,
+    variant: VariantOpt = None,
 ) -> None:
     """Run the same random tokens through both; compare every layer and the logits. Exit 1 if they differ.
 
@@ -444,10 +456,12 @@ def verify_cmd(
     with progress.status("loading"):
         from qkvconv.ops import verify as verifying
         from qkvconv.formats.weights import open_weights
+        from qkvconv.formats.hf.variants import chosen_variant
 
-        ref = open_weights(reference_path, base=base, base_option="--base")
-        cand = open_weights(candidate_path, base=candidate_base or base,
-                            base_option="--candidate-base" if candidate_base else "--candidate-base (or --base)")
+        with chosen_variant(variant):
+            ref = open_weights(reference_path, base=base, base_option="--base")
+            cand = open_weights(candidate_path, base=candidate_base or base,
+                                base_option="--candidate-base" if candidate_base else "--candidate-base (or --base)")
     working()
     report = verifying.verify(ref, cand, device=device, tokens=tokens, seed=seed, atol=atol, rtol=rtol, dtype=dtype,
                               progress=progress.layers("checking"))

@@ -175,6 +175,9 @@ CASES = [
     Case("starcoder2-no-bias", {"model_type": "starcoder2", **LLAMA_SIZES, "num_key_value_heads": 4, "use_bias": False,
                                 "hidden_act": "gelu"},
          QKVOrder.SPLIT, converter=False, inferred="FalconForCausalLM"),
+    # GLM-4 (Glm): rotary in pairs order on half of each head (litgpt rope_interleave), gate_up_proj, q/k/v biases
+    Case("glm-pairs", {"model_type": "glm", **LLAMA_SIZES, "head_dim": 8, "pad_token_id": None, "eos_token_id": 2},
+         QKVOrder.SPLIT, converter=False),
     # Granite with neutral residual and logits multipliers: Llama with the scores scaled by
     # attention_multiplier (litgpt attention_scores_scalar 256) and the embeddings by sqrt(hidden_size)
     # (litgpt scale_embeddings); biases everywhere

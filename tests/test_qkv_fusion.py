@@ -109,12 +109,12 @@ def test_every_family_has_one_fusion():
                       "OlmoForCausalLM": "split", "Olmo2ForCausalLM": "split", "MixtralForCausalLM": "split",
                       "Qwen3MoeForCausalLM": "split",
                       "Starcoder2ForCausalLM": "split",
-                      "GraniteForCausalLM": "split", "SmolLM3ForCausalLM": "split", "CohereForCausalLM": "split",
+                      "GraniteForCausalLM": "split", "SmolLM3ForCausalLM": "split", "CohereForCausalLM": "split", "GlmForCausalLM": "split",
                       "GPT2LMHeadModel": "fused", "GPTBigCodeForCausalLM": "fused", "BloomForCausalLM": "fused",
                       "MptForCausalLM": "fused", "DbrxForCausalLM": "fused", "PersimmonForCausalLM": "fused",
                       "CodeGenForCausalLM": "fused", "InternLM2ForCausalLM": "fused",
                       "PhiForCausalLM (phi-msft)": "fused", "BaichuanForCausalLM": "fused", "QWenLMHeadModel": "fused",
-                      "ChatGLMModel": "fused", "JAISLMHeadModel": "fused"}
+                      "OLMoForCausalLM": "fused", "ChatGLMModel": "fused", "JAISLMHeadModel": "fused"}
 
 
 @pytest.mark.parametrize("case_id, qkv, want", [

@@ -339,17 +339,6 @@ def test_verify_settles_internlm2_against_its_twin(llama_twin, tmp_path) -> None
 # Remote-code originals inspect names but does not convert: (config.json, the fused tensor's name per layer,
 # order, (H, G, hs), a phrase of the evidence). Tensors are zeros of the shapes the layout implies.
 INSPECT_ONLY = {
-    "baichuan": ({"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 32,
-                  "num_attention_heads": 4, "num_hidden_layers": 2, "auto_map": {}},
-                 "model.layers.{i}.self_attn.W_pack", "sequential", (4, 4, 8), "ALiBi in the 13B ones"),
-    "qwen1": ({"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": 32, "num_attention_heads": 4,
-               "num_hidden_layers": 2, "kv_channels": 8, "rotary_pct": 0.5, "auto_map": {}},
-              "transformer.h.{i}.attn.c_attn", "sequential", (4, 4, 8), "on the first 4 of 8 dims"),
-    "chatglm": ({"architectures": ["ChatGLMModel"], "model_type": "chatglm", "hidden_size": 32,
-                 "num_attention_heads": 4, "num_layers": 2, "kv_channels": 8, "multi_query_attention": True,
-                 "multi_query_group_num": 2, "auto_map": {}},
-                "transformer.encoder.layers.{i}.self_attention.query_key_value", "sequential", (4, 2, 8),
-                "rotary, pairs order, on the first 4 of 8 dims"),
     "jais": ({"architectures": ["JAISLMHeadModel"], "model_type": "jais", "n_embd": 32, "n_head": 4, "n_layer": 2,
               "position_embedding_type": "alibi", "auto_map": {}},
              "transformer.h.{i}.attn.c_attn", "sequential", (4, 4, 8), "stored transposed as [in, out] (Conv1D)"),

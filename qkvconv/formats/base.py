@@ -60,6 +60,11 @@ class Format:
     adapter: bool = False  # a LoRA adapter on a base model, not a model
     rope: RopeOrder | None = None  # the only rotary order it holds (None: either, or not a model)
     rope_refusal: str = ""  # why another order cannot be written, and where it can
+
+    def rope_for(self, source_json: dict[str, Any] | None) -> RopeOrder | None:
+        """The only rotary order this format holds for a model from a source with this config.json (None:
+        either): `rope`, unless the class written depends on the source (hf: Glm rotates in pairs order)."""
+        return self.rope
     qkv: str | None = None  # the only QKV fusion it holds ("fused" | "split"; None: the architecture decides)
     qkv_refusal: str = ""
     configs: tuple[str, ...] = ()  # its config files: a conversion writes its own, never copies another's

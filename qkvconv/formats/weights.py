@@ -178,10 +178,10 @@ def hf_weights(directory: Path) -> PlannedWeights:
     """A Hugging Face checkpoint directory, read through the family table's HF -> litgpt plan."""
     from qkvconv.formats.hf.config import HF_CONFIG, litgpt_config_from_hf
     from qkvconv.formats.hf.plans import plan_hf_to_litgpt
-    from qkvconv.io.config_files import read_json
+    from qkvconv.formats.hf.variants import read_config_json
     from qkvconv.io.readers import open_reader
 
-    config_json = read_json(directory / HF_CONFIG)
+    config_json = read_config_json(directory / HF_CONFIG)
     reader = open_reader(directory)
     plan = plan_hf_to_litgpt(config_json, reader.names())
     return PlannedWeights(str(directory), litgpt_config_from_hf(config_json), reader,

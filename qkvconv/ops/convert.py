@@ -76,16 +76,17 @@ def transformed_plan(directory: Path, source_format: str, to: str, changes: Tran
     """Source -> litgpt names -> fold norms, expand K/V heads, set the rotary order -> `to` (with the
     QKV fusion asked for), as one plan. Returns the plan, the reader and what was done."""
     source, target = formats.get(source_format).load(), formats.get(to).load()
-    if changes.rope is not None and target.rope is not None and changes.rope is not target.rope:
-        raise QkvconvError(f"--rope {changes.rope.value} with --to {target.name}: {target.rope_refusal}")
     check_qkv_target(changes.qkv, target.name)
     src = source.source(directory)
+    held = target.rope_for(src.config_json)  # hf: pairs where the class written is Glm
+    if changes.rope is not None and held is not None and changes.rope is not held:
+        raise QkvconvError(f"--rope {changes.rope.value} with --to {target.name}: {target.rope_refusal}")
     model, source_rope = src.model, src.model.rope_order
     if changes.fold_norms:
         model = fold_norms(model, tied=src.tied, expressible=lambda cfg: _why_not(target, cfg, src.config_json))
     if changes.kv_heads is not None:
         model = expand_kv_heads(model, changes.kv_heads)
-    order = changes.rope or target.rope or source_rope
+    order = changes.rope or held or source_rope
     model = set_rope(model, order)
     if changes.rope is None and order is not source_rope:
         model.notes.append(f"--to {target.name} holds rotary in {order.value} order only, so the rows were re-ordered")

@@ -21,7 +21,7 @@ from typing import Any
 _HOME = {
     "HF_CONFIG": "config", "detect_family": "config", "litgpt_config_from_hf": "config",
     "hf_config_from_litgpt": "config", "describe_layout": "describe",
-    "ConcatRows": "steps", "TakeRows": "steps", "Tied": "steps",
+    "ConcatRows": "steps", "NormalizeRows": "steps", "TakeRows": "steps", "Tied": "steps",
     "litgpt_state_names": "plans", "plan_hf_to_litgpt": "plans", "plan_litgpt_to_hf": "plans",
     "FORMAT": "format",
 }

@@ -22,7 +22,7 @@ from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.hf.families import FAMILIES, GELU_APPROXIMATE, SILU, supported
-from qkvconv.formats.hf.table import NOTHING, REQUIRED, Block, Choose, Family, Fused, Matcher, Read, Split
+from qkvconv.formats.hf.table import NOTHING, REQUIRED, VARIANT_KEY, Block, Choose, Family, Fused, Matcher, Read, Split
 from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, LayoutError
 
@@ -48,10 +48,24 @@ def _read(cfg: Mapping[str, Any], rule: Read | Any) -> Any:
     for key in rule.keys:
         value = _lookup(cfg, key)
         if value is not None:
-            return value
+            return _divided(rule, key, value)
     if rule.default is REQUIRED:
         raise QkvconvError(f"config.json has no {rule.keys[0]!r}")
-    return rule.default
+    return _divided(rule, rule.keys[0], rule.default)
+
+
+def _divided(rule: Read, key: str, value: Any) -> Any:
+    """A value in the model's units: the config's divided by the Read's divisor, which must divide it (or
+    times its `times`)."""
+    if value is None:
+        return value
+    if rule.times != 1:
+        return value * rule.times
+    if rule.divisor == 1:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value % rule.divisor:
+        raise QkvconvError(f"config.json: {key} must be an integer multiple of {rule.divisor}, got {value!r}")
+    return value // rule.divisor
 
 
 def _write(cfg: dict[str, Any], rule: Read | Any, value: Any) -> None:
@@ -62,6 +76,8 @@ def _write(cfg: dict[str, Any], rule: Read | Any, value: Any) -> None:
     node = cfg
     for part in parents:
         node = node.setdefault(part, {})
+    if value is not None and (rule.divisor != 1 or rule.times != 1):
+        value = value * rule.divisor / rule.times if rule.times != 1 else value * rule.divisor
     node[last] = value
 
 
@@ -100,6 +116,18 @@ def detect_family(config_json: Mapping[str, Any]) -> Family | None:
     if architecture is None:
         return None
     return FAMILIES[architecture].resolve(config_json)
+
+
+def with_variant(config_json: Mapping[str, Any], name: str | None) -> dict[str, Any]:
+    """config.json with the flags of the variant `name` of its family added; an error naming the family's
+    variants when it has no such one. A family whose config.json decides by itself ignores the name: one command
+    may read several models (verify's two sides, an adapter's base), and the name is about the one that needs it."""
+    family = detect_family(config_json) if name is not None else None
+    if name is None or family is None or not family.variants:
+        return dict(config_json)
+    if name not in family.variants:
+        raise QkvconvError(f"--variant {name}: {family.architecture} has {', '.join(family.variants)}")
+    return {**config_json, **family.variants[name], VARIANT_KEY: name}
 
 
 def require_family(config_json: Mapping[str, Any]) -> Family:
@@ -215,6 +243,10 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
     cfg = config_json
     if not family.convertible:  # inspect-only: refused before any number is read
         raise _refuse(family, _features(family.refused_features(cfg)))
+    if family.variants and VARIANT_KEY not in cfg:  # never guessed
+        reason = (f"{family.architecture}: config.json cannot tell {family.undecided}; name the model with "
+                  f"--variant {' | '.join(family.variants)}")
+        raise UnsupportedFamily(reason, reason=reason)
     n_embd, heads = _heads(family, cfg)
     scale_embeddings, scores_scalar, off_scales = _scales(family, cfg, n_embd, heads.head_size)
     features = family.refused_features(cfg) + off_scales
@@ -223,7 +255,11 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
 
     n_layer = _int(cfg, family.config.n_layer, "num_hidden_layers")
     intermediate = _read(cfg, family.config.intermediate_size)
-    intermediate = 4 * n_embd if intermediate is None else int(intermediate)
+    if intermediate is None:  # the family's ratio to n_embd, in the config's units as intermediate_size
+        rule = family.config.intermediate_size
+        intermediate = _divided(rule, "the MLP size (hidden size times its ratio)",
+                                int(_read(cfg, family.config.mlp_ratio) * n_embd))
+    intermediate = int(intermediate)
     vocab = _int(cfg, family.config.vocab_size, "vocab_size")
 
     act = _read(cfg, family.config.activation)
@@ -289,6 +325,7 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
         "gelu_approximate": gelu_approximate,
         "scale_embeddings": scale_embeddings,
         **({"norm_qk": True, "norm_qk_type": family.norm_qk} if family.norm_qk else {}),
+        **({"rope_interleave": True} if family.rotary_order == "pairs" else {}),
         **_moe_fields(family, cfg),
         **({"attention_scores_scalar": scores_scalar} if scores_scalar is not None else {}),
         **_extra_fields(family, cfg, block, window_layers, n_layer),

@@ -60,7 +60,7 @@ from qkvconv.formats.hf.pieces import (  # noqa: F401
 )
 from qkvconv.formats.hf.families_fused import NATIVE_FUSED
 from qkvconv.formats.hf.families_remote import REMOTE
-from qkvconv.formats.hf.families_more import COHERE, GRANITE, SMOLLM3, STARCODER2
+from qkvconv.formats.hf.families_more import COHERE, GLM, GRANITE, SMOLLM3, STARCODER2
 
 # ---------------------------------------------------------------------------------------------
 # the table
@@ -504,7 +504,7 @@ QWEN3_MOE = replace(
 # come last, then Cohere and the fused native classes of families_fused.py (which litgpt never computes: inspect
 # only, never written) at the very end.
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, GPT_NEOX, FALCON, PHI3, STABLELM, PHI, OLMO,
-                                                                 OLMO2, MIXTRAL, QWEN3_MOE, STARCODER2, GRANITE, SMOLLM3,
+                                                                 OLMO2, MIXTRAL, QWEN3_MOE, STARCODER2, GRANITE, SMOLLM3, GLM,
                                                                  *REMOTE, COHERE, *NATIVE_FUSED)}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for a, f in FAMILIES.items() if f.convertible)
 

@@ -20,6 +20,7 @@ from qkvconv.formats.hf.pieces import (
     PRE_NORMS,
     ROPE_THETA,
     llama_style_config,
+    partial_rotary,
 )
 from qkvconv.formats.hf.table import (
     SET,
@@ -182,5 +183,33 @@ COHERE = Family(
         ({"use_qk_norm": True}, "a LayerNorm per query/key head with its own weights (use_qk_norm)"),
         ({}, "LayerNorms without a bias (CohereLayerNorm; litgpt's LayerNorm always has one)"),
     ),
+    ignored=IGNORED_EVERYWHERE,
+)
+
+
+# glm/modeling_glm.py (GLM-4 as transformers has it): q/k/v_proj with bias=attention_bias (default true), o_proj
+# without; GlmMLP gate_up_proj (gate rows, then up rows: `gate, up_states = chunk(2)`; down(up * act(gate))) and
+# down_proj without biases; GlmRMSNorm input_layernorm / post_attention_layernorm, sequential residuals; rotary on
+# the first partial_rotary_factor of each head (the config class sets 0.5 by default) in pairs order: its
+# `rotate_half` takes x[..., 0::2] and x[..., 1::2] and cos/sin are repeat_interleave(2), so dims 2i and 2i + 1
+# rotate together at frequency i, which is litgpt's rope_interleave on rope_n_elem dims.
+GLM = Family(
+    architecture="GlmForCausalLM",
+    model_type="glm",
+    name="GLM-4 (Glm)",
+    **LLAMA_NAMES,
+    qkv=replace(LLAMA_STYLE_QKV, kv_heads=Read("num_key_value_heads", default=2)),
+    block=PRE_NORMS,
+    layer_tensors={"self_attn.o_proj": "attn.proj", "mlp.down_proj": "mlp.proj"},
+    fused_rows={"mlp.gate_up_proj": ("mlp.fc_1", "mlp.fc_2")},
+    config=llama_style_config(head_size=Read("head_dim", default=128), intermediate=13696, vocab=151552,
+                              positions=131072, eps=1.5625e-07, act="silu", tied=False,
+                              rotary_fraction=partial_rotary(0.5)),
+    biases=Biases(qkv=Read("attention_bias", default=True), attn_out=False, mlp=False),
+    norm_class_name="RMSNorm",
+    mlp_class_name="LLaMAMLP",
+    positions="rotary, pairs order",
+    rotary_order="pairs",
+    rope_types=("default",),  # scaled RoPE with partial pairs rotation is not tested here: refused
     ignored=IGNORED_EVERYWHERE,
 )

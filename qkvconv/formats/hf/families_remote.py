@@ -10,8 +10,10 @@ on the fused tensors qkvconv builds).
 
 from __future__ import annotations
 
-from qkvconv.formats.hf.pieces import IGNORED_EVERYWHERE, llama_style_config
-from qkvconv.formats.hf.table import Biases, Block, Family, Fused, HFConfig, Read
+from dataclasses import replace
+
+from qkvconv.formats.hf.pieces import GATED_MLP, IGNORED_EVERYWHERE, PRE_NORMS, llama_style_config
+from qkvconv.formats.hf.table import SET, Biases, Block, Choose, Family, Fused, HFConfig, Not, Read
 from qkvconv.model.layout import QKVOrder
 
 # InternLM2 / 2.5 (`InternLM2ForCausalLM`, model_type internlm2). llama.cpp conversion/internlm.py
@@ -82,6 +84,40 @@ PHI_MSFT = Family(
 
 
 
+# Baichuan / Baichuan 2 (model_type baichuan; Baichuan-7B's files say BaiChuanForCausalLM). llama.cpp
+# conversion/baichuan.py: `self_attn.W_pack` cut into three equal thirds Q, K, V (sequential; run on our tensor
+# by tests/test_remote_twins_baichuan.py), Q and K then permuted half -> pairs as HF Llama's are, so the file is
+# in half order; the other names are Llama's. The 7B models rotate (base 10000, the remote code's constant), the
+# 13B ones use ALiBi, with the same config keys; Baichuan 2 normalises the head's rows at run time (NormHead:
+# F.normalize(lm_head.weight), as lmdeploy's Baichuan2Reader also does on reading), Baichuan 1 does not.
+# config.json tells neither apart (vLLM guesses: hidden_size 4096 means rotary, vocab_size 125696 Baichuan 2),
+# so the user names the model (--variant); ALiBi is refused (Llama and litgpt have none).
+BAICHUAN = Family(
+    architecture="BaichuanForCausalLM", model_type="baichuan", name="Baichuan / Baichuan 2 (remote code)",
+    layer_prefix="model.layers.{i}",
+    qkv=Fused("self_attn.W_pack", QKVOrder.SEQUENTIAL, kv_heads=None),
+    block=PRE_NORMS,
+    layer_tensors=GATED_MLP, embedding="model.embed_tokens", final_norm="model.norm", lm_head="lm_head",
+    config=replace(llama_style_config(head_size=None, intermediate=11008, vocab=64000, positions=4096, eps=1e-6,
+                                      act="silu", tied=False),
+                   block_size=Read("max_position_embeddings", "model_max_length", default=4096), rope_theta=10000.0),
+    biases=Biases(qkv=False, attn_out=False, mlp=False), norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+    positions=Choose(({"qkvconv_positions": "alibi"}, "ALiBi"), ({"qkvconv_positions": "rotary"}, "rotary, half order"),
+                     ({}, "rotary, half order in the 7B models, ALiBi in the 13B ones (config.json does not say "
+                          "which: --variant)")),
+    unsupported=(({"qkvconv_positions": "alibi"}, "ALiBi (the 13B models; Llama and litgpt have none)"),),
+    ignored=IGNORED_EVERYWHERE,
+    remote_code=True,
+    twin="LlamaForCausalLM",
+    variants={"baichuan-7b": {"qkvconv_positions": "rotary", "qkvconv_normalized_head": False},
+              "baichuan2-7b": {"qkvconv_positions": "rotary", "qkvconv_normalized_head": True},
+              "baichuan-13b": {"qkvconv_positions": "alibi", "qkvconv_normalized_head": False},
+              "baichuan2-13b": {"qkvconv_positions": "alibi", "qkvconv_normalized_head": True}},
+    undecided="7B (rotary) from 13B (ALiBi) nor Baichuan 1 from 2 (a head normalised at run time)",
+    normalized_head=Read("qkvconv_normalized_head", default=False),
+)
+
+
 # Remote-code originals that `inspect` names but qkvconv does not convert yet (an `unsupported` entry with no
 # flags): only what inspect reads is meaningful (the fused tensor, the head keys, the layer count); the other
 # modules are named as llama.cpp's gguf-py tensor_mapping.py lists them, for the reader.
@@ -95,63 +131,135 @@ def _inspect_only(n_embd: Read, n_layer: Read, n_head: Read, head_size: Read | N
 
 NOT_YET = "not converted yet: {}"
 
-# Baichuan / Baichuan 2 (model_type baichuan). llama.cpp conversion/baichuan.py: `self_attn.W_pack` cut into three
-# equal thirds Q, K, V (sequential), K/V heads num_key_value_heads or num_attention_heads. The 7B models rotate
-# (half order: llama.cpp permutes q and k like HF Llama's), the 13B ones use ALiBi, with the same config keys;
-# Baichuan 2 normalises the head's rows at run time (NormHead). config.json tells neither apart.
-BAICHUAN = Family(
-    architecture="BaichuanForCausalLM", model_type="baichuan", name="Baichuan / Baichuan 2 (remote code)",
-    layer_prefix="model.layers.{i}",
-    qkv=Fused("self_attn.W_pack", QKVOrder.SEQUENTIAL, kv_heads=Read("num_key_value_heads", "num_attention_heads")),
-    block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False),
-    layer_tensors={"self_attn.o_proj": "attn.proj"}, embedding="model.embed_tokens", final_norm="model.norm",
-    lm_head="lm_head",
-    config=_inspect_only(Read("hidden_size"), Read("num_hidden_layers"), Read("num_attention_heads"), None, 1.0),
-    biases=Biases(qkv=False, attn_out=False, mlp=False), norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
-    positions="rotary, half order in the 7B models, ALiBi in the 13B ones (config.json does not say which)",
-    unsupported=(({}, NOT_YET.format("7B (rotary) and 13B (ALiBi), Baichuan 1 and 2 (a normalised head) share "
-                                     "config.json")),),
-    remote_code=True,
-)
-
-# Qwen-1 (QWenLMHeadModel, model_type qwen). llama.cpp conversion/qwen.py QwenModel has no tensor hook: c_attn
-# goes to ggml's sequential attn_qkv as it is (tensor_mapping.py "transformer.h.{bid}.attn.c_attn  # gpt2 qwen");
-# MHA with a bias; rotary in half order on rotary_pct of each head.
+# Qwen-1 (QWenLMHeadModel, model_type qwen), from its remote modeling_qwen.py (read through a public copy, never
+# run) and llama.cpp conversion/qwen.py: QwenModel has no tensor hook, so c_attn goes to ggml's sequential attn_qkv
+# as it is (tensor_mapping.py "transformer.h.{bid}.attn.c_attn  # gpt2 qwen"); the remote attention splits it with
+# `split(hidden_size, dim=2)` into heads of hidden_size // num_attention_heads (MHA, with a bias; c_proj without).
+# The MLP is c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection (tensor_mapping.py: mlp.w2 ->
+# ffn_gate, mlp.w1 -> ffn_up), each intermediate_size // 2 wide. RMSNorms ln_1, ln_2, ln_f (layer_norm_epsilon);
+# rotary in half order on the first rotary_pct of each head, base rotary_emb_base.
+# use_dynamic_ntk and use_logn_attn (on in the released configs) act only past seq_length: logn scales queries
+# where the key length exceeds seq_length, and the NTK alpha max(2 ** ceil(log2(L / seq_length) + 1) - 1, 1) is
+# 1 for L <= seq_length. Qwen2 has neither, so the twin is the same function up to seq_length, which becomes its
+# max_position_embeddings (docs/layouts.md section 8 says why this converts rather than refuses).
 QWEN1 = Family(
     architecture="QWenLMHeadModel", model_type="qwen", name="Qwen-1 (remote code)",
     layer_prefix="transformer.h.{i}",
     qkv=Fused("attn.c_attn", QKVOrder.SEQUENTIAL, kv_heads=None),
     block=Block({"ln_1": "norm_1", "ln_2": "norm_2"}, parallel_residual=False),
-    layer_tensors={"attn.c_proj": "attn.proj"}, embedding="transformer.wte", final_norm="transformer.ln_f",
-    lm_head="lm_head",
-    config=_inspect_only(Read("hidden_size"), Read("num_hidden_layers"), Read("num_attention_heads"),
-                         Read("kv_channels", default=None), Read("rotary_pct", default=1.0)),
+    layer_tensors={"attn.c_proj": "attn.proj", "mlp.w2": "mlp.fc_1", "mlp.w1": "mlp.fc_2", "mlp.c_proj": "mlp.proj"},
+    embedding="transformer.wte", final_norm="transformer.ln_f", lm_head="lm_head",
+    config=HFConfig(n_embd=Read("hidden_size"), n_layer=Read("num_hidden_layers"), n_head=Read("num_attention_heads"),
+                    head_size=None, intermediate_size=Read("intermediate_size", default=22016, divisor=2),
+                    vocab_size=Read("vocab_size", default=151936), block_size=Read("seq_length", default=8192),
+                    norm_eps=Read("layer_norm_epsilon", default=1e-6), activation="silu",
+                    tie_embeddings=Read("tie_word_embeddings", default=False),
+                    rope_theta=Read("rotary_emb_base", default=10000.0),
+                    rotary_fraction=Read("rotary_pct", default=1.0)),
     biases=Biases(qkv=True, attn_out=False, mlp=False), norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
-    unsupported=(({}, NOT_YET.format("intermediate_size is twice the MLP width, and use_dynamic_ntk/use_logn_attn "
-                                     "change attention beyond seq_length, which Qwen2 does not")),),
+    flag_defaults={"no_bias": True, "use_dynamic_ntk": True, "use_logn_attn": True},
+    unsupported=(({"no_bias": False}, "biases on c_proj and the MLP (no_bias false; Qwen2 has q/k/v biases only)"),),
+    caveats=tuple(({flag: True}, f"{flag} acts only past seq_length ({{block_size}} tokens, the twin's "
+                                 "max_position_embeddings): exact up to it; Qwen2 has no such switch")
+                  for flag in ("use_dynamic_ntk", "use_logn_attn")),
+    ignored=IGNORED_EVERYWHERE,
     remote_code=True,
+    twin="Qwen2ForCausalLM",
 )
 
-# ChatGLM2/3, GLM-4 (model_type chatglm). llama.cpp conversion/chatglm.py: K/V heads multi_query_group_num, the
-# rotating dims half of each head (partial_rotary_factor 0.5), query_key_value kept as ggml's sequential
-# attn_qkv (tensor_mapping.py "encoder.layers.{bid}.self_attention.query_key_value  # chatglm", after the
-# converter strips "transformer."); the HF twin GlmForCausalLM rotates in pairs order (transformers 5.3 glm).
+# The original OLMo 1 (`hf_olmo`: OLMoForCausalLM, model_type hf_olmo, auto_map to its own hf_olmo package).
+# transformers 4.40's models/olmo/convert_olmo_weights_to_hf.py (downloaded from the package index, read):
+# transformer.blocks.N.att_proj split [d_model, kv, kv] rows (sequential; K/V heads n_kv_heads, else 1 with
+# multi_query_attention, else n_heads), ff_proj chunked into up rows then gate rows, attn_out -> o_proj, ff_out ->
+# down_proj, transformer.wte, transformer.ff_out -> lm_head (absent with weight_tying); intermediate_size
+# mlp_hidden_size // 2, else d_model * mlp_ratio // 2; vocab_size embedding_size (the rows), else vocab_size;
+# rope_theta 10000. The hf_olmo wrapper keeps that model as `model`, so its files prefix "model." (from memory
+# of the released files, not checked against one). The LayerNorms have no weights when layer_norm_with_affine is
+# false, as in OlmoForCausalLM; everything else the remote config can switch on is refused. A missing flag takes
+# the remote ModelConfig's default as remembered (not checked; rope off, include_bias and affine norms on, so a
+# config.json without them is refused, never guessed): released config.json files list every key.
+OLMO_HF = Family(
+    architecture="OLMoForCausalLM", model_type="hf_olmo", name="OLMo original (remote code)",
+    layer_prefix="model.transformer.blocks.{i}",
+    qkv=Choose(({"n_kv_heads": SET}, Fused("att_proj", QKVOrder.SEQUENTIAL, kv_heads=Read("n_kv_heads"))),
+               ({"multi_query_attention": True}, Fused("att_proj", QKVOrder.SEQUENTIAL, kv_heads=1)),
+               ({}, Fused("att_proj", QKVOrder.SEQUENTIAL, kv_heads=None))),
+    block=Block({"attn_norm": "norm_1", "ff_norm": "norm_2"}, parallel_residual=False),
+    layer_tensors={"attn_out": "attn.proj", "ff_out": "mlp.proj"},
+    fused_rows={"ff_proj": ("mlp.fc_2", "mlp.fc_1")},  # up rows, then gate rows
+    embedding="model.transformer.wte", final_norm="model.transformer.ln_f", lm_head="model.transformer.ff_out",
+    config=HFConfig(n_embd=Read("d_model"), n_layer=Read("n_layers"), n_head=Read("n_heads"), head_size=None,
+                    intermediate_size=Read("mlp_hidden_size", default=None, divisor=2),
+                    mlp_ratio=Read("mlp_ratio", default=4),
+                    vocab_size=Read("embedding_size", "vocab_size"), block_size=Read("max_sequence_length", default=1024),
+                    norm_eps=Read("layer_norm_eps", default=1e-5), activation="silu",
+                    tie_embeddings=Read("weight_tying", default=True), rope_theta=Read("rope_theta", default=10000.0),
+                    rotary_fraction=1.0),
+    biases=Biases(qkv=False, attn_out=False, mlp=False), norm_class_name="LayerNorm", mlp_class_name="LLaMAMLP",
+    norm_affine=False,
+    flag_defaults={"rope": False, "alibi": False, "include_bias": True, "layer_norm_with_affine": True,
+                   "attention_layer_norm": False, "clip_qkv": None, "block_type": "sequential",
+                   "activation_type": "swiglu", "layer_norm_type": "default", "scale_logits": False,
+                   "embedding_layer_norm": False, "norm_after": False, "multi_query_attention": False},
+    unsupported=(({"rope": False}, "no rotary positions (rope false)"), ({"alibi": True}, "ALiBi"),
+                 ({"include_bias": True}, "biases on every linear layer (include_bias)"),
+                 ({"layer_norm_with_affine": True}, "LayerNorm weights (layer_norm_with_affine; OlmoForCausalLM's "
+                                                    "have none)"),
+                 ({"attention_layer_norm": True}, "q/k LayerNorms (attention_layer_norm)"),
+                 ({"clip_qkv": SET}, "q/k/v clipping (clip_qkv)"),
+                 ({"block_type": Not("sequential")}, "a block_type other than sequential"),
+                 ({"activation_type": Not("swiglu")}, "an activation_type other than swiglu"),
+                 ({"layer_norm_type": Not("default")}, "a layer_norm_type other than default"),
+                 ({"scale_logits": True}, "scaled logits (scale_logits)"),
+                 ({"embedding_layer_norm": True}, "a LayerNorm on the embeddings (embedding_layer_norm)"),
+                 ({"norm_after": True}, "norms after attention and MLP (norm_after)")),
+    ignored=IGNORED_EVERYWHERE,
+    remote_code=True,
+    twin="OlmoForCausalLM",
+)
+
+# ChatGLM2/3, GLM-4 (ChatGLMModel / ChatGLMForConditionalGeneration, model_type chatglm). llama.cpp
+# conversion/chatglm.py: K/V heads multi_query_group_num (with multi_query_attention), the rotating dims half of
+# each head, RoPE base 10000 * rope_ratio, query_key_value kept as ggml's sequential attn_qkv (tensor_mapping.py
+# "encoder.layers.{bid}.self_attention.query_key_value  # chatglm", after the converter strips "transformer."),
+# dense_h_to_4h as ggml's ffn_up holding gate then up rows (swiglu: chunk(2), silu(first) * second),
+# dense_4h_to_h, output_layer. The remote code rotates the first kv_channels // 2 dims of each head in pairs
+# (x.reshape(..., rot_dim // 2, 2)), as GlmForCausalLM does (partial_rotary_factor 0.5, pairs): the rows copy
+# unchanged. Its query_key_layer_scaling divides the scores by the layer number and multiplies them back before
+# an fp32 softmax: the same function. Checkpoints carry transformer.rotary_pos_emb.inv_freq, a buffer.
+_CHATGLM_QKV = "self_attention.query_key_value"
 CHATGLM = Family(
     architecture="ChatGLMModel", model_type="chatglm", name="ChatGLM2/3, GLM-4 (remote code)",
     layer_prefix="transformer.encoder.layers.{i}",
-    qkv=Fused("self_attention.query_key_value", QKVOrder.SEQUENTIAL,
-              kv_heads=Read("multi_query_group_num", "num_key_value_heads", "num_attention_heads")),
+    qkv=Choose(({"multi_query_attention": True},
+                Fused(_CHATGLM_QKV, QKVOrder.SEQUENTIAL, kv_heads=Read("multi_query_group_num"))),
+               ({}, Fused(_CHATGLM_QKV, QKVOrder.SEQUENTIAL, kv_heads=None))),
     block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False),
-    layer_tensors={"self_attention.dense": "attn.proj"}, embedding="transformer.embedding.word_embeddings",
+    layer_tensors={"self_attention.dense": "attn.proj", "mlp.dense_4h_to_h": "mlp.proj"},
+    fused_rows={"mlp.dense_h_to_4h": ("mlp.fc_1", "mlp.fc_2")},
+    embedding="transformer.embedding.word_embeddings",
     final_norm="transformer.encoder.final_layernorm", lm_head="transformer.output_layer",
-    config=_inspect_only(Read("hidden_size"), Read("num_layers"), Read("num_attention_heads"),
-                         Read("kv_channels", default=None), 0.5),
+    config=HFConfig(n_embd=Read("hidden_size"), n_layer=Read("num_layers"), n_head=Read("num_attention_heads"),
+                    head_size=Read("kv_channels", default=None), intermediate_size=Read("ffn_hidden_size"),
+                    vocab_size=Read("padded_vocab_size", "vocab_size"), block_size=Read("seq_length", default=2048),
+                    norm_eps=Read("layernorm_epsilon", default=1e-5), activation="silu",
+                    tie_embeddings=Read("tie_word_embeddings", default=False),
+                    rope_theta=Read("rope_ratio", default=1, times=10000.0), rotary_fraction=0.5),
     biases=Biases(qkv=Read("add_qkv_bias", default=False), attn_out=False, mlp=False), norm_class_name="RMSNorm",
     mlp_class_name="LLaMAMLP",
     positions="rotary, pairs order",
-    unsupported=(({}, NOT_YET.format("rotary in pairs order, which qkvconv's HF format does not write "
-                                     "(GlmForCausalLM keeps it)")),),
+    rotary_order="pairs",
+    flag_defaults={"multi_query_attention": False, "rmsnorm": True, "add_bias_linear": False, "post_layer_norm": True,
+                   "apply_residual_connection_post_layernorm": False, "original_rope": True},
+    unsupported=(({"rmsnorm": False}, "LayerNorms (rmsnorm false)"),
+                 ({"add_bias_linear": True}, "biases on dense and the MLP (add_bias_linear)"),
+                 ({"post_layer_norm": False}, "no final norm (post_layer_norm false)"),
+                 ({"apply_residual_connection_post_layernorm": True},
+                  "residuals taken after the norms (apply_residual_connection_post_layernorm)"),
+                 ({"original_rope": False}, "original_rope false")),
+    ignored=(*IGNORED_EVERYWHERE, r"^transformer\.rotary_pos_emb\.inv_freq$"),
     remote_code=True,
+    twin="GlmForCausalLM",
 )
 
 # JAIS (JAISLMHeadModel, model_type jais). llama.cpp conversion/jais.py JaisModel: GPT-2's names and keys (n_embd,
@@ -172,4 +280,4 @@ JAIS = Family(
     remote_code=True,
 )
 
-REMOTE = (INTERNLM2, PHI_MSFT, BAICHUAN, QWEN1, CHATGLM, JAIS)
+REMOTE = (INTERNLM2, PHI_MSFT, QWEN1, OLMO_HF, BAICHUAN, CHATGLM, JAIS)

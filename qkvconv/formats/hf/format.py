@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.base import Format, Source, Transformations, file_list, tensor_summary
-from qkvconv.formats.hf.config import HF_CONFIG, _heads, _int, litgpt_config_from_hf, require_family
+from qkvconv.formats.hf.config import HF_CONFIG, _heads, _int, detect_family, litgpt_config_from_hf, require_family
 from qkvconv.formats.hf.describe import describe_layout
-from qkvconv.formats.hf.families import SUPPORTED_ARCHITECTURES
+from qkvconv.formats.hf.families import FAMILIES, SUPPORTED_ARCHITECTURES
 from qkvconv.formats.hf.rules import hf_config_for, qkv_note, tied
 from qkvconv.formats.hf.table import Fused, Split
-from qkvconv.io.config_files import read_json
+from qkvconv.formats.hf.variants import read_config_json
 from qkvconv.model.rotary import RopeOrder
 
 if TYPE_CHECKING:
@@ -34,8 +34,15 @@ class HuggingFace(Format):
     name = "hf"
     rope = RopeOrder.HALF
     rope_refusal = ("transformers' models of the families qkvconv maps apply rotary in half order only (rotate_half), "
-                    "so --to hf writes half; for pairs write --to litgpt (rope_interleave: true) or --to meta")
+                    "Glm's excepted, so --to hf writes half but for a Glm model; for pairs write --to litgpt "
+                    "(rope_interleave: true) or --to meta")
     configs = (HF_CONFIG,)
+
+    def rope_for(self, source_json: dict[str, Any] | None) -> RopeOrder | None:
+        """Half, but pairs where the class written from this source rotates in pairs (Glm, ChatGLM's twin)."""
+        family = detect_family(source_json) if source_json else None
+        written = FAMILIES.get(family.twin or family.architecture) if family is not None else None
+        return RopeOrder.PAIRS if written is not None and written.rotary_order == "pairs" else self.rope
 
     def inspect(self, directory: Path, base: Path | None = None) -> dict[str, Any]:
         """The family table says where q/k/v live and in which order; an architecture outside the table
@@ -43,7 +50,7 @@ class HuggingFace(Format):
         without torch; pickled ones (pytorch_model.bin) need torch.load."""
         from qkvconv.io.sharded import open_headers
 
-        config_json = read_json(directory / HF_CONFIG)
+        config_json = read_config_json(directory / HF_CONFIG)
         reader = open_headers(directory)
         if reader is None:  # pickles, or no weights at all (open_reader says which it expected)
             from qkvconv.io.readers import open_reader
@@ -94,7 +101,7 @@ class HuggingFace(Format):
         from qkvconv.plans.plan import Plan
         from qkvconv.plans.transforms import ModelPlan
 
-        config_json = read_json(directory / HF_CONFIG)
+        config_json = read_config_json(directory / HF_CONFIG)
         reader = open_reader(directory)
         plan = plan_hf_to_litgpt(config_json, reader.names())
         model = ModelPlan(Plan(plan.recipes, notes=plan.notes), litgpt_config_from_hf(config_json))
@@ -107,7 +114,7 @@ class HuggingFace(Format):
         from qkvconv.io.readers import open_reader
         from qkvconv.plans.plan import Plan, copy
 
-        config_json = read_json(directory / HF_CONFIG)
+        config_json = read_config_json(directory / HF_CONFIG)
         reader = open_reader(directory)
         if to == "hf":  # re-shard (and check) as it is; config.json travels with the other files
             plan_hf_to_litgpt(config_json, reader.names())  # refuses what the family table can't account for

@@ -32,7 +32,7 @@ from qkvconv.formats.hf.config import (
     litgpt_config_from_hf,
 )
 from qkvconv.formats.hf.describe import _qkv_evidence
-from qkvconv.formats.hf.steps import ConcatRows, TakeRows, Tied
+from qkvconv.formats.hf.steps import ConcatRows, NormalizeRows, TakeRows, Tied
 from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, QKVOrder, same_rows
 from qkvconv.plans.plan import CheckRows, Fuse, Plan, Recipe, Reorder, Step, TakePart
@@ -190,13 +190,21 @@ def plan_hf_to_litgpt(config_json: Mapping[str, Any], hf_names: Iterable[str], *
         copy(family.final_norm, names.FINAL_NORM)
     head, embedding = f"{family.lm_head}.weight", f"{family.embedding}.weight"
     notes = [_qkv_evidence(family, heads)]
+    length = {"block_size": _read(config_json, family.config.block_size)}
+    notes += [note.format_map({**config_json, **length}) for flags, note in family.caveats
+              if family.matches(config_json, flags)]
     tied = bool(_read(config_json, family.config.tie_embeddings))
+    if tied and _read(config_json, family.normalized_head):
+        raise QkvconvError(f"{family.architecture}: a tied head normalised at run time is not converted")
     if tied and src.has(head):
         recipes.append(Recipe("lm_head.weight", (embedding, src.take(head)), (Tied(),)))
         notes.append(f"tied head: {head} must equal {embedding}; litgpt stores it as lm_head.weight")
     elif tied:
         recipes.append(Recipe("lm_head.weight", (embedding,)))
         notes.append(f"tied head: lm_head.weight is a copy of {embedding} (litgpt does not tie)")
+    elif _read(config_json, family.normalized_head):
+        recipes.append(Recipe("lm_head.weight", (src.take(head),), (NormalizeRows(),)))
+        notes.append(f"{head}: rows normalised (the model normalises them at run time)")
     else:
         recipes.append(Recipe("lm_head.weight", (src.take(head),)))
     if family.lm_head_bias:

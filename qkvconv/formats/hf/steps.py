@@ -92,3 +92,25 @@ class Tied(Step):
         return [first]
 
 
+
+
+@dataclass(frozen=True)
+class NormalizeRows(Step):
+    """Each row divided by its L2 norm (at least 1e-12), as torch.nn.functional.normalize(w) computes it:
+    Baichuan 2's NormHead normalises the head's rows at run time, so its twin's plain head holds them normalised.
+    Computed in float32 (the remote code normalises in the model's dtype: as exact, or more)."""
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        import torch
+
+        (t,) = tensors
+        return [torch.nn.functional.normalize(t.float(), dim=1).to(t.dtype)]
+
+    def describe(self) -> str:
+        return "divide each row by its L2 norm (a head normalised at run time)"
+
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        ((shape, dtype),) = inputs
+        if len(shape) != 2:
+            raise LayoutError(f"a head to normalise has 2 dimensions, not {len(shape)}")
+        return [(shape, dtype)]

@@ -16,6 +16,7 @@ from qkvconv.model.layout import QKVOrder
 REQUIRED: Any = object()  # a Read default: config.json must hold one of the keys
 SET: Any = object()  # a flag value in `unsupported`: the key holds any value but null
 NOTHING: Any = object()  # Matcher.neutral: no value to write
+VARIANT_KEY = "qkvconv_variant"  # config key of the --variant name merged in (variants.py; absent: none chosen)
 
 
 class Matcher:
@@ -74,14 +75,23 @@ class Read:
 
     A dotted key reaches into a nested dict ("rope_parameters.rope_theta"). When qkvconv writes a
     config.json (hf_config_from_litgpt) it writes the first key.
+
+    `divisor`: the model's number is the config's value divided by this (exactly), where a config counts
+    something else than the model's unit: Qwen-1's and the original OLMo's MLP size counts the rows of both
+    halves of the gated MLP, twice its width. `times`: the model's number is the config's times this (ChatGLM's
+    RoPE base is 10000 times `rope_ratio`). Written back divided/multiplied. Defaults are in the config's units.
     """
 
     keys: tuple[str, ...]
     default: Any = REQUIRED
+    divisor: int = 1
+    times: float = 1
 
-    def __init__(self, *keys: str, default: Any = REQUIRED) -> None:
+    def __init__(self, *keys: str, default: Any = REQUIRED, divisor: int = 1, times: float = 1) -> None:
         object.__setattr__(self, "keys", keys)
         object.__setattr__(self, "default", default)
+        object.__setattr__(self, "divisor", divisor)
+        object.__setattr__(self, "times", times)
 
 
 @dataclass(frozen=True)
@@ -207,6 +217,9 @@ class HFConfig:
     embedding_scale: Read | None = None
     # rotating dims per head where config.json gives a count instead of a share (CodeGen's rotary_dim; null: all)
     rotary_dims: Read | None = None
+    # intermediate_size absent (null): n_embd times this, divided by intermediate_size's divisor (the original
+    # OLMo's mlp_ratio); litgpt's and transformers' default is 4
+    mlp_ratio: Read | float = 4
 
 
 @dataclass(frozen=True)
@@ -254,6 +267,19 @@ class Family:
     # `convert --to hf` writes it as `twin`, the transformers class that computes the same function
     remote_code: bool = False
     twin: str | None = None
+    # where config.json cannot tell models apart that compute different functions: the names a user gives with
+    # --variant, each the flags (read as config.json keys) it stands for, and what config.json cannot tell
+    # (variants.py); without a name the family is refused
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    undecided: str = ""
+    # the head's rows are L2-normalised at run time (Baichuan 2's NormHead): the rows are converted normalised
+    normalized_head: bool | Read = False
+    # (flags, note): what a conversion says where these flags match, about a behaviour it keeps only in part (Qwen-1's
+    # long-context switches act past seq_length only); "{block_size}" takes the model's length, "{key}" config.json's value
+    caveats: tuple[tuple[Mapping[str, Any], str], ...] = ()
+    # the order in which the class rotates each Q/K head's rotating dims: "half" (rotate_half, dims i and i + d/2)
+    # or "pairs" (dims 2i and 2i + 1: Glm); pairs is litgpt's rope_interleave, and the rows stay as they are
+    rotary_order: str = "half"
 
     @property
     def fusion(self) -> str:

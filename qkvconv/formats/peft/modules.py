@@ -21,8 +21,9 @@ from typing import Any
 from qkvconv.errors import QkvconvError
 from qkvconv.formats.hf.families import Block, Family, Fused, Split
 from qkvconv.formats.hf.config import HF_CONFIG, hf_config_from_litgpt, litgpt_config_from_hf
+from qkvconv.formats.hf.variants import read_config_json
 from qkvconv.formats.litgpt import CONFIG, ModelShape, migrate_config
-from qkvconv.io.config_files import read_json, read_yaml
+from qkvconv.io.config_files import read_yaml
 from qkvconv.model import names
 
 QK_NORMS = (names.NORM_Q, names.NORM_K)
@@ -161,7 +162,7 @@ def base_config_json(base: Path) -> dict[str, Any] | None:
     """The config.json that describes an adapter's base directory: its own (Hugging Face), or one derived
     from its model_config.yaml (litgpt); None when it has neither."""
     if (base / HF_CONFIG).is_file():
-        return read_json(base / HF_CONFIG)
+        return read_config_json(base / HF_CONFIG)
     if (base / CONFIG).is_file():
         return hf_config_from_litgpt(migrate_config(read_yaml(base / CONFIG))[0])
     return None
