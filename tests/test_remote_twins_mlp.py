@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,7 +28,28 @@ from qkvconv.formats.hf import litgpt_config_from_hf
 from test_remote_twins import LLAMA_CPP, build_twin, cli, exact
 
 transformers = pytest.importorskip("transformers")
-OLMO_SCRIPT = Path.home() / ".cache/qkvconv/transformers-4.40.0-scripts/convert_olmo_weights_to_hf.py"
+OLMO_SCRIPT = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+               / "qkvconv/transformers-4.40.0-scripts/convert_olmo_weights_to_hf.py")
+
+
+def olmo_script() -> Path | None:
+    """transformers 4.40's OLMo conversion script (5.3 no longer ships it), taken from that release's wheel on
+    the package index into the cache on first use; None where the index cannot be reached."""
+    if OLMO_SCRIPT.is_file():
+        return OLMO_SCRIPT
+    with tempfile.TemporaryDirectory() as tmp:
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                              "transformers==4.40.0", "-d", tmp], capture_output=True)
+        wheels = list(Path(tmp).glob("transformers-4.40.0-*.whl"))
+        if got.returncode or not wheels:
+            return None
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            text = wheel.read("transformers/models/olmo/convert_olmo_weights_to_hf.py")
+    OLMO_SCRIPT.parent.mkdir(parents=True, exist_ok=True)
+    partial = OLMO_SCRIPT.with_suffix(".partial")
+    partial.write_bytes(text)
+    partial.rename(OLMO_SCRIPT)
+    return OLMO_SCRIPT
 SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
              max_position_embeddings=64, tie_word_embeddings=False)
 
@@ -171,8 +196,8 @@ def olmo_twin(tmp_path_factory):
 def test_olmo_layout_agrees_with_transformers_script(olmo_twin, tmp_path) -> None:
     """transformers 4.40's convert_olmo_weights_to_hf.py (someone else's reading of att_proj and ff_proj) turns our
     original checkpoint (as the OLMo trainer's model.pt: no "model." prefix) into the twin's tensors."""
-    if not OLMO_SCRIPT.is_file():
-        pytest.skip("transformers 4.40's convert_olmo_weights_to_hf.py is not cached here")
+    if olmo_script() is None:
+        pytest.skip("transformers 4.40's convert_olmo_weights_to_hf.py is neither cached nor downloadable here")
     _, twin, _ = olmo_twin
     ours = olmo_from_twin(twin, tmp_path / "olmo", n_kv_heads=2)
     spec = importlib.util.spec_from_file_location("convert_olmo_440", OLMO_SCRIPT)
