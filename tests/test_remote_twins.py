@@ -25,7 +25,12 @@ from qkvconv.model.layout import HeadLayout, QKVOrder, fuse
 
 transformers = pytest.importorskip("transformers")
 runner = CliRunner()
-LLAMA_CPP = Path.home() / ".cache/qkvconv/llamacpp-converter-0.3.36/llama.cpp"
+def llama_cpp() -> Path:
+    """llama.cpp's converter tree (the llama-cpp-python 0.3.36 sdist), built by the GGUF tests' fixture script
+    on first use and cached: the second source these tests read."""
+    from gguf_oracle import converter_dir
+
+    return converter_dir() / "llama.cpp"
 
 
 def cli(*args):
@@ -89,9 +94,8 @@ def internlm2_from_llama(twin: dict, directory: Path) -> dict:
 def test_internlm2_wqkv_agrees_with_llama_cpp(llama_twin, tmp_path) -> None:
     """llama.cpp's InternLM2Model.modify_tensors un-fuses our wqkv into the twin's q, k, v (q and k in its
     pairs order: LlamaModel.permute of the twin's)."""
-    if not (LLAMA_CPP / "conversion" / "internlm.py").is_file():
-        pytest.skip("llama.cpp's converter (llama-cpp-python 0.3.36 sdist) is not cached here")
-    sys.path[:0] = [str(LLAMA_CPP), str(LLAMA_CPP / "gguf-py")]
+    tree = llama_cpp()
+    sys.path[:0] = [str(tree), str(tree / "gguf-py")]
     try:
         from conversion.internlm import InternLM2Model
         from conversion.llama import LlamaModel
@@ -195,9 +199,8 @@ def phi_msft_from_phi(twin: dict, directory: Path) -> dict:
 def test_phi_msft_names_are_llama_cpps(tmp_path) -> None:
     """gguf-py's TensorNameMap (llama.cpp) sends each original Phi-2 name to the GGUF tensor of the HF Phi name
     it is built from here; mixer.Wqkv to attn_qkv, whose rows ggml's phi2 graph reads as Q, K, V in turn."""
-    if not (LLAMA_CPP / "gguf-py" / "gguf").is_dir():
-        pytest.skip("llama.cpp's converter (llama-cpp-python 0.3.36 sdist) is not cached here")
-    sys.path[:0] = [str(LLAMA_CPP / "gguf-py")]
+    tree = llama_cpp()
+    sys.path[:0] = [str(tree / "gguf-py")]
     try:
         import gguf
     finally:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_models import LLAMA_SIZES, TOKENS, hf_logits
-from test_remote_twins import LLAMA_CPP, build_twin, cli, exact
+from test_remote_twins import llama_cpp, build_twin, cli, exact
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,9 +62,8 @@ def baichuan_from_llama(tensors: dict, directory: Path, normalised_head: bool) -
 def test_w_pack_agrees_with_llama_cpp(twin, tmp_path) -> None:
     """llama.cpp's BaichuanModel.modify_tensors un-packs our W_pack into the twin's q, k, v (q and k in its pairs
     order: LlamaModel.permute of the twin's)."""
-    if not (LLAMA_CPP / "conversion" / "baichuan.py").is_file():
-        pytest.skip("llama.cpp's converter (llama-cpp-python 0.3.36 sdist) is not cached here")
-    sys.path[:0] = [str(LLAMA_CPP), str(LLAMA_CPP / "gguf-py")]
+    tree = llama_cpp()
+    sys.path[:0] = [str(tree), str(tree / "gguf-py")]
     try:
         from conversion.baichuan import BaichuanModel
         from conversion.llama import LlamaModel

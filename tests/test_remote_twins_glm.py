@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_models import LLAMA_SIZES, hf_logits, litgpt_logits
 from qkvconv.formats.hf import litgpt_config_from_hf
-from test_remote_twins import LLAMA_CPP, build_twin, cli, exact
+from test_remote_twins import llama_cpp, build_twin, cli, exact
 
 transformers = pytest.importorskip("transformers")
 TOP = {"model.embed_tokens": "transformer.embedding.word_embeddings", "model.norm": "transformer.encoder.final_layernorm",
@@ -63,9 +63,8 @@ def chatglm_from_glm(twin: dict, directory: Path, **config) -> dict:
 def test_chatglm_names_are_llama_cpps() -> None:
     """gguf-py's TensorNameMap sends each ChatGLM name (with "transformer." stripped, as llama.cpp's ChatGLMModel
     does) to the GGUF tensor that the Glm name it is built from gets under glm4; query_key_value to attn_qkv."""
-    if not (LLAMA_CPP / "gguf-py" / "gguf").is_dir():
-        pytest.skip("llama.cpp's converter (llama-cpp-python 0.3.36 sdist) is not cached here")
-    sys.path[:0] = [str(LLAMA_CPP / "gguf-py")]
+    tree = llama_cpp()
+    sys.path[:0] = [str(tree / "gguf-py")]
     try:
         import gguf
     finally:

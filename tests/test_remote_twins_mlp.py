@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_models import TOKENS, hf_logits, litgpt_logits
 from qkvconv.formats.hf import litgpt_config_from_hf
-from test_remote_twins import LLAMA_CPP, build_twin, cli, exact
+from test_remote_twins import llama_cpp, build_twin, cli, exact
 
 transformers = pytest.importorskip("transformers")
 OLMO_SCRIPT = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -98,9 +98,8 @@ def qwen2_twin(tmp_path_factory):
 def test_qwen1_names_are_llama_cpps() -> None:
     """gguf-py's TensorNameMap (llama.cpp) sends each Qwen-1 name to the GGUF tensor of the Qwen2 name it is built
     from here: w2 to ffn_gate and w1 to ffn_up (the remote MLP is c_proj(w1(x) * silu(w2(x)))), c_attn to attn_qkv."""
-    if not (LLAMA_CPP / "gguf-py" / "gguf").is_dir():
-        pytest.skip("llama.cpp's converter (llama-cpp-python 0.3.36 sdist) is not cached here")
-    sys.path[:0] = [str(LLAMA_CPP / "gguf-py")]
+    tree = llama_cpp()
+    sys.path[:0] = [str(tree / "gguf-py")]
     try:
         import gguf
     finally:
