@@ -33,6 +33,24 @@ def llama_cpp() -> Path:
     return converter_dir() / "llama.cpp"
 
 
+def write_fused_adapter(adapter: Path, module: str, rows: int, base: Path, r: int, alpha: int, seed: int) -> dict:
+    """A PEFT LoRA adapter (random A and B, two layers) on the fused module `module` ("...{i}..." per layer) of
+    the original at `base`, written as peft saves one; its tensors."""
+    torch.manual_seed(seed)
+    adapter.mkdir()
+    tensors = {}
+    for i in range(2):
+        key = f"base_model.model.{module.format(i=i)}"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(r, 32) * 0.3
+        tensors[f"{key}.lora_B.weight"] = torch.randn(rows, r) * 0.3
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+        "target_modules": [module.rsplit(".", 1)[1]], "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "base_model_name_or_path": str(base)}))
+    return tensors
+
+
 def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
 
@@ -245,18 +263,8 @@ def test_peft_adapter_on_internlm2_wqkv_becomes_llama_q_k_v_adapters(llama_twin,
     base = tmp_path / "internlm2"
     internlm2_from_llama(twin, base)
     heads, r, alpha = HeadLayout(4, 2, 8), 2, 4
-    torch.manual_seed(3)
     adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    tensors = {}
-    for i in range(2):
-        key = f"base_model.model.model.layers.{i}.attention.wqkv"
-        tensors[f"{key}.lora_A.weight"] = torch.randn(r, 32) * 0.3
-        tensors[f"{key}.lora_B.weight"] = torch.randn(heads.rows, r) * 0.3
-    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "target_modules": ["wqkv"],
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "base_model_name_or_path": str(base)}))
+    tensors = write_fused_adapter(adapter, "model.layers.{i}.attention.wqkv", heads.rows, base, r, alpha, seed=3)
     out = tmp_path / "llama-adapter"
     result = cli("convert", adapter, "--to", "peft", "--qkv", "split", "--base", base, "--out", out)
     assert result.exit_code == 0, result.output
@@ -292,18 +300,8 @@ def test_peft_adapter_on_phi_msft_wqkv_becomes_phi_adapters(tmp_path) -> None:
     base = tmp_path / "phi-msft"
     phi_msft_from_phi(twin, base)
     heads, r, alpha = HeadLayout(4, 4, 8), 3, 3
-    torch.manual_seed(4)
     adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    tensors = {}
-    for i in range(2):
-        key = f"base_model.model.transformer.h.{i}.mixer.Wqkv"
-        tensors[f"{key}.lora_A.weight"] = torch.randn(r, 32) * 0.3
-        tensors[f"{key}.lora_B.weight"] = torch.randn(heads.rows, r) * 0.3
-    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "target_modules": ["Wqkv"],
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "base_model_name_or_path": str(base)}))
+    tensors = write_fused_adapter(adapter, "transformer.h.{i}.mixer.Wqkv", heads.rows, base, r, alpha, seed=4)
     out = tmp_path / "phi-adapter"
     result = cli("convert", adapter, "--to", "peft", "--qkv", "split", "--base", base, "--out", out)
     assert result.exit_code == 0, result.output

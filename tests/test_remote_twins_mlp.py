@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_models import TOKENS, hf_logits, litgpt_logits
 from qkvconv.formats.hf import litgpt_config_from_hf
-from test_remote_twins import llama_cpp, build_twin, cli, exact
+from test_remote_twins import build_twin, cli, exact, llama_cpp, write_fused_adapter
 
 transformers = pytest.importorskip("transformers")
 OLMO_SCRIPT = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -292,19 +292,8 @@ def check_fused_adapter(twin_dir: Path, twin: dict, base: Path, module: str, hea
     from qkvconv.model.layout import QKVOrder, split
 
     r, alpha = 2, 4
-    torch.manual_seed(3)
     adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    tensors = {}
-    for i in range(2):
-        key = f"base_model.model.{module.format(i=i)}"
-        tensors[f"{key}.lora_A.weight"] = torch.randn(r, 32) * 0.3
-        tensors[f"{key}.lora_B.weight"] = torch.randn(heads.rows, r) * 0.3
-    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-        "target_modules": [module.rsplit(".", 1)[1]], "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "base_model_name_or_path": str(base)}))
+    tensors = write_fused_adapter(adapter, module, heads.rows, base, r, alpha, seed=3)
     out = tmp_path / "split-adapter"
     result = cli("convert", adapter, "--to", "peft", "--qkv", "split", "--base", base, "--out", out, *options)
     assert result.exit_code == 0, result.output
