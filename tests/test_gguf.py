@@ -26,7 +26,7 @@ from qkvconv.ops.verify import verify  # noqa: E402
 
 runner = CliRunner()
 IDS = [f.id for f in FAMILIES + MORE]
-PAIRS_ARCHS = {"llama"}  # llama.cpp's NORM rope among the families here
+PAIRS_ARCHS = {"llama", "smollm3", "granite"}  # llama.cpp's NORM rope among the families here
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +236,22 @@ def test_convert_to_gguf_refuses_what_llamacpp_would_compute_otherwise(built_win
     code, report = run("convert", str(built_window), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
     assert code == 2 and "sliding window" in report["error"]
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_smollm3_layers_llamacpp_runs_without_rope_are_refused(converter, tmp_path):
+    """llama.cpp's smollm3 leaves RoPE out of every 4th layer whatever the file says: a 4-layer SmolLM3 that
+    rotates in every layer is neither written as smollm3 nor read from llama.cpp's own file of it (exit 2)."""
+    from gguf_oracle import Family
+
+    family = Family("smollm3-4", {**BY_ID["smollm3"].hf, "num_hidden_layers": 4}, "spm",
+                    config_json={"no_rope_layers": [1, 1, 1, 1]})
+    hf = build_hf(family, tmp_path / "smollm3-4", converter)
+    code, report = run("convert", str(hf), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
+    assert code == 2 and "RoPE in every layer" in report["error"]
+    assert not (tmp_path / "x.gguf").exists()
+    llamacpp_convert([(hf, tmp_path / "theirs.gguf", "f32")], converter)
+    code, report = run("verify", str(hf), str(tmp_path / "theirs.gguf"))
+    assert code == 2 and "without RoPE" in report["error"]
 
 
 @pytest.fixture

@@ -210,6 +210,9 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
         raise UnsupportedFamily(f"{g.path} sets {', '.join(prefix + k for k in unknown[:3])}, which qkvconv's GGUF "
                                 "reader does not map: refused rather than read as a model it may not be")
     n_embd, n_layer, n_head = (int(_require(g, k)) for k in ("embedding_length", "block_count", "attention.head_count"))
+    if arch.no_rope_step and n_layer >= arch.no_rope_step:
+        raise UnsupportedFamily(f"{g.path}: llama.cpp's {arch.name} runs every {arch.no_rope_step}th layer without "
+                                "RoPE, which litgpt cannot compute (it rotates in every layer)")
     n_kv = int(g.key("attention.head_count_kv", n_head))
     head_size = int(g.key("attention.key_length", n_embd // n_head))
     if int(g.key("attention.value_length", head_size)) != head_size:

@@ -42,8 +42,10 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
     arch = arch or for_family(cfg)
     if arch is None:
         raise UnsupportedFamily("no llama.cpp architecture qkvconv writes computes this model (it writes llama, qwen2, "
-                                "qwen3, phi3, falcon, gptneox, gemma, olmo2)")
+                                "qwen3, phi3, falcon, gptneox, gemma, olmo2, starcoder2, smollm3)")
     problems = []
+    if arch.no_rope_step and arch_obj.n_layer >= arch.no_rope_step:
+        problems.append(f"RoPE in every layer ({arch.name} leaves it out of every {arch.no_rope_step}th layer)")
     windowed = any(arch_obj.sliding_window_layers) and arch_obj.sliding_window_size is not None
     if arch.sliding_window == "gemma2":
         if not windowed or list(map(int, arch_obj.sliding_window_layers)) != gemma2_window_layers(arch_obj.n_layer):
