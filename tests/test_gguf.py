@@ -312,6 +312,18 @@ def test_gguf_settings_the_reader_does_not_map_are_refused(made, tmp_path, keys,
     assert code == 2 and why in report["error"]
 
 
+@pytest.mark.parametrize("key,value", [("granite.residual_scale", 0.5), ("granite.logit_scale", 2.0),
+                                       ("granite.embedding_scale", 3.0), ("granite.attention.scale", 0.3)])
+def test_granite_scales_litgpt_does_not_compute_are_refused(made, tmp_path, key, value):
+    """Granite's multipliers other than neutral (an attention scale not 1/sqrt of an integer) are refused
+    (exit 2), not read as the neutral model."""
+    hf, gguf_file = made["granite"]
+    assert run("verify", str(hf), str(rewrite(gguf_file, tmp_path / "same.gguf")))[0] == 0
+    odd = rewrite(gguf_file, tmp_path / "odd.gguf", {key: value}, drop=(key,))
+    code, report = run("verify", str(hf), str(odd))
+    assert code == 2, report
+
+
 @pytest.mark.parametrize("family_id", ["llama-gqa", "gemma", "phi3-fused"])
 def test_convert_from_gguf(made, family_id, tmp_path):
     """A float GGUF converts back to Hugging Face (llama: Q/K from pairs to half again) and litgpt, each
