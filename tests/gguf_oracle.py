@@ -83,6 +83,14 @@ MORE = [
            hf_vocab=GPT2_VOCAB),
     Family("phi-2", {"model_type": "phi", **SMALL, "num_key_value_heads": 4, "partial_rotary_factor": 0.5},
            "gpt2", arch="phi2", hf_vocab=GPT2_VOCAB),
+    Family("starcoder2", {"model_type": "starcoder2", **SMALL, "sliding_window": None, "norm_epsilon": 1e-5},
+           "gpt2", arch="starcoder2", hf_vocab=GPT2_VOCAB),
+    # 2 layers: llama.cpp's smollm3 leaves RoPE out of every 4th layer only, so every layer rotates here
+    Family("smollm3", {"model_type": "smollm3", **SMALL, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+           "spm", arch="smollm3"),
+    # attention_multiplier 0.25 = 1/sqrt(16): scores scaled by it, not 1/sqrt(head_dim 8); other multipliers 1
+    Family("granite", {"model_type": "granite", **SMALL, "attention_multiplier": 0.25, "pad_token_id": 0,
+                       "bos_token_id": 1, "eos_token_id": 2}, "spm", arch="granite"),
 ]
 BY_ID = {f.id: f for f in FAMILIES + MORE}
 

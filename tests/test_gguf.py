@@ -26,7 +26,7 @@ from qkvconv.ops.verify import verify  # noqa: E402
 
 runner = CliRunner()
 IDS = [f.id for f in FAMILIES + MORE]
-PAIRS_ARCHS = {"llama"}  # llama.cpp's NORM rope among the families here
+PAIRS_ARCHS = {"llama", "smollm3", "granite"}  # llama.cpp's NORM rope among the families here
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +238,22 @@ def test_convert_to_gguf_refuses_what_llamacpp_would_compute_otherwise(built_win
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_smollm3_layers_llamacpp_runs_without_rope_are_refused(converter, tmp_path):
+    """llama.cpp's smollm3 leaves RoPE out of every 4th layer whatever the file says: a 4-layer SmolLM3 that
+    rotates in every layer is neither written as smollm3 nor read from llama.cpp's own file of it (exit 2)."""
+    from gguf_oracle import Family
+
+    family = Family("smollm3-4", {**BY_ID["smollm3"].hf, "num_hidden_layers": 4}, "spm",
+                    config_json={"no_rope_layers": [1, 1, 1, 1]})
+    hf = build_hf(family, tmp_path / "smollm3-4", converter)
+    code, report = run("convert", str(hf), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
+    assert code == 2 and "RoPE in every layer" in report["error"]
+    assert not (tmp_path / "x.gguf").exists()
+    llamacpp_convert([(hf, tmp_path / "theirs.gguf", "f32")], converter)
+    code, report = run("verify", str(hf), str(tmp_path / "theirs.gguf"))
+    assert code == 2 and "without RoPE" in report["error"]
+
+
 @pytest.fixture
 def built_window(tmp_path, converter):
     from gguf_oracle import Family
@@ -294,6 +310,18 @@ def test_gguf_settings_the_reader_does_not_map_are_refused(made, tmp_path, keys,
     assert run("verify", str(hf), str(same))[0] == 0  # the rewriting itself changes nothing
     code, report = run("verify", str(hf), str(rewrite(gguf_file, tmp_path / "odd.gguf", keys, tensors)))
     assert code == 2 and why in report["error"]
+
+
+@pytest.mark.parametrize("key,value", [("granite.residual_scale", 0.5), ("granite.logit_scale", 2.0),
+                                       ("granite.embedding_scale", 3.0), ("granite.attention.scale", 0.3)])
+def test_granite_scales_litgpt_does_not_compute_are_refused(made, tmp_path, key, value):
+    """Granite's multipliers other than neutral (an attention scale not 1/sqrt of an integer) are refused
+    (exit 2), not read as the neutral model."""
+    hf, gguf_file = made["granite"]
+    assert run("verify", str(hf), str(rewrite(gguf_file, tmp_path / "same.gguf")))[0] == 0
+    odd = rewrite(gguf_file, tmp_path / "odd.gguf", {key: value}, drop=(key,))
+    code, report = run("verify", str(hf), str(odd))
+    assert code == 2, report
 
 
 @pytest.mark.parametrize("family_id", ["llama-gqa", "gemma", "phi3-fused"])

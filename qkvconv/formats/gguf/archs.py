@@ -81,6 +81,8 @@ class GGUFArch:
     qkv_bias: str = "none"
     proj_bias: str = "none"
     experts: str = "none"  # a mixture of experts in every layer: "none", "optional" (llama: Mixtral), "required"
+    multipliers: bool = False  # Granite's scale keys (attention.scale, embedding_scale, residual_scale, logit_scale)
+    no_rope_step: int = 0  # llama.cpp's n_no_rope_layer_step: layer il without RoPE where (il + 1) % step == 0
     keys: frozenset[str] = frozenset()  # `{arch}.*` keys it reads beyond every architecture's (reading.KNOWN_KEYS)
 
     def module(self, litgpt_module: str, i: int | str) -> str:
@@ -174,9 +176,32 @@ OLMO2 = GGUFArch(
     "RMSNorm", "LLaMAMLP", "attention.layer_norm_rms_epsilon", norm_qk="olmo2", converter="Olmo2ForCausalLM",
     where="conversion/olmo.py Olmo2Model: tensors renamed only; NEOX rope",
 )
+STARCODER2 = GGUFArch(
+    "starcoder2", "StarCoder2 (GGUF)", RopeOrder.HALF, "split", NEOX_LAYER, "LayerNorm", "GptNeoxMLP",
+    "attention.layer_norm_epsilon", converter="Starcoder2ForCausalLM", qkv_bias="required", proj_bias="required",
+    where="conversion/starcoder.py StarCoder2Model: tensors renamed only; NEOX rope; src/models/starcoder2.cpp: "
+          "LayerNorms with biases, attn_output and ffn_up/ffn_down biases required, sequential residual, tanh GELU "
+          "MLP, Q scaled by 1/sqrt(head_dim), no sliding window",
+)
+SMOLLM3 = replace(
+    LLAMA, name="smollm3", label="SmolLM3 (GGUF)", converter="SmolLM3ForCausalLM", qkv_bias="none", experts="none",
+    no_rope_step=4,
+    where="conversion/llama.py SmolLM3Model (LlamaModel): q_proj/k_proj permuted half -> pairs like Llama's; "
+          "src/models/smollm3.cpp: n_no_rope_layer_step = 4 is fixed (layer il has no RoPE where (il + 1) % 4 == 0), "
+          "so only models of fewer than 4 layers rotate in every layer as litgpt does",
+)
+GRANITE = replace(
+    LLAMA, name="granite", label="Granite (GGUF)", converter="GraniteForCausalLM", qkv_bias="none", experts="none",
+    multipliers=True, keys=frozenset({"attention.scale", "embedding_scale", "residual_scale", "logit_scale"}),
+    where="conversion/granite.py GraniteModel (LlamaModel): q_proj/k_proj permuted half -> pairs, head_dim dropped, "
+          "attention_multiplier -> attention.scale, embedding_multiplier -> embedding_scale, residual_multiplier -> "
+          "residual_scale, logits_scaling -> logit_scale (each written where truthy); src/models/granite.cpp: Q·K "
+          "scaled by attention.scale (0 or absent: 1/sqrt(head_dim)), logits divided by logit_scale (required), "
+          "residual branches times residual_scale and embeddings times embedding_scale where nonzero",
+)
 
 ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, QWEN3MOE, PHI3, FALCON, GPTNEOX, GEMMA,
-                                                  GEMMA2, STABLELM, PHI2, OLMO2)}
+                                                  GEMMA2, STABLELM, PHI2, OLMO2, STARCODER2, SMOLLM3, GRANITE)}
 
 # litgpt's LLaMAMoE router and experts (under transformer.h.{i}) <-> llama.cpp's, whose experts of one layer are
 # stacked in one 3D tensor per linear (expert e: index e of its first dim); src/models/llama.cpp renormalises

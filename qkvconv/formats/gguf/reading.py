@@ -210,6 +210,9 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
         raise UnsupportedFamily(f"{g.path} sets {', '.join(prefix + k for k in unknown[:3])}, which qkvconv's GGUF "
                                 "reader does not map: refused rather than read as a model it may not be")
     n_embd, n_layer, n_head = (int(_require(g, k)) for k in ("embedding_length", "block_count", "attention.head_count"))
+    if arch.no_rope_step and n_layer >= arch.no_rope_step:
+        raise UnsupportedFamily(f"{g.path}: llama.cpp's {arch.name} runs every {arch.no_rope_step}th layer without "
+                                "RoPE, which litgpt cannot compute (it rotates in every layer)")
     n_kv = int(g.key("attention.head_count_kv", n_head))
     head_size = int(g.key("attention.key_length", n_embd // n_head))
     if int(g.key("attention.value_length", head_size)) != head_size:
@@ -273,6 +276,8 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
     if moe:
         cfg.update(mlp_class_name="LLaMAMoE", moe_intermediate_size=up, n_expert=int(_require(g, "expert_count")),
                    n_expert_per_token=int(_require(g, "expert_used_count")))
+    if arch.multipliers:
+        cfg.update(granite_scales(g, head_size))
     window = g.key("attention.sliding_window")
     if window and arch.sliding_window == "all":
         cfg.update(sliding_window_size=int(window), sliding_window_indices=[1] * n_layer)
@@ -286,6 +291,24 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
                    attention_logit_softcapping=g.key("attn_logit_softcapping"),
                    final_logit_softcapping=g.key("final_logit_softcapping"))
     return cfg
+
+
+def granite_scales(g: GGUFFile, head_size: int) -> dict[str, Any]:
+    """Granite's multipliers where litgpt computes them: residual and logit scales neutral (1; residual 0 or
+    absent: not applied), embedding scale 1 (or 0/absent), attention.scale 1/sqrt of an integer (0/absent:
+    1/sqrt(head_size)), which is litgpt's attention_scores_scalar. Anything else is refused."""
+    logit, residual, embedding = g.key("logit_scale"), g.key("residual_scale"), g.key("embedding_scale")
+    if logit != 1.0 or residual not in (None, 0.0, 1.0) or embedding not in (None, 0.0, 1.0):
+        raise UnsupportedFamily(f"{g.path}: Granite scales (logit {logit}, residual {residual}, embedding "
+                                f"{embedding}) other than neutral, which litgpt does not compute")
+    scale = g.key("attention.scale")
+    if not scale:
+        return {}
+    scalar = 1.0 / float(scale) ** 2
+    if abs(scalar - round(scalar)) > 1e-6 * scalar:
+        raise UnsupportedFamily(f"{g.path}: attention.scale {scale} is not 1/sqrt of an integer, which litgpt's "
+                                "attention_scores_scalar needs")
+    return {} if round(scalar) == head_size else {"attention_scores_scalar": round(scalar)}
 
 
 # Llama 3.1/3.2's RoPE scaling as its config.json gives it (rope_scaling: low_freq_factor 1, high_freq_factor 4,

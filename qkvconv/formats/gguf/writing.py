@@ -42,8 +42,10 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
     arch = arch or for_family(cfg)
     if arch is None:
         raise UnsupportedFamily("no llama.cpp architecture qkvconv writes computes this model (it writes llama, qwen2, "
-                                "qwen3, phi3, falcon, gptneox, gemma, olmo2)")
+                                "qwen3, phi3, falcon, gptneox, gemma, olmo2, starcoder2, smollm3, granite)")
     problems = []
+    if arch.no_rope_step and arch_obj.n_layer >= arch.no_rope_step:
+        problems.append(f"RoPE in every layer ({arch.name} leaves it out of every {arch.no_rope_step}th layer)")
     windowed = any(arch_obj.sliding_window_layers) and arch_obj.sliding_window_size is not None
     if arch.sliding_window == "gemma2":
         if not windowed or list(map(int, arch_obj.sliding_window_layers)) != gemma2_window_layers(arch_obj.n_layer):
@@ -59,8 +61,10 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
             problems.append(f"a sliding window ({arch.name} in llama.cpp attends to every earlier token)")
         if arch_obj.attention_logit_softcapping or arch_obj.final_logit_softcapping:
             problems.append("soft-capping")
-        if abs(arch_obj.attention_scale * arch_obj.head_size ** 0.5 - 1) > 1e-9:
+        if abs(arch_obj.attention_scale * arch_obj.head_size ** 0.5 - 1) > 1e-9 and not arch.multipliers:
             problems.append("attention scores scaled other than by 1/sqrt(head_size)")
+        if arch.multipliers and arch_obj.head_size * arch_obj.n_head != arch_obj.n_embd:
+            problems.append(f"a head size other than n_embd / n_head ({arch.name} has no head_dim)")
     llama3 = arch_obj.rope_scaling == "llama3" and arch.name == "llama" and (
         arch_obj.rope_low_freq_factor, arch_obj.rope_high_freq_factor, arch_obj.rope_original_max_seq_len) == tuple(
         LLAMA3.values())
@@ -227,6 +231,10 @@ def header(arch: GGUFArch, cfg: dict[str, Any], file_type: int) -> dict[str, tup
         out[f"{k}.attn_logit_softcapping"] = ("float32", float(a.attention_logit_softcapping or 0.0))
         out[f"{k}.final_logit_softcapping"] = ("float32", float(a.final_logit_softcapping or 0.0))
         out[f"{k}.attention.sliding_window"] = ("uint32", int(a.sliding_window_size or 0))
+    if arch.multipliers:  # Granite's, neutral but for the attention scale (what its converter writes of defaults)
+        out[f"{k}.attention.scale"] = ("float32", float(a.attention_scale))
+        for key in ("embedding_scale", "residual_scale", "logit_scale"):
+            out[f"{k}.{key}"] = ("float32", 1.0)
     factor = a.rope_factor if a.rope_scaling == "linear" else (a.rope_condense_ratio if a.rope_condense_ratio != 1 else None)
     if factor is not None:
         out[f"{k}.rope.scaling.type"] = ("string", "linear")
