@@ -33,6 +33,17 @@ def llama_cpp() -> Path:
     return converter_dir() / "llama.cpp"
 
 
+def name_maps(*archs: str) -> list:
+    """gguf-py's TensorNameMap (llama.cpp's, from the converter tree) of each MODEL_ARCH name, at 2 layers."""
+    tree = llama_cpp()
+    sys.path[:0] = [str(tree / "gguf-py")]
+    try:
+        import gguf
+    finally:
+        del sys.path[:1]
+    return [gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), 2) for arch in archs]
+
+
 def write_fused_adapter(adapter: Path, module: str, rows: int, base: Path, r: int, alpha: int, seed: int) -> dict:
     """A PEFT LoRA adapter (random A and B, two layers) on the fused module `module` ("...{i}..." per layer) of
     the original at `base`, written as peft saves one; its tensors."""
@@ -217,13 +228,7 @@ def phi_msft_from_phi(twin: dict, directory: Path) -> dict:
 def test_phi_msft_names_are_llama_cpps(tmp_path) -> None:
     """gguf-py's TensorNameMap (llama.cpp) sends each original Phi-2 name to the GGUF tensor of the HF Phi name
     it is built from here; mixer.Wqkv to attn_qkv, whose rows ggml's phi2 graph reads as Q, K, V in turn."""
-    tree = llama_cpp()
-    sys.path[:0] = [str(tree / "gguf-py")]
-    try:
-        import gguf
-    finally:
-        del sys.path[:1]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI2, 2)
+    (names,) = name_maps("PHI2")
     pairs = {**PHI_MSFT_NAMES, **{f"model.layers.1.{hf}": f"transformer.h.1.{theirs}" for hf, theirs in PHI_MSFT_LAYER.items()}}
     for hf, theirs in pairs.items():
         assert names.get_name(theirs) is not None and names.get_name(theirs) == names.get_name(hf), (hf, theirs)

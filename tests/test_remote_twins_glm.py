@@ -9,7 +9,6 @@ name map for its chatglm and glm4 architectures.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_models import LLAMA_SIZES, hf_logits, litgpt_logits
 from qkvconv.formats.hf import litgpt_config_from_hf
-from test_remote_twins import llama_cpp, build_twin, cli, exact
+from test_remote_twins import build_twin, cli, exact, name_maps
 
 transformers = pytest.importorskip("transformers")
 TOP = {"model.embed_tokens": "transformer.embedding.word_embeddings", "model.norm": "transformer.encoder.final_layernorm",
@@ -63,13 +62,7 @@ def chatglm_from_glm(twin: dict, directory: Path, **config) -> dict:
 def test_chatglm_names_are_llama_cpps() -> None:
     """gguf-py's TensorNameMap sends each ChatGLM name (with "transformer." stripped, as llama.cpp's ChatGLMModel
     does) to the GGUF tensor that the Glm name it is built from gets under glm4; query_key_value to attn_qkv."""
-    tree = llama_cpp()
-    sys.path[:0] = [str(tree / "gguf-py")]
-    try:
-        import gguf
-    finally:
-        del sys.path[:1]
-    chatglm, glm4 = gguf.get_tensor_name_map(gguf.MODEL_ARCH.CHATGLM, 2), gguf.get_tensor_name_map(gguf.MODEL_ARCH.GLM4, 2)
+    chatglm, glm4 = name_maps("CHATGLM", "GLM4")
     pairs = {**TOP, **{f"model.layers.1.{hf}": f"transformer.encoder.layers.1.{theirs}" for hf, theirs in LAYER.items()}}
     for hf, theirs in pairs.items():
         got = chatglm.get_name(theirs.removeprefix("transformer."))

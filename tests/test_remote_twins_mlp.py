@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_models import TOKENS, hf_logits, litgpt_logits
 from qkvconv.formats.hf import litgpt_config_from_hf
-from test_remote_twins import build_twin, cli, exact, llama_cpp, write_fused_adapter
+from test_remote_twins import build_twin, cli, exact, name_maps, write_fused_adapter
 
 transformers = pytest.importorskip("transformers")
 OLMO_SCRIPT = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -98,13 +98,7 @@ def qwen2_twin(tmp_path_factory):
 def test_qwen1_names_are_llama_cpps() -> None:
     """gguf-py's TensorNameMap (llama.cpp) sends each Qwen-1 name to the GGUF tensor of the Qwen2 name it is built
     from here: w2 to ffn_gate and w1 to ffn_up (the remote MLP is c_proj(w1(x) * silu(w2(x)))), c_attn to attn_qkv."""
-    tree = llama_cpp()
-    sys.path[:0] = [str(tree / "gguf-py")]
-    try:
-        import gguf
-    finally:
-        del sys.path[:1]
-    qwen, qwen2 = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN, 2), gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 2)
+    qwen, qwen2 = name_maps("QWEN", "QWEN2")
     pairs = {**QWEN1_TOP, **{f"model.layers.1.{hf}": f"transformer.h.1.{theirs}" for hf, theirs in QWEN1_LAYER.items()}}
     for hf, theirs in pairs.items():
         assert qwen.get_name(theirs) is not None and qwen.get_name(theirs) == qwen2.get_name(hf), (hf, theirs)
