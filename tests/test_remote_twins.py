@@ -348,6 +348,9 @@ INSPECT_ONLY = {
     "jais": ({"architectures": ["JAISLMHeadModel"], "model_type": "jais", "n_embd": 32, "n_head": 4, "n_layer": 2,
               "position_embedding_type": "alibi", "auto_map": {}},
              "transformer.h.{i}.attn.c_attn", "sequential", (4, 4, 8), "stored transposed as [in, out] (Conv1D)"),
+    "phi3small": ({"architectures": ["Phi3SmallForCausalLM"], "model_type": "phi3small", "hidden_size": 32,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "auto_map": {}},
+                  "model.layers.{i}.self_attn.query_key_value", "grouped", (4, 2, 8), "query_key_value"),
 }
 
 
