@@ -118,9 +118,11 @@ def convert(
     changes: Transformations | None = None,
     merge: bool = False,
     allow_nonfinite: bool = False,
+    target_base: Path | None = None,
 ) -> ConvertReport:
     """Convert `source` into format `to` at `out` (a new directory), with `changes` made on the way.
-    `merge`: a litgpt LoRA run becomes a full litgpt checkpoint with the update merged into its base."""
+    `merge`: a litgpt LoRA run becomes a full litgpt checkpoint with the update merged into its base.
+    `target_base`: a PEFT adapter is written for that base (the same model in other modules)."""
     target = formats.get(to).load()
     changes = changes or Transformations()
     src_entry, source_path = formats.locate(source)
@@ -140,8 +142,11 @@ def convert(
         if dry_run:
             raise QkvconvError("--dry-run plans full-model conversions; adapters are small and convert in memory")
         report.actions += convert_adapter(directory, src.name, to, out, base, changes.qkv,
-                                          allow_nonfinite=allow_nonfinite)
+                                          allow_nonfinite=allow_nonfinite, target_base=target_base)
         return report
+    if target_base is not None:
+        raise QkvconvError("--target-base puts a PEFT adapter onto another base of the same model (--to peft); "
+                           "full checkpoints convert with --to hf, which writes the transformers twin")
     if out is None and not dry_run:
         raise QkvconvError("convert writes a new directory: give it with --out DIR")
     direct = None if changes.any() else src.direct_plan(directory, to)
