@@ -314,6 +314,7 @@ def transformations(rope: Rope | None, kv_heads: int | None, fold_norms: bool, q
     "qkvconv convert llama-hf/ --to hf --qkv fused --out phi3-style   # one qkv_proj",
     "qkvconv convert lora-run/ --to peft --out adapter                # litgpt LoRA -> PEFT",
     "qkvconv convert llama-adapter/ --to peft --base llamafied/ --target-base internlm2/ --out adapter",
+    "qkvconv convert llamafied/ --to hf --target-base internlm2/ --out internlm2-again",
     "qkvconv convert hf-model/ --to hf --dry-run --json               # the plan only",
 ))
 @reports_errors
@@ -353,9 +354,10 @@ def convert_cmd(
     variant: VariantOpt = None,
     target_base: Annotated[
         Optional[Path],
-        typer.Option(help="PEFT adapters: write the adapter for this base (its config.json), the same model in other "
-                          "modules, e.g. a remote-code original (InternLM2 wqkv, ...) whose transformers twin the "
-                          "adapter was trained on. The adapter's own base stays --base."),
+        typer.Option(help="Write for this base (its config.json): the same model in another architecture's modules, "
+                          "e.g. a remote-code original (InternLM2 wqkv, ...) from its transformers twin. --to peft: "
+                          "an adapter on that base (the adapter's own base stays --base); --to hf: the checkpoint in "
+                          "its layout, with its config.json."),
     ] = None,
 ) -> None:
     """Convert between litgpt (current and legacy order), Hugging Face, Meta and PEFT, exactly."""

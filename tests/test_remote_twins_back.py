@@ -258,3 +258,45 @@ def test_a_different_model_is_refused_naming_the_field(tmp_path) -> None:
         doc = json.loads(result.stdout)  # exactly one JSON document
         assert result.exit_code == 2 and doc["exit_code"] == 2 and field in doc["error"]
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_twin_checkpoint_goes_back_to_the_original(case: str, tmp_path) -> None:
+    """`convert TWIN --to hf --target-base ORIGINAL` writes the original's own tensors (bit for bit, as the layout
+    helpers checked against llama.cpp build them), its config.json unchanged and the code files its auto_map names;
+    converted onwards (`--to hf`) it gives the twin's logits. Baichuan 2's head holds the twin's normalised rows
+    (normalised again at run time); ChatGLM's inv_freq buffer, which its code makes itself, is not written."""
+    build, original_of, _, _, _, _, options = CASES[case]
+    twin_dir, tensors = build(tmp_path / "twin")
+    original = tmp_path / "original"
+    want = original_of(tensors, original)
+    code = sorted({ref.rsplit(".", 1)[0] + ".py" for ref in json.loads((original / "config.json").read_text())
+                   .get("auto_map", {}).values()})
+    for name in code:
+        (original / name).write_text("raise SystemExit('remote code: copied, never run')\n")
+    out = tmp_path / "back"
+    result = cli("convert", twin_dir, "--to", "hf", "--target-base", original, "--out", out, *options)
+    assert result.exit_code == 0, result.output
+    got = load_file(out / "model.safetensors")
+    assert sorted(got) == sorted(k for k in want if not k.endswith("rotary_pos_emb.inv_freq"))
+    differ = [k for k in got if not torch.equal(got[k], want[k])]
+    assert differ == (["lm_head.weight"] if case == "baichuan2-7b" else [])
+    assert (out / "config.json").read_text() == (original / "config.json").read_text()
+    assert code and all((out / name).read_text() == (original / name).read_text() for name in code)
+    twin_logits = hf_logits(twin_dir)
+    assert exact(logits_of_original(out, options, tmp_path, "hf"), twin_logits)
+
+
+def test_a_checkpoint_for_another_model_is_refused(tmp_path) -> None:
+    build, original_of, *_ = CASES["internlm2"]
+    twin_dir, tensors = build(tmp_path / "twin")
+    original = tmp_path / "original"
+    original_of(tensors, original)
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 4}))
+    result = cli("convert", twin_dir, "--to", "hf", "--target-base", original, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "n_query_groups" in result.output, result.output
+    for args in (("--to", "litgpt"), ("--to", "hf", "--qkv", "fused")):
+        result = cli("convert", twin_dir, *args, "--target-base", original, "--out", tmp_path / "out")
+        assert result.exit_code == 2 and "--target-base" in result.output, result.output
+    assert not (tmp_path / "out").exists()

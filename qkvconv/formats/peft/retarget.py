@@ -36,8 +36,7 @@ from typing import Any
 import torch
 
 from qkvconv.errors import CheckFailed, QkvconvError
-from qkvconv.formats.hf.config import require_family
-from qkvconv.formats.hf.table import Read
+from qkvconv.formats.hf.config import _read, require_family
 from qkvconv.formats.peft.modules import (
     PEFT_CONFIG,
     PEFT_PREFIX,
@@ -88,16 +87,6 @@ def same_model(source_cfg: dict[str, Any], target_cfg: dict[str, Any], source: s
     differ = [f"{k} ({a[k]!r} in {source}, {b[k]!r} in {target})" for k in a if a[k] != b.get(k)]
     if differ:
         raise QkvconvError(f"{target} does not describe the adapter's base model: it differs in {'; '.join(differ)}")
-
-
-def _normalized(family: Any, config_json: dict[str, Any]) -> bool:
-    rule = family.normalized_head
-    if isinstance(rule, Read):
-        for key in rule.keys:
-            if config_json.get(key) is not None:
-                return bool(config_json[key])
-        return bool(rule.default)
-    return bool(rule)
 
 
 def _alpha_for(scaling: float, r: int, rslora: bool) -> float | None:
@@ -291,7 +280,7 @@ def retarget_peft(peft_dir: Path, out: Path, *, source_json: dict[str, Any], tar
     for family, config_json, table, where in ((src_family, source_json, src_table, source_name),
                                               (dst_family, target_json, dst_table, target_name)):
         head = family.lm_head
-        if _normalized(family, config_json) and any(m.lit_stem() == "lm_head" for m in modules.values()):
+        if _read(config_json, family.normalized_head) and any(m.lit_stem() == "lm_head" for m in modules.values()):
             raise QkvconvError(
                 f"the adapter targets the output head, which {family.architecture} ({where}) normalises at run time "
                 "(each row divided by its norm: Baichuan 2's NormHead): no update of its stored rows equals an update "
