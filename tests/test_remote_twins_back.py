@@ -293,9 +293,11 @@ def test_a_checkpoint_for_another_model_is_refused(tmp_path) -> None:
     original = tmp_path / "original"
     original_of(tensors, original)
     config = json.loads((original / "config.json").read_text())
-    (original / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 4}))
-    result = cli("convert", twin_dir, "--to", "hf", "--target-base", original, "--out", tmp_path / "out")
-    assert result.exit_code == 2 and "n_query_groups" in result.output, result.output
+    for change, field in (({"num_key_value_heads": 4}, "n_query_groups"), ({"intermediate_size": 64},
+                                                                            "intermediate_size")):
+        (original / "config.json").write_text(json.dumps({**config, **change}))
+        result = cli("convert", twin_dir, "--to", "hf", "--target-base", original, "--out", tmp_path / "out")
+        assert result.exit_code == 2 and field in result.output, result.output
     for args in (("--to", "litgpt"), ("--to", "hf", "--qkv", "fused")):
         result = cli("convert", twin_dir, *args, "--target-base", original, "--out", tmp_path / "out")
         assert result.exit_code == 2 and "--target-base" in result.output, result.output

@@ -20,7 +20,7 @@ from qkvconv.formats.hf.config import (
     HF_CONFIG, _heads, _int, _read, detect_family, litgpt_config_from_hf, require_family)
 from qkvconv.formats.hf.describe import describe_layout
 from qkvconv.formats.hf.families import FAMILIES, SUPPORTED_ARCHITECTURES
-from qkvconv.formats.hf.rules import hf_config_for, qkv_note, tied
+from qkvconv.formats.hf.rules import hf_config_for, qkv_note, require_same_model, tied
 from qkvconv.formats.hf.table import Fused, Split
 from qkvconv.formats.hf.variants import read_config_json
 from qkvconv.model.rotary import RopeOrder
@@ -136,6 +136,8 @@ class HuggingFace(Format):
 
         if changes.target_base is not None:  # that base's architecture and its own config.json, as it is
             config_json, text = target_config(changes.target_base)
+            require_same_model(model.config, litgpt_config_from_hf(config_json), "the source",
+                               str(changes.target_base / HF_CONFIG))
             plan = compose(plan_litgpt_to_hf(model.config, model.outputs(), config_json), model.plan)
             plan.texts[HF_CONFIG] = text
             family = require_family(config_json)

@@ -37,6 +37,7 @@ import torch
 
 from qkvconv.errors import CheckFailed, QkvconvError
 from qkvconv.formats.hf.config import _read, require_family
+from qkvconv.formats.hf.rules import require_same_model
 from qkvconv.formats.peft.modules import (
     PEFT_CONFIG,
     PEFT_PREFIX,
@@ -52,7 +53,6 @@ from qkvconv.formats.peft.reading import _modules_of, _PeftAdapter, _read_peft
 from qkvconv.io.readers import TensorMeta
 from qkvconv.io.transaction import new_directory
 from qkvconv.io.writers import SafetensorsWriter
-from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout
 from qkvconv.model.nonfinite import max_difference, same_bits, within
 
@@ -78,15 +78,6 @@ class _Built:
     alpha: float
     how: str  # "copied" (one source adapter) | "shared" (several, one lora_A) | "block" (several lora_A)
     folded: list[str] = field(default_factory=list)  # source adapters whose scaling ratio went into lora_B
-
-
-def same_model(source_cfg: dict[str, Any], target_cfg: dict[str, Any], source: str, target: str) -> None:
-    """Refuse (exit 2) two configs that do not compute one model, naming every field that differs."""
-    a, b = ({**Architecture.from_litgpt_config(cfg).function_fields(), "intermediate_size": cfg.get("intermediate_size")}
-            for cfg in (source_cfg, target_cfg))
-    differ = [f"{k} ({a[k]!r} in {source}, {b[k]!r} in {target})" for k in a if a[k] != b.get(k)]
-    if differ:
-        raise QkvconvError(f"{target} does not describe the adapter's base model: it differs in {'; '.join(differ)}")
 
 
 def _alpha_for(scaling: float, r: int, rslora: bool) -> float | None:
@@ -273,7 +264,7 @@ def retarget_peft(peft_dir: Path, out: Path, *, source_json: dict[str, Any], tar
     src_family, dst_family = require_family(source_json), require_family(target_json)
     lit_src, shape = _shape_of(source_json)
     lit_dst, _ = _shape_of(target_json)
-    same_model(lit_src, lit_dst, source_name, target_name)
+    require_same_model(lit_src, lit_dst, source_name, target_name)
     heads = shape.heads
     src_table, dst_table = _ModuleTable(src_family, shape.n_layer), _ModuleTable(dst_family, shape.n_layer)
     modules = _modules_of(adapter, src_table, lit_src, heads)
