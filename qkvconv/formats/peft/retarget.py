@@ -285,6 +285,9 @@ def retarget_peft(peft_dir: Path, out: Path, *, source_json: dict[str, Any], tar
         built.append(_build(module, list(parts.values()), out_rows, rslora))
     config = _config(built, dst_table, adapter.config, target_name)
     notes = _notes(built, dst_table, modules, src_table, config)
+    if adapter.base_copies:
+        notes.append(f"not written: peft's copy of the base weights of {', '.join(sorted(adapter.base_copies))} "
+                     "(save_embedding_layers; the target base has its own)")
     tensors = {f"{PEFT_PREFIX}{e.module.hf}.{ab}.weight": t.contiguous()
                for e in built for ab, t in (("lora_A", e.a), ("lora_B", e.b))}
     with new_directory(out) as tmp:
