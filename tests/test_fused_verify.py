@@ -196,11 +196,17 @@ def test_convert_still_refuses(case_id: str, built, tmp_path: Path) -> None:
         directory = _dbrx(tmp_path)
     else:
         directory = built(case_id).directory
+    config_json = json.loads((directory / "config.json").read_text())
+    family = detect_family(config_json)
+    features = family.refused_features(config_json)
+    assert features  # what litgpt lacks, as the table says it
     for target in ("litgpt", "hf"):
         out = tmp_path / f"out-{target}"
         result = cli("convert", directory, "--to", target, "--out", out, "--json")
         assert result.exit_code == 2, result.output
-        assert "has no litgpt equivalent" in json.loads(result.output)["error"]
+        error = json.loads(result.output)["error"]
+        assert error.startswith(f"{family.architecture} with ") and "has no litgpt equivalent" in error
+        assert all(feature in error for feature in features)
         assert not out.exists()
 
 
