@@ -169,6 +169,44 @@ def test_verify_passes_a_copy_and_names_the_layer_of_wrong_rows(case_id: str, bu
     assert text.exit_code == 1 and "layer 1" in text.output
 
 
+@pytest.mark.parametrize("case_id", ["gpt2", "bloom", "codegen"])
+def test_files_named_as_on_the_hub_are_read_as_transformers_loads_them(case_id: str, built, tmp_path: Path) -> None:
+    """GPT-2's and Bloom's files on the Hub hold the base model's names (`h.0...`, no `transformer.`), GPT-2's and
+    CodeGen's their causal-mask buffers: transformers loads such a file as the same model, and so does verify (and
+    still names the layer of wrong rows in one)."""
+    b = built(case_id)
+    tensors = load_file(b.directory / "model.safetensors")
+    P = POSITIONS
+    if case_id == "codegen":  # Salesforce's names keep the prefix, with attn.causal_mask
+        hub = {**tensors, **{f"transformer.h.{i}.attn.causal_mask": torch.ones(1, 1, P, P, dtype=torch.bool).tril()
+                             for i in range(2)}}
+    else:
+        hub = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+        if case_id == "gpt2":
+            hub.update({f"h.{i}.attn.bias": torch.ones(1, 1, P, P, dtype=torch.bool).tril() for i in range(2)})
+            hub.update({f"h.{i}.attn.masked_bias": torch.tensor(-1e4) for i in range(2)})
+    directory = tmp_path / "hub"
+    directory.mkdir()
+    shutil.copy(b.directory / "config.json", directory / "config.json")
+    save_file(hub, directory / "model.safetensors", metadata={"format": "pt"})
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True,
+                                                                    attn_implementation="eager")
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS).logits, b.logits)
+    result = cli("verify", b.directory, directory, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(cli("verify", directory, b.directory, "--json").output)["passed"]
+
+    name = next(n for n in hub if ".1." in n and ("c_attn.weight" in n or "query_key_value.weight" in n
+                                                   or "qkv_proj.weight" in n))
+    family, heads, _ = _qkv(b, 1)
+    hub[name] = wrong_order(hub[name], family.qkv.order, heads, family.qkv.transposed)
+    save_file(hub, directory / "model.safetensors", metadata={"format": "pt"})
+    report = json.loads(cli("verify", b.directory, directory, "--json").output)
+    assert report["first_difference"] == "layer 1"
+
+
 def test_gpt_bigcode_multi_head_is_read_per_head_and_the_other_reading_fails(built, tmp_path: Path) -> None:
     """transformers reads GPT-BigCode MHA's c_attn per head, llama.cpp sequentially: a file of the same model
     written with its rows in sequential order is another function, and verify against the trusted copy says so at

@@ -180,14 +180,18 @@ class PlannedWeights:
 def hf_weights(directory: Path) -> PlannedWeights:
     """A Hugging Face checkpoint directory, read through the family table's HF -> litgpt plan (for the transformers
     classes litgpt cannot express, the reference pass's reading of them: formats/hf/reference.py)."""
-    from qkvconv.formats.hf.config import HF_CONFIG
+    from qkvconv.formats.hf.config import HF_CONFIG, detect_family
     from qkvconv.formats.hf.plans import plan_hf_for_reference
-    from qkvconv.formats.hf.reference import qkv_reading, reference_config_from_hf
+    from qkvconv.formats.hf.reference import base_model_prefix, qkv_reading, reference_config_from_hf
     from qkvconv.formats.hf.variants import read_config_json
-    from qkvconv.io.readers import open_reader
+    from qkvconv.io.readers import PrefixedReader, open_reader
 
     config_json = read_config_json(directory / HF_CONFIG)
     reader = open_reader(directory)
+    family = detect_family(config_json)
+    prefix = base_model_prefix(family, reader.names()) if family is not None else None
+    if prefix is not None:  # saved from the base model, as transformers loads it
+        reader = PrefixedReader(reader, prefix)
     plan = plan_hf_for_reference(config_json, reader.names())
     reading = qkv_reading(config_json)
     return PlannedWeights(str(directory), reference_config_from_hf(config_json), reader,

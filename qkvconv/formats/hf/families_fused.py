@@ -71,6 +71,12 @@ GPT2 = Family(
     position_embedding="transformer.wpe",
     # GPT2MLP and GPT2Attention: c_fc, c_proj are Conv1D too ([in, out]: x @ W + b)
     conv1d=("attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    # the Hub's GPT-2 files: base-model names (`h.0...`) and each layer's causal-mask buffer attn.bias (transformers'
+    # warning "Some weights of GPT2LMHeadModel were not initialized from the model checkpoint at gpt2 and are newly
+    # initialized: ['h.0.attn.masked_bias', ...]" names them so; older files hold attn.masked_bias too, which
+    # llama.cpp's GPT-2 converter skips with attn.bias): read through search, not from a Hub file
+    base_model_prefix="transformer",
+    ignored=(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$",),
 )
 
 # gpt_bigcode/modeling_gpt_bigcode.py GPTBigCodeAttention: an nn.Linear c_attn (not Conv1D) of
@@ -101,6 +107,7 @@ GPT_BIGCODE = Family(
     verifiable=True,
     unverifiable=(UNSCALED,),
     position_embedding="transformer.wpe",
+    base_model_prefix="transformer",
 )
 
 # bloom/modeling_bloom.py BloomAttention._reshape: `fused_qkv.view(batch, seq, num_heads, 3, head_dim)`, then
@@ -138,6 +145,9 @@ BLOOM = Family(
                    "dense layers summed in pretraining_tp slices without their bias (slow_but_exact)")),
     embedding_norm="transformer.word_embeddings_layernorm",
     alibi="bloom",
+    # bigscience's files hold base-model names (`h.0...`, `word_embeddings`): other projects' Bloom loaders add the
+    # `transformer.` prefix (read through search, not from a Hub file)
+    base_model_prefix="transformer",
 )
 
 # mpt/modeling_mpt.py MptAttention: `Wqkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)`, `mixed_qkv.
@@ -172,6 +182,7 @@ MPT = Family(
     verifiable=True,
     alibi="mpt",
     norm_bias=False,
+    base_model_prefix="transformer",
     clip_qkv=Read("attn_config.clip_qkv", default=None),
 )
 
@@ -241,6 +252,7 @@ PERSIMMON = Family(
     unsupported=(({}, "the squared-ReLU MLP (relu2)"),
                  ({"qk_layernorm": True}, "LayerNorms with biases on each query/key head (qk_layernorm)")),
     verifiable=True,
+    base_model_prefix="model",
     norm_qk=Choose(({"qk_layernorm": True}, "default"), ({}, None)),
 )
 
@@ -268,6 +280,10 @@ CODEGEN = Family(
     flag_defaults={"rotary_dim": 64},
     verifiable=True,
     unverifiable=(({"rotary_dim": None}, "rotary_dim null (sinusoids over all of n_embd, which fit no head)"),),
+    base_model_prefix="transformer",
+    # Salesforce's files hold each layer's causal-mask buffer attn.causal_mask (transformers: "Some weights of the
+    # model checkpoint at Salesforce/codegen-350M-mono were not used ...: ['transformer.h.0.attn.causal_mask', ...]")
+    ignored=(r"^transformer\.h\.\d+\.attn\.causal_mask$",),
 )
 
 NATIVE_FUSED = (GPT2, GPT_BIGCODE, BLOOM, MPT, DBRX, PERSIMMON, CODEGEN)

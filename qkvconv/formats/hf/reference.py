@@ -57,6 +57,19 @@ def reference_config_from_hf(config_json: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def base_model_prefix(family: Family, names: list[str]) -> str | None:
+    """The prefix to put before every tensor name where the files were saved from transformers' base model (no
+    name carries the family's `base_model_prefix`, its embedding is there without it); None where they carry it.
+    Only for the classes verify reads beyond litgpt: it is how their files on the Hub are named."""
+    prefix = family.base_model_prefix
+    if not family.verifiable or not prefix:
+        return None
+    lead = f"{prefix}."
+    if any(n.startswith(lead) for n in names) or f"{family.embedding.removeprefix(lead)}.weight" not in names:
+        return None
+    return lead
+
+
 def qkv_reading(config_json: Mapping[str, Any]) -> str | None:
     """Where software reads the same fused rows in other orders (GPT-BigCode multi-head): which reading verify
     used, and what a file in another reading does; None where there is one reading."""

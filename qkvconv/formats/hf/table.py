@@ -292,6 +292,9 @@ class Family:
     norm_bias: bool = True  # False: its LayerNorms have no bias (MPT, DBRX)
     clip_qkv: Read | None = None  # the QKV output clamped to [-c, c] (null or 0: not)
     conv1d: tuple[str, ...] = ()  # layer modules stored [in, out] like GPT-2's Conv1D (a fused qkv: `transposed`)
+    # transformers' base_model_prefix ("transformer"): files saved from the base model hold the names without it
+    # (GPT-2's on the Hub: `h.0.attn.c_attn.weight`), which verify reads as transformers loads them
+    base_model_prefix: str | None = None
 
     @property
     def fusion(self) -> str:
