@@ -197,6 +197,9 @@ def test_files_named_as_on_the_hub_are_read_as_transformers_loads_them(case_id: 
     result = cli("verify", b.directory, directory, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(cli("verify", directory, b.directory, "--json").output)["passed"]
+    inspected = [json.loads(cli("inspect", d, "--json").output) for d in (b.directory, directory)]
+    assert [(r["qkv_order"], r["n_head"], r["n_layer"]) for r in inspected] == \
+        [(inspected[0]["qkv_order"], 6 if case_id == "bloom" else 4 if case_id == "gpt2" else 8, 2)] * 2
 
     name = next(n for n in hub if ".1." in n and ("c_attn.weight" in n or "query_key_value.weight" in n
                                                    or "qkv_proj.weight" in n))

@@ -184,7 +184,8 @@ def hf_weights(directory: Path) -> PlannedWeights:
     from qkvconv.formats.hf.plans import plan_hf_for_reference
     from qkvconv.formats.hf.reference import base_model_prefix, qkv_reading, reference_config_from_hf
     from qkvconv.formats.hf.variants import read_config_json
-    from qkvconv.io.readers import PrefixedReader, open_reader
+    from qkvconv.io.readers import open_reader
+    from qkvconv.io.sharded import PrefixedReader
 
     config_json = read_config_json(directory / HF_CONFIG)
     reader = open_reader(directory)

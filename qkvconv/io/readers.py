@@ -371,37 +371,3 @@ def open_reader(path: Path) -> TensorReader:
         f"{path}: unknown weights format (expected {SAFETENSORS_SUFFIX}, {', '.join(PICKLE_SUFFIXES)} or a directory)"
     )
 
-
-class PrefixedReader:
-    """Another reader's tensors under `prefix` + their names: files saved from a transformers base model (no head:
-    `h.0.attn.c_attn.weight`, as GPT-2's on the Hub) read under the names of the class with a head
-    (`transformer.h.0.attn.c_attn.weight`), as transformers' loading adds its `base_model_prefix`."""
-
-    def __init__(self, inner: TensorReader, prefix: str) -> None:
-        self.inner, self.prefix = inner, prefix
-
-    def _name(self, name: str) -> str:
-        if not name.startswith(self.prefix):
-            raise KeyError(name)
-        return name[len(self.prefix):]
-
-    def names(self) -> list[str]:
-        return [self.prefix + n for n in self.inner.names()]
-
-    def meta(self, name: str) -> TensorMeta:
-        return self.inner.meta(self._name(name))
-
-    def read(self, name: str) -> torch.Tensor:
-        return self.inner.read(self._name(name))
-
-    def peek(self, name: str) -> torch.Tensor:
-        return self.inner.peek(self._name(name))
-
-    def raw(self, name: str) -> RawBytes | None:
-        return self.inner.raw(self._name(name))
-
-    def release(self) -> None:
-        self.inner.release()
-
-    def files(self) -> list[Path]:
-        return self.inner.files()
