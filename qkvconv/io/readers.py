@@ -370,4 +370,3 @@ def open_reader(path: Path) -> TensorReader:
     raise QkvconvError(
         f"{path}: unknown weights format (expected {SAFETENSORS_SUFFIX}, {', '.join(PICKLE_SUFFIXES)} or a directory)"
     )
-
