@@ -20,6 +20,7 @@ from qkvconv.formats.hf.config import (
     HF_CONFIG, _heads, _int, _read, detect_family, litgpt_config_from_hf, require_family)
 from qkvconv.formats.hf.describe import describe_layout
 from qkvconv.formats.hf.families import FAMILIES, SUPPORTED_ARCHITECTURES
+from qkvconv.formats.hf.reference import base_model_prefix
 from qkvconv.formats.hf.rules import hf_config_for, qkv_note, require_same_model, tied
 from qkvconv.formats.hf.table import Fused, Split
 from qkvconv.formats.hf.variants import read_config_json
@@ -70,6 +71,12 @@ class HuggingFace(Format):
         dtype, parameters = tensor_summary(reader)
         architecture = (config_json.get("architectures") or [config_json.get("model_type")])[0]
         layout = describe_layout(config_json)
+        family = detect_family(config_json) if layout is not None else None
+        prefix = base_model_prefix(family, reader.names()) if family is not None else None
+        if prefix is not None:  # saved from the base model (GPT-2's Hub naming): transformers adds the prefix
+            from qkvconv.io.sharded import PrefixedReader
+
+            reader = PrefixedReader(reader, prefix)
         notes: list[str] = []
         refusal = litgpt_refusal(config_json) if layout is not None else None
         if refusal is not None:  # the layout still holds: its q/k/v shapes are checked, and the refusal told
