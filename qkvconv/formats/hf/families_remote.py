@@ -233,7 +233,9 @@ CHATGLM = Family(
     layer_prefix="transformer.encoder.layers.{i}",
     qkv=Choose(({"multi_query_attention": True},
                 Fused(_CHATGLM_QKV, QKVOrder.SEQUENTIAL, kv_heads=Read("multi_query_group_num"))),
-               ({}, Fused(_CHATGLM_QKV, QKVOrder.SEQUENTIAL, kv_heads=None))),
+               # without multi_query_attention the remote code views the output as (heads, 3 * head_dim) and
+               # splits each head's part in three (Megatron's layout): per head, MHA
+               ({}, Fused(_CHATGLM_QKV, QKVOrder.PER_HEAD, kv_heads=None))),
     block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False),
     layer_tensors={"self_attention.dense": "attn.proj", "mlp.dense_4h_to_h": "mlp.proj"},
     fused_rows={"mlp.dense_h_to_4h": ("mlp.fc_1", "mlp.fc_2")},
