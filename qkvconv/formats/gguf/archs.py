@@ -86,6 +86,7 @@ class GGUFArch:
     scale_embeddings: bool = False  # Gemma: embeddings times sqrt(n_embd) (the graph's ggml_scale)
     norm_qk: str | None = None  # litgpt norm_qk_type of attn_q_norm / attn_k_norm
     tied_only: bool = False  # no output tensor at all: the head is token_embd (Gemma)
+    output_required: bool = False  # llama.cpp loads no file without `output` (written even for a tied head)
     windows: Windows | None = None  # None: llama.cpp ignores any window (every earlier token is attended to)
     norm_weights: bool = True  # False: LayerNorms without weight or bias, so no norm tensors (OLMo; litgpt drops
     # them where its name holds "OLMo", as `label` does)
@@ -102,6 +103,11 @@ class GGUFArch:
     multipliers: bool = False  # Granite's scale keys (attention.scale, embedding_scale, residual_scale, logit_scale)
     no_rope_step: int = 0  # llama.cpp's n_no_rope_layer_step: layer il without RoPE where (il + 1) % step == 0
     keys: frozenset[str] = frozenset()  # `{arch}.*` keys it reads beyond every architecture's (reading.KNOWN_KEYS)
+
+    @property
+    def norm_1(self) -> bool:
+        """litgpt's norm_1: a norm before attention, with a tensor or without (OLMo's); OLMo 2 has none."""
+        return L.NORM_1 in self.layer or not self.norm_weights
 
     def module(self, litgpt_module: str, i: int | str) -> str:
         return self.layer[litgpt_module].format(i=i)
@@ -154,7 +160,8 @@ FALCON_40B = replace(FALCON, label="Falcon 40B (GGUF)", shared_attention_norm=Fa
 GPTNEOX = GGUFArch(
     "gptneox", "GPT-NeoX (GGUF)", RopeOrder.HALF, "fused", NEOX_LAYER, "LayerNorm", "GptNeoxMLP",
     "attention.layer_norm_epsilon", parallel_residual=True, parallel_residual_key="use_parallel_residual",
-    converter="GPTNeoXForCausalLM", qkv_bias="required", proj_bias="required",
+    converter="GPTNeoXForCausalLM", qkv_bias="required", proj_bias="required", output_required=True,
+    heads_span_embd=True,
     where="conversion/gptneox.py GPTNeoXModel.modify_tensors re-orders query_key_value (weight and bias) from "
           "per-head (q_h, k_h, v_h) to sequential; rope.dimension_count = rotary_pct * head_size",
 )
@@ -192,14 +199,14 @@ GEMMA3 = replace(
 )
 STABLELM = GGUFArch(
     "stablelm", "StableLM (GGUF)", RopeOrder.HALF, "split", LLAMA_LAYER, "LayerNorm", "LLaMAMLP",
-    "attention.layer_norm_epsilon", converter="StableLmForCausalLM", qkv_bias="optional",
+    "attention.layer_norm_epsilon", converter="StableLmForCausalLM", qkv_bias="optional", output_required=True,
     where="conversion/stablelm.py: tensors renamed only; a model without ffn_norm runs attention and MLP in "
           "parallel on attn_norm (use_parallel_residual)",
 )
 PHI2 = GGUFArch(
     "phi2", "Phi-2 (GGUF)", RopeOrder.HALF, "split", {k: v for k, v in NEOX_LAYER.items() if k != L.NORM_2},
     "LayerNorm", "GptNeoxMLP", "attention.layer_norm_epsilon", parallel_residual=True, shared_attention_norm=True,
-    converter="PhiForCausalLM", qkv_bias="required", proj_bias="required",
+    converter="PhiForCausalLM", qkv_bias="required", proj_bias="required", output_required=True,
     where="conversion/phi.py Phi2Model: tensors renamed only; one LayerNorm feeds attention and MLP in parallel",
 )
 OLMO2 = GGUFArch(
@@ -208,6 +215,7 @@ OLMO2 = GGUFArch(
      L.POST_MLP_NORM: "blk.{i}.post_ffw_norm", L.MLP_FC_1: "blk.{i}.ffn_gate", L.MLP_FC_2: "blk.{i}.ffn_up",
      L.MLP_PROJ: "blk.{i}.ffn_down", **QK_NORMS},
     "RMSNorm", "LLaMAMLP", "attention.layer_norm_rms_epsilon", norm_qk="olmo2", converter="Olmo2ForCausalLM",
+    output_required=True,
     where="conversion/olmo.py Olmo2Model: tensors renamed only; NEOX rope",
 )
 OLMO = GGUFArch(
@@ -222,6 +230,7 @@ OLMO = GGUFArch(
 STARCODER2 = GGUFArch(
     "starcoder2", "StarCoder2 (GGUF)", RopeOrder.HALF, "split", NEOX_LAYER, "LayerNorm", "GptNeoxMLP",
     "attention.layer_norm_epsilon", converter="Starcoder2ForCausalLM", qkv_bias="required", proj_bias="required",
+    heads_span_embd=True,
     where="conversion/starcoder.py StarCoder2Model: tensors renamed only; NEOX rope; src/models/starcoder2.cpp: "
           "LayerNorms with biases, attn_output and ffn_up/ffn_down biases required, sequential residual, tanh GELU "
           "MLP, Q scaled by 1/sqrt(head_dim), no sliding window",
@@ -320,7 +329,7 @@ def _fits(arch: GGUFArch, cfg: Mapping[str, object]) -> bool:
     if bool(cfg.get("post_attention_norm")) != (L.POST_ATTENTION_NORM in arch.layer):
         return False
     norm_qk = cfg.get("norm_qk_type", "default") if cfg.get("norm_qk") else None
-    return norm_qk == arch.norm_qk and bool(cfg.get("norm_1", True)) == (L.NORM_1 in arch.layer)
+    return norm_qk == arch.norm_qk and bool(cfg.get("norm_1", True)) == arch.norm_1
 
 
 def bias_fits(rule: str, present: bool) -> bool:
@@ -328,7 +337,9 @@ def bias_fits(rule: str, present: bool) -> bool:
     return rule == "optional" or present == (rule == "required")
 
 
-_WRITE_ORDER = (LLAMA, QWEN3, QWEN3MOE, GEMMA, GEMMA2, GEMMA3, GPTNEOX, FALCON, FALCON_40B, OLMO, OLMO2)
+# StarCoder2 before GPT-NeoX: a sequential-residual GPT-NeoX shape (LayerNorms, biases, GELU MLP) is StarCoder2's
+# (transformers' GPTNeoX is parallel by default and MHA only; llama.cpp's starcoder2 also loads a tied head)
+_WRITE_ORDER = (LLAMA, QWEN3, QWEN3MOE, GEMMA, GEMMA2, GEMMA3, STARCODER2, GPTNEOX, FALCON, FALCON_40B, OLMO, OLMO2)
 
 
 def query_scalar(windows: Windows, n_layer: int, n_embd: int, n_head: int, head_size: int) -> int:

@@ -271,7 +271,7 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
         "scale_embeddings": arch.scale_embeddings,
         "norm_qk": arch.norm_qk is not None,
         "norm_qk_type": arch.norm_qk or "default",
-        "norm_1": L.NORM_1 in arch.layer or not arch.norm_weights,
+        "norm_1": arch.norm_1,
         "norm_2": L.NORM_2 in arch.layer or arch.shared_attention_norm or not arch.norm_weights,
         "post_attention_norm": L.POST_ATTENTION_NORM in arch.layer,
         "post_mlp_norm": L.POST_MLP_NORM in arch.layer,

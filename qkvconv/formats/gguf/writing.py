@@ -215,7 +215,8 @@ def _gguf_recipes(arch: GGUFArch, cfg: dict[str, Any], outputs: set[str], tied: 
         add("rope_freqs.weight", (f"{L.FINAL_NORM}.weight",), (Constant(tuple(factors), "Llama-3 RoPE factors"),))
     if arch.tied_only:  # no output tensor: the head must be the embedding (checked as the plan runs)
         recipes[0] = Recipe("token_embd.weight", (f"{L.EMBEDDING}.weight", f"{L.HEAD}.weight"), (Tied(),))
-    elif not tied or f"{L.HEAD}.bias" in outputs:  # tied: no output tensor, as llama.cpp's converter writes it
+    elif not tied or f"{L.HEAD}.bias" in outputs or arch.output_required:  # tied: no output tensor, as
+        # llama.cpp's converter writes it, where llama.cpp loads the file without one
         add("output.weight", (f"{L.HEAD}.weight",))
         if f"{L.HEAD}.bias" in outputs:
             add("output.bias", (f"{L.HEAD}.bias",))
