@@ -176,7 +176,8 @@ GEMMA2 = replace(
     GEMMA, name="gemma2", label="Gemma 2 (GGUF)", converter="Gemma2ForCausalLM",
     layer={**LLAMA_LAYER, L.POST_ATTENTION_NORM: "blk.{i}.post_attention_norm",
            L.POST_MLP_NORM: "blk.{i}.post_ffw_norm"},
-    windows=Windows(period=2, size=4096, local_rope=False, wide_q_layers=46, attn_softcap=50.0, final_softcap=30.0),
+    windows=Windows(period=2, size=4096, local_rope=False, wide_q_layers=46, attn_softcap=50.0,
+                    final_softcap=30.0),
     keys=frozenset({"attn_logit_softcapping", "final_logit_softcapping", "attention.sliding_window_pattern"}),
     where="conversion/gemma.py Gemma2Model: norm weights stored as w + 1, lm_head dropped; src/models/gemma2.cpp: "
           "the window on layers il % 2 == 0 (load_swa_pattern(2), default 4096), Q scaled by 1/sqrt(head_dim) "
@@ -190,7 +191,8 @@ GEMMA3 = replace(
     keys=frozenset({"final_logit_softcapping", "attention.sliding_window_pattern", "rope.freq_base_swa"}),
     where="conversion/gemma.py Gemma3Model: every norm weight (attn_q_norm, attn_k_norm too) stored as w + 1, "
           "rope.freq_base from rope_parameters.full_attention, rope.freq_base_swa from sliding_attention, linear "
-          "scaling (rope.scaling.*) from full_attention, attention.sliding_window unless sliding_window_pattern is 1, "
+          "scaling (rope.scaling.*) from full_attention, attention.sliding_window unless sliding_window_pattern "
+          "is 1, "
           "final_logit_softcapping where set, attn_logit_softcapping must be null; src/models/gemma3.cpp: with a "
           "window, layers il % 6 < 5 slide (load_swa_pattern(6)) and rotate with freq_base_swa unscaled "
           "(llama_model::get_rope_freq_base/scale), the others with freq_base and the scaling; without one every "
@@ -219,9 +221,10 @@ OLMO2 = GGUFArch(
     where="conversion/olmo.py Olmo2Model: tensors renamed only; NEOX rope",
 )
 OLMO = GGUFArch(
-    "olmo", "OLMo (GGUF)", RopeOrder.PAIRS, "split", {k: v for k, v in LLAMA_LAYER.items() if k not in (L.NORM_1, L.NORM_2)},
-    "LayerNorm", "LLaMAMLP", "attention.layer_norm_epsilon", norm_weights=False, converter="OlmoForCausalLM",
-    qkv_bias="optional", full_rotary=True, heads_span_embd=True,
+    "olmo", "OLMo (GGUF)", RopeOrder.PAIRS, "split",
+    {k: v for k, v in LLAMA_LAYER.items() if k not in (L.NORM_1, L.NORM_2)}, "LayerNorm", "LLaMAMLP",
+    "attention.layer_norm_epsilon", norm_weights=False, converter="OlmoForCausalLM", qkv_bias="optional",
+    full_rotary=True, heads_span_embd=True,
     where="conversion/olmo.py OlmoModel.modify_tensors permutes q_proj and k_proj as LlamaModel does (half -> "
           "pairs), writes layer_norm_epsilon 1e-5 (OlmoLayerNorm's fixed eps) and clip_qkv as clamp_kqv; "
           "src/models/olmo.cpp: LayerNorms without weight or bias (build_norm(NULL, NULL, LLM_NORM)), no norm "
@@ -244,7 +247,8 @@ SMOLLM3 = replace(
 )
 GRANITE = replace(
     LLAMA, name="granite", label="Granite (GGUF)", converter="GraniteForCausalLM", qkv_bias="none", experts="none",
-    multipliers=True, full_rotary=False, heads_span_embd=True, keys=frozenset({"attention.scale", "embedding_scale", "residual_scale", "logit_scale"}),
+    multipliers=True, full_rotary=False, heads_span_embd=True,
+    keys=frozenset({"attention.scale", "embedding_scale", "residual_scale", "logit_scale"}),
     where="conversion/granite.py GraniteModel (LlamaModel): q_proj/k_proj permuted half -> pairs, head_dim dropped, "
           "attention_multiplier -> attention.scale, embedding_multiplier -> embedding_scale, residual_multiplier -> "
           "residual_scale, logits_scaling -> logit_scale (each written where truthy); src/models/granite.cpp: Q·K "
@@ -353,5 +357,5 @@ def swa_layers(n_layer: int, pattern: int) -> list[int]:
     return [int(pattern == 0 or il % pattern < pattern - 1) for il in range(n_layer)]
 
 
-__all__ = ["ARCHS", "GGUFArch", "GGML_GELU", "Windows", "bias_fits", "resolve", "rope_of", "for_family", "query_scalar",
-           "swa_layers"]
+__all__ = ["ARCHS", "GGUFArch", "GGML_GELU", "Windows", "bias_fits", "resolve", "rope_of", "for_family",
+           "query_scalar", "swa_layers"]

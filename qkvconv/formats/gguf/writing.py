@@ -96,8 +96,8 @@ def _window_problems(arch: GGUFArch, a: Architecture) -> list[str]:
             problems.append(f"a local RoPE base on some layers ({arch.name} rotates every layer alike)")
         return problems
     if (windowed or w.size is not None) and layers != swa_layers(a.n_layer, w.period):
-        problems.append(f"a sliding window on other layers than llama.cpp's {arch.name} slides (layers il % "
-                        f"{w.period} < {w.period - 1})")
+        problems.append(f"a sliding window on other layers than il % {w.period} < {w.period - 1} (those llama.cpp's "
+                        f"{arch.name} slides)")
     if w.local_rope and local != layers:  # llama.cpp: rope.freq_base_swa, unscaled, on exactly the sliding layers
         problems.append(f"a local RoPE base on other layers than {arch.name}'s sliding ones")
     if not w.local_rope and any(local):
