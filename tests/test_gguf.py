@@ -34,7 +34,7 @@ def converter() -> Path:
     return converter_dir()
 
 
-LOSSY = [("llama-gqa", "q8_0"), ("phi3-fused", "q8_0"), ("llama-gqa", "f16")]
+LOSSY = [("llama-gqa", "q8_0"), ("phi3-fused", "q8_0"), ("llama-gqa", "f16"), ("gemma3", "q8_0")]
 
 
 @pytest.fixture(scope="module")
