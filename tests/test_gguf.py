@@ -324,7 +324,7 @@ def test_granite_scales_litgpt_does_not_compute_are_refused(made, tmp_path, key,
     assert code == 2, report
 
 
-@pytest.mark.parametrize("family_id", ["llama-gqa", "gemma", "phi3-fused"])
+@pytest.mark.parametrize("family_id", ["llama-gqa", "gemma", "phi3-fused", "gemma3", "olmo"])
 def test_convert_from_gguf(made, family_id, tmp_path):
     """A float GGUF converts back to Hugging Face (llama: Q/K from pairs to half again) and litgpt, each
     checked by the forward pass, and computes its source's function."""
