@@ -432,3 +432,23 @@ def test_olmo_norm_weights_or_clamping_are_refused(made, tmp_path, tensors, keys
     hf, gguf_file = made["olmo"]
     code, report = run("verify", str(hf), str(rewrite(gguf_file, tmp_path / "x.gguf", keys, tensors)))
     assert code == 2 and why in report["error"], report
+
+
+def test_tied_head_is_written_where_llamacpp_requires_output(converter, tmp_path):
+    """llama.cpp's gptneox loads no file without `output` (src/models/gptneox.cpp creates it as required): a
+    tied GPT-NeoX is written with its head as `output`, the embedding's values, where llama.cpp's converter
+    would write none."""
+    from gguf_oracle import Family
+
+    family = Family("gpt-neox-tied", {**BY_ID["gpt-neox"].hf, "tie_word_embeddings": True}, "gpt2",
+                    config_json={"rotary_pct": 0.25})
+    hf = build_hf(family, tmp_path / "hf", converter)
+    from safetensors import safe_open
+
+    with safe_open(hf / "model.safetensors", "pt") as f:
+        assert "embed_out.weight" not in f.keys()  # tied: the source has no head of its own
+    code, report = run("convert", str(hf), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
+    assert code == 0, report
+    tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
+    assert np.array_equal(tensors["output.weight"], tensors["token_embd.weight"])
+    assert run("verify", str(hf), str(tmp_path / "x.gguf"))[0] == 0
