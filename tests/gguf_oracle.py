@@ -91,6 +91,15 @@ MORE = [
     # attention_multiplier 0.25 = 1/sqrt(16): scores scaled by it, not 1/sqrt(head_dim 8); other multipliers 1
     Family("granite", {"model_type": "granite", **SMALL, "attention_multiplier": 0.25, "pad_token_id": 0,
                        "bos_token_id": 1, "eos_token_id": 2}, "spm", arch="granite"),
+    # 6 layers: llama.cpp's gemma3 slides on layers il % 6 < 5, so layer 5 is global (its own base, linear
+    # scaling), as transformers' default layer_types; Q scaled by 1/sqrt(head_dim) = query_pre_attn_scalar 16
+    Family("gemma3", {"model_type": "gemma3_text", **SMALL, "num_hidden_layers": 6, "head_dim": 16,
+                      "sliding_window": 4, "query_pre_attn_scalar": 16, "final_logit_softcapping": 3.0,
+                      "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 20.0},
+                                          "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                             "rope_theta": 500.0}}}, "spm", arch="gemma3"),
+    # LayerNorms without weights: no norm tensors in either file
+    Family("olmo", {"model_type": "olmo", **SMALL}, "gpt2", arch="olmo", hf_vocab=GPT2_VOCAB),
 ]
 BY_ID = {f.id: f for f in FAMILIES + MORE}
 
