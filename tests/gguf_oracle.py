@@ -81,7 +81,10 @@ MORE = [
                          "moe_intermediate_size": 24, "norm_topk_prob": True,
                          "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}, "gpt2", arch="qwen3moe",
            hf_vocab=GPT2_VOCAB),
-    Family("phi-2", {"model_type": "phi", **SMALL, "num_key_value_heads": 4, "partial_rotary_factor": 0.5},
+    # 4 * hidden_size wide, as every Phi-2 is: llama.cpp's converter writes phi2.feed_forward_length = 4 * n_embd
+    # whatever the width, and llama.cpp refuses a file whose tensors are another width
+    Family("phi-2", {"model_type": "phi", **SMALL, "intermediate_size": 4 * SMALL["hidden_size"],
+                     "num_key_value_heads": 4, "partial_rotary_factor": 0.5},
            "gpt2", arch="phi2", hf_vocab=GPT2_VOCAB),
     Family("starcoder2", {"model_type": "starcoder2", **SMALL, "sliding_window": None, "norm_epsilon": 1e-5},
            "gpt2", arch="starcoder2", hf_vocab=GPT2_VOCAB),

@@ -452,3 +452,13 @@ def test_tied_head_is_written_where_llamacpp_requires_output(converter, tmp_path
     tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
     assert np.array_equal(tensors["output.weight"], tensors["token_embd.weight"])
     assert run("verify", str(hf), str(tmp_path / "x.gguf"))[0] == 0
+
+
+def test_widths_llamacpp_would_not_load_are_refused(made, tmp_path):
+    """llama.cpp sizes its tensors from feed_forward_length and refuses a file whose tensors differ
+    (check_tensor_dims): verify refuses it too (exit 2), instead of verifying a file that runs nowhere."""
+    hf, gguf_file = made["llama-gqa"]
+    bad = rewrite(gguf_file, tmp_path / "wide.gguf", keys={"llama.feed_forward_length": 100.0},
+                  drop=("llama.feed_forward_length",))
+    code, report = run("verify", str(hf), str(bad))
+    assert code == 2 and "llama.cpp refuses to load" in report["error"] and "feed_forward_length 100" in report["error"]

@@ -239,6 +239,8 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
     if moe and arch.experts == "none" or not moe and arch.experts == "required":
         raise UnsupportedFamily(f"{g.path}: {'experts' if moe else 'no experts'} in a {arch.name} file")
     up = g.shape("blk.0.ffn_up_exps.weight")[1] if moe else g.shape("blk.0.ffn_up.weight")[0]
+    _check_widths(g, n_embd, int(g.shape("token_embd.weight")[1]), "expert_feed_forward_length" if moe
+                  else "feed_forward_length", up if moe or not arch.gate_up else up // 2)
     qkv_bias = any(f"{m}.bias" in names for m in arch.qkv_modules(0))
     proj_bias = "blk.0.attn_output.bias" in names
     parallel = arch.parallel_residual
@@ -284,6 +286,18 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
     if arch.windows:
         cfg.update(windows_config(g, arch.windows, n_layer, n_embd, n_head, head_size))
     return cfg
+
+
+def _check_widths(g: GGUFFile, n_embd: int, embd_columns: int, ffn_key: str, ffn: int) -> None:
+    """llama.cpp sizes every tensor from these keys and refuses to load a file whose tensors differ
+    (llama-model.cpp create_tensors, check_tensor_dims): such a file computes nothing, so it is refused here
+    too rather than verified. (llama.cpp's own converter writes phi2's feed_forward_length as 4 * n_embd
+    whatever the model's width: a Phi-2 of another width converts to a file llama.cpp cannot load.)"""
+    width = g.key(ffn_key)
+    if embd_columns != n_embd or width is not None and int(width) != ffn:
+        said = (f"{g.arch.name}.embedding_length {n_embd} but token_embd has {embd_columns} columns"
+                if embd_columns != n_embd else f"{g.arch.name}.{ffn_key} {int(width)} but the tensors are {ffn} wide")
+        raise QkvconvError(f"{g.path}: {said}; llama.cpp refuses to load such a file (check_tensor_dims)")
 
 
 def windows_config(g: GGUFFile, w: Windows, n_layer: int, n_embd: int, n_head: int, head_size: int) -> dict[str, Any]:
