@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from hf_models import POSITIONS, TOKENS, VOCAB, saved_random_model
 from qkvconv.cli import app
 from qkvconv.formats.hf import detect_family
 from qkvconv.formats.hf.config import _heads
@@ -33,8 +34,6 @@ from qkvconv.reference import alibi, forward
 
 transformers = pytest.importorskip("transformers")
 runner = CliRunner()
-VOCAB, POSITIONS = 96, 64
-TOKENS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
 GPT2_SIZES = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=POSITIONS)
 
 CASES: dict[str, dict[str, Any]] = {
@@ -65,16 +64,7 @@ class Built:
 
 
 def _build(case_id: str, directory: Path) -> Built:
-    config = transformers.AutoConfig.for_model(**CASES[case_id])
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():  # nonzero random everything: norms and biases too
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    model.eval()
-    model.save_pretrained(directory)
-    with torch.no_grad():
-        logits = model(TOKENS).logits
+    model, logits = saved_random_model(CASES[case_id], directory, attn_implementation="eager")
     return Built(directory, json.loads((directory / "config.json").read_text()), model, logits)
 
 

@@ -25,7 +25,6 @@ back and every litgpt module's update compared with the source's on random probe
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -39,8 +38,6 @@ from qkvconv.errors import CheckFailed, QkvconvError
 from qkvconv.formats.hf.config import _read, require_family
 from qkvconv.formats.hf.rules import require_same_model
 from qkvconv.formats.peft.modules import (
-    PEFT_CONFIG,
-    PEFT_PREFIX,
     AdapterConversion,
     _Module,
     _ModuleTable,
@@ -48,11 +45,10 @@ from qkvconv.formats.peft.modules import (
     _shape_of,
     lit_out_in,
 )
+from qkvconv.formats.peft.export import write_adapter
 from qkvconv.formats.peft.probes import PROBES, _probe
 from qkvconv.formats.peft.reading import _modules_of, _PeftAdapter, _read_peft
-from qkvconv.io.readers import TensorMeta
 from qkvconv.io.transaction import new_directory
-from qkvconv.io.writers import SafetensorsWriter
 from qkvconv.model.layout import HeadLayout
 from qkvconv.model.nonfinite import max_difference, same_bits, within
 
@@ -288,14 +284,8 @@ def retarget_peft(peft_dir: Path, out: Path, *, source_json: dict[str, Any], tar
     if adapter.base_copies:
         notes.append(f"not written: peft's copy of the base weights of {', '.join(sorted(adapter.base_copies))} "
                      "(save_embedding_layers; the target base has its own)")
-    tensors = {f"{PEFT_PREFIX}{e.module.hf}.{ab}.weight": t.contiguous()
-               for e in built for ab, t in (("lora_A", e.a), ("lora_B", e.b))}
     with new_directory(out) as tmp:
-        layout = {name: TensorMeta.of(t) for name, t in tensors.items()}
-        with SafetensorsWriter(tmp, layout, prefix="adapter_model") as writer:
-            for name, t in tensors.items():
-                writer.write(name, t)
-        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_adapter(tmp, built, config)
         written = _read_peft(tmp, allow_nonfinite=allow_nonfinite)  # what is on disk, read as peft would
         dst_modules = _modules_of(written, dst_table, lit_dst, heads)
         notes.append(_check(adapter, modules, written, dst_modules, rows))
