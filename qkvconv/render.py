@@ -48,7 +48,8 @@ def _plain(text: Any) -> str:
     return escape(str(text))
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, inline: bool = False) -> str:
+    """One table cell: a list one item a line (`inline`, inside a dict's entry: comma-separated)."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -56,11 +57,11 @@ def _cell(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, list):
-        return "\n".join(_cell(v) for v in value) or "-"
+        return ("," if inline else "\n").join(_cell(v, inline) for v in value) or "-"
     if isinstance(value, dict):
         if {"name", "bytes"} <= set(value):
             return _plain(f"{value['name']} ({value['bytes']:,} bytes)")
-        return ", ".join(f"{_plain(k)}={_cell(v)}" for k, v in value.items())
+        return ", ".join(f"{_plain(k)}={_cell(v, True)}" for k, v in value.items())
     return _plain(value)
 
 
