@@ -297,3 +297,43 @@ def test_convert_refuses_with_the_reason(args: list[str], base: Path, adapters, 
     assert doc["exit_code"] == 2 and "GPT2LMHeadModel" in doc["error"] and "no litgpt equivalent" in doc["error"]
     assert not out.exists()
 
+
+
+# The other transformers-native fused classes verify computes (hf_models.NATIVE; DBRX is refused by verify): an
+# nn.Linear fused QKV module in its own row order, with the attention output and an MLP linear where peft reaches it.
+NATIVE_TARGETS = {
+    "gpt-bigcode-mqa": ["c_attn", "c_proj", "c_fc"], "gpt-bigcode-mha": ["c_attn", "c_proj"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h"], "mpt": ["Wqkv", "out_proj", "up_proj"],
+    "persimmon": ["query_key_value", "dense"], "codegen": ["qkv_proj", "out_proj", "fc_in"],
+}
+
+
+@pytest.mark.parametrize("case_id", list(NATIVE_TARGETS))
+def test_adapters_on_the_other_native_fused_classes(case_id: str, built, tmp_path: Path) -> None:
+    """The same reading serves every class verify computes: PeftModel's logits, PEFT's merge passes, and lora_B rows
+    of layer 1's fused module written in another order of the same shape fail there."""
+    from qkvconv.formats.hf import detect_family
+    from qkvconv.formats.hf.config import _heads
+    from qkvconv.model.layout import QKVOrder, reorder
+
+    b = built(case_id)
+    a = make_adapter(b.directory, tmp_path / "adapter", dict(r=4, lora_alpha=8, target_modules=NATIVE_TARGETS[case_id]))
+    assert close(reference_logits(a.directory), a.logits) and not close(b.logits, a.logits)
+    merged = peft_merged(b.directory, a.directory, tmp_path / "merged")
+    result = cli("verify", a.directory, merged, "--json")
+    assert result.exit_code == 0, result.output
+    family = detect_family(b.config_json)
+    _, heads = _heads(family, b.config_json)
+    report = json.loads(cli("inspect", a.directory, "--json").output)
+    qkv = next(m for m in report["adapted_modules"] if m["module"].endswith(family.qkv.name))
+    assert f"in {family.qkv.order.value} order" in qkv["rows"] and qkv["fan_in_fan_out"] is False
+    if heads.n_query_groups != heads.n_head:
+        return  # multi-query: no other order of the same rows (test_fused_verify swaps K and V for the weights)
+    other = QKVOrder.SEQUENTIAL if family.qkv.order is QKVOrder.PER_HEAD else QKVOrder.PER_HEAD
+    tensors = load_file(a.directory / "adapter_model.safetensors")
+    key = f"{PREFIX}{family.layer_prefix.format(i=1)}.{family.qkv.name}.lora_B.weight"
+    tensors[key] = reorder(tensors[key], family.qkv.order, other, heads).contiguous()
+    shutil.copytree(a.directory, tmp_path / "wrong")
+    save_file(tensors, tmp_path / "wrong" / "adapter_model.safetensors", metadata={"format": "pt"})
+    result = cli("verify", tmp_path / "wrong", merged, "--json")
+    assert result.exit_code == 1 and json.loads(result.output)["first_difference"] == "layer 1"
