@@ -18,10 +18,10 @@ from qkvconv.formats.hf import describe_layout, detect_family
 from qkvconv.formats.hf.table import Family
 from qkvconv.formats.peft.modules import ADAPTER_KEY, _litgpt_flags, _Module, _ModuleTable, base_config_json
 from qkvconv.formats.peft.policy import fan_in_fan_out_notes, unsupported_features
-from qkvconv.model.layout import HeadLayout, QKVOrder
 from qkvconv.formats.peft.reading import _peft_config, _weights_file
 from qkvconv.io.readers import open_reader
 from qkvconv.io.transaction import is_temporary
+from qkvconv.model.layout import HeadLayout, QKVOrder
 
 
 def _base_config(config: dict[str, Any], directory: Path) -> dict[str, Any] | None:

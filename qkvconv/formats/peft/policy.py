@@ -88,8 +88,8 @@ def conv1d_note(modules: Iterable[_Module]) -> str | None:
     adds lora_B(lora_A(x)) * scaling on either; only the merge differs: Linear.get_delta_weight returns
     transpose(lora_B @ lora_A, fan_in_fan_out) * scaling, the transpose for the [in, out] storage. qkvconv reads
     Conv1D weights as a Linear's [out, in] (formats/hf/plans.py), where the update is lora_B @ lora_A * scaling
-    as on any linear: the update that B @ A added untransposed to the [in, out] storage (what llama.cpp's LoRA
-    converter makes of GPT-2's square c_proj) is not.
+    as on any linear. Adding B @ A to the [in, out] storage untransposed (what llama.cpp's LoRA converter makes
+    of GPT-2's square c_proj) is a different model, which verify tells apart.
     """
     conv = sorted({m.key for m in modules if m.conv1d})
     if not conv:
