@@ -252,6 +252,12 @@ def test_peft_saves_fan_in_fan_out_false_for_c_attn_and_lm_head_and_verify_reads
     result = cli("verify", a.directory, base, "--json")
     assert result.exit_code == 1
     assert any("fan_in_fan_out false" in n and "PEFT 0.21 uses true" in n for n in json.loads(result.output)["notes"])
+    # peft's merge of an adapter on the tied lm_head adds it to the embedding too (peft warns: its issue #2777):
+    # that merged model is not PeftModel's, and verify says so at the embedding
+    merged = peft_merged(base, a.directory, tmp_path / "merged")
+    assert not close(_load(merged)(TOKENS).logits.detach(), a.logits)
+    result = cli("verify", a.directory, merged, "--json")
+    assert result.exit_code == 1 and json.loads(result.output)["first_difference"] == "embed"
 
 
 def test_a_flag_that_disagrees_with_the_module_is_read_as_peft_reads_it(base: Path, adapters, bases,
