@@ -59,12 +59,11 @@ def _rows(module: _Module, table: _ModuleTable, heads: HeadLayout | None) -> str
         return None
     order = table.qkv_order
     text = f"Q, K, V rows in {order.value} order"
-    if heads is None:
-        return text
-    text += f" (H={heads.n_head}, G={heads.n_query_groups}, hs={heads.head_size})"
-    if order is QKVOrder.SEQUENTIAL:
-        q, kv = heads.q_rows, heads.kv_rows
-        text += f": Q {0}-{q - 1}, K {q}-{q + kv - 1}, V {q + kv}-{q + 2 * kv - 1}"
+    if heads is not None:
+        text += f" (H={heads.n_head}, G={heads.n_query_groups}, hs={heads.head_size})"
+        if order is QKVOrder.SEQUENTIAL:
+            q, kv = heads.q_rows, heads.kv_rows
+            text += f": Q 0-{q - 1}, K {q}-{q + kv - 1}, V {q + kv}-{q + 2 * kv - 1}"
     return text + (" (the Conv1D weight's columns)" if module.conv1d else "")
 
 
