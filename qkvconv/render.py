@@ -41,7 +41,15 @@ def emit_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def _cell(value: Any) -> str:
+def _plain(text: Any) -> str:
+    """Text shown as it is: Rich would take "[in, out]" (GPT-2's Conv1D storage) for markup and drop it."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+def _cell(value: Any, inline: bool = False) -> str:
+    """One table cell: a list one item a line (`inline`, inside a dict's entry: comma-separated)."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -49,12 +57,12 @@ def _cell(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, list):
-        return "\n".join(_cell(v) for v in value) or "-"
+        return ("," if inline else "\n").join(_cell(v, inline) for v in value) or "-"
     if isinstance(value, dict):
         if {"name", "bytes"} <= set(value):
-            return f"{value['name']} ({value['bytes']:,} bytes)"
-        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
-    return str(value)
+            return _plain(f"{value['name']} ({value['bytes']:,} bytes)")
+        return ", ".join(f"{_plain(k)}={_cell(v, True)}" for k, v in value.items())
+    return _plain(value)
 
 
 def report_table(report: dict[str, Any], title: str) -> None:
@@ -71,7 +79,7 @@ def report_table(report: dict[str, Any], title: str) -> None:
 def lines(header: str, items: list[str]) -> None:
     _out().print(header)
     for item in items:
-        _out().print(f"  - {item}")
+        _out().print(f"  - {_plain(item)}")
 
 
 def notes(items: list[str]) -> None:
@@ -81,7 +89,7 @@ def notes(items: list[str]) -> None:
 
 
 def error(message: str) -> None:
-    _err().print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    _err().print(f"[bold red]error:[/] {_plain(message)}", soft_wrap=True)
 
 
 def verify_table(report) -> None:
@@ -101,18 +109,18 @@ def verify_table(report) -> None:
             mark += f" ({s.nonfinite:,} NaN/inf" + (", the same in the candidate)" if s.within else " in the reference)")
         table.add_row(s.name, f"{s.max_abs_diff:.3g}", f"{s.scale:.3g}", mark)
     _out().print(table)
-    _out().print(f"reference: {report.reference}\ncandidate: {report.candidate}")
+    _out().print(f"reference: {_plain(report.reference)}\ncandidate: {_plain(report.candidate)}")
     memory = f"peak RSS {report.peak_rss_bytes / 2**20:,.0f} MiB"
     if report.peak_gpu_bytes is not None:
         memory += f", peak GPU {report.peak_gpu_bytes / 2**20:,.0f} MiB"
     _out().print(f"top-1 agreement {report.top1_agreement:.1%}; tolerance atol={report.atol:g} rtol={report.rtol:g}; "
               f"{report.seconds:.2f} s, {memory}")
     if report.tolerance_reason:
-        _out().print(f"tolerance: {report.tolerance_reason}")
+        _out().print(f"tolerance: {_plain(report.tolerance_reason)}")
     for note in report.notes:
-        _out().print(f"[yellow]note:[/] {note}")
+        _out().print(f"[yellow]note:[/] {_plain(note)}")
     if report.nonfinite_summary:
-        _out().print(f"[yellow]{report.nonfinite_summary}[/]")
+        _out().print(f"[yellow]{_plain(report.nonfinite_summary)}[/]")
     if report.passed:
         _out().print("[bold green]same function[/] within tolerance")
     else:

@@ -327,8 +327,7 @@ def test_peft_features_without_litgpt_equivalent_are_refused(settings, match, ba
     refused(tmp_path / "peft", tmp_path / "run", base.config_json, match)
 
 
-@pytest.mark.parametrize("changes, match", [
-    (dict(fan_in_fan_out=True), "fan_in_fan_out"),
+@pytest.mark.parametrize("changes, match", [  # fan_in_fan_out is PEFT's per module: tests/test_gpt2_lora.py
     (dict(init_lora_weights="pissa_niter_4"), "rewrites the base weights"),
     (dict(peft_type="IA3"), "LoRA adapters only"),
     (dict(some_future_variant={"on": True}), "does not know.*some_future_variant"),

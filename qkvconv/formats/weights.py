@@ -138,7 +138,7 @@ def litgpt_weights(
                                f"upgrade it first (qkvconv upgrade {ckpt.directory} --out DIR --base LITGPT_BASE)")
         inner = hf_weights(base_dir)
         return AdaptedWeights(f"{ckpt.directory} (LoRA on {base_dir})", inner, dict(adapter.tensors), hyper,
-                              shape.heads)
+                              shape.heads, list(inner.readings))
     base_sd = load_state_dict_file(base_dir / WEIGHTS)
     check_full_shapes(base_sd, shape)
     return ModelWeights(f"{ckpt.directory} (LoRA on {base_dir})", config, shape.heads, base_sd, adapter, hyper)
@@ -211,6 +211,9 @@ class AdaptedWeights:
     adapter: dict[str, torch.Tensor]
     lora: LoraHyperparameters
     heads: HeadLayout
+    # how the base's rows were read (PlannedWeights.readings) and how the adapter's updates sit in its weights
+    # (Conv1D storage, a fan_in_fan_out PEFT overrides): verify reports them
+    readings: list[str] = field(default_factory=list)
 
     @property
     def config(self) -> dict[str, Any]:

@@ -22,7 +22,8 @@ Both directions publish nothing before the written files, read back, give every 
 source's update. The package, by concern:
 - modules.py: an adapter's file names and keys; the HF modules of a family an adapter can sit on, and
   the litgpt modules holding their rows (the table both directions map through);
-- policy.py: which adapters convert: the PEFT features with no litgpt equivalent, refused;
+- policy.py: which adapters convert: the PEFT features with no litgpt equivalent, refused; fan_in_fan_out as
+  PEFT decides it, per module by its class (GPT-2's Conv1D: true);
 - reading.py: an adapter directory read and checked: (A, B), rank and alpha per module;
 - export.py: litgpt LoRA run -> PEFT adapter (litgpt_lora_to_peft);
 - importing.py: PEFT adapter -> litgpt LoRA run (peft_to_litgpt_lora);
@@ -30,7 +31,8 @@ source's update. The package, by concern:
   original's twin and the original, either way);
 - probes.py: the check before publishing, every module's update on random probes;
 - inspect.py: the inspect report of an adapter (inspect_peft);
-- format.py: the registry's Format: inspect, verify on the base, the base's config (peft_base_config).
+- format.py: the registry's Format: inspect, verify on the base (also a transformers class only verify's
+  reference pass computes: GPT-2's Conv1D modules, Bloom, ...), the base's config (peft_base_config).
 """
 
 from qkvconv.formats.peft.export import litgpt_lora_to_peft

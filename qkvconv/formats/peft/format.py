@@ -71,12 +71,15 @@ def _weights_on_base(directory: Path, *, base: Path | None = None, base_option: 
         raise QkvconvError(f"the base of {directory} must be a full model, not an adapter: {base_name}")
     with tempfile.TemporaryDirectory(prefix="qkvconv-") as tmp:
         run = Path(tmp) / "run"
-        peft_to_litgpt_lora(directory, run, hf_config=config_json, allow_nonfinite=True)  # verify reports NaN/inf
+        # verify reports NaN/inf; the base may be a class only the reference pass computes (GPT-2, ...)
+        imported = peft_to_litgpt_lora(directory, run, hf_config=config_json, allow_nonfinite=True, reference=True)
         adapter = load_state_dict_file(run / LORA_WEIGHTS)
         tensors = {k: v.clone() for k, v in adapter.tensors.items()}  # off the temporary file
         lora = LoraHyperparameters.from_yaml(read_yaml(run / HYPERPARAMETERS), run / HYPERPARAMETERS)
         shape = ModelShape.from_config(read_yaml(run / CONFIG), run / CONFIG)
-    return AdaptedWeights(f"{directory} (PEFT on {base_name})", inner, tensors, lora, shape.heads)
+    readings = [f"PEFT adapter {directory}: {note}" for note in imported.storage]
+    return AdaptedWeights(f"{directory} (PEFT on {base_name})", inner, tensors, lora, shape.heads,
+                          [*getattr(inner, "readings", []), *readings])
 
 
 FORMAT = Peft()

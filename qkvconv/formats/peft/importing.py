@@ -39,6 +39,7 @@ from qkvconv.formats.peft.modules import (
     _number,
     _shape_of,
 )
+from qkvconv.formats.peft.policy import conv1d_note, fan_in_fan_out_notes
 from qkvconv.formats.peft.probes import _check_updates
 from qkvconv.formats.peft.reading import _modules_of, _PeftAdapter, _read_peft
 from qkvconv.io.config_files import write_yaml
@@ -82,13 +83,16 @@ def _all_pieces(pieces: dict[str, Any]) -> list[_Piece]:
 
 
 def peft_to_litgpt_lora(
-    peft_dir: Path, out: Path, *, hf_config: dict, checkpoint_dir: str | None = None, allow_nonfinite: bool = False
+    peft_dir: Path, out: Path, *, hf_config: dict, checkpoint_dir: str | None = None, allow_nonfinite: bool = False,
+    reference: bool = False,
 ) -> AdapterConversion:
     """Import a PEFT LoRA adapter as a litgpt LoRA run (current `attn.qkv`) at `out`; NaN/inf in the
-    adapter is refused unless `allow_nonfinite`."""
+    adapter is refused unless `allow_nonfinite`. `reference`: the run is for verify's reference pass only
+    (formats/peft/format.py), so the base may be a transformers class litgpt cannot express but the pass
+    computes (GPT-2, Bloom, ...: Family.verifiable); its model_config.yaml then holds the pass's fields."""
     adapter = _read_peft(peft_dir, allow_nonfinite=allow_nonfinite)
     family = require_family(hf_config)
-    lit_cfg, shape = _shape_of(hf_config)
+    lit_cfg, shape = _shape_of(hf_config, reference=reference)
     heads = shape.heads
     table = _ModuleTable(family, shape.n_layer)
     modules = _modules_of(adapter, table, lit_cfg, heads)
@@ -170,7 +174,8 @@ def peft_to_litgpt_lora(
     rounding = [f"{folded} of {len(every)} adapters had another scaling than litgpt's lora_alpha/lora_r = "
                 f"{lit_scaling:g}: the difference is folded into their lora_B (rounded once to its dtype "
                 "unless a power of two)"] if folded else []
-    notes = _import_notes(adapter, modules, raw, rounding, zero_filled, lit_scaling, table)
+    storage = [n for n in (conv1d_note(modules.values()), *fan_in_fan_out_notes(adapter.config, modules.values())) if n]
+    notes = _import_notes(adapter, modules, raw, rounding, zero_filled, lit_scaling, table) + storage
 
     with new_directory(out) as tmp:
         save_torch({"model": tensors}, tmp / LORA_WEIGHTS)
@@ -180,7 +185,7 @@ def peft_to_litgpt_lora(
         check_lora_shapes(written, shape, hyper)
         notes.append(_check_updates(adapter, written.tensors, hyper, heads, table, rounded=bool(folded),
                                     what="litgpt LoRA run"))
-    return AdapterConversion(out, notes, rounding)
+    return AdapterConversion(out, notes, rounding, storage)
 
 
 def _import_notes(

@@ -1,7 +1,9 @@
 """The inspect report of a PEFT adapter (what `qkvconv inspect` shows): its LoRA settings, modules,
 dtypes and files and, with the base family known (a given config.json, a local base_model_name_or_path,
-or the architecture in auto_mapping), the litgpt LoRA flags it maps to. What a conversion would refuse
-is listed in the notes, not raised.
+or the architecture in auto_mapping), the layout of every adapted module (`adapted_modules`: where its
+lora_B rows land, a fused QKV module's in the base's order and heads, and how the update meets the weight's
+storage: Conv1D's [in, out] takes the transpose, fan_in_fan_out) and the litgpt LoRA flags it maps to. What
+a conversion would refuse is listed in the notes, not raised.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from typing import Any
 
 from qkvconv.errors import QkvconvError
 from qkvconv.formats.hf import describe_layout, detect_family
-from qkvconv.formats.peft.modules import ADAPTER_KEY, _litgpt_flags, _ModuleTable, base_config_json
-from qkvconv.formats.peft.policy import unsupported_features
+from qkvconv.formats.hf.table import Family
+from qkvconv.formats.peft.modules import ADAPTER_KEY, _litgpt_flags, _Module, _ModuleTable, base_config_json
+from qkvconv.formats.peft.policy import fan_in_fan_out_notes, unsupported_features
 from qkvconv.formats.peft.reading import _peft_config, _weights_file
 from qkvconv.io.readers import open_reader
 from qkvconv.io.transaction import is_temporary
+from qkvconv.model.layout import HeadLayout, QKVOrder
 
 
 def _base_config(config: dict[str, Any], directory: Path) -> dict[str, Any] | None:
@@ -44,6 +48,50 @@ def _base_rope(hf_config: dict) -> dict | None:
     return None if rope is None else {**rope, "evidence": f"the base model's: {rope['evidence']}"}
 
 
+def _rows(module: _Module, table: _ModuleTable, heads: HeadLayout | None) -> str | None:
+    """Where the module's lora_B rows land: a fused QKV module's in the base's order (with the heads, where the
+    base's config.json is known), a split one's part, a module stacking several litgpt ones in their order."""
+    if module.kind == "qkv":
+        return f"{str(module.part).upper()} rows"
+    if module.kind == "rows":
+        return ", then ".join(f"{lit} rows" for lit in module.lit)
+    if module.kind != "fused-qkv":
+        return None
+    order = table.qkv_order
+    text = f"Q, K, V rows in {order.value} order"
+    if heads is not None:
+        text += f" (H={heads.n_head}, G={heads.n_query_groups}, hs={heads.head_size})"
+        if order is QKVOrder.SEQUENTIAL:
+            q, kv = heads.q_rows, heads.kv_rows
+            text += f": Q 0-{q - 1}, K {q}-{q + kv - 1}, V {q + kv}-{q + 2 * kv - 1}"
+    return text + (" (the Conv1D weight's columns)" if module.conv1d else "")
+
+
+def _adapted_modules(family: Family, table: _ModuleTable, mapped: dict[str, _Module], shapes: dict[str, list[int]],
+                     out_features: dict[str, int], heads: HeadLayout | None) -> list[dict[str, Any]]:
+    """One entry per adapted module name (its layers together): rows, storage and the update PEFT adds."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, module in sorted(mapped.items(), key=lambda kv: table.modules.index(kv[1])):
+        a_shape = shapes[name]
+        entry = groups.setdefault(module.key, {
+            "module": module.key if module.layer is None else f"{family.layer_prefix.format(i='{i}')}.{module.key}",
+            "layers": None if module.layer is None else [],
+            "ranks": [],
+            "in_features": a_shape[1],
+            "out_features": out_features.get(name),
+            "rows": _rows(module, table, heads),
+            "storage": "Conv1D, weight [in, out]" if module.conv1d else "nn.Linear, weight [out, in]",
+            "fan_in_fan_out": module.conv1d,  # what PEFT uses on this module, whatever adapter_config.json says
+            "update": ("transpose(lora_B @ lora_A) * scaling, added to the [in, out] weight" if module.conv1d
+                       else "lora_B @ lora_A * scaling, added to the [out, in] weight"),
+        })
+        if module.layer is not None:
+            entry["layers"].append(module.layer)
+        if a_shape[0] not in entry["ranks"]:
+            entry["ranks"].append(a_shape[0])
+    return list(groups.values())
+
+
 def inspect_peft(directory: Path, *, hf_config: dict | None = None) -> dict[str, Any]:
     """The inspect report of a PEFT adapter: its LoRA settings, and with the base family known (hf_config,
     a local base_model_name_or_path, or the architecture in auto_mapping) the litgpt LoRA it maps to."""
@@ -52,13 +100,16 @@ def inspect_peft(directory: Path, *, hf_config: dict | None = None) -> dict[str,
     reader = open_reader(weights)
     dtypes: Counter[str] = Counter()
     parameters = 0
-    modules: dict[str, list[int]] = {}
+    modules: dict[str, list[int]] = {}  # module -> lora_A's shape (r, in)
+    out_features: dict[str, int] = {}  # module -> lora_B's rows
     for name in reader.names():
         meta = reader.meta(name)
         dtypes[str(meta.dtype).removeprefix("torch.")] += meta.numel
         parameters += meta.numel
         if (m := ADAPTER_KEY.match(name)) and m.group(2) == "lora_A":
             modules.setdefault(m.group(1), list(meta.shape))
+        elif m:
+            out_features.setdefault(m.group(1), meta.shape[0])
     files = [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(directory.iterdir())
              if p.is_file() and not is_temporary(p)]
     notes = [f"not convertible to litgpt: {why}" for why in unsupported_features(config)]
@@ -78,7 +129,8 @@ def inspect_peft(directory: Path, *, hf_config: dict | None = None) -> dict[str,
         family = None
 
     lora = None
-    n_layer = hf_config.get("num_hidden_layers") if hf_config else None
+    adapted: list[dict[str, Any]] = []
+    n_layer = layout["n_layer"] if layout else None
     if family is not None:
         prefix = re.escape(family.layer_prefix).replace(re.escape("{i}"), r"(\d+)")
         layers = [int(m.group(1)) for name in modules if (m := re.match(prefix + r"\.", name))]
@@ -88,12 +140,22 @@ def inspect_peft(directory: Path, *, hf_config: dict | None = None) -> dict[str,
         unknown = sorted(n for n, m in mapped.items() if m is None)
         if unknown:
             notes.append(f"not convertible to litgpt: {unknown[0]} has no litgpt LoRA equivalent")
-        flags = _litgpt_flags([m for m in mapped.values() if m is not None])
-        lora = {
-            "r": config.get("r"), "alpha": config.get("lora_alpha"),
-            **{k.removeprefix("lora_"): v for k, v in flags.items()},
-            "base": config.get("base_model_name_or_path"), "checkpoint_dir": None,
-        }
+        known = {name: m for name, m in mapped.items() if m is not None}
+        heads = HeadLayout(layout["n_head"], layout["n_query_groups"], layout["head_size"]) if layout else None
+        adapted = _adapted_modules(family, table, known, modules, out_features, heads)
+        notes += fan_in_fan_out_notes(config, known.values())
+        if family.convertible:
+            flags = _litgpt_flags(list(known.values()))
+            lora = {
+                "r": config.get("r"), "alpha": config.get("lora_alpha"),
+                **{k.removeprefix("lora_"): v for k, v in flags.items()},
+                "base": config.get("base_model_name_or_path"), "checkpoint_dir": None,
+            }
+        else:  # the litgpt flags it would map to mean nothing: nothing maps it
+            features = ", ".join(f for flags, f in family.unsupported if not flags)
+            notes.append(f"not convertible: {family.architecture} with {features} has no litgpt equivalent, through "
+                         "which every adapter conversion goes" + ("; `qkvconv verify` computes the adapter on its base"
+                                                                  if family.verifiable else ""))
     ranks = Counter(shape[0] for shape in modules.values())
     if len(ranks) > 1:
         notes.append(f"ranks differ across modules ({dict(sorted(ranks.items()))}); litgpt gets one lora_r, "
@@ -110,7 +172,7 @@ def inspect_peft(directory: Path, *, hf_config: dict | None = None) -> dict[str,
         "n_head": layout["n_head"] if layout else None,
         "n_query_groups": layout["n_query_groups"] if layout else None,
         "head_size": layout["head_size"] if layout else None,
-        "n_embd": hf_config.get("hidden_size") if hf_config else None,
+        "n_embd": layout["n_embd"] if layout else None,
         "attention": layout["attention"] if layout else None,
         "rope": _base_rope(hf_config) if layout else None,
         "lora": lora,
@@ -125,6 +187,7 @@ def inspect_peft(directory: Path, *, hf_config: dict | None = None) -> dict[str,
         "rank_pattern": config.get("rank_pattern") or {},
         "alpha_pattern": config.get("alpha_pattern") or {},
         "modules": len(modules),
+        "adapted_modules": adapted,
         "dtype": next(iter(dtypes)) if len(dtypes) == 1 else {k: v for k, v in dtypes.most_common()},
         "parameters": parameters,
         "files": files,

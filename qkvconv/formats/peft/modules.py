@@ -21,6 +21,7 @@ from typing import Any
 from qkvconv.errors import QkvconvError
 from qkvconv.formats.hf.families import Block, Family, Fused, Split
 from qkvconv.formats.hf.config import HF_CONFIG, hf_config_from_litgpt, litgpt_config_from_hf
+from qkvconv.formats.hf.reference import reference_config_from_hf
 from qkvconv.formats.hf.variants import read_config_json
 from qkvconv.formats.litgpt import CONFIG, ModelShape, migrate_config
 from qkvconv.io.config_files import read_yaml
@@ -46,6 +47,7 @@ class AdapterConversion:
     out: Path
     notes: list[str] = field(default_factory=list)
     rounding: list[str] = field(default_factory=list)  # the notes about values the result holds rounded
+    storage: list[str] = field(default_factory=list)  # how the updates sit in the base's weights (verify reports it)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class _Module:
     kind: "qkv" (one of q/k/v of a split family: `part`), "fused-qkv" (the whole fused matrix),
     "linear" (one litgpt module), "rows" (equal row blocks of several litgpt modules, in order).
     `lit` names the litgpt modules under `transformer.h.{layer}` (or top level when layer is None).
+    `conv1d`: transformers' Conv1D (GPT-2), weight stored [in, out]; PEFT's lora_A / lora_B are a Linear's either
+    way, and its merge adds the transpose of B @ A there (policy.py fan_in_fan_out_notes).
     """
 
     hf: str
@@ -63,6 +67,7 @@ class _Module:
     kind: str
     lit: tuple[str, ...]
     part: str | None = None
+    conv1d: bool = False
 
     def lit_stem(self, j: int = 0) -> str:
         return self.lit[j] if self.layer is None else names.layer(self.layer, self.lit[j])
@@ -85,7 +90,9 @@ class _ModuleTable:
                         if lit not in QK_NORMS]  # not linears: no adapter sits on them
             entries += [(rel, "rows", tuple(lits), None) for rel, lits in family.fused_rows.items()]
             prefix = family.layer_prefix.format(i=i)
-            modules += [_Module(f"{prefix}.{rel}", rel, i, kind, lit, part) for rel, kind, lit, part in entries]
+            conv1d = {*family.conv1d, *([qkv.name] if isinstance(qkv, Fused) and qkv.transposed else [])}
+            modules += [_Module(f"{prefix}.{rel}", rel, i, kind, lit, part, rel in conv1d)
+                        for rel, kind, lit, part in entries]
         modules.append(_Module(family.lm_head, family.lm_head, None, "linear", ("lm_head",)))
         self.modules = modules
         self.by_hf = {m.hf: m for m in modules}
@@ -131,8 +138,10 @@ class _ModuleTable:
         raise QkvconvError(f"no PEFT target name selects exactly {module.key} in {self.family.architecture}")
 
 
-def _shape_of(hf_config: dict[str, Any]) -> tuple[dict[str, Any], ModelShape]:
-    lit_cfg = litgpt_config_from_hf(hf_config)
+def _shape_of(hf_config: dict[str, Any], *, reference: bool = False) -> tuple[dict[str, Any], ModelShape]:
+    """litgpt's config fields of the base and its shape. `reference`: as verify's reference pass reads the base
+    (formats/hf/reference.py), which computes transformers classes litgpt cannot express (GPT-2, Bloom, ...)."""
+    lit_cfg = reference_config_from_hf(hf_config) if reference else litgpt_config_from_hf(hf_config)
     return lit_cfg, ModelShape.from_config(lit_cfg, Path("config.json"))
 
 
