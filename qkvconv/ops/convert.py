@@ -15,19 +15,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qkvconv import formats
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.base import Format, Transformations
-from qkvconv.formats.litgpt import CONFIG, HYPERPARAMETERS
-from qkvconv.io.engine import execute, output_layout
-from qkvconv.io.readers import TensorMeta, TensorReader
+from qkvconv.formats.litgpt.checkpoint import CONFIG, HYPERPARAMETERS
+from qkvconv.io.engine import execute, only_copies, output_layout
 from qkvconv.io.transaction import copy_other_files, new_directory
-from qkvconv.ops.adapters import check_qkv_target, convert_adapter
-from qkvconv.plans.plan import Plan
-from qkvconv.plans.transforms import expand_kv_heads, fold_norms, set_rope
+from qkvconv.plans.plan import Plan, TensorMeta
 from qkvconv.progress import progress_for
+
+if TYPE_CHECKING:  # torch comes with the modules that compute; a conversion that only moves bytes needs none
+    from qkvconv.io.readers import TensorReader
 
 __all__ = ["ConvertReport", "Transformations", "convert", "convert_folding_norms"]
 
@@ -75,6 +75,9 @@ def transformed_plan(directory: Path, source_format: str, to: str, changes: Tran
                      ) -> tuple[Plan, TensorReader, list[str]]:
     """Source -> litgpt names -> fold norms, expand K/V heads, set the rotary order -> `to` (with the
     QKV fusion asked for), as one plan. Returns the plan, the reader and what was done."""
+    from qkvconv.ops.adapters import check_qkv_target
+    from qkvconv.plans.transforms import expand_kv_heads, fold_norms, set_rope
+
     source, target = formats.get(source_format).load(), formats.get(to).load()
     check_qkv_target(changes.qkv, target.name)
     src = source.source(directory)
@@ -139,12 +142,18 @@ def convert(
             raise QkvconvError("convert writes a new directory: give it with --out DIR")
         if dry_run:
             raise QkvconvError("--dry-run plans full-model conversions; adapters are small and convert in memory")
+        from qkvconv.ops.adapters import convert_adapter
+
         report.actions += convert_adapter(directory, src.name, to, out, base, changes.qkv,
                                           allow_nonfinite=allow_nonfinite)
         return report
     if out is None and not dry_run:
         raise QkvconvError("convert writes a new directory: give it with --out DIR")
-    direct = None if changes.any() else src.direct_plan(directory, to)
+    # a conversion that only moves bytes reads the source through torch-free readers (io/bytepath.py)
+    direct = None if changes.any() else src.direct_plan(directory, to, bytes_only=True)
+    byte_path = direct is not None and only_copies(*direct)
+    if not byte_path and not changes.any():
+        direct = src.direct_plan(directory, to)
     notes: list[str] = []
     if direct is None:
         plan, reader, notes = transformed_plan(directory, src.name, to, changes)
@@ -167,9 +176,10 @@ def convert(
         raise QkvconvError(f"{out} already exists; choose a new --out file")
     build = out.with_name(f".{out.name}.qkvconv-build") if single else out
     prints = None
-    if forward_check:
+    fingerprints: dict[str, Any] | None = {} if forward_check and byte_path else None  # the engine's, of the source
+    if forward_check and not byte_path:
         from qkvconv.formats.weights import open_weights
-        from qkvconv.ops.check import SourcePrints, conversion_check
+        from qkvconv.ops.check import SourcePrints
 
         # the source's checksums, taken while the engine writes; a transformation changes most tensors
         prints = None if changes.of_weights() else SourcePrints(lambda: open_weights(directory))
@@ -181,20 +191,36 @@ def convert(
         total = sum(m.nbytes for m in layout.values())
         extra = {"header": plan.header} if plan.header else {}
         with target.writer(tmp, layout, max_shard_size, **extra) as writer:
-            execute(plan, reader, writer, progress_for(total, f"writing {out.name}"), allow_nonfinite=allow_nonfinite)
+            execute(plan, reader, writer, progress_for(total, f"writing {out.name}"), allow_nonfinite=allow_nonfinite,
+                    fingerprints=fingerprints)
         for name, text in plan.texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
         report.actions.append(f"wrote {len(layout)} tensors ({total:,} bytes) in {len(shards)} file(s)")
         report.actions += plan.notes + notes
         if forward_check:
-            report.checks.append(conversion_check(lambda: (open_weights(directory), open_weights(tmp)), device,
-                                                  "the converted checkpoint", "nothing was written",
-                                                  rounds=changes.fold_norms, source_prints=prints))
+            report.checks.append(_check(directory, src.name, tmp, to, device, changes, prints, fingerprints))
     if single:  # the checked file leaves its build directory in one rename
         (written,) = shards
         os.rename(build / written, out)
         build.rmdir()
     return report
+
+
+def _check(directory: Path, source_format: str, tmp: Path, to: str, device: str, changes: Transformations,
+           prints: Any, fingerprints: dict[str, Any] | None) -> str:
+    """The default check (ops/check.py); without torch where the conversion only moved bytes and every
+    tensor holds the source's bits (ops/bitcheck.py), check.py's own verdict otherwise."""
+    if fingerprints is not None:
+        from qkvconv.ops.bitcheck import byte_check
+
+        verdict = byte_check((directory, source_format), (tmp, to), fingerprints)
+        if verdict is not None:
+            return verdict
+    from qkvconv.formats.weights import open_weights
+    from qkvconv.ops.check import conversion_check
+
+    return conversion_check(lambda: (open_weights(directory), open_weights(tmp)), device, "the converted checkpoint",
+                            "nothing was written", rounds=changes.fold_norms, source_prints=prints)
 
 
 def _merge(directory: Path, src: Format, to: str, out: Path | None, base: Path | None, changes: Transformations,

@@ -1,0 +1,97 @@
+"""Conversions that only move bytes, without torch: readers of where tensors lie, and the checksums of a
+checkpoint seen under litgpt's names.
+
+Most conversions between Hugging Face safetensors and litgpt (q/k/v stacked into one `attn.qkv` and split
+again, plain re-sharding) compute nothing: every output tensor is rows of source tensors. The engine copies
+those inside the kernel (engine.py) and needs of the source only its tensors' byte ranges, which the
+safetensors header and torch.save's pickle give without torch (safetensors_header.py, torch_pickle.py).
+Importing torch alone costs more than half of copying a 1B-parameter checkpoint, so such a conversion and
+its default check (ops/bitcheck.py) never import it:
+
+    reader = open_bytes(path)               # names, meta (shape, DType), raw byte ranges; None: not here
+    prints = litgpt_prints(reader, recipes, known)  # check.fingerprint of each tensor under litgpt's names
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qkvconv.errors import QkvconvError
+from qkvconv.io.safetensors_header import SafetensorsHeaders, dtype_name
+from qkvconv.io.sharded import open_headers
+from qkvconv.io.torch_pickle import TorchZipHeaders
+from qkvconv.plans.plan import Recipe
+
+Print = tuple[tuple[int, ...], str, Any, Any]  # engine.Print: shape, dtype name, row sums, column sums
+
+
+def open_bytes(path: Path) -> Any:
+    """A torch-free reader (names, meta, raw, release, files) of a safetensors file or HF directory, or of
+    a torch.save zip; None for anything else (a legacy pickle, .bin shards), or a file these cannot read
+    (the torch readers then say what is wrong with it)."""
+    try:
+        if path.is_dir():
+            return open_headers(path)
+        if path.suffix == ".safetensors":
+            return SafetensorsHeaders(path)
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        return TorchZipHeaders(path) if zipped else None
+    except (QkvconvError, OSError):
+        return None
+
+
+def _compose(recipe: Recipe, metas: list[Any], prints: list[Print]) -> Print | None:
+    """The checksums of a recipe's output from its inputs': where the output is every row of its inputs
+    once (a copy, q/k/v stacked, a re-order), its row sums are theirs in the output's order and its column
+    sums theirs added. None where it is not (a part taken out of a fused tensor, 1-D parts in words)."""
+    import numpy as np
+
+    if len(recipe.inputs) == 1 and not recipe.steps and recipe.dtype is None:
+        return prints[0]
+    if recipe.dtype is not None or not all(s.moves_rows for s in recipe.steps):
+        return None
+    if any(len(m.shape) != 2 or m.shape[1:] != metas[0].shape[1:] or
+           dtype_name(m.dtype) != dtype_name(metas[0].dtype) for m in metas):
+        return None
+    bits = 40
+    labels = [[(i << bits) + row for row in range(m.shape[0])] for i, m in enumerate(metas)]
+    codes = recipe.labels(labels)
+    if sorted(codes) != [c for rows in labels for c in rows]:
+        return None
+    rows = np.concatenate([p[2] for p in prints])
+    starts = np.cumsum([0] + [m.shape[0] for m in metas])
+    index = np.array([starts[c >> bits] + (c & ((1 << bits) - 1)) for c in codes], dtype=np.int64)
+    columns = prints[0][3].copy()
+    for p in prints[1:]:
+        columns += p[3]
+    return (len(codes), *metas[0].shape[1:]), prints[0][1], rows[index], columns
+
+
+def litgpt_prints(reader: Any, recipes: dict[str, Recipe], names: list[str],
+                  known: dict[str, Print]) -> dict[str, Print] | None:
+    """check.fingerprint of each of `names` (litgpt's), each made by its recipe from the reader's tensors;
+    `known`: checksums already taken (the engine's, while it copied), the others read here, tensor by
+    tensor. None where a tensor cannot be composed so (the check then runs with torch)."""
+    from qkvconv.io.engine import _Scanner
+
+    scan = _Scanner(True, known)
+    out = {}
+    for name in names:
+        recipe = recipes.get(name)
+        if recipe is None:
+            return None
+        for i in recipe.inputs:
+            if i not in known:
+                if reader.raw(i) is None:
+                    return None
+                scan(i, reader)
+                reader.release()
+                if i not in known:  # a dtype the scan cannot read (float8)
+                    return None
+        composed = _compose(recipe, [reader.meta(i) for i in recipe.inputs], [known[i] for i in recipe.inputs])
+        if composed is None:
+            return None
+        out[name] = composed
+    return out
