@@ -14,6 +14,7 @@ its default check (ops/bitcheck.py) never import it:
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -72,24 +73,33 @@ def _compose(recipe: Recipe, metas: list[Any], prints: list[Print]) -> Print | N
 def litgpt_prints(reader: Any, recipes: dict[str, Recipe], names: list[str],
                   known: dict[str, Print]) -> dict[str, Print] | None:
     """check.fingerprint of each of `names` (litgpt's), each made by its recipe from the reader's tensors;
-    `known`: checksums already taken (the engine's, while it copied), the others read here, tensor by
-    tensor. None where a tensor cannot be composed so (the check then runs with torch)."""
+    `known`: checksums already taken (the engine's, while it copied), the others read here, two tensors at
+    a time (numpy and preadv release the GIL: both cores sum). None where a tensor cannot be composed so
+    (the check then runs with torch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from qkvconv.io.engine import _Scanner
 
-    scan = _Scanner(True, known)
+    if any(name not in recipes for name in names):
+        return None
+    missing = list(dict.fromkeys(i for n in names for i in recipes[n].inputs if i not in known))
+    if any(reader.raw(i) is None for i in missing):
+        return None
+    local = threading.local()  # a scanner (and its buffer) per thread
+
+    def read(name: str) -> None:
+        if not hasattr(local, "scan"):
+            local.scan = _Scanner(True, known)
+        local.scan(name, reader)
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="qkvconv-check") as pool:
+        list(pool.map(read, missing))
+    reader.release()
+    if any(i not in known for i in missing):  # a dtype the scan cannot read (float8)
+        return None
     out = {}
     for name in names:
-        recipe = recipes.get(name)
-        if recipe is None:
-            return None
-        for i in recipe.inputs:
-            if i not in known:
-                if reader.raw(i) is None:
-                    return None
-                scan(i, reader)
-                reader.release()
-                if i not in known:  # a dtype the scan cannot read (float8)
-                    return None
+        recipe = recipes[name]
         composed = _compose(recipe, [reader.meta(i) for i in recipe.inputs], [known[i] for i in recipe.inputs])
         if composed is None:
             return None

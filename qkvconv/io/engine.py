@@ -83,7 +83,10 @@ def only_copies(plan: Plan, reader: TensorReader) -> bool:
     """Whether every output of `plan` can be copied from the source files as it lies, into a writer that
     copies raw bytes (writers.py's), after a NaN/inf check numpy can make: no torch needed."""
     consumers = Counter(i for r in plan.recipes for i in r.inputs)
-    raws = _raw_copies(plan, reader, _CopiesRaw(), consumers, min_piece_bytes=0)  # type: ignore[arg-type]
+    try:
+        raws = _raw_copies(plan, reader, _CopiesRaw(), consumers, min_piece_bytes=0)  # type: ignore[arg-type]
+    except (ValueError, IndexError):  # shapes that do not fit the plan: output_layout says what is wrong
+        return False
     return len(raws) == len(plan.recipes) and all(
         scannable(dtype_name(reader.meta(i).dtype), reader.meta(i).dtype.is_floating_point)
         for r in plan.recipes for i in r.inputs)
