@@ -146,3 +146,52 @@ def test_the_unpickler_runs_nothing_it_does_not_know(tmp_path: Path) -> None:
             z.writestr(n, data)
     with pytest.raises(QkvconvError, match="shutil.rmtree is not part of a state dict"):
         TorchZipHeaders(path)
+
+
+@pytest.mark.parametrize("case", ["gqa_llama", "gqa_bias_oddhead", "wrapped_gqa"])
+def test_an_upgrade_and_its_check_import_no_torch(case: str, legacy, tmp_path: Path) -> None:
+    """A legacy full model upgraded (into --out, and in place) without torch: the rows re-ordered as the
+    torch path re-orders them, and the check read back from the new file."""
+    source = legacy(case)
+    reference = tmp_path / "reference"
+    result = runner.invoke(app, ["upgrade", str(source), "--out", str(reference), "--no-verify"])
+    assert result.exit_code == 0, result.output
+    proc, imported = run_probe("upgrade", str(source), "--out", str(tmp_path / "out"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["changed"] and "hold the source's bits" in report["checks"][-1] and not imported
+    want = torch.load(reference / "lit_model.pth", weights_only=True)
+    assert same_tensors(want.get("model", want), (lambda got: got.get("model", got))(
+        torch.load(tmp_path / "out" / "lit_model.pth", weights_only=True)))
+    proc, imported = run_probe("upgrade", str(source), "--json")  # in place
+    assert proc.returncode == 0 and "hold the source's bits" in json.loads(proc.stdout)["checks"][-1], proc.stderr
+    assert not imported
+    got = torch.load(source / "lit_model.pth", weights_only=True)
+    assert same_tensors(want.get("model", want), got.get("model", got))
+
+
+def test_one_wrong_row_of_an_upgrade_fails_its_check(legacy, tmp_path: Path, monkeypatch) -> None:
+    """One re-ordered row damaged in the staged file: the torch-free check does not pass it, check.py
+    fails it, and nothing is replaced."""
+    from qkvconv.ops.upgrade import upgrade
+
+    source = legacy("gqa_llama")
+    before = (source / "lit_model.pth").read_bytes()
+    real = bitcheck.byte_check
+    verdicts: list[str | None] = []
+
+    def damaging(src, result, prints, overrides=None):
+        path = overrides["lit_model.pth"]
+        reader = TorchZipHeaders(path)
+        name = "transformer.h.1.attn.qkv.weight"
+        raw = reader.raw(name)
+        with open(path, "r+b") as f:
+            f.seek(raw.offset + 3 * raw.nbytes // reader.meta(name).shape[0])
+            f.write(b"\x55\x55\x55\x55")
+        verdicts.append(real(src, result, prints, overrides))
+        return verdicts[-1]
+
+    monkeypatch.setattr(bitcheck, "byte_check", damaging)
+    with pytest.raises(CheckFailed, match="layer 1"):
+        upgrade(source, forward_check=bitcheck.upgrade_check())
+    assert verdicts == [None] and (source / "lit_model.pth").read_bytes() == before

@@ -14,6 +14,7 @@ its default check (ops/bitcheck.py) never import it:
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,22 +44,47 @@ def open_bytes(path: Path) -> Any:
         return None
 
 
-def _compose(recipe: Recipe, metas: list[Any], prints: list[Print]) -> Print | None:
+def _vector(reader: Any, recipe: Recipe, metas: list[Any], codes: list[int], bits: int) -> Print:
+    """The checksums of a 1-D output (a fused bias): one row, so its elements are gathered (they are few)."""
+    import numpy as np
+
+    from qkvconv.model.bits import Fingerprint
+
+    size = metas[0].dtype.itemsize
+    parts = []
+    for name in recipe.inputs:
+        raw = reader.raw(name)
+        with open(raw.path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), raw.nbytes, raw.offset)
+        if len(data) != raw.nbytes:
+            raise QkvconvError(f"{raw.path} ends in the middle of {name}; it is truncated")
+        parts.append(np.frombuffer(data, dtype=np.uint8).reshape(-1, size))
+    mask = (1 << bits) - 1
+    gathered = np.concatenate([parts[c >> bits][c & mask] for c in codes]) if codes else np.zeros(0, np.uint8)
+    prints = Fingerprint((len(codes),), size)
+    prints.add(gathered.reshape(-1))
+    return ((len(codes),), dtype_name(metas[0].dtype), *prints.result())
+
+
+def _compose(recipe: Recipe, metas: list[Any], prints: list[Print], reader: Any) -> Print | None:
     """The checksums of a recipe's output from its inputs': where the output is every row of its inputs
     once (a copy, q/k/v stacked, a re-order), its row sums are theirs in the output's order and its column
-    sums theirs added. None where it is not (a part taken out of a fused tensor, 1-D parts in words)."""
+    sums theirs added; a 1-D output is gathered from the files. None where it is neither (a part taken
+    out of a fused tensor)."""
     import numpy as np
 
     if len(recipe.inputs) == 1 and not recipe.steps and recipe.dtype is None:
         return prints[0]
     if recipe.dtype is not None or not all(s.moves_rows for s in recipe.steps):
         return None
-    if any(len(m.shape) != 2 or m.shape[1:] != metas[0].shape[1:] or
-           dtype_name(m.dtype) != dtype_name(metas[0].dtype) for m in metas):
+    if any(len(m.shape) != len(metas[0].shape) or m.shape[1:] != metas[0].shape[1:] or
+           dtype_name(m.dtype) != dtype_name(metas[0].dtype) for m in metas) or len(metas[0].shape) not in (1, 2):
         return None
     bits = 40
     labels = [[(i << bits) + row for row in range(m.shape[0])] for i, m in enumerate(metas)]
     codes = recipe.labels(labels)
+    if len(metas[0].shape) == 1:
+        return _vector(reader, recipe, metas, codes, bits)
     if sorted(codes) != [c for rows in labels for c in rows]:
         return None
     rows = np.concatenate([p[2] for p in prints])
@@ -100,7 +126,7 @@ def litgpt_prints(reader: Any, recipes: dict[str, Recipe], names: list[str],
     out = {}
     for name in names:
         recipe = recipes[name]
-        composed = _compose(recipe, [reader.meta(i) for i in recipe.inputs], [known[i] for i in recipe.inputs])
+        composed = _compose(recipe, [reader.meta(i) for i in recipe.inputs], [known[i] for i in recipe.inputs], reader)
         if composed is None:
             return None
         out[name] = composed

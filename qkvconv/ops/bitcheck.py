@@ -25,9 +25,11 @@ from qkvconv.model.architecture import Architecture
 from qkvconv.progress import status
 
 
-def litgpt_view(directory: Path, format_name: str) -> tuple[dict[str, Any], Any, dict[str, Any]] | None:
+def litgpt_view(directory: Path, format_name: str, overrides: dict[str, Path] | None = None
+                ) -> tuple[dict[str, Any], Any, dict[str, Any]] | None:
     """(litgpt config, torch-free reader, recipes by litgpt name) of a checkpoint directory, as check.py's
-    weights see it (formats/weights.py), or None where these cannot read it."""
+    weights see it (formats/weights.py), or None where these cannot read it. `overrides`: files by name
+    that replace the directory's (an upgrade's staged files)."""
     if format_name == "hf":
         from qkvconv.formats.hf.config import HF_CONFIG, litgpt_config_from_hf
         from qkvconv.formats.hf.plans import plan_hf_to_litgpt
@@ -40,17 +42,21 @@ def litgpt_view(directory: Path, format_name: str) -> tuple[dict[str, Any], Any,
         plan = plan_hf_to_litgpt(config_json, reader.names())
         return litgpt_config_from_hf(config_json), reader, {r.output: r for r in plan.recipes}
     if format_name == "litgpt":
-        from qkvconv.formats.litgpt.checkpoint import migrate_config, open_litgpt
-        from qkvconv.formats.litgpt.plans import full_upgrade_plan
+        from qkvconv.formats.litgpt.checkpoint import CONFIG, WEIGHTS, ModelShape, migrate_config, open_litgpt
+        from qkvconv.io.config_files import read_yaml
 
         ckpt = open_litgpt(directory)
+        files = {WEIGHTS: ckpt.weights, CONFIG: directory / CONFIG, **(overrides or {})}
         if ckpt.weights is None or ckpt.lora_weights is not None:
             return None
-        reader = open_bytes(ckpt.weights)
+        reader = open_bytes(files[WEIGHTS])  # type: ignore[arg-type]
         if reader is None:
             return None
-        plan = full_upgrade_plan(reader.names(), ckpt.shape.heads)
-        return migrate_config(ckpt.config)[0], reader, {r.output: r for r in plan.recipes}
+        config = migrate_config(read_yaml(files[CONFIG]))[0]  # type: ignore[arg-type]
+        from qkvconv.formats.litgpt.plans import full_upgrade_plan
+
+        plan = full_upgrade_plan(reader.names(), ModelShape.from_config(config, files[CONFIG]).heads)  # type: ignore[arg-type]
+        return config, reader, {r.output: r for r in plan.recipes}
     return None
 
 
@@ -66,15 +72,17 @@ def _same(a: Print, b: Print) -> bool:
     return a[:2] == b[:2] and np.array_equal(a[2], b[2]) and np.array_equal(a[3], b[3])
 
 
-def byte_check(source: tuple[Path, str], result: tuple[Path, str], source_prints: dict[str, Print]) -> str | None:
+def byte_check(source: tuple[Path, str], result: tuple[Path, str], source_prints: dict[str, Print],
+               overrides: dict[str, Path] | None = None) -> str | None:
     """check.py's verdict where every tensor holds the source's bits in litgpt's names, as check.py words
-    it; None where this cannot show that (the caller then runs check.py)."""
+    it; None where this cannot show that (the caller then runs check.py). `overrides`: the result's files
+    that replace the directory's (an in-place upgrade's staged files)."""
     from qkvconv.formats.hf.plans import litgpt_state_names
 
     start = time.perf_counter()
     with status("checking: reading the result back"):
         try:
-            views = litgpt_view(*source), litgpt_view(*result)
+            views = litgpt_view(*source), litgpt_view(*result, overrides)
             if views[0] is None or views[1] is None:
                 return None
             (config_a, reader_a, recipes_a), (config_b, reader_b, recipes_b) = views  # type: ignore[misc]
@@ -89,3 +97,28 @@ def byte_check(source: tuple[Path, str], result: tuple[Path, str], source_prints
         return None
     return (f"checked in {time.perf_counter() - start:.1f} s: all {len(names)} tensors hold the source's bits in "
             "litgpt's names (row and column checksums)")
+
+
+class UpgradeCheck:
+    """`upgrade`'s default check (check.UpgradeCheck's interface): the engine fills `fingerprints` with the
+    original's checksums as it reads it; the staged files are then read back and compared here, without
+    torch. Where that cannot decide (a LoRA run, a file torch.load must read, any difference), check.py's
+    UpgradeCheck runs, from the files."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.fingerprints: dict[str, Print] = {}
+
+    def __call__(self, original: Any, staged: dict[str, Path]) -> str:
+        if self.fingerprints:
+            said = byte_check((original.directory, "litgpt"), (original.directory, "litgpt"), self.fingerprints,
+                              overrides=staged)
+            if said is not None:
+                return said
+        from qkvconv.ops.check import upgrade_check
+
+        return upgrade_check(self.device)(original, staged)
+
+
+def upgrade_check(device: str = "cpu") -> UpgradeCheck:
+    return UpgradeCheck(device)

@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from qkvconv.errors import CheckFailed, QkvconvError
 from qkvconv.model.layout import HeadLayout, QKVOrder, permutation, reorder
@@ -35,13 +34,12 @@ from qkvconv.formats.litgpt import (
     open_litgpt,
     qkv_naming,
 )
-from qkvconv.model.lora import LoraSettings, apply_reorder, expand_rank, plan_reorder, qkv_delta
-from qkvconv.io.engine import execute, output_layout
-from qkvconv.model.nonfinite import check_all_finite, same_bits, within
+from qkvconv.io.bytepath import open_bytes
+from qkvconv.io.engine import execute, only_copies, output_layout
 from qkvconv.formats.litgpt.plans import full_upgrade_plan
 from qkvconv.plans.plan import Plan
 from qkvconv.progress import progress_for
-from qkvconv.io.readers import TensorReader, open_reader
+from qkvconv.io.torch_pickle import TorchZipHeaders
 from qkvconv.io.writers import TorchWriter, save_torch
 from qkvconv.io.transaction import (
     copy_other_files,
@@ -51,6 +49,18 @@ from qkvconv.io.transaction import (
     new_directory,
     recover,
 )
+
+
+if TYPE_CHECKING:  # torch is imported where tensors are: a full model's upgrade only moves rows (bytepath.py)
+    import torch
+
+    from qkvconv.io.readers import TensorReader
+
+
+def open_reader(path: Path) -> TensorReader:
+    from qkvconv.io.readers import open_reader as torch_reader
+
+    return torch_reader(path)
 
 
 @dataclass
@@ -84,6 +94,8 @@ ForwardCheck = Callable[[LitgptCheckpoint, dict[str, Path]], str]
 
 
 def lora_plan_for(hyper: LoraHyperparameters | None, heads: HeadLayout):
+    from qkvconv.model.lora import plan_reorder
+
     if hyper is None or not any(hyper.settings.enable):
         return None
     return plan_reorder(hyper.settings.enable, heads)
@@ -93,6 +105,8 @@ def upgrade_tensors(
     sd: StateDictFile, heads: HeadLayout, hyper: LoraHyperparameters | None
 ) -> tuple[dict[str, torch.Tensor], int]:
     """New tensors for current litgpt (same key order) and the factor the LoRA rank grew by."""
+    from qkvconv.model.lora import apply_reorder, expand_rank
+
     plan = lora_plan_for(hyper, heads)
     factor = plan.rank_factor if plan is not None else 1
     to_sequential = permutation(QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
@@ -131,6 +145,10 @@ def check_upgraded(
     """Check the upgraded file, tensor by tensor as read back from disk, against the original;
     raise CheckFailed on any difference (an allowed NaN/inf must be where it was, bit for bit). Holds
     about two tensors at a time."""
+    import torch
+
+    from qkvconv.model.nonfinite import same_bits
+
     mapping = {k: current_name(k) for k in old.names()}
     new_names = set(new.names())
     if set(mapping.values()) != new_names:
@@ -170,6 +188,9 @@ def _lora_update_equal(
     old: TensorReader, new: TensorReader, old_name: str, new_name: str,
     heads: HeadLayout, hyper: LoraHyperparameters | None, factor: int,
 ) -> bool:
+    from qkvconv.model.lora import LoraSettings, qkv_delta
+    from qkvconv.model.nonfinite import within
+
     if old_name.endswith("lora_B"):
         return True  # compared with its lora_A
     stem_old, stem_new = old_name[: -len("lora_A")], new_name[: -len("lora_A")]
@@ -204,7 +225,8 @@ def _needs_upgrade(ckpt: LitgptCheckpoint) -> tuple[list[StateDictFile], bool]:
     """The legacy weight files of a checkpoint and whether its config needs migrating."""
     legacy: list[StateDictFile] = []
     for path in ckpt.weight_files():
-        sd = load_state_dict_file(path)
+        sd = _headers(path) if path.name == WEIGHTS else None
+        sd = sd or load_state_dict_file(path)
         if path.name == LORA_WEIGHTS:
             assert ckpt.hyperparameters is not None
             check_lora_shapes(sd, ckpt.shape, ckpt.hyperparameters)
@@ -216,27 +238,40 @@ def _needs_upgrade(ckpt: LitgptCheckpoint) -> tuple[list[StateDictFile], bool]:
     return legacy, bool(config_changes)
 
 
-def _stream(item: _StagedFile, path: Path) -> None:
-    """Write a full model file through the engine: each tensor read once, re-ordered, written."""
+def _headers(path: Path) -> StateDictFile | None:
+    """A full model's .pth as the torch-free reader sees it (names, shapes, wrapping; io/bytepath.py), where
+    it can: its upgrade then only moves bytes and imports no torch. None: torch.load reads it."""
+    headers = open_bytes(path)
+    if not isinstance(headers, TorchZipHeaders) or headers.extra:
+        return None
+    return StateDictFile(path, {n: headers.meta(n) for n in headers.names()}, headers.wrapped)  # type: ignore[misc]
+
+
+def _stream(item: _StagedFile, path: Path, fingerprints: dict[str, Any] | None) -> None:
+    """Write a full model file through the engine: each tensor read once, re-ordered, written; where it only
+    moves bytes, without torch, and the source's checksums taken as it reads (`fingerprints`)."""
     assert item.plan is not None
-    reader = open_reader(item.original.path)
+    reader = open_bytes(item.original.path)
+    if reader is None or not only_copies(item.plan, reader):
+        reader, fingerprints = open_reader(item.original.path), None
     layout = output_layout(item.plan, reader)
     with TorchWriter(path, layout, wrapped=item.original.wrapped) as writer:
         progress = progress_for(sum(m.nbytes for m in layout.values()), f"writing {path.name}")
-        execute(item.plan, reader, writer, progress, allow_nonfinite=item.allow_nonfinite)
+        execute(item.plan, reader, writer, progress, allow_nonfinite=item.allow_nonfinite, fingerprints=fingerprints)
 
 
 def _write_and_check(
-    staged: list[_StagedFile], paths: dict[str, Path], ckpt: LitgptCheckpoint, report: UpgradeReport
+    staged: list[_StagedFile], paths: dict[str, Path], ckpt: LitgptCheckpoint, report: UpgradeReport,
+    forward_check: ForwardCheck | None,
 ) -> None:
     for item in staged:
         path = paths[item.target]
         if item.plan is not None:
-            _stream(item, path)
+            _stream(item, path, getattr(forward_check, "fingerprints", None))
         else:
             assert item.tensors is not None
             save_torch(item.original.payload(item.tensors), path)
-        written = open_reader(path)  # check what is on disk, not what is in memory
+        written = open_bytes(path) or open_reader(path)  # check what is on disk, not what is in memory
         if getattr(written, "wrapped", None) != item.original.wrapped:
             raise CheckFailed(f"{path.name}: wrapping changed")
 
@@ -294,6 +329,8 @@ def upgrade(
         for sd in legacy_files:
             if sd.path.name == LORA_WEIGHTS or sd.extra:  # small, or with non-tensor entries: in memory
                 if not allow_nonfinite:  # a streamed file's inputs are checked by the engine as it reads them
+                    from qkvconv.model.nonfinite import check_all_finite
+
                     check_all_finite(sd.tensors)
                 tensors, factor = upgrade_tensors(sd, ckpt.shape.heads, ckpt.hyperparameters)
                 staged.append(_StagedFile(sd.path.name, sd, factor, tensors=tensors))
@@ -344,7 +381,7 @@ def _upgrade_in_place(
 ) -> None:
     with Replacement(ckpt.directory) as tx:
         paths = {s.target: tx.stage(s.target) for s in staged}
-        _write_and_check(staged, paths, ckpt, report)
+        _write_and_check(staged, paths, ckpt, report, forward_check)
         if new_config is not None:
             write_yaml(new_config, tx.stage(CONFIG))
         if new_hyper is not None:
@@ -367,7 +404,7 @@ def _upgrade_into(
         rewritten = {s.target for s in staged} | {CONFIG} | ({HYPERPARAMETERS} if new_hyper is not None else set())
         copy_other_files(ckpt.directory, tmp, skip=rewritten)
         paths = {s.target: tmp / s.target for s in staged}
-        _write_and_check(staged, paths, ckpt, report)
+        _write_and_check(staged, paths, ckpt, report, forward_check)
         write_yaml(new_config, tmp / CONFIG)
         if new_hyper is not None:
             base = ckpt.find_base()
