@@ -401,6 +401,7 @@ class TorchWriter:
         self._records, self._directory_at = torch_zip.layout(self._folder, sizes, _storage_alignment())
         self._data_at = {r.name: r.data_offset for r in self._records}
         self._sources = _RawSources()
+        self._finished = False
         self._fd: int | None = _create(self.path)  # O_EXCL: never clobber
         try:
             end = torch_zip.end_of_archive(self._folder, self._records, self._directory_at)
@@ -447,22 +448,30 @@ class TorchWriter:
             self.abort()
             raise
 
-    def close(self) -> Path:
-        """Check every tensor arrived, write the central directory and make the file durable."""
+    def finish(self) -> None:
+        """Check every tensor arrived and write the central directory: the file is complete and can be read
+        (a check can read it back while close() makes it durable), not yet durable."""
         if self._fd is None:
             raise LayoutViolation("this writer is closed")
+        if self._finished:
+            return
         self._layout.check_complete()
         end = torch_zip.end_of_archive(self._folder, self._records, self._directory_at)
+        self._guarded(_pwrite_all, self._fd, memoryview(end), self._directory_at, self.path)
+        self._finished = True
 
-        def finish() -> None:
+    def close(self) -> Path:
+        """finish(), and make the file durable."""
+        self.finish()
+
+        def sync() -> None:
             assert self._fd is not None
-            _pwrite_all(self._fd, memoryview(end), self._directory_at, self.path)
             try:
                 os.fsync(self._fd)
             except OSError as e:
                 raise QkvconvError(f"cannot write {self.path}: {e.strerror}") from None
 
-        self._guarded(finish)
+        self._guarded(sync)
         self._close_files()
         return self.path
 

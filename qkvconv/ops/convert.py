@@ -13,6 +13,7 @@ target (the target format's `target_plan`): still one plan, each source tensor r
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -190,20 +191,52 @@ def convert(
             copy_other_files(directory, tmp, skip, WEIGHT_SUFFIXES)
         total = sum(m.nbytes for m in layout.values())
         extra = {"header": plan.header} if plan.header else {}
+        for name, text in plan.texts.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        early = None
         with target.writer(tmp, layout, max_shard_size, **extra) as writer:
             execute(plan, reader, writer, progress_for(total, f"writing {out.name}"), allow_nonfinite=allow_nonfinite,
                     fingerprints=fingerprints)
-        for name, text in plan.texts.items():
-            (tmp / name).write_text(text, encoding="utf-8")
+            if fingerprints is not None and hasattr(writer, "finish"):  # read back while close() syncs the file
+                writer.finish()
+                early = _ByteCheck(directory, src.name, tmp, to, fingerprints)
         report.actions.append(f"wrote {len(layout)} tensors ({total:,} bytes) in {len(shards)} file(s)")
         report.actions += plan.notes + notes
         if forward_check:
-            report.checks.append(_check(directory, src.name, tmp, to, device, changes, prints, fingerprints))
+            verdict = early.result() if early is not None else None
+            report.checks.append(verdict or _check(directory, src.name, tmp, to, device, changes, prints,
+                                                   None if early is not None else fingerprints))
     if single:  # the checked file leaves its build directory in one rename
         (written,) = shards
         os.rename(build / written, out)
         build.rmdir()
     return report
+
+
+class _ByteCheck:
+    """ops/bitcheck.py's check in a thread, started once the result is complete: it reads the result back
+    from the page cache while the writer makes it durable (fsync waits on the disk, not the CPU)."""
+
+    def __init__(self, directory: Path, source_format: str, tmp: Path, to: str, fingerprints: dict[str, Any]) -> None:
+        from qkvconv.ops.bitcheck import byte_check
+
+        self._verdict: str | None | BaseException = None
+        self._thread = threading.Thread(target=self._run, name="qkvconv-check", daemon=True,
+                                        args=(byte_check, (directory, source_format), (tmp, to), fingerprints))
+        self._thread.start()
+
+    def _run(self, byte_check: Any, *args: Any) -> None:
+        try:
+            self._verdict = byte_check(*args)
+        except BaseException as e:  # handed to result()
+            self._verdict = e
+
+    def result(self) -> str | None:
+        """The verdict; None: not decided here (check.py decides)."""
+        self._thread.join()
+        if isinstance(self._verdict, BaseException):
+            raise self._verdict
+        return self._verdict
 
 
 def _check(directory: Path, source_format: str, tmp: Path, to: str, device: str, changes: Transformations,
