@@ -195,3 +195,32 @@ def test_one_wrong_row_of_an_upgrade_fails_its_check(legacy, tmp_path: Path, mon
     with pytest.raises(CheckFailed, match="layer 1"):
         upgrade(source, forward_check=bitcheck.upgrade_check())
     assert verdicts == [None] and (source / "lit_model.pth").read_bytes() == before
+
+
+def test_row_labels_say_what_apply_does() -> None:
+    """Every step that only moves rows says, on row labels and without torch, exactly where `apply` takes
+    each output row from (the byte path copies the rows its labels name)."""
+    from qkvconv.formats.hf.steps import ConcatRows, TakeRows
+    from qkvconv.model.layout import HeadLayout, QKVOrder
+    from qkvconv.plans.plan import CheckRows, Fuse, Recipe, Reorder, TakePart
+    from qkvconv.plans.transforms import Inline, RowIndex, kv_repeat_index
+
+    heads = HeadLayout(6, 2, 3)
+    orders = [o for o in QKVOrder if o not in (QKVOrder.PER_HEAD, QKVOrder.CODEGEN_MP4, QKVOrder.INTERLEAVED)]
+    mha = HeadLayout(4, 4, 2)
+    cases: list[tuple[object, list[int]]] = []
+    for src in orders:
+        for dst in orders:
+            cases.append((Reorder(src, dst, heads), [heads.rows]))
+        cases += [(TakePart(p, src, heads), [heads.rows]) for p in "qkv"]
+        cases.append((Fuse(src, heads), [heads.q_rows, heads.kv_rows, heads.kv_rows]))
+        cases.append((CheckRows(src, heads), [heads.rows]))
+    for src in (QKVOrder.PER_HEAD, QKVOrder.CODEGEN_MP4, QKVOrder.INTERLEAVED):
+        cases += [(Reorder(src, QKVOrder.SEQUENTIAL, mha), [mha.rows]), (TakePart("k", src, mha), [mha.rows])]
+    cases += [(TakeRows(1, 3), [12]), (ConcatRows(), [4, 5, 2]), (RowIndex(kv_repeat_index(heads, 6), "kv"), [heads.rows])]
+    cases.append((Inline((Recipe("a", ("x",), (TakeRows(0, 2),)), Recipe("b", ("y", "z"), (ConcatRows(),)))), [6, 3, 2]))
+    for step, rows in cases:
+        labels = [[(i << 20) + r for r in range(n)] for i, n in enumerate(rows)]
+        tensors = [torch.tensor(t, dtype=torch.int64).reshape(-1, 1) for t in labels]
+        want = [t.reshape(-1).tolist() for t in step.apply(tensors)]  # type: ignore[attr-defined]
+        assert step.labels(labels) == want, step  # type: ignore[attr-defined]
