@@ -163,6 +163,9 @@ def test_an_upgrade_and_its_check_import_no_torch(case: str, legacy, tmp_path: P
     want = torch.load(reference / "lit_model.pth", weights_only=True)
     assert same_tensors(want.get("model", want), (lambda got: got.get("model", got))(
         torch.load(tmp_path / "out" / "lit_model.pth", weights_only=True)))
+    proc, imported = run_probe("upgrade", str(source), "--out", str(tmp_path / "unchecked"), "--no-verify", "--json")
+    assert proc.returncode == 0 and not imported, proc.stderr  # upgrade's own file-against-file check, in numpy
+    assert "every row accounted for" in json.loads(proc.stdout)["checks"][0]
     proc, imported = run_probe("upgrade", str(source), "--json")  # in place
     assert proc.returncode == 0 and "hold the source's bits" in json.loads(proc.stdout)["checks"][-1], proc.stderr
     assert not imported
@@ -195,6 +198,22 @@ def test_one_wrong_row_of_an_upgrade_fails_its_check(legacy, tmp_path: Path, mon
     with pytest.raises(CheckFailed, match="layer 1"):
         upgrade(source, forward_check=bitcheck.upgrade_check())
     assert verdicts == [None] and (source / "lit_model.pth").read_bytes() == before
+    # --no-verify keeps upgrade's file-against-file check: in numpy, byte for byte, it fails the row too
+    from qkvconv.ops import upgrade as upgrading
+
+    real_files = upgrading.check_upgraded
+
+    def damaged_files(old, new, *args):
+        raw = new.raw("transformer.h.1.attn.qkv.weight")
+        with open(new.path, "r+b") as f:
+            f.seek(raw.offset + 40)
+            f.write(b"\x55\x55")
+        return real_files(old, new, *args)
+
+    monkeypatch.setattr(upgrading, "check_upgraded", damaged_files)
+    with pytest.raises(CheckFailed, match="transformer.h.1.attn.qkv.weight in the upgraded lit_model.pth does not"):
+        upgrade(source, tmp_path / "out")
+    assert (source / "lit_model.pth").read_bytes() == before and not (tmp_path / "out").exists()
 
 
 def test_row_labels_say_what_apply_does() -> None:

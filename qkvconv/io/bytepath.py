@@ -131,3 +131,40 @@ def litgpt_prints(reader: Any, recipes: dict[str, Recipe], names: list[str],
             return None
         out[name] = composed
     return out
+
+
+def _pread(raw: Any, offset: int, nbytes: int) -> Any:
+    import numpy as np
+
+    from qkvconv.io.safetensors_header import pread_exact
+
+    data = np.empty(nbytes, dtype=np.uint8)
+    with open(raw.path, "rb", buffering=0) as f:
+        pread_exact(f.fileno(), memoryview(data), raw.offset + offset, raw.path)
+    return data
+
+
+def same_bytes(old: Any, old_name: str, new: Any, new_name: str, rows: list[int] | None = None,
+               chunk: int = 32 * 2**20) -> bool | None:
+    """Whether tensor `new_name` of `new` holds exactly the bytes of `old_name` of `old` (with `rows`: its
+    rows, taken in that order), read from both files in chunks, without torch; None where a reader cannot
+    place the bytes (the caller compares with torch)."""
+    a, b = old.raw(old_name), new.raw(new_name)
+    if a is None or b is None:
+        return None
+    ma, mb = old.meta(old_name), new.meta(new_name)
+    if tuple(ma.shape) != tuple(mb.shape) or dtype_name(ma.dtype) != dtype_name(mb.dtype) or a.nbytes != b.nbytes:
+        return False
+    if rows is None or not ma.shape or ma.shape[0] == 0:
+        return all(_pread(a, at, min(chunk, a.nbytes - at)).tobytes() == _pread(b, at, min(chunk, b.nbytes - at)).tobytes()
+                   for at in range(0, a.nbytes, chunk))
+    if sorted(rows) != list(range(ma.shape[0])):
+        return False
+    row_bytes = a.nbytes // ma.shape[0]
+    source = _pread(a, 0, a.nbytes).reshape(ma.shape[0], row_bytes)  # a fused QKV tensor: taken whole
+    step = max(chunk // max(row_bytes, 1), 1)
+    for start in range(0, len(rows), step):
+        part = _pread(b, start * row_bytes, min(step, len(rows) - start) * row_bytes).reshape(-1, row_bytes)
+        if not (source[rows[start:start + len(part)]] == part).all():
+            return False
+    return True

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qkvconv.errors import CheckFailed, QkvconvError
-from qkvconv.model.layout import HeadLayout, QKVOrder, permutation, reorder
+from qkvconv.model.layout import HeadLayout, QKVOrder, permutation, permutation_rows, reorder
 from qkvconv.io.config_files import write_yaml
 from qkvconv.formats.litgpt import (
     current_name,
@@ -34,7 +34,8 @@ from qkvconv.formats.litgpt import (
     open_litgpt,
     qkv_naming,
 )
-from qkvconv.io.bytepath import open_bytes
+from qkvconv.io.bytepath import open_bytes, same_bytes
+from qkvconv.io.safetensors_header import dtype_name
 from qkvconv.io.engine import execute, only_copies, output_layout
 from qkvconv.formats.litgpt.plans import full_upgrade_plan
 from qkvconv.plans.plan import Plan
@@ -144,32 +145,37 @@ def check_upgraded(
 ) -> list[str]:
     """Check the upgraded file, tensor by tensor as read back from disk, against the original;
     raise CheckFailed on any difference (an allowed NaN/inf must be where it was, bit for bit). Holds
-    about two tensors at a time."""
-    import torch
-
-    from qkvconv.model.nonfinite import same_bits
-
+    about two tensors at a time. Readers without `peek` (io/bytepath.py's, of a full model) are compared
+    byte for byte in numpy, without torch."""
     mapping = {k: current_name(k) for k in old.names()}
     new_names = set(new.names())
     if set(mapping.values()) != new_names:
         missing, extra = set(mapping.values()) - new_names, new_names - set(mapping.values())
         raise CheckFailed(f"upgraded {label} has missing {sorted(missing)[:3]} / extra {sorted(extra)[:3]} tensors")
-    perm = permutation(QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
-    if not torch.equal(torch.sort(perm).values, torch.arange(heads.rows)):
+    perm = permutation_rows(QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)
+    if sorted(perm) != list(range(heads.rows)):
         raise CheckFailed("the row permutation is not a bijection")
     n_reordered = n_same = n_lora = 0
     for old_name, new_name in mapping.items():
-        if old.meta(old_name).dtype != new.meta(new_name).dtype:
+        if dtype_name(old.meta(old_name).dtype) != dtype_name(new.meta(new_name).dtype):
             raise CheckFailed(f"{new_name}: dtype changed from {old.meta(old_name).dtype} to {new.meta(new_name).dtype}")
         m = QKV_KEY.match(old_name)
+        reordered = bool(m and m.group(2) == "attn")
         if old_name.endswith(("lora_A", "lora_B")):
             ok = _lora_update_equal(old, new, old_name, new_name, heads, hyper, factor)
             n_lora += 1
-        elif m and m.group(2) == "attn":
+        elif not hasattr(old, "peek"):  # torch-free readers: the bytes compared (a re-ordered tensor, by rows)
+            ok = bool(same_bytes(old, old_name, new, new_name, perm if reordered else None))
+            n_reordered, n_same = n_reordered + reordered, n_same + (not reordered)
+        elif reordered:
+            from qkvconv.model.nonfinite import same_bits
+
             a, b = old.peek(old_name), new.peek(new_name)
-            ok = b.shape == a.shape and same_bits(b, a[perm])
+            ok = b.shape == a.shape and same_bits(b, a[permutation(QKVOrder.GROUPED, QKVOrder.SEQUENTIAL, heads)])
             n_reordered += 1
         else:
+            from qkvconv.model.nonfinite import same_bits
+
             ok = same_bits(old.peek(old_name), new.peek(new_name))
             n_same += 1
         old.release()
@@ -285,11 +291,24 @@ def _check(staged: list[_StagedFile], paths: dict[str, Path], ckpt: LitgptCheckp
     said = forward_check(ckpt, files) if forward_check is not None else None
     if said is None or said.startswith("check skipped"):
         for item in staged:
-            report.checks += check_upgraded(open_reader(item.original.path), open_reader(paths[item.target]),
+            old, new = _byte_readers(item, paths[item.target])
+            report.checks += check_upgraded(old or open_reader(item.original.path), new or open_reader(paths[item.target]),
                                             paths[item.target].name, ckpt.shape.heads, ckpt.hyperparameters,
                                             item.factor)
     if said is not None:
         report.checks.append(said)
+
+
+def _byte_readers(item: _StagedFile, staged: Path) -> tuple[Any, Any]:
+    """Torch-free readers of a streamed full model's original and staged file, where both serve every tensor
+    as bytes (io/bytepath.py); (None, None) otherwise."""
+    if item.plan is None:
+        return None, None
+    old, new = open_bytes(item.original.path), open_bytes(staged)
+    if old is None or new is None or any(old.raw(n) is None for n in old.names()) or \
+            any(new.raw(n) is None for n in new.names()) or any(n.endswith(("lora_A", "lora_B")) for n in old.names()):
+        return None, None
+    return old, new
 
 
 def upgrade(
