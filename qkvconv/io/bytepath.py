@@ -156,7 +156,9 @@ def same_bytes(old: Any, old_name: str, new: Any, new_name: str, rows: list[int]
     if tuple(ma.shape) != tuple(mb.shape) or dtype_name(ma.dtype) != dtype_name(mb.dtype) or a.nbytes != b.nbytes:
         return False
     if rows is None or not ma.shape or ma.shape[0] == 0:
-        return all(_pread(a, at, min(chunk, a.nbytes - at)).tobytes() == _pread(b, at, min(chunk, b.nbytes - at)).tobytes()
+        import numpy as np
+
+        return all(np.array_equal(_pread(a, at, min(chunk, a.nbytes - at)), _pread(b, at, min(chunk, b.nbytes - at)))
                    for at in range(0, a.nbytes, chunk))
     if sorted(rows) != list(range(ma.shape[0])):
         return False

@@ -251,6 +251,7 @@ class SafetensorsWriter:
         self._where: dict[str, tuple[str, int]] = {}  # tensor -> (file name, absolute offset)
         self._written: list[Path] = []
         self._open = True
+        self._finished = False
         try:
             for file_name, names in self.shard_files.items():
                 self._open_shard(file_name, names, metadata)
@@ -301,21 +302,25 @@ class SafetensorsWriter:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
-    def _write_index(self) -> None:
-        path = self.directory / self.index_name
-        fd = _create(path)
-        self._written.append(path)
-        try:
-            _pwrite_all(fd, memoryview(self._index()), 0, path)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def close(self) -> list[Path]:
-        """Check every tensor arrived, make the files durable; the files written, index last."""
+    def finish(self) -> None:
+        """Check every tensor arrived and write the index: the files are complete and can be read (a check
+        can read them back while close() makes them durable), not yet durable."""
         if not self._open:
             raise LayoutViolation("this writer is closed")
+        if self._finished:
+            return
         self._layout.check_complete()
+        if len(self.shard_files) > 1:
+            path = self.directory / self.index_name
+            fd = _create(path)
+            self._fds[self.index_name] = fd  # synced and closed with the shards, last
+            self._written.append(path)
+            _pwrite_all(fd, memoryview(self._index()), 0, path)
+        self._finished = True
+
+    def close(self) -> list[Path]:
+        """finish(), and make the files durable, the index last; the files written."""
+        self.finish()
         self._sources.close()
         for file_name in list(self._fds):
             fd = self._fds.pop(file_name)
@@ -325,8 +330,6 @@ class SafetensorsWriter:
                 raise QkvconvError(f"cannot write {self.directory / file_name}: {e.strerror}") from None
             finally:
                 os.close(fd)
-        if len(self.shard_files) > 1:
-            self._write_index()
         fsync_dir(self.directory)
         self._open = False
         return list(self._written)
