@@ -316,6 +316,8 @@ def transformations(rope: Rope | None, kv_heads: int | None, fold_norms: bool, q
     "qkvconv convert hf-model/ --to litgpt --kv-heads 32 --rope pairs --out mha-pairs",
     "qkvconv convert llama-hf/ --to hf --qkv fused --out phi3-style   # one qkv_proj",
     "qkvconv convert lora-run/ --to peft --out adapter                # litgpt LoRA -> PEFT",
+    "qkvconv convert llama-adapter/ --to peft --base llamafied/ --target-base internlm2/ --out adapter",
+    "qkvconv convert llamafied/ --to hf --target-base internlm2/ --out internlm2-again",
     "qkvconv convert hf-model/ --to hf --dry-run --json               # the plan only",
 ))
 @reports_errors
@@ -353,6 +355,13 @@ def convert_cmd(
     ] = False,
     allow_nonfinite: AllowNonfiniteOpt = False,
     variant: VariantOpt = None,
+    target_base: Annotated[
+        Optional[Path],
+        typer.Option(help="Write for this base (its config.json): the same model in another architecture's modules, "
+                          "e.g. a remote-code original (InternLM2 wqkv, ...) from its transformers twin. --to peft: "
+                          "an adapter on that base (the adapter's own base stays --base); --to hf: the checkpoint in "
+                          "its layout, with its config.json."),
+    ] = None,
 ) -> None:
     """Convert between litgpt (current and legacy order), Hugging Face, Meta and PEFT, exactly."""
     from qkvconv.io import sources
@@ -369,7 +378,7 @@ def convert_cmd(
     with chosen_variant(variant):
         report = converting.convert(
             path, to.value, out, base=base, max_shard_size=shard_bytes, dry_run=dry_run, forward_check=verify,
-            device=device, changes=changes, merge=merge, allow_nonfinite=allow_nonfinite,
+            device=device, changes=changes, merge=merge, allow_nonfinite=allow_nonfinite, target_base=target_base,
         )
     _show_conversion(report, dry_run, json)
 

@@ -81,7 +81,10 @@ MORE = [
                          "moe_intermediate_size": 24, "norm_topk_prob": True,
                          "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}, "gpt2", arch="qwen3moe",
            hf_vocab=GPT2_VOCAB),
-    Family("phi-2", {"model_type": "phi", **SMALL, "num_key_value_heads": 4, "partial_rotary_factor": 0.5},
+    # 4 * hidden_size wide, as every Phi-2 is: llama.cpp's converter writes phi2.feed_forward_length = 4 * n_embd
+    # whatever the width, and llama.cpp refuses a file whose tensors are another width
+    Family("phi-2", {"model_type": "phi", **SMALL, "intermediate_size": 4 * SMALL["hidden_size"],
+                     "num_key_value_heads": 4, "partial_rotary_factor": 0.5},
            "gpt2", arch="phi2", hf_vocab=GPT2_VOCAB),
     Family("starcoder2", {"model_type": "starcoder2", **SMALL, "sliding_window": None, "norm_epsilon": 1e-5},
            "gpt2", arch="starcoder2", hf_vocab=GPT2_VOCAB),
@@ -91,6 +94,15 @@ MORE = [
     # attention_multiplier 0.25 = 1/sqrt(16): scores scaled by it, not 1/sqrt(head_dim 8); other multipliers 1
     Family("granite", {"model_type": "granite", **SMALL, "attention_multiplier": 0.25, "pad_token_id": 0,
                        "bos_token_id": 1, "eos_token_id": 2}, "spm", arch="granite"),
+    # 6 layers: llama.cpp's gemma3 slides on layers il % 6 < 5, so layer 5 is global (its own base, linear
+    # scaling), as transformers' default layer_types; Q scaled by 1/sqrt(head_dim) = query_pre_attn_scalar 16
+    Family("gemma3", {"model_type": "gemma3_text", **SMALL, "num_hidden_layers": 6, "head_dim": 16,
+                      "sliding_window": 4, "query_pre_attn_scalar": 16, "final_logit_softcapping": 3.0,
+                      "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 20.0},
+                                          "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                             "rope_theta": 500.0}}}, "spm", arch="gemma3"),
+    # LayerNorms without weights: no norm tensors in either file
+    Family("olmo", {"model_type": "olmo", **SMALL}, "gpt2", arch="olmo", hf_vocab=GPT2_VOCAB),
 ]
 BY_ID = {f.id: f for f in FAMILIES + MORE}
 

@@ -273,17 +273,24 @@ class Built:
     logits: torch.Tensor
 
 
-def _build(case: Case, directory: Path) -> Built:
-    config = transformers.AutoConfig.for_model(**case.hf)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, **attention_of(case.hf["model_type"]))
-    with torch.no_grad():  # nonzero random everything: norms and biases too
+def saved_random_model(settings: dict[str, Any], directory: Path, seed: int = 0, **from_config: Any
+                       ) -> tuple[Any, torch.Tensor]:
+    """A tiny transformers model of `settings` (AutoConfig.for_model), every parameter random and nonzero (norms
+    and biases too, so a wrong one shows), saved to `directory`; the model and its logits on TOKENS."""
+    config = transformers.AutoConfig.for_model(**settings)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, **from_config)
+    with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
     model.eval()
     model.save_pretrained(directory)
     with torch.no_grad():
-        logits = model(TOKENS).logits
+        return model, model(TOKENS).logits
+
+
+def _build(case: Case, directory: Path) -> Built:
+    _, logits = saved_random_model(case.hf, directory, **attention_of(case.hf["model_type"]))
     config_json = json.loads((directory / "config.json").read_text())
     return Built(case, directory, config_json, load_file(directory / "model.safetensors"), logits)
 

@@ -26,7 +26,7 @@ from qkvconv.ops.verify import verify  # noqa: E402
 
 runner = CliRunner()
 IDS = [f.id for f in FAMILIES + MORE]
-PAIRS_ARCHS = {"llama", "smollm3", "granite"}  # llama.cpp's NORM rope among the families here
+PAIRS_ARCHS = {"llama", "smollm3", "granite", "olmo"}  # llama.cpp's NORM rope among the families here
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def converter() -> Path:
     return converter_dir()
 
 
-LOSSY = [("llama-gqa", "q8_0"), ("phi3-fused", "q8_0"), ("llama-gqa", "f16")]
+LOSSY = [("llama-gqa", "q8_0"), ("phi3-fused", "q8_0"), ("llama-gqa", "f16"), ("gemma3", "q8_0")]
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +140,8 @@ def test_wrong_rotary_permutation_in_one_layer_fails_naming_it(made, family_id, 
     assert code == 1
     # a mixture of experts shows it first in layer 1's router, which reads the attention's output
     assert report["first_difference"] in ("layer 1", "layer 1 router")
-    assert all(s["within"] for s in report["stages"] if not s["name"].startswith("layer 1")
-               and s["name"] != "logits")  # embed, layer 0 (and its router and experts)
+    first = next(i for i, s in enumerate(report["stages"]) if s["name"].startswith("layer 1"))
+    assert all(s["within"] for s in report["stages"][:first])  # embed, layer 0 (and its router and experts)
 
 
 @pytest.mark.parametrize("family_id", IDS)
@@ -324,7 +324,7 @@ def test_granite_scales_litgpt_does_not_compute_are_refused(made, tmp_path, key,
     assert code == 2, report
 
 
-@pytest.mark.parametrize("family_id", ["llama-gqa", "gemma", "phi3-fused"])
+@pytest.mark.parametrize("family_id", ["llama-gqa", "gemma", "phi3-fused", "gemma3", "olmo"])
 def test_convert_from_gguf(made, family_id, tmp_path):
     """A float GGUF converts back to Hugging Face (llama: Q/K from pairs to half again) and litgpt, each
     checked by the forward pass, and computes its source's function."""
@@ -370,3 +370,95 @@ def test_a_type_without_a_calibrated_comparison_needs_a_tolerance(made, tmp_path
     assert code == 2 and "Q4_0" in report["error"] and "--atol" in report["error"]
     code, report = run("verify", str(hf), str(q4), "--atol", "1", "--rtol", "1")
     assert code == 0 and report["stages"][-1]["max_abs_diff"] > 0
+
+
+@pytest.mark.parametrize("family_id", ["gemma3", "olmo", "starcoder2"])
+def test_litgpt_without_config_json_writes_the_architecture_of_its_shape(made, family_id, tmp_path):
+    """A litgpt checkpoint without config.json (no HF class to go by) is written as the llama.cpp architecture
+    that computes its shape, as llama.cpp's converter writes its HF source: Gemma 3's q/k norms and local RoPE,
+    OLMo's weightless LayerNorms, StarCoder2's sequential residual (not GPT-NeoX's parallel one)."""
+    hf, oracle = made[family_id]
+    assert run("convert", str(hf), "--to", "litgpt", "--out", str(tmp_path / "lit"))[0] == 0
+    (tmp_path / "lit" / "config.json").unlink()
+    code, report = run("convert", str(tmp_path / "lit"), "--to", "gguf", "--out", str(tmp_path / "out"))
+    assert code == 0, report
+    mine, theirs = gguf.GGUFReader(tmp_path / "out" / "model.gguf"), gguf.GGUFReader(oracle)
+    assert mine.fields["general.architecture"].contents() == BY_ID[family_id].arch
+    ours = {t.name: np.array(t.data) for t in mine.tensors}
+    assert all(np.array_equal(ours.pop(t.name), np.array(t.data)) for t in theirs.tensors)
+    # litgpt stores the tied head as a tensor of its own, written as `output` (llama.cpp loads either)
+    assert list(ours) in ([], ["output.weight"])
+    embedding = next(np.array(t.data) for t in theirs.tensors if t.name == "token_embd.weight")
+    assert all(np.array_equal(v, embedding) for v in ours.values())
+    assert run("verify", str(hf), str(tmp_path / "out"))[0] == 0
+
+
+def test_gemma3_that_llamacpp_computes_otherwise(converter, tmp_path):
+    """llama.cpp's gemma3 slides its window on layers il % 6 < 5 (its converter writes no pattern) and never
+    soft-caps scores: a Gemma 3 whose layer_types differ computes otherwise from llama.cpp's own file (verify
+    exit 1, naming the windows), and neither it nor one with attn_logit_softcapping is written (exit 2)."""
+    from gguf_oracle import Family
+
+    types = build_hf(Family("gemma3-types", {**BY_ID["gemma3"].hf, "num_hidden_layers": 2,
+                                             "layer_types": ["sliding_attention", "full_attention"]}, "spm"),
+                     tmp_path / "types", converter)
+    capped = build_hf(Family("gemma3-capped", {**BY_ID["gemma3"].hf, "attn_logit_softcapping": 5.0}, "spm"),
+                      tmp_path / "capped", converter)
+    llamacpp_convert([(types, tmp_path / "types.gguf", "f32")], converter)
+    code, report = run("verify", str(types), str(tmp_path / "types.gguf"))
+    assert code == 1 and "sliding_window_layers" in report["error"]
+    for hf, why in ((types, "sliding window on other layers"), (capped, "attention soft-capping")):
+        code, report = run("convert", str(hf), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
+        assert code == 2 and why in report["error"], report
+        assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("key", ["gemma3.attention.sliding_window", "gemma3.rope.freq_base_swa"])
+def test_gemma3_window_keys_are_read_as_llamacpp_reads_them(made, tmp_path, key):
+    """Without attention.sliding_window llama.cpp's gemma3 runs every layer global; without rope.freq_base_swa
+    its sliding layers rotate with base 10000: either file computes otherwise than the source (exit 1)."""
+    hf, gguf_file = made["gemma3"]
+    code, report = run("verify", str(hf), str(rewrite(gguf_file, tmp_path / "x.gguf", drop=(key,))))
+    assert code == 1, report
+
+
+@pytest.mark.parametrize("tensors,keys,why", [
+    ({"blk.0.attn_norm.weight": np.ones(32, dtype=np.float32)}, None, "blk.0.attn_norm.weight"),
+    (None, {"olmo.attention.clamp_kqv": 8.0}, "olmo.attention.clamp_kqv"),
+])
+def test_olmo_norm_weights_or_clamping_are_refused(made, tmp_path, tensors, keys, why):
+    """llama.cpp's olmo has no norm tensors (its LayerNorms have no weights) and clamps q/k/v by clamp_kqv,
+    which litgpt does not: a file with either is refused (exit 2), not read as OLMo."""
+    hf, gguf_file = made["olmo"]
+    code, report = run("verify", str(hf), str(rewrite(gguf_file, tmp_path / "x.gguf", keys, tensors)))
+    assert code == 2 and why in report["error"], report
+
+
+def test_tied_head_is_written_where_llamacpp_requires_output(converter, tmp_path):
+    """llama.cpp's gptneox loads no file without `output` (src/models/gptneox.cpp creates it as required): a
+    tied GPT-NeoX is written with its head as `output`, the embedding's values, where llama.cpp's converter
+    would write none."""
+    from gguf_oracle import Family
+
+    family = Family("gpt-neox-tied", {**BY_ID["gpt-neox"].hf, "tie_word_embeddings": True}, "gpt2",
+                    config_json={"rotary_pct": 0.25})
+    hf = build_hf(family, tmp_path / "hf", converter)
+    from safetensors import safe_open
+
+    with safe_open(hf / "model.safetensors", "pt") as f:
+        assert "embed_out.weight" not in f.keys()  # tied: the source has no head of its own
+    code, report = run("convert", str(hf), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
+    assert code == 0, report
+    tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
+    assert np.array_equal(tensors["output.weight"], tensors["token_embd.weight"])
+    assert run("verify", str(hf), str(tmp_path / "x.gguf"))[0] == 0
+
+
+def test_widths_llamacpp_would_not_load_are_refused(made, tmp_path):
+    """llama.cpp sizes its tensors from feed_forward_length and refuses a file whose tensors differ
+    (check_tensor_dims): verify refuses it too (exit 2), instead of verifying a file that runs nowhere."""
+    hf, gguf_file = made["llama-gqa"]
+    bad = rewrite(gguf_file, tmp_path / "wide.gguf", keys={"llama.feed_forward_length": 100.0},
+                  drop=("llama.feed_forward_length",))
+    code, report = run("verify", str(hf), str(bad))
+    assert code == 2 and "llama.cpp refuses to load" in report["error"] and "feed_forward_length 100" in report["error"]

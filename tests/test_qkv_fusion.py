@@ -114,7 +114,8 @@ def test_every_family_has_one_fusion():
                       "MptForCausalLM": "fused", "DbrxForCausalLM": "fused", "PersimmonForCausalLM": "fused",
                       "CodeGenForCausalLM": "fused", "InternLM2ForCausalLM": "fused",
                       "PhiForCausalLM (phi-msft)": "fused", "BaichuanForCausalLM": "fused", "QWenLMHeadModel": "fused",
-                      "OLMoForCausalLM": "fused", "ChatGLMModel": "fused", "JAISLMHeadModel": "fused"}
+                      "OLMoForCausalLM": "fused", "ChatGLMModel": "fused", "JAISLMHeadModel": "fused",
+                      "Phi3SmallForCausalLM": "fused"}
 
 
 @pytest.mark.parametrize("case_id, qkv, want", [

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from hf_models import LLAMA_SIZES, TOKENS, hf_logits, litgpt_logits
+from hf_models import LLAMA_SIZES, TOKENS, hf_logits, litgpt_logits, saved_random_model
 from qkvconv.cli import app
 from qkvconv.formats.hf import litgpt_config_from_hf
 from qkvconv.model.layout import HeadLayout, QKVOrder, fuse
@@ -68,16 +68,7 @@ def cli(*args):
 
 def build_twin(directory: Path, **settings):
     """A tiny transformers model with nonzero random weights, norms and biases, saved, with its logits."""
-    config = transformers.AutoConfig.for_model(**settings)
-    torch.manual_seed(1)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    model.eval()
-    model.save_pretrained(directory)
-    with torch.no_grad():
-        logits = model(TOKENS).logits
+    _, logits = saved_random_model(settings, directory, seed=1)
     return directory, load_file(directory / "model.safetensors"), logits
 
 
@@ -348,6 +339,9 @@ INSPECT_ONLY = {
     "jais": ({"architectures": ["JAISLMHeadModel"], "model_type": "jais", "n_embd": 32, "n_head": 4, "n_layer": 2,
               "position_embedding_type": "alibi", "auto_map": {}},
              "transformer.h.{i}.attn.c_attn", "sequential", (4, 4, 8), "stored transposed as [in, out] (Conv1D)"),
+    "phi3small": ({"architectures": ["Phi3SmallForCausalLM"], "model_type": "phi3small", "hidden_size": 32,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "auto_map": {}},
+                  "model.layers.{i}.self_attn.query_key_value", "grouped", (4, 2, 8), "query_key_value"),
 }
 
 

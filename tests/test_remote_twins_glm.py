@@ -144,3 +144,30 @@ def test_verify_settles_chatglm_against_glm(glm_twin, tmp_path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, bad / "model.safetensors", metadata={"format": "pt"})
     assert cli("verify", twin_dir, good).exit_code == 0
     assert cli("verify", twin_dir, bad).exit_code == 1
+
+
+def test_chatglm_without_multi_query_is_per_head(tmp_path) -> None:
+    """Without multi_query_attention the remote SelfAttention views query_key_value's output as
+    (heads, 3 * head_dim) and splits each head in three: per-head rows, MHA. Built that way from an MHA Glm, it
+    converts to the twin's logits; the same rows read sequentially would not."""
+    from qkvconv.model.layout import HeadLayout, QKVOrder, reorder
+
+    twin_dir, twin, logits = build_twin(tmp_path / "glm-mha", model_type="glm", **{**LLAMA_SIZES, "head_dim": 8,
+                                        "num_key_value_heads": 4}, pad_token_id=None, eos_token_id=2,
+                                        tie_word_embeddings=False, rms_norm_eps=1e-5,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 20000.0,
+                                                         "partial_rotary_factor": 0.5})
+    heads = HeadLayout(4, 4, 8)
+    for order, name in ((QKVOrder.PER_HEAD, "per-head"), (QKVOrder.SEQUENTIAL, "sequential")):
+        source = tmp_path / f"chatglm-{name}"
+        written = chatglm_from_glm(twin, source, multi_query_attention=False, multi_query_group_num=None)
+        for i in range(2):
+            for kind in ("weight", "bias"):
+                key = f"transformer.encoder.layers.{i}.self_attention.query_key_value.{kind}"
+                written[key] = reorder(written[key], QKVOrder.SEQUENTIAL, order, heads)
+        save_file({k: v.contiguous() for k, v in written.items()}, source / "model.safetensors",
+                  metadata={"format": "pt"})
+        assert json.loads(cli("inspect", source, "--json").output)["qkv_order"] == "per-head"
+        out = tmp_path / f"glm-from-{name}"
+        assert cli("convert", source, "--to", "hf", "--out", out).exit_code == 0
+        assert exact(hf_logits(out), logits) == (order is QKVOrder.PER_HEAD)

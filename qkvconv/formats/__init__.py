@@ -32,13 +32,15 @@ class FormatEntry:
     name: str
     module: str  # the module whose FORMAT implements it (imported on first use)
     summary: str  # for --help and error messages
-    markers: tuple[str, ...] = ()  # glob patterns a directory must all match; () = written only, never detected
+    markers: tuple[str, ...] = ()  # glob patterns a directory must all match ("a|b": either); () = written only
     attribute: str = "FORMAT"
     adapter: bool = False  # a LoRA adapter on a base model (the Format says so too; here for torch-free listings)
     single_file: str | None = None  # a format that is one file with this suffix (GGUF): the file is the checkpoint
+    writable: bool = True  # False: read (inspected) only, so not a `--to` choice
 
     def matches(self, directory: Path) -> bool:
-        return bool(self.markers) and all(any(directory.glob(pattern)) for pattern in self.markers)
+        return bool(self.markers) and all(any(any(directory.glob(p)) for p in pattern.split("|"))
+                                          for pattern in self.markers)
 
     def load(self) -> Format:
         return getattr(importlib.import_module(self.module), self.attribute)
@@ -59,14 +61,19 @@ ENTRIES: tuple[FormatEntry, ...] = (
                 ("params.json", "consolidated.*.pth")),
     FormatEntry("gguf", "qkvconv.formats.gguf.format", "llama.cpp's GGUF (one .gguf file)", ("*.gguf",),
                 single_file=".gguf"),
+    FormatEntry("megatron", "qkvconv.formats.megatron", "Megatron-LM (model_optim_rng.pt per rank); inspect only",
+                ("latest_checkpointed_iteration.txt|mp_rank_00*/model*rng.pt",), writable=False),
+    FormatEntry("nemo", "qkvconv.formats.megatron", "NeMo 1, unpacked (model_config.yaml, model_weights.ckpt); "
+                "inspect only", ("model_config.yaml", "model_weights.ckpt|mp_rank_00/model_weights.ckpt"),
+                attribute="NEMO", writable=False),
 )
 BY_NAME = {e.name: e for e in ENTRIES}
-NAMES = tuple(e.name for e in ENTRIES)
-MODEL_NAMES = tuple(e.name for e in ENTRIES if not e.adapter)  # formats that hold a full model
+NAMES = tuple(e.name for e in ENTRIES if e.writable)  # the `--to` choices
+MODEL_NAMES = tuple(e.name for e in ENTRIES if not e.adapter and e.writable)  # formats that hold a full model
 
 
 def get(name: str) -> FormatEntry:
-    """The entry of a `--to` name."""
+    """The entry of a format name (`--to` choices are the writable ones, NAMES)."""
     try:
         return BY_NAME[name]
     except KeyError:

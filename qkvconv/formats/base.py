@@ -44,9 +44,12 @@ class Transformations:
     kv_heads: int | None = None  # key/value heads of the output
     fold_norms: bool = False
     qkv: str | None = None  # "fused" | "split": the output's QKV projection
+    # the output written in this base's architecture, with its config.json (hf: a remote-code original from its twin)
+    target_base: Path | None = None
 
     def any(self) -> bool:
-        return self.rope is not None or self.kv_heads is not None or self.fold_norms or self.qkv is not None
+        return (self.rope is not None or self.kv_heads is not None or self.fold_norms or self.qkv is not None
+                or self.target_base is not None)
 
     def of_weights(self) -> bool:
         """Transformations only a full model can take (an adapter takes --qkv alone)."""
@@ -61,9 +64,11 @@ class Format:
     rope: RopeOrder | None = None  # the only rotary order it holds (None: either, or not a model)
     rope_refusal: str = ""  # why another order cannot be written, and where it can
 
-    def rope_for(self, source_json: dict[str, Any] | None) -> RopeOrder | None:
+    def rope_for(self, source_json: dict[str, Any] | None, written_as: dict[str, Any] | None = None
+                 ) -> RopeOrder | None:
         """The only rotary order this format holds for a model from a source with this config.json (None:
-        either): `rope`, unless the class written depends on the source (hf: Glm rotates in pairs order)."""
+        either): `rope`, unless the class written depends on the source (hf: Glm rotates in pairs order) or is
+        named by `written_as`, the config.json to write (--target-base)."""
         return self.rope
     qkv: str | None = None  # the only QKV fusion it holds ("fused" | "split"; None: the architecture decides)
     qkv_refusal: str = ""

@@ -9,7 +9,7 @@ order holds about one layer at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,9 @@ class PlannedWeights:
     config: dict[str, Any]
     reader: Any  # TensorReader
     recipes: dict[str, Recipe]
+    # how the stored rows were read where software reads them more than one way (GPT-BigCode multi-head): verify
+    # reports it
+    readings: list[str] = field(default_factory=list)
 
     def __call__(self, name: str) -> torch.Tensor:
         recipe = self.recipes[name]  # KeyError for an absent tensor, as forward.py expects
@@ -175,17 +178,25 @@ class PlannedWeights:
 
 
 def hf_weights(directory: Path) -> PlannedWeights:
-    """A Hugging Face checkpoint directory, read through the family table's HF -> litgpt plan."""
-    from qkvconv.formats.hf.config import HF_CONFIG, litgpt_config_from_hf
-    from qkvconv.formats.hf.plans import plan_hf_to_litgpt
+    """A Hugging Face checkpoint directory, read through the family table's HF -> litgpt plan (for the transformers
+    classes litgpt cannot express, the reference pass's reading of them: formats/hf/reference.py)."""
+    from qkvconv.formats.hf.config import HF_CONFIG, detect_family
+    from qkvconv.formats.hf.plans import plan_hf_for_reference
+    from qkvconv.formats.hf.reference import base_model_prefix, qkv_reading, reference_config_from_hf
     from qkvconv.formats.hf.variants import read_config_json
     from qkvconv.io.readers import open_reader
+    from qkvconv.io.sharded import PrefixedReader
 
     config_json = read_config_json(directory / HF_CONFIG)
     reader = open_reader(directory)
-    plan = plan_hf_to_litgpt(config_json, reader.names())
-    return PlannedWeights(str(directory), litgpt_config_from_hf(config_json), reader,
-                          {r.output: r for r in plan.recipes})
+    family = detect_family(config_json)
+    prefix = base_model_prefix(family, reader.names()) if family is not None else None
+    if prefix is not None:  # saved from the base model, as transformers loads it
+        reader = PrefixedReader(reader, prefix)
+    plan = plan_hf_for_reference(config_json, reader.names())
+    reading = qkv_reading(config_json)
+    return PlannedWeights(str(directory), reference_config_from_hf(config_json), reader,
+                          {r.output: r for r in plan.recipes}, [reading] if reading else [])
 
 
 @dataclass

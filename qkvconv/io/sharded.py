@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qkvconv.errors import QkvconvError
 from qkvconv.io.safetensors_header import SafetensorsHeaders, one_line
+
+if TYPE_CHECKING:
+    import torch
 
 # Hugging Face weight files, in the order transformers looks for them.
 HF_SAFETENSORS, HF_SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -96,3 +99,39 @@ def open_headers(directory: Path) -> SafetensorsHeaders | ShardedReader | None:
     if (directory / HF_SAFETENSORS_INDEX).is_file():
         return ShardedReader(directory / HF_SAFETENSORS_INDEX, SafetensorsHeaders)
     return None
+
+
+class PrefixedReader:
+    """Another reader's tensors under `prefix` + their names: files saved from a transformers base model (no head:
+    `h.0.attn.c_attn.weight`, as GPT-2's on the Hub) read under the names of the class with a head
+    (`transformer.h.0.attn.c_attn.weight`), as transformers' loading adds its `base_model_prefix`. Torch-free: it
+    wraps the headers inspect reads as well as a TensorReader."""
+
+    def __init__(self, inner: Any, prefix: str) -> None:
+        self.inner, self.prefix = inner, prefix
+
+    def _name(self, name: str) -> str:
+        if not name.startswith(self.prefix):
+            raise KeyError(name)
+        return name[len(self.prefix):]
+
+    def names(self) -> list[str]:
+        return [self.prefix + n for n in self.inner.names()]
+
+    def meta(self, name: str) -> Any:
+        return self.inner.meta(self._name(name))
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.inner.read(self._name(name))
+
+    def peek(self, name: str) -> torch.Tensor:
+        return self.inner.peek(self._name(name))
+
+    def raw(self, name: str) -> Any:
+        return self.inner.raw(self._name(name))
+
+    def release(self) -> None:
+        self.inner.release()
+
+    def files(self) -> list[Path]:
+        return self.inner.files()

@@ -1,7 +1,9 @@
 """What the reference forward pass needs to know of a model, read once from a litgpt config.
 
 `Architecture.from_litgpt_config(cfg)` applies litgpt.Config's defaults (a hand-written dict means what
-it means to litgpt) and refuses, naming the feature, what the forward pass does not implement. The
+it means to litgpt) and refuses, naming the feature, what the forward pass does not implement. A few fields
+beyond litgpt's (REFERENCE_DEFAULTS: ALiBi, learned positions, ...) describe transformers classes that litgpt
+cannot express, which `verify` reads; a litgpt config leaves them at the values that mean litgpt's model. The
 format modules use it too, to tell whether two configs compute the same function. Pure data: no torch.
 """
 
@@ -64,6 +66,23 @@ _LITGPT_DEFAULTS: dict[str, Any] = {
     "rope_indices": None,
 }
 
+# qkvconv's own fields beyond litgpt's, with the values that mean "as litgpt computes": only the reading of a
+# transformers class that litgpt cannot express (formats/hf/reference.py, for `verify`) sets them, so a litgpt
+# config never holds one and means what it always meant.
+REFERENCE_DEFAULTS: dict[str, Any] = {
+    "learned_positions": False,  # a learned table of absolute positions added to the embeddings (GPT-2 wpe)
+    "embedding_norm": False,  # a norm on the embeddings (Bloom's word_embeddings_layernorm)
+    "alibi": None,  # ALiBi slopes: "bloom" (build_alibi_tensor) or "mpt" (build_mpt_alibi_tensor)
+    "alibi_bias_max": 8.0,  # build_mpt_alibi_tensor's alibi_bias_max
+    "norm_bias": True,  # False: LayerNorms without a bias (MPT, DBRX)
+    "clip_qkv": None,  # the fused QKV output clamped to [-c, c] (MPT, DBRX attn_config.clip_qkv)
+    "mlp_activation": "gelu",  # the MLP's activation: see Architecture.mlp_activation
+    "mlp_bias": None,  # the MLP's linears have biases; None: as litgpt's `bias` says (CodeGen: MLP only)
+    "attention_scale": None,  # scores times this float (MPT softmax_scale); None: 1/sqrt(attention_scores_scalar)
+}
+ALIBI = ("bloom", "mpt")
+MLP_ACTIVATIONS = ("gelu", "gelu_new", "gelu_bloom", "relu2")
+
 
 def _refuse(name: str, feature: str) -> UnsupportedFamily:
     """One line: what the config asks for, and what is covered instead."""
@@ -92,7 +111,7 @@ class Architecture:
     mlp_class_name: str  # "GptNeoxMLP" | "LLaMAMLP" | "GemmaMLP" | "LLaMAMoE" (experts that are LLaMAMLPs)
     gelu_approximate: str  # "none" | "tanh"
     qkv_bias: bool
-    proj_bias: bool  # attn.proj and the MLP linears
+    proj_bias: bool  # attn.proj (mlp_bias: the MLP's linears; both litgpt's `bias`)
     lm_head_bias: bool
     scale_embeddings: bool
     attention_scale: float  # multiplies q @ k^T
@@ -121,6 +140,18 @@ class Architecture:
     rope_local_layers: tuple[bool, ...] = ()  # unscaled; the others with rope_base and the scaling
     n_expert: int = 0  # LLaMAMoE: experts per layer,
     n_expert_per_token: int = 0  # and how many each token is routed to
+    # Beyond litgpt (REFERENCE_DEFAULTS): what verify needs of transformers classes litgpt cannot express
+    learned_positions: bool = False  # + a learned position table (names.POSITION_EMBEDDING) row per position
+    embedding_norm: bool = False  # the embeddings normed (names.EMBEDDING_NORM) before the first layer
+    alibi: str | None = None  # ALiBi biases on the scores: "bloom" or "mpt" slopes (reference/positions.py)
+    alibi_bias_max: float = 8.0
+    norm_bias: bool = True  # False: LayerNorms with a weight and no bias
+    clip_qkv: float | None = None  # the QKV projection's output clamped to [-clip_qkv, clip_qkv]
+    # GptNeoxMLP's activation: "gelu" (torch's, approximated per gelu_approximate), "gelu_new" (transformers'
+    # NewGELUActivation: the tanh formula written out), "gelu_bloom" (Bloom's bloom_gelu_forward, constant
+    # 0.79788456), "relu2" (squared ReLU)
+    mlp_activation: str = "gelu"
+    mlp_bias: bool = True  # the MLP's linears (proj_bias: the attention output's)
 
     @property
     def q_per_kv(self) -> int:
@@ -148,6 +179,7 @@ class Architecture:
         c = {**_LITGPT_DEFAULTS, **{k: v for k, v in cfg.items() if k in _LITGPT_DEFAULTS}}
         # A yaml `null` means the litgpt default as well.
         c = {k: (_LITGPT_DEFAULTS[k] if v is None else v) for k, v in c.items()}
+        x = {**REFERENCE_DEFAULTS, **{k: v for k, v in cfg.items() if k in REFERENCE_DEFAULTS}}
         name: str = c["name"]
 
         def refuse_if(condition: Any, feature: str) -> None:
@@ -171,6 +203,8 @@ class Architecture:
                   f"query/key norms of type {c['norm_qk_type']!r}")
         refuse_if((not c["norm_1"] or not c["norm_2"]) and c["parallel_residual"],
                   "a parallel residual without an input norm (norm_1/norm_2 = False)")
+        refuse_if(x["alibi"] not in (None, *ALIBI), f"ALiBi slopes {x['alibi']!r}")
+        refuse_if(x["mlp_activation"] not in MLP_ACTIVATIONS, f"the MLP activation {x['mlp_activation']!r}")
         refuse_if(c["rope_local_base_freq"] is not None and c["rope_indices"] is None,
                   "a local RoPE base without rope_indices (which layers use it)")
         # litgpt's Block raises NotImplementedError on this combination itself.
@@ -226,7 +260,8 @@ class Architecture:
             proj_bias=bool(c["bias"]),
             lm_head_bias=bool(c["lm_head_bias"]),
             scale_embeddings=bool(c["scale_embeddings"]),
-            attention_scale=1.0 / math.sqrt(c["attention_scores_scalar"] or head_size),
+            attention_scale=(float(x["attention_scale"]) if x["attention_scale"] is not None
+                             else 1.0 / math.sqrt(c["attention_scores_scalar"] or head_size)),
             rope_n_elem=rope_n_elem,
             rope_base=c["rope_base"],
             rope_condense_ratio=c["rope_condense_ratio"],
@@ -249,6 +284,14 @@ class Architecture:
             rope_local_layers=tuple(bool(i) for i in c["rope_indices"] or ()),
             n_expert=c["n_expert"] if moe else 0,
             n_expert_per_token=c["n_expert_per_token"] if moe else 0,
+            learned_positions=bool(x["learned_positions"]),
+            embedding_norm=bool(x["embedding_norm"]),
+            alibi=x["alibi"],
+            alibi_bias_max=float(x["alibi_bias_max"]),
+            norm_bias=bool(x["norm_bias"]),
+            clip_qkv=None if x["clip_qkv"] is None else float(x["clip_qkv"]),
+            mlp_activation=x["mlp_activation"],
+            mlp_bias=bool(c["bias"] if x["mlp_bias"] is None else x["mlp_bias"]),
         )
 
 

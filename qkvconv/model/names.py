@@ -21,6 +21,9 @@ LAYER = "transformer.h.{i}"  # every per-layer module lives under it
 EMBEDDING = "transformer.wte"
 FINAL_NORM = "transformer.ln_f"
 HEAD = "lm_head"
+# beyond litgpt (which has neither): the names verify reads these transformers tensors under
+POSITION_EMBEDDING = "transformer.wpe"  # learned absolute positions (GPT-2, GPT-BigCode)
+EMBEDDING_NORM = "transformer.ln_emb"  # a norm on the embeddings (Bloom's word_embeddings_layernorm)
 
 QKV = "attn.qkv"  # current fused QKV (sequential rows)
 LEGACY_QKV = "attn.attn"  # litgpt <= 0.5.4 (grouped rows)

@@ -11,9 +11,9 @@ from typing import Any
 
 from qkvconv import formats
 from qkvconv.errors import QkvconvError
-from qkvconv.formats.hf.config import detect_family, litgpt_config_from_hf
+from qkvconv.formats.hf.config import HF_CONFIG, detect_family, litgpt_config_from_hf, require_family
 from qkvconv.formats.hf.rules import hf_config_for, kept_config, qkv_note
-from qkvconv.formats.litgpt import HYPERPARAMETERS, WEIGHTS, LitgptCheckpoint, migrate_config, open_litgpt
+from qkvconv.formats.litgpt import CONFIG, HYPERPARAMETERS, WEIGHTS, LitgptCheckpoint, migrate_config, open_litgpt
 from qkvconv.formats.peft.format import peft_base_config
 
 
@@ -25,12 +25,18 @@ def check_qkv_target(qkv: str | None, to: str) -> None:
 
 
 def convert_adapter(directory: Path, src_format: str, to: str, out: Path, base: Path | None, qkv: str | None,
-                    *, allow_nonfinite: bool = False) -> list[str]:
-    """Write the adapter at `directory` as format `to` into `out`; returns the notes of what was done."""
+                    *, allow_nonfinite: bool = False, target_base: Path | None = None) -> list[str]:
+    """Write the adapter at `directory` as format `to` into `out`; returns the notes of what was done.
+    `target_base`: a PEFT adapter re-targeted onto that base (the same model in other modules)."""
     from qkvconv.formats import peft as peft_format
 
     check_qkv_target(qkv, "litgpt-lora" if to == "litgpt" else to)
-    if src_format == "litgpt-lora" and to == "peft":
+    if target_base is not None:
+        if src_format != "peft" or to != "peft":
+            raise QkvconvError(f"--target-base puts a PEFT adapter onto another base of the same model (--to peft); "
+                               f"not {src_format} to {to}")
+        result = _peft_onto(directory, out, base, target_base, qkv, allow_nonfinite=allow_nonfinite)
+    elif src_format == "litgpt-lora" and to == "peft":
         ckpt = open_litgpt(directory)
         base_dir = ckpt.find_base(base)
         hf_config = _hf_config_of_litgpt_base(ckpt, base_dir, qkv)
@@ -77,6 +83,28 @@ def _peft_to_peft(directory: Path, out: Path, base: Path | None, qkv: str, *, al
                         f"base_model_name_or_path is left empty: load the adapter on the base converted alike "
                         f"(qkvconv convert {base_name or 'BASE'} --to hf --qkv {qkv} --out DIR)"]
     return result
+
+
+def _peft_onto(directory: Path, out: Path, base: Path | None, target_base: Path, qkv: str | None, *,
+               allow_nonfinite: bool = False) -> Any:
+    """A PEFT adapter on its base (--base, else base_model_name_or_path) written for `target_base`, which must
+    compute the same model in its own modules: a twin's adapter back onto the remote-code original's fused
+    modules (formats/peft/retarget.py), or the other way."""
+    from qkvconv.formats.peft.modules import base_config_json
+    from qkvconv.formats.peft.retarget import retarget_peft
+
+    source_json, base_name = peft_base_config(directory, base)
+    target = target_base.resolve()
+    target_json = base_config_json(target)
+    if target_json is None:
+        raise QkvconvError(f"--target-base {target_base} has no {HF_CONFIG} or {CONFIG}")
+    family = require_family(target_json)
+    if qkv is not None and family.fusion != qkv:
+        raise QkvconvError(f"--qkv {qkv} with --target-base {target_base}: {family.architecture} holds q, k and v "
+                           f"{'fused' if family.fusion == 'fused' else 'split'}; leave --qkv out")
+    return retarget_peft(directory, out, source_json=source_json, target_json=target_json,
+                         source_name=base_name or "the adapter's base", target_name=str(target),
+                         allow_nonfinite=allow_nonfinite)
 
 
 def _hf_config_of_litgpt_base(ckpt: LitgptCheckpoint, base_dir: Path | None, qkv: str | None = None) -> dict[str, Any]:

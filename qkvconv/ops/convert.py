@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +82,12 @@ def transformed_plan(directory: Path, source_format: str, to: str, changes: Tran
     source, target = formats.get(source_format).load(), formats.get(to).load()
     check_qkv_target(changes.qkv, target.name)
     src = source.source(directory)
-    held = target.rope_for(src.config_json)  # hf: pairs where the class written is Glm
+    if changes.target_base is not None:  # hf: written as that base's architecture
+        from qkvconv.formats.hf.format import target_config
+
+        held = target.rope_for(src.config_json, target_config(changes.target_base)[0])
+    else:
+        held = target.rope_for(src.config_json)  # hf: pairs where the class written is Glm
     if changes.rope is not None and held is not None and changes.rope is not held:
         raise QkvconvError(f"--rope {changes.rope.value} with --to {target.name}: {target.rope_refusal}")
     model, source_rope = src.model, src.model.rope_order
@@ -122,9 +127,11 @@ def convert(
     changes: Transformations | None = None,
     merge: bool = False,
     allow_nonfinite: bool = False,
+    target_base: Path | None = None,
 ) -> ConvertReport:
     """Convert `source` into format `to` at `out` (a new directory), with `changes` made on the way.
-    `merge`: a litgpt LoRA run becomes a full litgpt checkpoint with the update merged into its base."""
+    `merge`: a litgpt LoRA run becomes a full litgpt checkpoint with the update merged into its base.
+    `target_base`: a PEFT adapter is written for that base (the same model in other modules)."""
     target = formats.get(to).load()
     changes = changes or Transformations()
     src_entry, source_path = formats.locate(source)
@@ -146,8 +153,13 @@ def convert(
         from qkvconv.ops.adapters import convert_adapter
 
         report.actions += convert_adapter(directory, src.name, to, out, base, changes.qkv,
-                                          allow_nonfinite=allow_nonfinite)
+                                          allow_nonfinite=allow_nonfinite, target_base=target_base)
         return report
+    if target_base is not None:
+        if to != "hf" or changes.qkv is not None:
+            raise QkvconvError("--target-base writes a full checkpoint as that base's architecture with --to hf (and "
+                               "without --qkv: the base decides), or a PEFT adapter for that base with --to peft")
+        changes = replace(changes, target_base=target_base.resolve())
     if out is None and not dry_run:
         raise QkvconvError("convert writes a new directory: give it with --out DIR")
     # a conversion that only moves bytes reads the source through torch-free readers (io/bytepath.py)
@@ -189,6 +201,8 @@ def convert(
             # a direct plan keeps the source's own config.json (hf -> hf) or the one kept beside a litgpt checkpoint
             skip = set(plan.texts) | (_model_configs() if direct is None else {CONFIG, HYPERPARAMETERS})
             copy_other_files(directory, tmp, skip, WEIGHT_SUFFIXES)
+            if changes.target_base is not None:
+                report.actions += _copy_remote_code(changes.target_base, tmp)
         total = sum(m.nbytes for m in layout.values())
         extra = {"header": plan.header} if plan.header else {}
         for name, text in plan.texts.items():
@@ -254,6 +268,21 @@ def _check(directory: Path, source_format: str, tmp: Path, to: str, device: str,
 
     return conversion_check(lambda: (open_weights(directory), open_weights(tmp)), device, "the converted checkpoint",
                             "nothing was written", rounds=changes.fold_norms, source_prints=prints)
+
+
+def _copy_remote_code(base: Path, out: Path) -> list[str]:
+    """The Python files config.json's auto_map names (the remote code that loads it: copied, never imported),
+    from --target-base beside the weights written for it."""
+    from qkvconv.io.config_files import read_json
+    from qkvconv.io.transaction import copy_new
+
+    auto_map = read_json(base / "config.json").get("auto_map") or {}
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    files = sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs})
+    copied = [f for f in files if (base / f).is_file() and not (out / f).exists()]
+    for f in copied:
+        copy_new(base / f, out / f)
+    return [f"copied {', '.join(copied)} from {base} (the code its auto_map names; not run)"] if copied else []
 
 
 def _merge(directory: Path, src: Format, to: str, out: Path | None, base: Path | None, changes: Transformations,

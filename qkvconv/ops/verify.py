@@ -139,7 +139,8 @@ def architecture(weights: ModelWeights) -> forward.Architecture:
 
 # Config fields in which two layouts of one model may differ (pairs vs half rotary, K/V heads repeated
 # for MHA, a zero bias made explicit by norm folding): each side runs with its own, the numbers decide.
-REPRESENTATION_FIELDS = frozenset({"rope_interleave", "n_query_groups", "qkv_bias", "proj_bias", "lm_head_bias"})
+REPRESENTATION_FIELDS = frozenset({"rope_interleave", "n_query_groups", "qkv_bias", "proj_bias", "mlp_bias",
+                                   "lm_head_bias", "norm_bias"})
 
 DEFAULT_TOKENS = 16  # enough for every position-dependent path (RoPE, causal mask) to matter; fast on CPU
 LITGPT_BLOCK_SIZE = 4096  # litgpt.Config's default block_size
@@ -356,6 +357,9 @@ def verify(
     atol, rtol = (d_atol if atol is None else atol), ((d_rtol if atol is None else 0.0) if rtol is None else rtol)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, arch_a.padded_vocab_size, (batch, tokens), generator=generator).to(dev)
+    # which reading of the fused rows each side was given, where software reads them more than one way
+    notes += [f"{side}: {reading}" for side, w in (("reference", reference), ("candidate", candidate))
+              for reading in getattr(w, "readings", ())]
     report = VerifyReport(reference.description, candidate.description, str(dev), str(cdtype).removeprefix("torch."),
                           tokens, seed, atol, rtol, notes=notes)
     if storage is not None:

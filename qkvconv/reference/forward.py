@@ -20,6 +20,7 @@ promises but the checkpoint lacks surfaces as that KeyError instead of being rea
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from qkvconv.model.architecture import Architecture
 from qkvconv.model import names
+from qkvconv.reference import alibi
 
 Getter = Callable[[str], torch.Tensor]
 
@@ -45,13 +47,14 @@ def _linear(get: Getter, prefix: str, x: torch.Tensor, bias: bool) -> torch.Tens
 
 
 def _norm(arch: Architecture, get: Getter, prefix: str, x: torch.Tensor) -> torch.Tensor:
-    """torch.nn.LayerNorm (OLMo's without weight and bias), or litgpt's RMSNorm (which always computes in
-    float32, then casts back)."""
+    """torch.nn.LayerNorm (OLMo's without weight and bias; MPT's and DBRX's without bias), or litgpt's RMSNorm
+    (which always computes in float32, then casts back)."""
     if not arch.norm_affine:
         return F.layer_norm(x, (x.size(-1),), None, None, arch.norm_eps)
     weight = _param(get, f"{prefix}.weight", x)
     if arch.norm_class_name == "LayerNorm":
-        return F.layer_norm(x, (x.size(-1),), weight, _param(get, f"{prefix}.bias", x), arch.norm_eps)
+        bias = _param(get, f"{prefix}.bias", x) if arch.norm_bias else None
+        return F.layer_norm(x, (x.size(-1),), weight, bias, arch.norm_eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True) + arch.norm_eps)
     if arch.norm_unit_offset:
@@ -100,13 +103,15 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleav
 
 
 def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> torch.Tensor:
-    """litgpt's CausalSelfAttention without KV cache: fused sequential QKV, query/key norms, RoPE, GQA,
-    causal attention (soft-capped where the config says)."""
+    """litgpt's CausalSelfAttention without KV cache: fused sequential QKV (clamped where the config says),
+    query/key norms, RoPE, GQA, causal attention (soft-capped, or with ALiBi biases, where the config says)."""
     B, T, _ = x.shape
     H, G, hs, n = arch.n_head, arch.n_query_groups, arch.head_size, arch.rope_n_elem
     prefix = names.layer(index, "attn")
 
     qkv = _linear(get, f"{prefix}.qkv", x, arch.qkv_bias)  # (B, T, (H + 2G) * hs)
+    if arch.clip_qkv is not None:  # MPT, DBRX: clamp(min=-clip_qkv, max=clip_qkv)
+        qkv = qkv.clamp(min=-arch.clip_qkv, max=arch.clip_qkv)
     q, k, v = qkv.split((H * hs, G * hs, G * hs), dim=-1)
     if arch.norm_qk == "olmo2":  # over all of q and all of k: (B, T, H * hs), (B, T, G * hs)
         q = _norm(arch, get, names.layer(index, names.NORM_Q), q)
@@ -137,12 +142,17 @@ def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> 
         offset = i[:, None] - i[None, :]  # (T, T): query position minus key position
         mask = (offset >= 0) & (offset < window)  # (T, T), True = attend
     cap = arch.attention_logit_softcapping
-    if cap is None:
+    if cap is None and arch.alibi is None:
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=0.0, scale=arch.attention_scale, is_causal=mask is None
         )  # (B, nh_q, T, hs)
-    else:  # soft-capped scores cannot go through SDPA: litgpt's (and transformers' eager) way
-        scores = torch.tanh((q @ k.mT * arch.attention_scale) / cap) * cap  # (B, nh_q, T, T)
+    else:  # soft-capped or biased scores: litgpt's (and transformers' eager) way
+        scores = q @ k.mT * arch.attention_scale  # (B, nh_q, T, T)
+        if cap is not None:
+            scores = torch.tanh(scores / cap) * cap
+        if arch.alibi is not None:  # Bloom rounds its bias to the model dtype; MPT's stays float32
+            bias = alibi.bias(arch.alibi, H, T, x.device, arch.alibi_bias_max)  # (nh_q, 1, T)
+            scores = scores + (bias.to(scores.dtype) if arch.alibi == "bloom" else bias)
         if mask is None:
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -151,18 +161,31 @@ def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> 
     return _linear(get, f"{prefix}.proj", y, arch.proj_bias)  # (B, T, n_embd)
 
 
+def _activation(arch: Architecture, x: torch.Tensor) -> torch.Tensor:
+    """GptNeoxMLP's activation, each written as transformers 5.3 computes it (activations.py; Bloom's
+    bloom_gelu_forward)."""
+    if arch.mlp_activation == "gelu_new":  # NewGELUActivation
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    if arch.mlp_activation == "gelu_bloom":
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+    if arch.mlp_activation == "relu2":  # ReLUSquaredActivation
+        return torch.square(F.relu(x))
+    return F.gelu(x, approximate=arch.gelu_approximate)
+
+
 def _mlp(arch: Architecture, prefix: str, get: Getter, x: torch.Tensor) -> torch.Tensor:
     """The MLP under `prefix` (a layer's `mlp`, or one expert of it: LLaMAMLP)."""
+    bias = arch.mlp_bias
     if arch.mlp_class_name == "GptNeoxMLP":
-        h = F.gelu(_linear(get, f"{prefix}.fc", x, arch.proj_bias), approximate=arch.gelu_approximate)
+        h = _activation(arch, _linear(get, f"{prefix}.fc", x, bias))
     else:
-        gate = _linear(get, f"{prefix}.fc_1", x, arch.proj_bias)  # (B, T, intermediate_size)
-        up = _linear(get, f"{prefix}.fc_2", x, arch.proj_bias)  # (B, T, intermediate_size)
+        gate = _linear(get, f"{prefix}.fc_1", x, bias)  # (B, T, intermediate_size)
+        up = _linear(get, f"{prefix}.fc_2", x, bias)  # (B, T, intermediate_size)
         if arch.mlp_class_name == "GemmaMLP":
             h = F.gelu(gate, approximate=arch.gelu_approximate) * up
         else:  # LLaMAMLP, and each expert of LLaMAMoE
             h = F.silu(gate) * up
-    return _linear(get, f"{prefix}.proj", h, arch.proj_bias)  # (B, T, n_embd)
+    return _linear(get, f"{prefix}.proj", h, bias)  # (B, T, n_embd)
 
 
 Probe = Callable[[torch.Tensor, torch.Tensor], None]
@@ -208,6 +231,11 @@ def embed(arch: Architecture, get: Getter, tokens: torch.Tensor, *, dtype: torch
     if arch.scale_embeddings:
         # Gemma: scale by sqrt(n_embd) rounded to the compute dtype, as litgpt does.
         x = x * torch.tensor(arch.n_embd**0.5, dtype=x.dtype, device=x.device)
+    if arch.learned_positions:  # GPT-2: inputs_embeds + wpe(positions 0 .. T-1)
+        table = get(f"{names.POSITION_EMBEDDING}.weight")
+        x = x + table[: tokens.size(-1)].to(device=x.device, dtype=x.dtype)
+    if arch.embedding_norm:  # Bloom: word_embeddings_layernorm
+        x = _norm(arch, get, names.EMBEDDING_NORM, x)
     return x
 
 

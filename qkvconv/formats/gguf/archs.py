@@ -53,6 +53,20 @@ GGML_GELU = "tanh"
 
 
 @dataclass(frozen=True)
+class Windows:
+    """llama.cpp's interleaved sliding windows and what its Gemma graphs set with them (load_arch_hparams of
+    src/models/gemma2.cpp and gemma3.cpp): which layers slide, how they rotate, Q's scale, soft-capping."""
+
+    period: int  # load_swa_pattern(ml, period) without attention.sliding_window_pattern: see swa_layers
+    size: int | None  # n_swa without attention.sliding_window; None: no window then (every layer global)
+    local_rope: bool  # sliding layers rotate with rope.freq_base_swa (default 10000), unscaled; False: as the others
+    wide_q_layers: int  # the 27B's n_layer: Q scaled by 1/sqrt(n_embd / n_head) there, else 1/sqrt(head_dim)
+    attn_softcap: float | None  # scores always capped, by attn_logit_softcapping or this default; None: never
+    final_softcap: float  # logits capped by final_logit_softcapping or this default; 0: not capped (gemma3 only
+    # tests it: gemma2 divides by it, so a gemma2 model must cap)
+
+
+@dataclass(frozen=True)
 class GGUFArch:
     """One llama.cpp architecture (`general.architecture`) as qkvconv reads and writes it."""
 
@@ -72,7 +86,12 @@ class GGUFArch:
     scale_embeddings: bool = False  # Gemma: embeddings times sqrt(n_embd) (the graph's ggml_scale)
     norm_qk: str | None = None  # litgpt norm_qk_type of attn_q_norm / attn_k_norm
     tied_only: bool = False  # no output tensor at all: the head is token_embd (Gemma)
-    sliding_window: str = "none"  # "none": llama.cpp ignores any window; "all": every layer
+    output_required: bool = False  # llama.cpp loads no file without `output` (written even for a tied head)
+    windows: Windows | None = None  # None: llama.cpp ignores any window (every earlier token is attended to)
+    norm_weights: bool = True  # False: LayerNorms without weight or bias, so no norm tensors (OLMo; litgpt drops
+    # them where its name holds "OLMo", as `label` does)
+    full_rotary: bool = False  # llama.cpp refuses rope.dimension_count other than the head size (or asserts it)
+    heads_span_embd: bool = False  # Q is n_embd wide: head_size * n_head must be n_embd (no key_length read)
     where: str = ""  # where in llama.cpp this is done (docs)
     converter: str = ""  # the HF architecture whose converter class writes it
     gelu: str = GGML_GELU
@@ -85,6 +104,11 @@ class GGUFArch:
     no_rope_step: int = 0  # llama.cpp's n_no_rope_layer_step: layer il without RoPE where (il + 1) % step == 0
     keys: frozenset[str] = frozenset()  # `{arch}.*` keys it reads beyond every architecture's (reading.KNOWN_KEYS)
 
+    @property
+    def norm_1(self) -> bool:
+        """litgpt's norm_1: a norm before attention, with a tensor or without (OLMo's); OLMo 2 has none."""
+        return L.NORM_1 in self.layer or not self.norm_weights
+
     def module(self, litgpt_module: str, i: int | str) -> str:
         return self.layer[litgpt_module].format(i=i)
 
@@ -96,8 +120,10 @@ LLAMA = GGUFArch(
     "llama", "Llama (GGUF)", RopeOrder.PAIRS, "split", LLAMA_LAYER, "RMSNorm", "LLaMAMLP",
     "attention.layer_norm_rms_epsilon", converter="LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM",
     qkv_bias="optional", experts="optional",
+    full_rotary=True,
     where="conversion/llama.py LlamaModel.modify_tensors permutes q_proj and k_proj (LlamaModel.permute, per "
-          "head: half -> pairs; K with num_key_value_heads); src/models/llama.cpp reads no sliding window",
+          "head: half -> pairs; K with num_key_value_heads); src/models/llama.cpp reads no sliding window; "
+          "llama-model.cpp load_hparams: n_rot must be the head size",
 )
 QWEN2 = GGUFArch(
     "qwen2", "Qwen2 (GGUF)", RopeOrder.HALF, "split", LLAMA_LAYER, "RMSNorm", "LLaMAMLP",
@@ -124,7 +150,7 @@ FALCON = GGUFArch(
     "falcon", "Falcon 7B (GGUF)", RopeOrder.HALF, "fused", {k: v for k, v in NEOX_LAYER.items() if k != L.NORM_2},
     "LayerNorm", "GptNeoxMLP",
     "attention.layer_norm_epsilon", parallel_residual=True, shared_attention_norm=True,
-    converter="FalconForCausalLM",
+    converter="FalconForCausalLM", full_rotary=True,
     where="conversion/falcon.py FalconModel.modify_tensors re-orders query_key_value from grouped (per KV group: "
           "its Q heads, K, V) to sequential; src/models/falcon.cpp: attention reads attn_norm_2 where present "
           "(Falcon-40B: HF ln_attn), the MLP attn_norm (HF ln_mlp; Falcon-7B: the one shared input_layernorm)",
@@ -134,7 +160,8 @@ FALCON_40B = replace(FALCON, label="Falcon 40B (GGUF)", shared_attention_norm=Fa
 GPTNEOX = GGUFArch(
     "gptneox", "GPT-NeoX (GGUF)", RopeOrder.HALF, "fused", NEOX_LAYER, "LayerNorm", "GptNeoxMLP",
     "attention.layer_norm_epsilon", parallel_residual=True, parallel_residual_key="use_parallel_residual",
-    converter="GPTNeoXForCausalLM", qkv_bias="required", proj_bias="required",
+    converter="GPTNeoXForCausalLM", qkv_bias="required", proj_bias="required", output_required=True,
+    heads_span_embd=True,
     where="conversion/gptneox.py GPTNeoXModel.modify_tensors re-orders query_key_value (weight and bias) from "
           "per-head (q_h, k_h, v_h) to sequential; rope.dimension_count = rotary_pct * head_size",
 )
@@ -149,23 +176,39 @@ GEMMA2 = replace(
     GEMMA, name="gemma2", label="Gemma 2 (GGUF)", converter="Gemma2ForCausalLM",
     layer={**LLAMA_LAYER, L.POST_ATTENTION_NORM: "blk.{i}.post_attention_norm",
            L.POST_MLP_NORM: "blk.{i}.post_ffw_norm"},
-    sliding_window="gemma2",
+    windows=Windows(period=2, size=4096, local_rope=False, wide_q_layers=46, attn_softcap=50.0,
+                    final_softcap=30.0),
     keys=frozenset({"attn_logit_softcapping", "final_logit_softcapping", "attention.sliding_window_pattern"}),
     where="conversion/gemma.py Gemma2Model: norm weights stored as w + 1, lm_head dropped; src/models/gemma2.cpp: "
           "the window on layers il % 2 == 0 (load_swa_pattern(2), default 4096), Q scaled by 1/sqrt(head_dim) "
           "(27B, 46 layers: 1/sqrt(n_embd / n_head)) whatever query_pre_attn_scalar was, attention and final "
-          "logits soft-capped",
+          "logits soft-capped (defaults 50 and 30, llama-hparams.h)",
+)
+GEMMA3 = replace(
+    GEMMA2, name="gemma3", label="Gemma 3 (GGUF)", converter="Gemma3ForCausalLM",
+    layer={**GEMMA2.layer, **QK_NORMS}, norm_qk="default", tied_only=False,
+    windows=Windows(period=6, size=None, local_rope=True, wide_q_layers=62, attn_softcap=None, final_softcap=0.0),
+    keys=frozenset({"final_logit_softcapping", "attention.sliding_window_pattern", "rope.freq_base_swa"}),
+    where="conversion/gemma.py Gemma3Model: every norm weight (attn_q_norm, attn_k_norm too) stored as w + 1, "
+          "rope.freq_base from rope_parameters.full_attention, rope.freq_base_swa from sliding_attention, linear "
+          "scaling (rope.scaling.*) from full_attention, attention.sliding_window unless sliding_window_pattern "
+          "is 1, "
+          "final_logit_softcapping where set, attn_logit_softcapping must be null; src/models/gemma3.cpp: with a "
+          "window, layers il % 6 < 5 slide (load_swa_pattern(6)) and rotate with freq_base_swa unscaled "
+          "(llama_model::get_rope_freq_base/scale), the others with freq_base and the scaling; without one every "
+          "layer is global; Q scaled by 1/sqrt(head_dim) (62 layers: 1/sqrt(n_embd / n_head)) whatever "
+          "query_pre_attn_scalar was; no score soft-capping; output optional (tied: token_embd)",
 )
 STABLELM = GGUFArch(
     "stablelm", "StableLM (GGUF)", RopeOrder.HALF, "split", LLAMA_LAYER, "LayerNorm", "LLaMAMLP",
-    "attention.layer_norm_epsilon", converter="StableLmForCausalLM", qkv_bias="optional",
+    "attention.layer_norm_epsilon", converter="StableLmForCausalLM", qkv_bias="optional", output_required=True,
     where="conversion/stablelm.py: tensors renamed only; a model without ffn_norm runs attention and MLP in "
           "parallel on attn_norm (use_parallel_residual)",
 )
 PHI2 = GGUFArch(
     "phi2", "Phi-2 (GGUF)", RopeOrder.HALF, "split", {k: v for k, v in NEOX_LAYER.items() if k != L.NORM_2},
     "LayerNorm", "GptNeoxMLP", "attention.layer_norm_epsilon", parallel_residual=True, shared_attention_norm=True,
-    converter="PhiForCausalLM", qkv_bias="required", proj_bias="required",
+    converter="PhiForCausalLM", qkv_bias="required", proj_bias="required", output_required=True,
     where="conversion/phi.py Phi2Model: tensors renamed only; one LayerNorm feeds attention and MLP in parallel",
 )
 OLMO2 = GGUFArch(
@@ -174,25 +217,38 @@ OLMO2 = GGUFArch(
      L.POST_MLP_NORM: "blk.{i}.post_ffw_norm", L.MLP_FC_1: "blk.{i}.ffn_gate", L.MLP_FC_2: "blk.{i}.ffn_up",
      L.MLP_PROJ: "blk.{i}.ffn_down", **QK_NORMS},
     "RMSNorm", "LLaMAMLP", "attention.layer_norm_rms_epsilon", norm_qk="olmo2", converter="Olmo2ForCausalLM",
+    output_required=True,
     where="conversion/olmo.py Olmo2Model: tensors renamed only; NEOX rope",
+)
+OLMO = GGUFArch(
+    "olmo", "OLMo (GGUF)", RopeOrder.PAIRS, "split",
+    {k: v for k, v in LLAMA_LAYER.items() if k not in (L.NORM_1, L.NORM_2)}, "LayerNorm", "LLaMAMLP",
+    "attention.layer_norm_epsilon", norm_weights=False, converter="OlmoForCausalLM", qkv_bias="optional",
+    full_rotary=True, heads_span_embd=True,
+    where="conversion/olmo.py OlmoModel.modify_tensors permutes q_proj and k_proj as LlamaModel does (half -> "
+          "pairs), writes layer_norm_epsilon 1e-5 (OlmoLayerNorm's fixed eps) and clip_qkv as clamp_kqv; "
+          "src/models/olmo.cpp: LayerNorms without weight or bias (build_norm(NULL, NULL, LLM_NORM)), no norm "
+          "tensors, Q of n_embd rows, n_rot = head size asserted, q/k/v biases optional, output optional (tied)",
 )
 STARCODER2 = GGUFArch(
     "starcoder2", "StarCoder2 (GGUF)", RopeOrder.HALF, "split", NEOX_LAYER, "LayerNorm", "GptNeoxMLP",
     "attention.layer_norm_epsilon", converter="Starcoder2ForCausalLM", qkv_bias="required", proj_bias="required",
+    heads_span_embd=True,
     where="conversion/starcoder.py StarCoder2Model: tensors renamed only; NEOX rope; src/models/starcoder2.cpp: "
           "LayerNorms with biases, attn_output and ffn_up/ffn_down biases required, sequential residual, tanh GELU "
           "MLP, Q scaled by 1/sqrt(head_dim), no sliding window",
 )
 SMOLLM3 = replace(
     LLAMA, name="smollm3", label="SmolLM3 (GGUF)", converter="SmolLM3ForCausalLM", qkv_bias="none", experts="none",
-    no_rope_step=4,
+    no_rope_step=4, full_rotary=False,
     where="conversion/llama.py SmolLM3Model (LlamaModel): q_proj/k_proj permuted half -> pairs like Llama's; "
           "src/models/smollm3.cpp: n_no_rope_layer_step = 4 is fixed (layer il has no RoPE where (il + 1) % 4 == 0), "
           "so only models of fewer than 4 layers rotate in every layer as litgpt does",
 )
 GRANITE = replace(
     LLAMA, name="granite", label="Granite (GGUF)", converter="GraniteForCausalLM", qkv_bias="none", experts="none",
-    multipliers=True, keys=frozenset({"attention.scale", "embedding_scale", "residual_scale", "logit_scale"}),
+    multipliers=True, full_rotary=False, heads_span_embd=True,
+    keys=frozenset({"attention.scale", "embedding_scale", "residual_scale", "logit_scale"}),
     where="conversion/granite.py GraniteModel (LlamaModel): q_proj/k_proj permuted half -> pairs, head_dim dropped, "
           "attention_multiplier -> attention.scale, embedding_multiplier -> embedding_scale, residual_multiplier -> "
           "residual_scale, logits_scaling -> logit_scale (each written where truthy); src/models/granite.cpp: Q·K "
@@ -201,7 +257,8 @@ GRANITE = replace(
 )
 
 ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, QWEN3MOE, PHI3, FALCON, GPTNEOX, GEMMA,
-                                                  GEMMA2, STABLELM, PHI2, OLMO2, STARCODER2, SMOLLM3, GRANITE)}
+                                                  GEMMA2, GEMMA3, STABLELM, PHI2, OLMO, OLMO2, STARCODER2, SMOLLM3,
+                                                  GRANITE)}
 
 # litgpt's LLaMAMoE router and experts (under transformer.h.{i}) <-> llama.cpp's, whose experts of one layer are
 # stacked in one 3D tensor per linear (expert e: index e of its first dim); src/models/llama.cpp renormalises
@@ -249,10 +306,14 @@ def resolve(name: str, tensor_names: Collection[str]) -> GGUFArch:
 def for_family(cfg: Mapping[str, object]) -> GGUFArch | None:
     """The architecture `convert --to gguf` writes for a litgpt config, or None (no llama.cpp architecture
     computes it): chosen by what the config computes, as llama.cpp's converter chooses by the HF class."""
+    from qkvconv.model.architecture import Architecture
+
     mlp, norm = cfg.get("mlp_class_name"), cfg.get("norm_class_name")
     mlp = "LLaMAMLP" if mlp == "LLaMAMoE" else mlp
+    weights = Architecture.from_litgpt_config(cfg).norm_affine
     for arch in _WRITE_ORDER:
-        if arch.mlp_class_name == mlp and arch.norm_class_name == norm and _fits(arch, cfg):
+        if arch.mlp_class_name == mlp and arch.norm_class_name == norm and arch.norm_weights == weights and \
+                _fits(arch, cfg):
             return arch
     return None
 
@@ -272,7 +333,7 @@ def _fits(arch: GGUFArch, cfg: Mapping[str, object]) -> bool:
     if bool(cfg.get("post_attention_norm")) != (L.POST_ATTENTION_NORM in arch.layer):
         return False
     norm_qk = cfg.get("norm_qk_type", "default") if cfg.get("norm_qk") else None
-    return norm_qk == arch.norm_qk and bool(cfg.get("norm_1", True)) == (L.NORM_1 in arch.layer)
+    return norm_qk == arch.norm_qk and bool(cfg.get("norm_1", True)) == arch.norm_1
 
 
 def bias_fits(rule: str, present: bool) -> bool:
@@ -280,18 +341,21 @@ def bias_fits(rule: str, present: bool) -> bool:
     return rule == "optional" or present == (rule == "required")
 
 
-_WRITE_ORDER = (LLAMA, QWEN3, QWEN3MOE, GEMMA, GEMMA2, GPTNEOX, FALCON, FALCON_40B, OLMO2)
+# StarCoder2 before GPT-NeoX: a sequential-residual GPT-NeoX shape (LayerNorms, biases, GELU MLP) is StarCoder2's
+# (transformers' GPTNeoX is parallel by default and MHA only; llama.cpp's starcoder2 also loads a tied head)
+_WRITE_ORDER = (LLAMA, QWEN3, QWEN3MOE, GEMMA, GEMMA2, GEMMA3, STARCODER2, GPTNEOX, FALCON, FALCON_40B, OLMO, OLMO2)
 
 
-def gemma2_attention_scalar(n_layer: int, n_embd: int, n_head: int, head_size: int) -> int:
-    """What llama.cpp's gemma2 scales Q by the -1/2 power of: n_embd / n_head for the 27B (46 layers), else
-    head_size (src/models/gemma2.cpp; the file has no query_pre_attn_scalar)."""
-    return n_embd // n_head if n_layer == 46 else head_size
+def query_scalar(windows: Windows, n_layer: int, n_embd: int, n_head: int, head_size: int) -> int:
+    """What llama.cpp's Gemma 2 / 3 scale Q by the -1/2 power of: n_embd / n_head for the 27B (its layer count),
+    else head_size (src/models/gemma2.cpp, gemma3.cpp; the file has no query_pre_attn_scalar)."""
+    return n_embd // n_head if n_layer == windows.wide_q_layers else head_size
 
 
-def gemma2_window_layers(n_layer: int, pattern: int = 2) -> list[int]:
-    """llama_hparams::set_swa_pattern(n, dense_first=false): layer il slides when il % n < n - 1."""
+def swa_layers(n_layer: int, pattern: int) -> list[int]:
+    """llama_hparams::set_swa_pattern(n, dense_first=false): layer il slides when il % n < n - 1 (n = 0: all)."""
     return [int(pattern == 0 or il % pattern < pattern - 1) for il in range(n_layer)]
 
 
-__all__ = ["ARCHS", "GGUFArch", "GGML_GELU", "bias_fits", "resolve", "rope_of", "for_family"]
+__all__ = ["ARCHS", "GGUFArch", "GGML_GELU", "Windows", "bias_fits", "resolve", "rope_of", "for_family",
+           "query_scalar", "swa_layers"]

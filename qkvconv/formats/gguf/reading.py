@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
-from qkvconv.formats.gguf.archs import (DENSE_MLP, EXPERTS, ROUTER, GGUFArch, gemma2_attention_scalar,
-                                       gemma2_window_layers, resolve)
+from qkvconv.formats.gguf.archs import (DENSE_MLP, EXPERTS, ROUTER, GGUFArch, Windows, query_scalar, resolve,
+                                       swa_layers)
 from qkvconv.model import names as L
 from qkvconv.model.layout import HeadLayout, QKVOrder
 from qkvconv.plans.plan import CheckRows, Fuse, Plan, Recipe, Step
@@ -188,8 +188,8 @@ def _require(g: GGUFFile, suffix: str) -> Any:
 
 # `{arch}.*` keys this reader accounts for: any other (soft-capping, clamping, attention or embedding
 # scales, YaRN, experts, ...) may change what llama.cpp computes, so a file holding one is refused rather
-# than verified as something it is not. sliding_window: read where llama.cpp uses it (archs.py), which
-# none of these architectures does; rope.scaling.original_context_length matters to YaRN/LongRoPE only.
+# than verified as something it is not. sliding_window: read where llama.cpp uses it (archs.Windows: Gemma 2
+# and 3), ignored by the others; rope.scaling.original_context_length matters to YaRN/LongRoPE only.
 KNOWN_KEYS = frozenset({
     "context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
     "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
@@ -218,6 +218,9 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
     if int(g.key("attention.value_length", head_size)) != head_size:
         raise UnsupportedFamily(f"{g.path}: value heads of another size than key heads, which litgpt has not")
     n_rot = int(g.key("rope.dimension_count", head_size))
+    if arch.full_rotary and n_rot != head_size or arch.heads_span_embd and head_size * n_head != n_embd:
+        raise UnsupportedFamily(f"{g.path}: rope.dimension_count {n_rot}, heads {n_head} x {head_size} for n_embd "
+                                f"{n_embd}, which llama.cpp's {arch.name} does not load")
     vocab = g.shape("token_embd.weight")[0]
     theta = float(g.key("rope.freq_base", 10000.0))
     # llama.cpp scales every frequency by 1 / rope.scaling.factor unless the type is YaRN-like (llama-model.cpp
@@ -236,6 +239,8 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
     if moe and arch.experts == "none" or not moe and arch.experts == "required":
         raise UnsupportedFamily(f"{g.path}: {'experts' if moe else 'no experts'} in a {arch.name} file")
     up = g.shape("blk.0.ffn_up_exps.weight")[1] if moe else g.shape("blk.0.ffn_up.weight")[0]
+    _check_widths(g, n_embd, int(g.shape("token_embd.weight")[1]), "expert_feed_forward_length" if moe
+                  else "feed_forward_length", up if moe or not arch.gate_up else up // 2)
     qkv_bias = any(f"{m}.bias" in names for m in arch.qkv_modules(0))
     proj_bias = "blk.0.attn_output.bias" in names
     parallel = arch.parallel_residual
@@ -268,8 +273,8 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
         "scale_embeddings": arch.scale_embeddings,
         "norm_qk": arch.norm_qk is not None,
         "norm_qk_type": arch.norm_qk or "default",
-        "norm_1": L.NORM_1 in arch.layer,
-        "norm_2": L.NORM_2 in arch.layer or arch.shared_attention_norm,
+        "norm_1": arch.norm_1,
+        "norm_2": L.NORM_2 in arch.layer or arch.shared_attention_norm or not arch.norm_weights,
         "post_attention_norm": L.POST_ATTENTION_NORM in arch.layer,
         "post_mlp_norm": L.POST_MLP_NORM in arch.layer,
     }
@@ -278,19 +283,42 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
                    n_expert_per_token=int(_require(g, "expert_used_count")))
     if arch.multipliers:
         cfg.update(granite_scales(g, head_size))
-    window = g.key("attention.sliding_window")
-    if window and arch.sliding_window == "all":
-        cfg.update(sliding_window_size=int(window), sliding_window_indices=[1] * n_layer)
-    if arch.sliding_window == "gemma2":
-        pattern = g.key("attention.sliding_window_pattern", 2)
+    if arch.windows:
+        cfg.update(windows_config(g, arch.windows, n_layer, n_embd, n_head, head_size))
+    return cfg
+
+
+def _check_widths(g: GGUFFile, n_embd: int, embd_columns: int, ffn_key: str, ffn: int) -> None:
+    """llama.cpp sizes every tensor from these keys and refuses to load a file whose tensors differ
+    (llama-model.cpp create_tensors, check_tensor_dims): such a file computes nothing, so it is refused here
+    too rather than verified. (llama.cpp's own converter writes phi2's feed_forward_length as 4 * n_embd
+    whatever the model's width: a Phi-2 of another width converts to a file llama.cpp cannot load.)"""
+    width = g.key(ffn_key)
+    if embd_columns != n_embd or width is not None and int(width) != ffn:
+        said = (f"{g.arch.name}.embedding_length {n_embd} but token_embd has {embd_columns} columns"
+                if embd_columns != n_embd else f"{g.arch.name}.{ffn_key} {int(width)} but the tensors are {ffn} wide")
+        raise QkvconvError(f"{g.path}: {said}; llama.cpp refuses to load such a file (check_tensor_dims)")
+
+
+def windows_config(g: GGUFFile, w: Windows, n_layer: int, n_embd: int, n_head: int, head_size: int) -> dict[str, Any]:
+    """The litgpt fields of llama.cpp's Gemma 2 / 3 attention as the file sets it (archs.Windows): the window
+    and its layers, the sliding layers' own RoPE base (litgpt's rope_local_base_freq and rope_indices, which
+    litgpt, like llama.cpp, leaves unscaled), Q's scale and the soft-capping."""
+    out: dict[str, Any] = {"attention_scores_scalar": query_scalar(w, n_layer, n_embd, n_head, head_size),
+                           "final_logit_softcapping": g.key("final_logit_softcapping", w.final_softcap) or None}
+    if w.attn_softcap is not None:
+        out["attention_logit_softcapping"] = g.key("attn_logit_softcapping", w.attn_softcap)
+    size = g.key("attention.sliding_window", w.size)
+    if size:  # else no window (gemma3): every layer global
+        pattern = g.key("attention.sliding_window_pattern", w.period)
         if not isinstance(pattern, int):
             raise UnsupportedFamily(f"{g.path}: a per-layer sliding_window_pattern, which qkvconv does not map")
-        cfg.update(sliding_window_size=int(g.key("attention.sliding_window", 4096)),
-                   sliding_window_indices=gemma2_window_layers(n_layer, pattern),
-                   attention_scores_scalar=gemma2_attention_scalar(n_layer, n_embd, n_head, head_size),
-                   attention_logit_softcapping=g.key("attn_logit_softcapping"),
-                   final_logit_softcapping=g.key("final_logit_softcapping"))
-    return cfg
+        layers = swa_layers(n_layer, pattern)
+        out.update(sliding_window_size=int(size), sliding_window_indices=layers)
+        if w.local_rope:
+            base = float(g.key("rope.freq_base_swa", 10000.0))  # llama-hparams.h rope_freq_base_train_swa
+            out.update(rope_local_base_freq=int(base) if base.is_integer() else base, rope_indices=layers)
+    return out
 
 
 def granite_scales(g: GGUFFile, head_size: int) -> dict[str, Any]:
@@ -454,7 +482,7 @@ def plan_gguf_to_litgpt(g: GGUFFile, cfg: dict[str, Any] | None = None) -> Plan:
                 up = take(f"blk.{i}.ffn_up.{p}")
                 recipes += [Recipe(f"{lit}.{L.MLP_FC_1}.{p}", (up,), (TakeRows(0, 2),)),
                             Recipe(f"{lit}.{L.MLP_FC_2}.{p}", (up,), (TakeRows(1, 2),))]
-    for p in params("output_norm"):
+    for p in params("output_norm") if arch.norm_weights else ():
         recipes.append(Recipe(f"{L.FINAL_NORM}.{p}", (take(f"output_norm.{p}"),),
                               norm_steps(L.FINAL_NORM) if p == "weight" else ()))
     notes = [f"GGUF {arch.name}: {arch.where}"]

@@ -21,7 +21,7 @@ from typing import Any
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.base import Transformations
 from qkvconv.formats.gguf.archs import (ARCHS, DENSE_MLP, EXPERTS, ROUTER, GGUFArch, bias_fits, for_family,
-                                       gemma2_attention_scalar, gemma2_window_layers)
+                                       query_scalar, swa_layers)
 from qkvconv.formats.gguf.reading import LLAMA3, AddConstant, llama3_factors
 from qkvconv.model import names as L
 from qkvconv.model.architecture import Architecture
@@ -41,40 +41,29 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
         arch = FALCON_40B
     arch = arch or for_family(cfg)
     if arch is None:
-        raise UnsupportedFamily("no llama.cpp architecture qkvconv writes computes this model (it writes llama, qwen2, "
-                                "qwen3, phi3, falcon, gptneox, gemma, olmo2, starcoder2, smollm3, granite)")
-    problems = []
+        raise UnsupportedFamily("no llama.cpp architecture qkvconv writes computes this model (it writes "
+                                f"{', '.join(ARCHS)})")
+    problems = _window_problems(arch, arch_obj)
     if arch.no_rope_step and arch_obj.n_layer >= arch.no_rope_step:
         problems.append(f"RoPE in every layer ({arch.name} leaves it out of every {arch.no_rope_step}th layer)")
-    windowed = any(arch_obj.sliding_window_layers) and arch_obj.sliding_window_size is not None
-    if arch.sliding_window == "gemma2":
-        if not windowed or list(map(int, arch_obj.sliding_window_layers)) != gemma2_window_layers(arch_obj.n_layer):
-            problems.append("a sliding window on other layers than every even one (llama.cpp's gemma2)")
-        scalar = gemma2_attention_scalar(arch_obj.n_layer, arch_obj.n_embd, arch_obj.n_head, arch_obj.head_size)
-        if abs(arch_obj.attention_scale * scalar ** 0.5 - 1) > 1e-9:
-            problems.append(f"attention scores scaled other than by 1/sqrt({scalar}), llama.cpp's gemma2 for "
-                            f"{arch_obj.n_layer} layers (it has no query_pre_attn_scalar)")
-        if arch_obj.attention_logit_softcapping is None or arch_obj.final_logit_softcapping is None:
-            problems.append("no soft-capping (llama.cpp's gemma2 always caps)")
-    else:
-        if windowed:
-            problems.append(f"a sliding window ({arch.name} in llama.cpp attends to every earlier token)")
-        if arch_obj.attention_logit_softcapping or arch_obj.final_logit_softcapping:
-            problems.append("soft-capping")
+    if arch.windows is None:
         if abs(arch_obj.attention_scale * arch_obj.head_size ** 0.5 - 1) > 1e-9 and not arch.multipliers:
             problems.append("attention scores scaled other than by 1/sqrt(head_size)")
-        if arch.multipliers and arch_obj.head_size * arch_obj.n_head != arch_obj.n_embd:
-            problems.append(f"a head size other than n_embd / n_head ({arch.name} has no head_dim)")
+    if arch.heads_span_embd and arch_obj.head_size * arch_obj.n_head != arch_obj.n_embd:
+        problems.append(f"a head size other than n_embd / n_head ({arch.name} has no head_dim)")
+    if arch.full_rotary and arch_obj.rope_n_elem != arch_obj.head_size:
+        problems.append(f"partial rotary ({arch.name} rotates every dim of a head)")
     llama3 = arch_obj.rope_scaling == "llama3" and arch.name == "llama" and (
         arch_obj.rope_low_freq_factor, arch_obj.rope_high_freq_factor, arch_obj.rope_original_max_seq_len) == tuple(
         LLAMA3.values())
-    if arch_obj.rope_scaling not in ("none", "linear") and not llama3 or arch_obj.rope_local_base is not None:
+    if arch_obj.rope_scaling not in ("none", "linear") and not llama3:
         problems.append(f"{arch_obj.rope_scaling} RoPE scaling (llama3 is written for Llama with Llama 3.1's "
                         "low/high frequency factors 1 and 4 and original length 8192)")
     if not bias_fits(arch.experts, bool(arch_obj.n_expert)):
         problems.append("a mixture of experts" if arch_obj.n_expert else "a dense MLP")
-    if not arch_obj.norm_affine:
-        problems.append("norms without weights")
+    if arch_obj.norm_affine != arch.norm_weights:
+        problems.append("norms without weights" if arch.norm_weights else
+                        f"norms with weights ({arch.name}'s LayerNorms have none)")
     mlp = "LLaMAMLP" if arch_obj.mlp_class_name == "LLaMAMoE" else arch_obj.mlp_class_name
     if (arch_obj.norm_class_name, mlp) != (arch.norm_class_name, arch.mlp_class_name) or \
             arch_obj.scale_embeddings != arch.scale_embeddings or arch_obj.norm_unit_offset != bool(arch.norm_offset):
@@ -89,6 +78,42 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
         raise UnsupportedFamily(f"llama.cpp's {arch.name} cannot compute a model with {', '.join(problems)}: not "
                                 "written, since the file would load and compute something else")
     return arch
+
+
+def _window_problems(arch: GGUFArch, a: Architecture) -> list[str]:
+    """What of the model's windows, local RoPE, Q scale and soft-capping llama.cpp's `arch` would compute
+    otherwise (archs.Windows; without it: no window, no local base, no capping)."""
+    w, problems = arch.windows, []
+    windowed = any(a.sliding_window_layers) and a.sliding_window_size is not None
+    layers = list(map(int, a.sliding_window_layers)) if windowed else [0] * a.n_layer
+    local = list(map(int, a.rope_local_layers)) if a.rope_local_base is not None else [0] * a.n_layer
+    if w is None:
+        if windowed:
+            problems.append(f"a sliding window ({arch.name} in llama.cpp attends to every earlier token)")
+        if a.attention_logit_softcapping or a.final_logit_softcapping:
+            problems.append("soft-capping")
+        if any(local):
+            problems.append(f"a local RoPE base on some layers ({arch.name} rotates every layer alike)")
+        return problems
+    if (windowed or w.size is not None) and layers != swa_layers(a.n_layer, w.period):
+        problems.append(f"a sliding window on other layers than il % {w.period} < {w.period - 1} (those llama.cpp's "
+                        f"{arch.name} slides)")
+    if w.local_rope and local != layers:  # llama.cpp: rope.freq_base_swa, unscaled, on exactly the sliding layers
+        problems.append(f"a local RoPE base on other layers than {arch.name}'s sliding ones")
+    if not w.local_rope and any(local):
+        problems.append(f"a local RoPE base on some layers ({arch.name} rotates every layer alike)")
+    if any(local) and a.rope_condense_ratio != 1:
+        problems.append("condensed positions on the local RoPE layers (llama.cpp scales the global ones only)")
+    scalar = query_scalar(w, a.n_layer, a.n_embd, a.n_head, a.head_size)
+    if abs(a.attention_scale * scalar ** 0.5 - 1) > 1e-9:
+        problems.append(f"attention scores scaled other than by 1/sqrt({scalar}), llama.cpp's {arch.name} for "
+                        f"{a.n_layer} layers (it has no query_pre_attn_scalar)")
+    if (a.attention_logit_softcapping is None) != (w.attn_softcap is None):
+        problems.append(f"{'no ' if w.attn_softcap is not None else ''}attention soft-capping (llama.cpp's "
+                        f"{arch.name} {'always caps' if w.attn_softcap is not None else 'never caps'})")
+    if a.final_logit_softcapping is None and w.final_softcap:
+        problems.append(f"no final soft-capping (llama.cpp's {arch.name} always caps)")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -190,7 +215,8 @@ def _gguf_recipes(arch: GGUFArch, cfg: dict[str, Any], outputs: set[str], tied: 
         add("rope_freqs.weight", (f"{L.FINAL_NORM}.weight",), (Constant(tuple(factors), "Llama-3 RoPE factors"),))
     if arch.tied_only:  # no output tensor: the head must be the embedding (checked as the plan runs)
         recipes[0] = Recipe("token_embd.weight", (f"{L.EMBEDDING}.weight", f"{L.HEAD}.weight"), (Tied(),))
-    elif not tied or f"{L.HEAD}.bias" in outputs:  # tied: no output tensor, as llama.cpp's converter writes it
+    elif not tied or f"{L.HEAD}.bias" in outputs or arch.output_required:  # tied: no output tensor, as
+        # llama.cpp's converter writes it, where llama.cpp loads the file without one
         add("output.weight", (f"{L.HEAD}.weight",))
         if f"{L.HEAD}.bias" in outputs:
             add("output.bias", (f"{L.HEAD}.bias",))
@@ -227,10 +253,15 @@ def header(arch: GGUFArch, cfg: dict[str, Any], file_type: int) -> dict[str, tup
         out[f"{k}.tensor_data_layout"] = ("string", "jploski")
     if arch.parallel_residual_key:
         out[f"{k}.{arch.parallel_residual_key}"] = ("bool", a.parallel_residual)
-    if arch.sliding_window == "gemma2":
-        out[f"{k}.attn_logit_softcapping"] = ("float32", float(a.attention_logit_softcapping or 0.0))
-        out[f"{k}.final_logit_softcapping"] = ("float32", float(a.final_logit_softcapping or 0.0))
-        out[f"{k}.attention.sliding_window"] = ("uint32", int(a.sliding_window_size or 0))
+    if arch.windows is not None:  # as choose_arch checked: the layers are llama.cpp's
+        if arch.windows.attn_softcap is not None:
+            out[f"{k}.attn_logit_softcapping"] = ("float32", float(a.attention_logit_softcapping or 0.0))
+        if a.final_logit_softcapping:
+            out[f"{k}.final_logit_softcapping"] = ("float32", float(a.final_logit_softcapping))
+        if any(a.sliding_window_layers) and a.sliding_window_size is not None:
+            out[f"{k}.attention.sliding_window"] = ("uint32", int(a.sliding_window_size))
+            if arch.windows.local_rope:
+                out[f"{k}.rope.freq_base_swa"] = ("float32", float(a.rope_local_base or 0.0))
     if arch.multipliers:  # Granite's, neutral but for the attention scale (what its converter writes of defaults)
         out[f"{k}.attention.scale"] = ("float32", float(a.attention_scale))
         for key in ("embedding_scale", "residual_scale", "logit_scale"):

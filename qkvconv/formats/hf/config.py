@@ -22,70 +22,12 @@ from typing import Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.hf.families import FAMILIES, GELU_APPROXIMATE, SILU, supported
-from qkvconv.formats.hf.table import NOTHING, REQUIRED, VARIANT_KEY, Block, Choose, Family, Fused, Matcher, Read, Split
+from qkvconv.formats.hf.reading import _divided, _int, _lookup, _read, _write  # noqa: F401 (re-exported)
+from qkvconv.formats.hf.table import NOTHING, VARIANT_KEY, Block, Choose, Family, Fused, Matcher, Read, Split
 from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, LayoutError
 
 HF_CONFIG = "config.json"
-
-# ---------------------------------------------------------------------------------------------
-# reading config.json
-
-
-def _lookup(cfg: Mapping[str, Any], path: str) -> Any:
-    value: Any = cfg
-    for part in path.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
-def _read(cfg: Mapping[str, Any], rule: Read | Any) -> Any:
-    """A Read's value (first key present and not null, else its default); a constant as it is."""
-    if not isinstance(rule, Read):
-        return rule
-    for key in rule.keys:
-        value = _lookup(cfg, key)
-        if value is not None:
-            return _divided(rule, key, value)
-    if rule.default is REQUIRED:
-        raise QkvconvError(f"config.json has no {rule.keys[0]!r}")
-    return _divided(rule, rule.keys[0], rule.default)
-
-
-def _divided(rule: Read, key: str, value: Any) -> Any:
-    """A value in the model's units: the config's divided by the Read's divisor, which must divide it (or
-    times its `times`)."""
-    if value is None:
-        return value
-    if rule.times != 1:
-        return value * rule.times
-    if rule.divisor == 1:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value % rule.divisor:
-        raise QkvconvError(f"config.json: {key} must be an integer multiple of {rule.divisor}, got {value!r}")
-    return value // rule.divisor
-
-
-def _write(cfg: dict[str, Any], rule: Read | Any, value: Any) -> None:
-    """Store `value` where a Read looks first (nested dicts created as needed); constants write nothing."""
-    if not isinstance(rule, Read):
-        return
-    *parents, last = rule.keys[0].split(".")
-    node = cfg
-    for part in parents:
-        node = node.setdefault(part, {})
-    if value is not None and (rule.divisor != 1 or rule.times != 1):
-        value = value * rule.divisor / rule.times if rule.times != 1 else value * rule.divisor
-    node[last] = value
-
-
-def _int(cfg: Mapping[str, Any], rule: Read, what: str) -> int:
-    value = _read(cfg, rule)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise QkvconvError(f"config.json: {what} must be an integer, got {value!r}")
-    return int(value)
 
 
 def _architecture_name(config_json: Mapping[str, Any]) -> str | None:
@@ -247,10 +189,17 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
         reason = (f"{family.architecture}: config.json cannot tell {family.undecided}; name the model with "
                   f"--variant {' | '.join(family.variants)}")
         raise UnsupportedFamily(reason, reason=reason)
+    return model_config(family, cfg, name=name)
+
+
+def model_config(family: Family, cfg: Mapping[str, Any], *, name: str | None = None, litgpt: bool = True
+                 ) -> dict[str, Any]:
+    """litgpt_config_from_hf's fields. `litgpt` False (verify's reading, formats/hf/reference.py): what litgpt
+    cannot express is not refused but left for the caller to describe in the reference pass's own fields."""
     n_embd, heads = _heads(family, cfg)
     scale_embeddings, scores_scalar, off_scales = _scales(family, cfg, n_embd, heads.head_size)
     features = family.refused_features(cfg) + off_scales
-    if features:
+    if features and litgpt:
         raise _refuse(family, _features(features))
 
     n_layer = _int(cfg, family.config.n_layer, "num_hidden_layers")
@@ -268,18 +217,18 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
             raise _refuse(family, f"the activation {act!r} (litgpt's LLaMAMLP is SiLU-gated)")
         gelu_approximate = "none"
     else:
-        if act not in GELU_APPROXIMATE:
+        if act not in GELU_APPROXIMATE and litgpt:
             raise _refuse(family, f"the activation {act!r} (litgpt's {family.mlp_class_name} uses GELU)")
-        gelu_approximate = GELU_APPROXIMATE[act]
+        gelu_approximate = GELU_APPROXIMATE.get(act, "none")
 
     qkv_bias, out_bias, mlp_bias = (bool(_read(cfg, getattr(family.biases, g))) for g in ("qkv", "attn_out", "mlp"))
-    if out_bias != mlp_bias:
+    if out_bias != mlp_bias and litgpt:
         raise _refuse(
             family,
             f"{'a' if out_bias else 'no'} bias on the attention output but {'' if mlp_bias else 'no '}MLP biases "
             "(litgpt's `bias` switches both together)",
         )
-    if mlp_bias and not qkv_bias:
+    if mlp_bias and not qkv_bias and litgpt:
         raise _refuse(family, "biases everywhere but on q/k/v (litgpt's `bias` includes the q/k/v bias)")
 
     block = family.block
@@ -399,7 +348,7 @@ def _scales(family: Family, cfg: Mapping[str, Any], n_embd: int, head_size: int
             off.append(f"embeddings scaled by {c.embedding_scale.keys[0]}={scale!r} (litgpt scales them by "
                        "sqrt(n_embd) or not at all)")
     scalar = None
-    if c.attention_scale is not None:
+    if c.attention_scale is not None and _read(cfg, c.attention_scale) is not None:
         scale = float(_read(cfg, c.attention_scale))
         scalar = round(1.0 / (scale * scale)) if scale > 2 ** -26 else 0  # below: no scalar under 2 ** 52
         if scalar < 1 or not math.isclose(1.0 / math.sqrt(scalar), scale, rel_tol=1e-12):

@@ -87,8 +87,8 @@ def describe_layout(config_json: Mapping[str, Any]) -> dict[str, Any] | None:
     if isinstance(qkv, Fused) and qkv.also_read_as:
         readings = "; ".join(f"{o.value} by {who}" for o, who in qkv.also_read_as)
         details.append(f"ambiguous: {order} is how transformers reads these rows, and {readings}; nothing in the "
-                       "checkpoint says which wrote it; only a forward pass against outputs the model is known to give settles it "
-                       f"(qkvconv verify does not compute {family.architecture})")
+                       "checkpoint says which wrote it; only a forward pass against a copy known to be right settles it "
+                       f"(qkvconv verify reads {family.architecture} in {order} order, as transformers does)")
         order = "ambiguous"
     return {
         "architecture": family.architecture,

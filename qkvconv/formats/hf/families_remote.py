@@ -233,7 +233,9 @@ CHATGLM = Family(
     layer_prefix="transformer.encoder.layers.{i}",
     qkv=Choose(({"multi_query_attention": True},
                 Fused(_CHATGLM_QKV, QKVOrder.SEQUENTIAL, kv_heads=Read("multi_query_group_num"))),
-               ({}, Fused(_CHATGLM_QKV, QKVOrder.SEQUENTIAL, kv_heads=None))),
+               # without multi_query_attention the remote code views the output as (heads, 3 * head_dim) and
+               # splits each head's part in three (Megatron's layout): per head, MHA
+               ({}, Fused(_CHATGLM_QKV, QKVOrder.PER_HEAD, kv_heads=None))),
     block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False),
     layer_tensors={"self_attention.dense": "attn.proj", "mlp.dense_4h_to_h": "mlp.proj"},
     fused_rows={"mlp.dense_h_to_4h": ("mlp.fc_1", "mlp.fc_2")},
@@ -280,4 +282,23 @@ JAIS = Family(
     remote_code=True,
 )
 
-REMOTE = (INTERNLM2, PHI_MSFT, QWEN1, OLMO_HF, BAICHUAN, CHATGLM, JAIS)
+# Phi-3-small (Phi3SmallForCausalLM, model_type phi3small), from sglang's models/phi3_small.py (read through a public
+# copy): `qkv.view(..., -1, num_q_per_kv + 2, head_dim).split([num_q_per_kv, 1, 1], dim=-2)` on
+# self_attn.query_key_value (with a bias), loaded by default_weight_loader (no re-ordering): grouped, GQA
+# (num_key_value_heads); head_dim = hidden_size // num_attention_heads; rotary over the whole head
+# (rope_embedding_base). Block-sparse attention on all but every dense_attention_every_n_layers-th layer, a
+# "gegelu" MLP on interleaved columns of mlp.up_proj, and muP multipliers: nothing litgpt computes.
+PHI3_SMALL = Family(
+    architecture="Phi3SmallForCausalLM", model_type="phi3small", name="Phi-3-small (remote code)",
+    layer_prefix="model.layers.{i}",
+    qkv=Fused("self_attn.query_key_value", QKVOrder.GROUPED, kv_heads=Read("num_key_value_heads")),
+    block=Block({"input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}, parallel_residual=False),
+    layer_tensors={"self_attn.dense": "attn.proj"}, embedding="model.embed_tokens", final_norm="model.final_layernorm",
+    lm_head="lm_head",
+    config=_inspect_only(Read("hidden_size"), Read("num_hidden_layers"), Read("num_attention_heads"), None, 1.0),
+    biases=Biases(qkv=True, attn_out=True, mlp=True), norm_class_name="LayerNorm", mlp_class_name="LLaMAMLP",
+    unsupported=(({}, NOT_YET.format("block-sparse attention, the gegelu MLP and muP multipliers")),),
+    remote_code=True,
+)
+
+REMOTE = (INTERNLM2, PHI_MSFT, QWEN1, OLMO_HF, BAICHUAN, CHATGLM, JAIS, PHI3_SMALL)

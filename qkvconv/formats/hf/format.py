@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.base import Format, Source, Transformations, file_list, tensor_summary
-from qkvconv.formats.hf.config import HF_CONFIG, _heads, _int, detect_family, litgpt_config_from_hf, require_family
+from qkvconv.formats.hf.config import (
+    HF_CONFIG, _heads, _int, _read, detect_family, litgpt_config_from_hf, require_family)
 from qkvconv.formats.hf.describe import describe_layout
 from qkvconv.formats.hf.families import FAMILIES, SUPPORTED_ARCHITECTURES
-from qkvconv.formats.hf.rules import hf_config_for, qkv_note, tied
+from qkvconv.formats.hf.reference import base_model_prefix
+from qkvconv.formats.hf.rules import hf_config_for, qkv_note, require_same_model, tied
 from qkvconv.formats.hf.table import Fused, Split
 from qkvconv.formats.hf.variants import read_config_json
 from qkvconv.model.rotary import RopeOrder
@@ -38,8 +40,13 @@ class HuggingFace(Format):
                     "(rope_interleave: true) or --to meta")
     configs = (HF_CONFIG,)
 
-    def rope_for(self, source_json: dict[str, Any] | None) -> RopeOrder | None:
-        """Half, but pairs where the class written from this source rotates in pairs (Glm, ChatGLM's twin)."""
+    def rope_for(self, source_json: dict[str, Any] | None, written_as: dict[str, Any] | None = None
+                 ) -> RopeOrder | None:
+        """Half, but pairs where the class written from this source rotates in pairs (Glm, ChatGLM's twin);
+        `written_as`: the config.json written (--target-base), whose family's own order it is."""
+        if written_as is not None:
+            family = detect_family(written_as)
+            return RopeOrder.PAIRS if family is not None and family.rotary_order == "pairs" else self.rope
         family = detect_family(source_json) if source_json else None
         written = FAMILIES.get(family.twin or family.architecture) if family is not None else None
         return RopeOrder.PAIRS if written is not None and written.rotary_order == "pairs" else self.rope
@@ -64,6 +71,12 @@ class HuggingFace(Format):
         dtype, parameters = tensor_summary(reader)
         architecture = (config_json.get("architectures") or [config_json.get("model_type")])[0]
         layout = describe_layout(config_json)
+        family = detect_family(config_json) if layout is not None else None
+        prefix = base_model_prefix(family, reader.names()) if family is not None else None
+        if prefix is not None:  # saved from the base model (GPT-2's Hub naming): transformers adds the prefix
+            from qkvconv.io.sharded import PrefixedReader
+
+            reader = PrefixedReader(reader, prefix)
         notes: list[str] = []
         refusal = litgpt_refusal(config_json) if layout is not None else None
         if refusal is not None:  # the layout still holds: its q/k/v shapes are checked, and the refusal told
@@ -136,6 +149,18 @@ class HuggingFace(Format):
         from qkvconv.formats.hf.plans import plan_litgpt_to_hf
         from qkvconv.plans.transforms import compose
 
+        if changes.target_base is not None:  # that base's architecture and its own config.json, as it is
+            config_json, text = target_config(changes.target_base)
+            require_same_model(model.config, litgpt_config_from_hf(config_json), "the source",
+                               str(changes.target_base / HF_CONFIG))
+            plan = compose(plan_litgpt_to_hf(model.config, model.outputs(), config_json), model.plan)
+            plan.texts[HF_CONFIG] = text
+            family = require_family(config_json)
+            model.notes.append(f"written as {family.architecture} with {changes.target_base / HF_CONFIG} as it is")
+            if _read(config_json, family.normalized_head):
+                model.notes.append(f"{family.lm_head}.weight holds the source's rows, normalised already: the model "
+                                   "normalises them again at run time (the same up to rounding)")
+            return plan
         kept = source_json if changes.any() or source_format == "hf" else None
         config_json = hf_config_for(model.config, kept, changes.qkv)
         plan = compose(plan_litgpt_to_hf(model.config, model.outputs(), config_json), model.plan)
@@ -156,6 +181,14 @@ class HuggingFace(Format):
         from qkvconv.io.writers import SafetensorsWriter
 
         return SafetensorsWriter(directory, layout, max_shard_size=max_shard_size)
+
+
+def target_config(directory: Path) -> tuple[dict[str, Any], str]:
+    """The config.json of --target-base (as --variant reads it) and its text, written unchanged."""
+    path = directory / HF_CONFIG
+    if not path.is_file():
+        raise QkvconvError(f"--target-base {directory} has no {HF_CONFIG}")
+    return read_config_json(path), path.read_text(encoding="utf-8")
 
 
 def hf_rope(config_json: dict[str, Any]) -> dict[str, Any] | None:

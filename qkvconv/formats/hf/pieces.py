@@ -20,6 +20,11 @@ ROTARY_FRACTION = partial_rotary(1.0)
 # HF activation name -> litgpt gelu_approximate (GemmaMLP, GptNeoxMLP); LLaMAMLP is SiLU only.
 GELU_APPROXIMATE = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
 SILU = ("silu", "swish")
+# HF activation name -> the reference pass's (mlp_activation, gelu_approximate), each as transformers 5.3 computes
+# it (activations.py ACT2CLS): gelu_new is NewGELUActivation's tanh formula written out (litgpt's torch tanh GELU
+# differs in the last bits), gelu_pytorch_tanh torch's; "gelu_bloom" stands for Bloom's bloom_gelu_forward
+REFERENCE_ACTIVATIONS = {"gelu": ("gelu", "none"), "gelu_pytorch_tanh": ("gelu", "tanh"), "gelu_new": ("gelu_new", "none"),
+                         "gelu_bloom": ("gelu_bloom", "none"), "relu2": ("relu2", "none")}
 
 # Non-weight buffers that older checkpoints saved: RoPE inverse frequencies, GPT-NeoX's causal mask.
 IGNORED_EVERYWHERE = (r"\.rotary_emb\.inv_freq$",)

@@ -32,7 +32,8 @@ from qkvconv.formats.hf.config import (
     litgpt_config_from_hf,
 )
 from qkvconv.formats.hf.describe import _qkv_evidence
-from qkvconv.formats.hf.steps import ConcatRows, NormalizeRows, TakeRows, Tied
+from qkvconv.formats.hf.reference import reference_config_from_hf
+from qkvconv.formats.hf.steps import ConcatRows, NormalizeRows, TakeRows, Tied, Transpose
 from qkvconv.model.architecture import Architecture
 from qkvconv.model.layout import HeadLayout, QKVOrder, same_rows
 from qkvconv.plans.plan import CheckRows, Fuse, Plan, Recipe, Reorder, Step, TakePart
@@ -48,8 +49,10 @@ PARAMS = ("weight", "bias")
 def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -> list[str]:
     """The state-dict names of litgpt's GPT for this config (`attn.attn` instead of `attn.qkv` if legacy)."""
     arch = Architecture.from_litgpt_config(litgpt_cfg)
-    norm = [] if not arch.norm_affine else ["weight", "bias"] if arch.norm_class_name == "LayerNorm" else ["weight"]
+    norm = [] if not arch.norm_affine else ["weight", "bias"] if arch.norm_class_name == "LayerNorm" and arch.norm_bias \
+        else ["weight"]
     linear = ["weight", "bias"] if arch.proj_bias else ["weight"]
+    mlp_linear = ["weight", "bias"] if arch.mlp_bias else ["weight"]
     qkv = names.LEGACY_QKV if legacy else names.QKV
     if arch.n_expert:  # the router, then each expert's LLaMAMLP
         mlp = [names.MOE_ROUTER] + [names.expert(e, m) for e in range(arch.n_expert) for m in names.EXPERT_LINEARS]
@@ -57,6 +60,8 @@ def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -
         mlp = [names.MLP_FC, names.MLP_PROJ] if arch.mlp_class_name == "GptNeoxMLP" else \
             [names.MLP_FC_1, names.MLP_FC_2, names.MLP_PROJ]
     out = [f"{names.EMBEDDING}.weight"]
+    out += [f"{names.POSITION_EMBEDDING}.weight"] if arch.learned_positions else []
+    out += [f"{names.EMBEDDING_NORM}.{x}" for x in norm if arch.embedding_norm]
     for i in range(arch.n_layer):
         p = names.layer(i)
         out += [f"{p}.{names.NORM_1}.{x}" for x in norm if arch.norm_1]
@@ -68,7 +73,7 @@ def litgpt_state_names(litgpt_cfg: Mapping[str, Any], *, legacy: bool = False) -
             out += [f"{p}.{names.NORM_2}.{x}" for x in norm]
         out += [f"{p}.{n}.{x}" for n, on in ((names.POST_ATTENTION_NORM, arch.post_attention_norm),
                                             (names.POST_MLP_NORM, arch.post_mlp_norm)) if on for x in norm]
-        out += [f"{p}.{m}.{x}" for m in mlp for x in (["weight"] if m == names.MOE_ROUTER else linear)]
+        out += [f"{p}.{m}.{x}" for m in mlp for x in (["weight"] if m == names.MOE_ROUTER else mlp_linear)]
     out += [f"{names.FINAL_NORM}.{x}" for x in norm]
     out += [f"{names.HEAD}.weight"] + ([f"{names.HEAD}.bias"] if arch.lm_head_bias else [])
     return out
@@ -149,18 +154,32 @@ def plan_hf_to_litgpt(config_json: Mapping[str, Any], hf_names: Iterable[str], *
     family does not account for, or a tensor the config promises but the files lack, is refused.
     The plan carries model_config.yaml.
     """
+    return _plan_from_hf(require_family(config_json), config_json, litgpt_config_from_hf(config_json), hf_names,
+                         legacy=legacy)
+
+
+def plan_hf_for_reference(config_json: Mapping[str, Any], hf_names: Iterable[str]) -> Plan:
+    """What `verify` reads an HF checkpoint through: plan_hf_to_litgpt's recipes where litgpt can express the model;
+    for the transformers classes it cannot (Family.verifiable) the same under the reference pass's names, Conv1D
+    weights transposed to a Linear's [out, in] and learned positions and an embedding norm included. The plan's
+    model_config.yaml then holds the reference fields too: it is never written."""
     family = require_family(config_json)
-    lit = litgpt_config_from_hf(config_json)
+    return _plan_from_hf(family, config_json, reference_config_from_hf(config_json), hf_names, legacy=False)
+
+
+def _plan_from_hf(family: Family, config_json: Mapping[str, Any], lit: dict[str, Any], hf_names: Iterable[str], *,
+                  legacy: bool) -> Plan:
     _, heads = _heads(family, config_json)
     src = _Names(hf_names, "Hugging Face checkpoint")
     dst_order, qkv_out = (QKVOrder.GROUPED, "attn.attn") if legacy else (QKVOrder.SEQUENTIAL, "attn.qkv")
     recipes: list[Recipe] = []
 
-    def copy(module: str, to: str) -> None:
-        recipes.extend(Recipe(f"{to}.{p}", (f"{module}.{p}",)) for p in src.params(module))
+    def copy(module: str, to: str, steps: tuple[Step, ...] = ()) -> None:
+        recipes.extend(Recipe(f"{to}.{p}", (f"{module}.{p}",), steps) for p in src.params(module))
 
     block = family.block
     assert isinstance(block, Block)
+    conv1d = (Transpose(),)  # GPT-2's Conv1D weights, [in, out]
     for i in range(lit["n_layer"]):
         hf, to = family.layer_prefix.format(i=i), names.layer(i)
         qkv = family.qkv
@@ -175,9 +194,10 @@ def plan_hf_to_litgpt(config_json: Mapping[str, Any], hf_names: Iterable[str], *
             assert isinstance(qkv, Fused)
             for p in src.params(f"{hf}.{qkv.name}"):
                 steps = _reorder_steps(qkv.order, dst_order, heads)
-                recipes.append(Recipe(f"{to}.{qkv_out}.{p}", (f"{hf}.{qkv.name}.{p}",), steps))
+                stored = conv1d if qkv.transposed and p == "weight" else ()
+                recipes.append(Recipe(f"{to}.{qkv_out}.{p}", (f"{hf}.{qkv.name}.{p}",), stored + steps))
         for module, lit_module in _layer_modules(family, block, int(lit.get("n_expert", 0))).items():
-            copy(f"{hf}.{module}", f"{to}.{lit_module}")
+            copy(f"{hf}.{module}", f"{to}.{lit_module}", conv1d if module in family.conv1d else ())
         for module, lit_modules in family.fused_rows.items():
             for p in src.params(f"{hf}.{module}"):
                 recipes.extend(
@@ -186,6 +206,10 @@ def plan_hf_to_litgpt(config_json: Mapping[str, Any], hf_names: Iterable[str], *
                 )
 
     copy(family.embedding, names.EMBEDDING)
+    if family.position_embedding is not None:
+        copy(family.position_embedding, names.POSITION_EMBEDDING)
+    if family.embedding_norm is not None:
+        copy(family.embedding_norm, names.EMBEDDING_NORM)
     if family.norm_affine:  # OLMo's norms have no tensors
         copy(family.final_norm, names.FINAL_NORM)
     head, embedding = f"{family.lm_head}.weight", f"{family.embedding}.weight"

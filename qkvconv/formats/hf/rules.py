@@ -13,6 +13,7 @@ from qkvconv.formats.hf.config import (
 from qkvconv.formats.hf.describe import describe_layout
 from qkvconv.formats.hf.families import FAMILIES
 from qkvconv.io.config_files import read_json
+from qkvconv.model.architecture import Architecture
 
 # config.json keys that belong to the tokenizer or the file, not the architecture: kept across a change
 # of architecture (--qkv)
@@ -44,6 +45,16 @@ def tied(config_json: dict[str, Any] | None) -> bool:
         if config_json.get(key) is not None:  # type: ignore[union-attr]
             return bool(config_json[key])  # type: ignore[index]
     return bool(rule.default)
+
+
+def require_same_model(cfg: dict[str, Any], other: dict[str, Any], name: str, other_name: str) -> None:
+    """Refuse (exit 2) two litgpt configs that do not describe one model: what the forward pass computes with
+    and the MLP's width (which only the tensors' shapes would tell), every differing field named."""
+    a, b = ({**Architecture.from_litgpt_config(c).function_fields(), "intermediate_size": c.get("intermediate_size")}
+            for c in (cfg, other))
+    differ = [f"{k} ({a[k]!r} in {name}, {b.get(k)!r} in {other_name})" for k in a if a[k] != b.get(k)]
+    if differ:
+        raise QkvconvError(f"{other_name} does not describe the same model as {name}: it differs in {'; '.join(differ)}")
 
 
 def same_function(cfg: dict[str, Any], config_json: dict[str, Any]) -> bool:

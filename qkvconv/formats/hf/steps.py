@@ -122,3 +122,20 @@ class NormalizeRows(Step):
         if len(shape) != 2:
             raise LayoutError(f"a head to normalise has 2 dimensions, not {len(shape)}")
         return [(shape, dtype)]
+
+
+@dataclass(frozen=True)
+class Transpose(Step):
+    """A weight stored [in, out] (GPT-2's Conv1D: x @ W + b) as the [out, in] a Linear holds; a bias (1-D) as it is.
+    Only `verify` reads through it: no conversion writes these families."""
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        (t,) = tensors
+        return [t.T.contiguous() if t.dim() == 2 else t]
+
+    def describe(self) -> str:
+        return "transpose [in, out] (Conv1D) to [out, in]"
+
+    def metas(self, inputs: list[Meta]) -> list[Meta]:
+        ((shape, dtype),) = inputs
+        return [((shape[1], shape[0]) if len(shape) == 2 else shape, dtype)]

@@ -280,6 +280,21 @@ class Family:
     # the order in which the class rotates each Q/K head's rotating dims: "half" (rotate_half, dims i and i + d/2)
     # or "pairs" (dims 2i and 2i + 1: Glm); pairs is litgpt's rope_interleave, and the rows stay as they are
     rotary_order: str = "half"
+    # Beyond litgpt: what `verify`'s reference pass needs of a transformers class litgpt cannot express (convert
+    # still refuses it by `unsupported`). `verifiable`: the reference pass computes every `unsupported` feature,
+    # through the fields below (formats/hf/reference.py); `unverifiable`: (flags, feature) it does not compute
+    # either, refused by verify ({}: always)
+    verifiable: bool = False
+    unverifiable: tuple[tuple[Mapping[str, Any], str], ...] = ()
+    position_embedding: str | None = None  # module of learned absolute positions (GPT-2's transformer.wpe)
+    embedding_norm: str | None = None  # module of a LayerNorm on the embeddings (Bloom)
+    alibi: str | None = None  # ALiBi biases with "bloom" or "mpt" slopes (reference/alibi.py)
+    norm_bias: bool = True  # False: its LayerNorms have no bias (MPT, DBRX)
+    clip_qkv: Read | None = None  # the QKV output clamped to [-c, c] (null or 0: not)
+    conv1d: tuple[str, ...] = ()  # layer modules stored [in, out] like GPT-2's Conv1D (a fused qkv: `transposed`)
+    # transformers' base_model_prefix ("transformer"): files saved from the base model hold the names without it
+    # (GPT-2's on the Hub: `h.0.attn.c_attn.weight`), which verify reads as transformers loads them
+    base_model_prefix: str | None = None
 
     @property
     def fusion(self) -> str:
@@ -290,7 +305,13 @@ class Family:
         return kinds.pop()
 
     def flag(self, config_json: Mapping[str, Any], key: str) -> Any:
-        return config_json[key] if key in config_json else self.flag_defaults.get(key)
+        """config.json's value of `key` (a dotted key reaches into a nested dict), else transformers' default."""
+        node: Any = config_json
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return self.flag_defaults.get(key)
+            node = node[part]
+        return node
 
     def matches(self, config_json: Mapping[str, Any], flags: Mapping[str, Any]) -> bool:
         return all(_match(v, self.flag(config_json, k)) for k, v in flags.items())

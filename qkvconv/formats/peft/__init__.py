@@ -26,6 +26,8 @@ source's update. The package, by concern:
 - reading.py: an adapter directory read and checked: (A, B), rank and alpha per module;
 - export.py: litgpt LoRA run -> PEFT adapter (litgpt_lora_to_peft);
 - importing.py: PEFT adapter -> litgpt LoRA run (peft_to_litgpt_lora);
+- retarget.py: PEFT adapter -> PEFT adapter for another base of the same model (retarget_peft: a remote-code
+  original's twin and the original, either way);
 - probes.py: the check before publishing, every module's update on random probes;
 - inspect.py: the inspect report of an adapter (inspect_peft);
 - format.py: the registry's Format: inspect, verify on the base, the base's config (peft_base_config).

@@ -74,6 +74,17 @@ class _Exported:
     alpha: float
 
 
+def write_adapter(directory: Path, modules: Any, config: dict[str, Any]) -> None:
+    """adapter_model.safetensors (each module's lora_A and lora_B under PEFT's names) and adapter_config.json
+    into `directory`: what PeftModel.from_pretrained reads. `modules`: items with .module.hf, .a and .b."""
+    tensors = {f"{PEFT_PREFIX}{m.module.hf}.{ab}.weight": t.contiguous()
+               for m in modules for ab, t in (("lora_A", m.a), ("lora_B", m.b))}
+    layout = {name: TensorMeta.of(t) for name, t in tensors.items()}
+    with SafetensorsWriter(directory, layout, prefix="adapter_model") as writer:
+        for name, t in tensors.items():
+            writer.write(name, t)
+    (directory / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
 def _qkv_plain(
     a: torch.Tensor, b: torch.Tensor, enable: tuple[bool, bool, bool], heads: HeadLayout, legacy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,14 +296,8 @@ def litgpt_lora_to_peft(
     config = _adapter_config(exported, table, hyper, base_model_name_or_path)
     notes = _export_notes(exported, config, hyper, legacy, table) + compacted
 
-    tensors = {f"{PEFT_PREFIX}{e.module.hf}.{ab}.weight": t.contiguous()
-               for e in exported for ab, t in (("lora_A", e.a), ("lora_B", e.b))}
     with new_directory(out) as tmp:
-        layout = {name: TensorMeta.of(t) for name, t in tensors.items()}
-        with SafetensorsWriter(tmp, layout, prefix="adapter_model") as writer:
-            for name, t in tensors.items():
-                writer.write(name, t)
-        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_adapter(tmp, exported, config)
         written = _read_peft(tmp, allow_nonfinite=allow_nonfinite)  # what is on disk, read as an import would
         _modules_of(written, table, lit_cfg, heads)
         notes.append(_check_updates(written, sd.tensors, hyper, heads, table, rounded=False, what="PEFT adapter"))

@@ -27,7 +27,7 @@ from qkvconv.io.config_files import read_yaml
 from qkvconv.model import names
 
 QK_NORMS = (names.NORM_Q, names.NORM_K)
-from qkvconv.model.layout import HeadLayout, QKVOrder
+from qkvconv.model.layout import HeadLayout, QKVOrder, canonical_index
 from qkvconv.model.lora import PARTS
 
 PEFT_CONFIG = "adapter_config.json"
@@ -106,6 +106,21 @@ class _ModuleTable:
         qkv = self.family.qkv
         return qkv.order if isinstance(qkv, Fused) else QKVOrder.SPLIT
 
+    def row_segments(self, module: _Module, lit_cfg: dict[str, Any], heads: HeadLayout) -> list[tuple[str, Any]]:
+        """Where the module's output rows live in litgpt's modules, top to bottom: (litgpt stem, the row of that
+        module each of its rows is), one entry per litgpt module it stacks. q/k/v of a split family are ranges
+        of the sequential `attn.qkv`; a fused QKV module holds those rows in the family's order."""
+        import torch
+
+        if module.kind == "qkv":
+            start = {"q": 0, "k": heads.q_rows, "v": heads.q_rows + heads.kv_rows}[str(module.part)]
+            size = heads.q_rows if module.part == "q" else heads.kv_rows
+            return [(module.lit_stem(), torch.arange(start, start + size))]
+        if module.kind == "fused-qkv":
+            return [(module.lit_stem(), canonical_index(self.qkv_order, heads))]
+        return [(module.lit_stem(j), torch.arange(lit_out_in(lit, lit_cfg, heads)[0]))
+                for j, lit in enumerate(module.lit)]
+
     def peft_key(self, module: _Module) -> str:
         """The name to list in target_modules / rank_pattern for this module: its last component when
         that matches exactly the modules of the same name (peft: name == key or endswith '.' + key)."""
@@ -121,23 +136,24 @@ def _shape_of(hf_config: dict[str, Any]) -> tuple[dict[str, Any], ModelShape]:
     return lit_cfg, ModelShape.from_config(lit_cfg, Path("config.json"))
 
 
-def _in_out(module: _Module, lit_cfg: dict[str, Any], heads: HeadLayout) -> tuple[int, int]:
-    """(out, in) of the HF module's weight."""
+def lit_out_in(lit: str, lit_cfg: dict[str, Any], heads: HeadLayout) -> tuple[int, int]:
+    """(out, in) of the weight of litgpt's module `lit` ("attn.qkv", "mlp.fc_1", "lm_head", ...)."""
     n_embd, inter = int(lit_cfg["n_embd"]), int(lit_cfg["intermediate_size"])
-    if module.kind == "qkv":
-        return (heads.q_rows if module.part == "q" else heads.kv_rows), n_embd
-    if module.kind == "fused-qkv":
-        return heads.rows, n_embd
     sizes = {
+        "attn.qkv": (heads.rows, n_embd),
         "attn.proj": (n_embd, heads.q_rows),
         "mlp.proj": (n_embd, inter),
         "lm_head": (int(lit_cfg["padded_vocab_size"]), n_embd),
     }
-    out, in_ = 0, n_embd
-    for lit in module.lit:
-        o, in_ = sizes.get(lit, (inter, n_embd))  # mlp.fc / fc_1 / fc_2
-        out += o
-    return out, in_
+    return sizes.get(lit, (inter, n_embd))  # mlp.fc / fc_1 / fc_2
+
+
+def _in_out(module: _Module, lit_cfg: dict[str, Any], heads: HeadLayout) -> tuple[int, int]:
+    """(out, in) of the HF module's weight."""
+    if module.kind == "qkv":
+        return (heads.q_rows if module.part == "q" else heads.kv_rows), int(lit_cfg["n_embd"])
+    sizes = [lit_out_in(lit, lit_cfg, heads) for lit in module.lit]  # a "rows" module stacks its litgpt modules
+    return sum(o for o, _ in sizes), sizes[-1][1]
 
 
 def _number(x: float) -> int | float:
