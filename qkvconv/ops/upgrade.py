@@ -156,6 +156,17 @@ def check_upgraded(
     if sorted(perm) != list(range(heads.rows)):
         raise CheckFailed("the row permutation is not a bijection")
     n_reordered = n_same = n_lora = 0
+    compared: dict[str, bool | None] = {}
+    if not hasattr(old, "peek"):  # torch-free readers: the bytes compared, two tensors at a time (both cores)
+        from concurrent.futures import ThreadPoolExecutor
+
+        def compare(old_name: str) -> bool | None:
+            m = QKV_KEY.match(old_name)
+            return same_bytes(old, old_name, new, mapping[old_name], perm if m and m.group(2) == "attn" else None)
+
+        plain = [n for n in mapping if not n.endswith(("lora_A", "lora_B"))]
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="qkvconv-check") as pool:
+            compared = dict(zip(plain, pool.map(compare, plain)))
     for old_name, new_name in mapping.items():
         if dtype_name(old.meta(old_name).dtype) != dtype_name(new.meta(new_name).dtype):
             raise CheckFailed(f"{new_name}: dtype changed from {old.meta(old_name).dtype} to {new.meta(new_name).dtype}")
@@ -164,8 +175,8 @@ def check_upgraded(
         if old_name.endswith(("lora_A", "lora_B")):
             ok = _lora_update_equal(old, new, old_name, new_name, heads, hyper, factor)
             n_lora += 1
-        elif not hasattr(old, "peek"):  # torch-free readers: the bytes compared (a re-ordered tensor, by rows)
-            ok = bool(same_bytes(old, old_name, new, new_name, perm if reordered else None))
+        elif old_name in compared:  # compared above (a re-ordered tensor, by rows)
+            ok = bool(compared[old_name])
             n_reordered, n_same = n_reordered + reordered, n_same + (not reordered)
         elif reordered:
             from qkvconv.model.nonfinite import same_bits
