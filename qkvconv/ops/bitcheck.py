@@ -109,15 +109,21 @@ class UpgradeCheck:
         self.device = device
         self.fingerprints: dict[str, Print] = {}
 
-    def __call__(self, original: Any, staged: dict[str, Path]) -> str:
-        if self.fingerprints:
-            said = byte_check((original.directory, "litgpt"), (original.directory, "litgpt"), self.fingerprints,
-                              overrides=staged)
-            if said is not None:
-                return said
+    def bytes_only(self, original: Any, staged: dict[str, Path]) -> str | None:
+        """The verdict without torch, or None (undecided: `fallback` decides)."""
+        if not self.fingerprints:
+            return None
+        return byte_check((original.directory, "litgpt"), (original.directory, "litgpt"), self.fingerprints,
+                          overrides=staged)
+
+    def fallback(self, original: Any, staged: dict[str, Path]) -> str:
+        """check.py's UpgradeCheck, from the files."""
         from qkvconv.ops.check import upgrade_check
 
         return upgrade_check(self.device)(original, staged)
+
+    def __call__(self, original: Any, staged: dict[str, Path]) -> str:
+        return self.bytes_only(original, staged) or self.fallback(original, staged)
 
 
 def upgrade_check(device: str = "cpu") -> UpgradeCheck:

@@ -8,6 +8,7 @@ untouched and a complete new directory appears at `out` in one rename.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,7 @@ class _StagedFile:
     tensors: dict[str, torch.Tensor] | None = None  # in-memory result
     plan: Plan | None = None  # streamed result
     allow_nonfinite: bool = False  # streamed: NaN/inf inputs are refused unless the user accepts them
+    early: Any = None  # _Early: the check of a streamed file, started while it is synced
 
 
 def _needs_upgrade(ckpt: LitgptCheckpoint) -> tuple[list[StateDictFile], bool]:
@@ -264,9 +266,51 @@ def _headers(path: Path) -> StateDictFile | None:
     return StateDictFile(path, {n: headers.meta(n) for n in headers.names()}, headers.wrapped)  # type: ignore[misc]
 
 
-def _stream(item: _StagedFile, path: Path, fingerprints: dict[str, Any] | None) -> None:
+class _Early:
+    """A torch-free check of a staged file, run in a thread once the file is complete, while its writer
+    makes it durable (fsync waits on the disk, the check reads the page cache)."""
+
+    def __init__(self, check: Callable[[], Any]) -> None:
+        self._outcome: Any = None
+        self._thread = threading.Thread(target=self._run, args=(check,), name="qkvconv-check", daemon=True)
+        self._thread.start()
+
+    def _run(self, check: Callable[[], Any]) -> None:
+        try:
+            self._outcome = check()
+        except BaseException as e:  # handed to result()
+            self._outcome = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        return self._outcome
+
+
+def _early_check(item: _StagedFile, path: Path, ckpt: LitgptCheckpoint, forward_check: ForwardCheck | None,
+                 files: dict[str, Path], alone: bool) -> Callable[[], Any] | None:
+    """What `_check` will ask of a streamed file that can run without torch as soon as the file is complete:
+    bitcheck's verdict (a str, or None: undecided), or, without a check, the file-against-file comparison
+    (its lines, or None where the torch-free readers cannot serve)."""
+    if forward_check is not None:
+        bytes_only = getattr(forward_check, "bytes_only", None)
+        return (lambda: bytes_only(ckpt, files)) if bytes_only is not None and alone else None
+
+    def compare() -> list[str] | None:
+        old, new = _byte_readers(item, path)
+        if old is None:
+            return None
+        return check_upgraded(old, new, path.name, ckpt.shape.heads, ckpt.hyperparameters, item.factor)
+
+    return compare
+
+
+def _stream(item: _StagedFile, path: Path, fingerprints: dict[str, Any] | None,
+            early: Callable[[], Any] | None = None) -> None:
     """Write a full model file through the engine: each tensor read once, re-ordered, written; where it only
-    moves bytes, without torch, and the source's checksums taken as it reads (`fingerprints`)."""
+    moves bytes, without torch, and the source's checksums taken as it reads (`fingerprints`). `early`: a
+    check started once the file is complete, while it is synced."""
     assert item.plan is not None
     reader = open_bytes(item.original.path)
     if reader is None or not only_copies(item.plan, reader):
@@ -275,16 +319,20 @@ def _stream(item: _StagedFile, path: Path, fingerprints: dict[str, Any] | None) 
     with TorchWriter(path, layout, wrapped=item.original.wrapped) as writer:
         progress = progress_for(sum(m.nbytes for m in layout.values()), f"writing {path.name}")
         execute(item.plan, reader, writer, progress, allow_nonfinite=item.allow_nonfinite, fingerprints=fingerprints)
+        if early is not None:
+            writer.finish()
+            item.early = _Early(early)
 
 
 def _write_and_check(
     staged: list[_StagedFile], paths: dict[str, Path], ckpt: LitgptCheckpoint, report: UpgradeReport,
-    forward_check: ForwardCheck | None,
+    forward_check: ForwardCheck | None, files: dict[str, Path],
 ) -> None:
     for item in staged:
         path = paths[item.target]
         if item.plan is not None:
-            _stream(item, path, getattr(forward_check, "fingerprints", None))
+            _stream(item, path, getattr(forward_check, "fingerprints", None),
+                    _early_check(item, path, ckpt, forward_check, files, len(staged) == 1))
         else:
             assert item.tensors is not None
             save_torch(item.original.payload(item.tensors), path)
@@ -299,13 +347,20 @@ def _check(staged: list[_StagedFile], paths: dict[str, Path], ckpt: LitgptCheckp
     the checkpoint they become and proves every tensor in litgpt's names), else, or where it cannot run
     (a LoRA run whose base is not found), file against file: each re-ordered row accounted for, the rest
     bit-identical, each LoRA update equal."""
-    said = forward_check(ckpt, files) if forward_check is not None else None
+    early = [item.early for item in staged if item.early is not None]
+    said = None
+    if forward_check is not None:  # bitcheck's verdict, taken while the file was synced, or the check itself
+        said = early[0].result() if early else None
+        fallback = getattr(forward_check, "fallback", forward_check) if early else forward_check
+        said = said or fallback(ckpt, files)
     if said is None or said.startswith("check skipped"):
         for item in staged:
-            old, new = _byte_readers(item, paths[item.target])
-            report.checks += check_upgraded(old or open_reader(item.original.path), new or open_reader(paths[item.target]),
-                                            paths[item.target].name, ckpt.shape.heads, ckpt.hyperparameters,
-                                            item.factor)
+            lines = item.early.result() if forward_check is None and item.early is not None else None
+            if lines is None:
+                old, new = _byte_readers(item, paths[item.target])
+                lines = check_upgraded(old or open_reader(item.original.path), new or open_reader(paths[item.target]),
+                                       paths[item.target].name, ckpt.shape.heads, ckpt.hyperparameters, item.factor)
+            report.checks += lines
     if said is not None:
         report.checks.append(said)
 
@@ -411,12 +466,13 @@ def _upgrade_in_place(
 ) -> None:
     with Replacement(ckpt.directory) as tx:
         paths = {s.target: tx.stage(s.target) for s in staged}
-        _write_and_check(staged, paths, ckpt, report, forward_check)
-        if new_config is not None:
+        if new_config is not None:  # first: the staged files are then complete for a check that starts early
             write_yaml(new_config, tx.stage(CONFIG))
         if new_hyper is not None:
             write_yaml(new_hyper, tx.stage(HYPERPARAMETERS))
-        _check(staged, paths, ckpt, report, forward_check, {t.name: s for t, s in tx.staged.items()})
+        files = {t.name: s for t, s in tx.staged.items()}
+        _write_and_check(staged, paths, ckpt, report, forward_check, files)
+        _check(staged, paths, ckpt, report, forward_check, files)
         tx.commit()
 
 
@@ -434,8 +490,7 @@ def _upgrade_into(
         rewritten = {s.target for s in staged} | {CONFIG} | ({HYPERPARAMETERS} if new_hyper is not None else set())
         copy_other_files(ckpt.directory, tmp, skip=rewritten)
         paths = {s.target: tmp / s.target for s in staged}
-        _write_and_check(staged, paths, ckpt, report, forward_check)
-        write_yaml(new_config, tmp / CONFIG)
+        write_yaml(new_config, tmp / CONFIG)  # first: the files are then complete for a check that starts early
         if new_hyper is not None:
             base = ckpt.find_base()
             name = new_hyper.get("checkpoint_dir")
@@ -443,6 +498,8 @@ def _upgrade_into(
                 new_hyper["checkpoint_dir"] = str(base)  # a relative path would not resolve from `out`
                 report.actions.append(f"{HYPERPARAMETERS}: checkpoint_dir made absolute ({base})")
             write_yaml(new_hyper, tmp / HYPERPARAMETERS)
-        _check(staged, paths, ckpt, report, forward_check, {p.name: p for p in tmp.iterdir()})
+        files = {**{p.name: p for p in tmp.iterdir()}, **{s.target: paths[s.target] for s in staged}}
+        _write_and_check(staged, paths, ckpt, report, forward_check, files)
+        _check(staged, paths, ckpt, report, forward_check, files)
 
 
