@@ -261,9 +261,12 @@ def upgrade_cmd(
         raise QkvconvError(f"{source} is a Hub repo id: upgrade it into a directory of your own with --out DIR")
     path = sources.resolve(source)
     with progress.status("planning"):
-        from qkvconv.ops import merge as merging
-        from qkvconv.ops import upgrade as upgrading
-        from qkvconv.ops import check as checking
+        if lora_merge:
+            from qkvconv.ops import merge as merging
+            from qkvconv.ops import check as checking
+        else:  # a full model's upgrade only moves rows: its check imports torch only where it must (bitcheck.py)
+            from qkvconv.ops import upgrade as upgrading
+            from qkvconv.ops import bitcheck as checking  # type: ignore[no-redef]
     working()
     check = checking.upgrade_check(device) if verify else None
     if lora_merge:

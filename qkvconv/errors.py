@@ -29,3 +29,12 @@ class UnsupportedFamily(QkvconvError):
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason or message
+
+
+def nonfinite_error(name: str, count: int) -> QkvconvError:
+    """NaN or inf in a checkpoint is reported, never silently carried into a converted one: the one message,
+    whether torch (model/nonfinite.py) or the byte path's numpy scan (io/engine.py) found them."""
+    return QkvconvError(
+        f"{name} holds {count:,} NaN/inf values; the checkpoint is damaged or was saved mid-divergence "
+        "(pass --allow-nonfinite to convert it anyway)"
+    )

@@ -90,8 +90,9 @@ class Format:
         """The model under litgpt names, for a conversion through the pivot."""
         raise self._cannot("convert from")
 
-    def direct_plan(self, directory: Path, to: str) -> tuple[Plan, TensorReader] | None:
-        """A plan straight into format `to` without the pivot (copies stay copies), or None."""
+    def direct_plan(self, directory: Path, to: str, bytes_only: bool = False) -> tuple[Plan, TensorReader] | None:
+        """A plan straight into format `to` without the pivot (copies stay copies), or None. `bytes_only`:
+        read through the torch-free readers of io/bytepath.py (None where they cannot read the files)."""
         return None
 
     # writing

@@ -33,7 +33,7 @@ from qkvconv.errors import QkvconvError
 from qkvconv.plans.plan import TensorMeta
 from qkvconv.io.pages import MappedFile
 
-from qkvconv.io.safetensors_header import DTYPES, Header, one_line, pread_exact, read_header
+from qkvconv.io.safetensors_header import DTYPES, Header, RawBytes, one_line, pread_exact, read_header
 from qkvconv.io.sharded import HF_SAFETENSORS, HF_SAFETENSORS_INDEX, HF_TORCH, HF_TORCH_INDEX, ShardedReader
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".lora")
@@ -43,16 +43,6 @@ SAFETENSORS_SUFFIX = ".safetensors"
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, torch_name) for name, (torch_name, _) in DTYPES.items() if hasattr(torch, torch_name)
 }
-
-
-@dataclass(frozen=True)
-class RawBytes:
-    """Where a tensor's bytes lie, exactly as it holds them, in a file: a writer can copy them inside
-    the kernel (copy_file_range) without them passing through this process."""
-
-    path: Path
-    offset: int
-    nbytes: int
 
 
 class TensorReader(Protocol):

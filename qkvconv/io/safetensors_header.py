@@ -5,7 +5,11 @@ builds its torch reader on the same parse, so both refuse a damaged file with th
 
     header = read_header(fd, path)                  # 8-byte little-endian length, then a JSON object
     header.entries["lm_head.weight"]                # Entry(dtype="BF16", shape=(V, E), begin, end)
-    SafetensorsHeaders(path).meta("lm_head.weight") # HeaderMeta(shape, dtype="bfloat16"): torch's name
+    SafetensorsHeaders(path).meta("lm_head.weight") # TensorMeta(shape, DType("bfloat16")): torch's name
+    SafetensorsHeaders(path).raw("lm_head.weight")  # RawBytes(path, offset, nbytes): where its bytes lie
+
+The conversions that only move bytes (io/bytepath.py) read a checkpoint through these alone: a dtype is
+then a `DType`, torch's name with its element size, never a torch.dtype.
 
 Nothing in a header is trusted before it is checked against the dtype table and the size of the file.
 """
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from qkvconv.errors import QkvconvError
+from qkvconv.plans.plan import TensorMeta
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
 MAX_IO_BYTES = 1 << 30  # one preadv/pwrite call moves at most this much (Linux caps at ~2 GiB)
@@ -35,6 +40,40 @@ DTYPES: dict[str, tuple[str, int]] = {
     "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
     "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8),
 }
+_SIZES = {name: size for name, size in DTYPES.values()} | {"complex64": 8, "complex128": 16}
+
+
+class DType(str):
+    """A dtype by torch's name ("bfloat16"), with what the byte path needs of it: a str, so it equals and
+    prints as the name inspect reports; `itemsize` and `is_floating_point` as a torch.dtype has them, so a
+    TensorMeta holding one counts its bytes the same way."""
+
+    itemsize: int
+    is_floating_point: bool
+
+    def __new__(cls, name: str) -> "DType":
+        size = _SIZES.get(name)
+        if size is None:
+            raise ValueError(f"unknown dtype {name!r}")
+        self = super().__new__(cls, name)
+        self.itemsize = size
+        self.is_floating_point = name.startswith(("float", "bfloat"))
+        return self
+
+
+def dtype_name(dtype: object) -> str:
+    """torch's name of a torch.dtype ("torch.bfloat16") or a DType ("bfloat16"): "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class RawBytes:
+    """Where a tensor's bytes lie, exactly as it holds them, in a file: a writer can copy them inside
+    the kernel (copy_file_range) without them passing through this process."""
+
+    path: Path
+    offset: int
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -161,21 +200,10 @@ def read_header(fd: int, path: Path, known: Container[str] = DTYPES) -> Header:
     return Header(metadata, entries, 8 + header_len)
 
 
-@dataclass(frozen=True)
-class HeaderMeta:
-    """A tensor as its header describes it; `dtype` is torch's name ("bfloat16"), as inspect reports it."""
-
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def numel(self) -> int:
-        return prod(self.shape)
-
-
 class SafetensorsHeaders:
-    """One .safetensors file's tensor metadata, for reports that read no tensor data (inspect): the
-    reader interface's names/meta/files, without torch."""
+    """One .safetensors file's tensor metadata, for reports that read no tensor data (inspect) and for
+    conversions that only move its bytes (bytepath.py): the reader interface's names/meta/raw/files,
+    without torch. A meta is a TensorMeta (shape, DType)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -189,11 +217,22 @@ class SafetensorsHeaders:
     def names(self) -> list[str]:
         return self.header.names()
 
-    def meta(self, name: str) -> HeaderMeta:
+    def _entry(self, name: str) -> Entry:
         entry = self.header.entries.get(name)
         if entry is None:
             raise QkvconvError(f"{self.path} has no tensor {name!r}")
-        return HeaderMeta(entry.shape, DTYPES[entry.dtype][0])
+        return entry
+
+    def meta(self, name: str) -> TensorMeta:
+        entry = self._entry(name)
+        return TensorMeta(entry.shape, DType(DTYPES[entry.dtype][0]))
+
+    def raw(self, name: str) -> RawBytes:
+        entry = self._entry(name)
+        return RawBytes(self.path, self.header.data_start + entry.begin, entry.end - entry.begin)
+
+    def release(self) -> None:
+        """Nothing is held: the bytes are read by whoever copies or scans them."""
 
     def files(self) -> list[Path]:
         return [self.path]

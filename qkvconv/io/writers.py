@@ -22,27 +22,26 @@ same QkvconvError when the file cannot be written.
 
 from __future__ import annotations
 
-import collections
 import errno
-import io
 import json
 import os
-import pickle
 import sys
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from qkvconv.io import torch_zip
 from qkvconv.errors import QkvconvError
 from qkvconv.io.transaction import fsync_dir
-from qkvconv.io.readers import SAFETENSORS_DTYPES, RawBytes, TensorMeta, byte_view
-from qkvconv.io.safetensors_header import MAX_IO_BYTES
+from qkvconv.io.safetensors_header import DTYPES, MAX_IO_BYTES, RawBytes, dtype_name, pread_exact
+from qkvconv.io.torch_pickle import layout_pickle, storable
+from qkvconv.plans.plan import TensorMeta
 
-SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+if TYPE_CHECKING:  # torch is imported where a tensor is written: copies of bytes need none (bytepath.py)
+    import torch
+
+SAFETENSORS_NAMES = {torch_name: name for name, (torch_name, _) in DTYPES.items()}  # "bfloat16" -> "BF16"
 HEADER_ALIGNMENT = 8  # the safetensors library pads its JSON header with spaces to a multiple of 8
 
 
@@ -70,7 +69,7 @@ class _Layout:
             raise LayoutViolation(f"{name!r} is not in the layout this writer was opened with")
         if name in self._seen:
             raise LayoutViolation(f"{name!r} was already written")
-        if got.shape != meta.shape or got.dtype != meta.dtype:
+        if got.shape != meta.shape or dtype_name(got.dtype) != dtype_name(meta.dtype):
             raise LayoutViolation(f"{name!r}: got {got.shape} {got.dtype}, the layout says {meta.shape} {meta.dtype}")
         self._seen.add(name)
         self.arrived.append(name)
@@ -152,8 +151,17 @@ class _RawSources:
         self._fds.clear()
 
 
-def _copy_pieces(pieces: list[tuple[int, RawBytes]], dst: int, offset: int, path: Path) -> None:
-    """The pieces one after another into `dst` from `offset`."""
+def _copy_pieces(pieces: list[tuple[int, RawBytes]], dst: int, offset: int, path: Path, gather: bool = False) -> None:
+    """The pieces one after another into `dst` from `offset`. `gather`: many small pieces, read into one
+    buffer and written at once (a copy each would cost more than the bytes)."""
+    if gather:
+        data = bytearray(sum(piece.nbytes for _, piece in pieces))
+        view, at = memoryview(data), 0
+        for src, piece in pieces:
+            pread_exact(src, view[at:at + piece.nbytes], piece.offset, piece.path)
+            at += piece.nbytes
+        _pwrite_all(dst, view, offset, path)
+        return
     for src, piece in pieces:
         _copy_range(src, dst, piece, offset, path)
         offset += piece.nbytes
@@ -206,7 +214,7 @@ def _header(names: list[str], layout: dict[str, TensorMeta], metadata: dict[str,
     position = 0
     for name in ordered:
         meta = layout[name]
-        entries[name] = {"dtype": SAFETENSORS_NAMES[meta.dtype], "shape": list(meta.shape),
+        entries[name] = {"dtype": SAFETENSORS_NAMES[dtype_name(meta.dtype)], "shape": list(meta.shape),
                          "data_offsets": [position, position + meta.nbytes]}
         relative[name] = position
         position += meta.nbytes
@@ -221,7 +229,7 @@ def _check_safetensors_layout(layout: dict[str, TensorMeta], metadata: dict[str,
     for name, meta in layout.items():
         if name == "__metadata__":
             raise LayoutViolation("'__metadata__' is reserved by safetensors and cannot name a tensor")
-        if meta.dtype not in SAFETENSORS_NAMES:
+        if dtype_name(meta.dtype) not in SAFETENSORS_NAMES:
             raise LayoutViolation(f"{name!r}: safetensors has no dtype for {meta.dtype}")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise LayoutViolation("safetensors metadata must map strings to strings")
@@ -243,6 +251,7 @@ class SafetensorsWriter:
         self._where: dict[str, tuple[str, int]] = {}  # tensor -> (file name, absolute offset)
         self._written: list[Path] = []
         self._open = True
+        self._finished = False
         try:
             for file_name, names in self.shard_files.items():
                 self._open_shard(file_name, names, metadata)
@@ -272,17 +281,20 @@ class SafetensorsWriter:
         """Check `tensor` against the layout and write it at its place in its shard."""
         if not self._open:
             raise LayoutViolation("this writer is closed")
+        from qkvconv.io.readers import byte_view
+
         data = self._layout.accept(name, tensor)
         file_name, offset = self._where[name]
         _pwrite_all(self._fds[file_name], byte_view(data), offset, self.directory / file_name)
 
-    def copy_raw(self, name: str, meta: TensorMeta, pieces: Sequence[RawBytes]) -> None:
-        """Write tensor `name` (of shape and dtype `meta`) as these byte ranges of other files, in order."""
+    def copy_raw(self, name: str, meta: TensorMeta, pieces: Sequence[RawBytes], *, gather: bool = False) -> None:
+        """Write tensor `name` (of shape and dtype `meta`) as these byte ranges of other files, in order
+        (`gather`: small pieces, read into memory and written at once)."""
         if not self._open:
             raise LayoutViolation("this writer is closed")
         sources = self._sources.accept(self._layout, name, meta, pieces)
         file_name, offset = self._where[name]
-        _copy_pieces(sources, self._fds[file_name], offset, self.directory / file_name)
+        _copy_pieces(sources, self._fds[file_name], offset, self.directory / file_name, gather)
 
     def _index(self) -> bytes:
         total = sum(m.nbytes for m in self._layout.metas.values())
@@ -290,21 +302,25 @@ class SafetensorsWriter:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
-    def _write_index(self) -> None:
-        path = self.directory / self.index_name
-        fd = _create(path)
-        self._written.append(path)
-        try:
-            _pwrite_all(fd, memoryview(self._index()), 0, path)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def close(self) -> list[Path]:
-        """Check every tensor arrived, make the files durable; the files written, index last."""
+    def finish(self) -> None:
+        """Check every tensor arrived and write the index: the files are complete and can be read (a check
+        can read them back while close() makes them durable), not yet durable."""
         if not self._open:
             raise LayoutViolation("this writer is closed")
+        if self._finished:
+            return
         self._layout.check_complete()
+        if len(self.shard_files) > 1:
+            path = self.directory / self.index_name
+            fd = _create(path)
+            self._fds[self.index_name] = fd  # synced and closed with the shards, last
+            self._written.append(path)
+            _pwrite_all(fd, memoryview(self._index()), 0, path)
+        self._finished = True
+
+    def close(self) -> list[Path]:
+        """finish(), and make the files durable, the index last; the files written."""
+        self.finish()
         self._sources.close()
         for file_name in list(self._fds):
             fd = self._fds.pop(file_name)
@@ -314,8 +330,6 @@ class SafetensorsWriter:
                 raise QkvconvError(f"cannot write {self.directory / file_name}: {e.strerror}") from None
             finally:
                 os.close(fd)
-        if len(self.shard_files) > 1:
-            self._write_index()
         fsync_dir(self.directory)
         self._open = False
         return list(self._written)
@@ -344,64 +358,11 @@ class SafetensorsWriter:
 # ---------------------------------------------------------------------------------------- torch zip
 
 
-class _StorageRef:
-    """Stands in the pickle for the storage of one tensor; the pickler turns it into a persistent id."""
-
-    __slots__ = ("key", "meta")
-
-    def __init__(self, key: str, meta: TensorMeta) -> None:
-        self.key, self.meta = key, meta
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
-
-
-# torch.save stores these dtypes as untyped (byte) storages, rebuilt by _rebuild_tensor_v3.
-_UNTYPED_DTYPES = frozenset(torch.storage._new_dtypes())
-_STORAGE_TYPES = torch.storage._dtype_to_storage_type_map()
-
-
-class _TensorRef:
-    """Pickles exactly as a fresh contiguous CPU tensor of this meta does in torch.save (Tensor._reduce_ex_internal)."""
-
-    def __init__(self, key: str, meta: TensorMeta) -> None:
-        self.key, self.meta = key, meta
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[Any, ...]]:
-        shape = self.meta.shape
-        args = (_StorageRef(self.key, self.meta), 0, shape, _contiguous_strides(shape), False, collections.OrderedDict())
-        if self.meta.dtype in _UNTYPED_DTYPES:
-            return torch._utils._rebuild_tensor_v3, args + (self.meta.dtype,)
-        return torch._utils._rebuild_tensor_v2, args
-
-
-class _LayoutPickler(pickle.Pickler):
-    """torch.save's persistent ids: ('storage', storage class, key, location, size)."""
-
-    def persistent_id(self, obj: Any) -> Any:
-        if not isinstance(obj, _StorageRef):
-            return None
-        meta = obj.meta
-        if meta.dtype in _UNTYPED_DTYPES:
-            return ("storage", torch.UntypedStorage, obj.key, "cpu", meta.nbytes)
-        return ("storage", getattr(torch, _STORAGE_TYPES[meta.dtype]), obj.key, "cpu", meta.numel)
-
-
-def layout_pickle(layout: dict[str, TensorMeta], keys: dict[str, str], wrapped: bool) -> bytes:
-    """The data.pkl torch.save would write for a state dict of this layout (protocol 2, as torch uses)."""
-    state_dict = {name: _TensorRef(keys[name], meta) for name, meta in layout.items()}
-    buffer = io.BytesIO()
-    _LayoutPickler(buffer, protocol=2).dump({"model": state_dict} if wrapped else state_dict)
-    return buffer.getvalue()
-
-
 def _storage_alignment() -> int:
-    """torch.save's record alignment (configurable since torch 2.5; 64 before and by default)."""
+    """torch.save's record alignment (configurable since torch 2.5; 64 before and by default). Read from
+    torch only where it is loaded: a setting exists only in a process that imported torch."""
+    if "torch" not in sys.modules:
+        return 64
     try:
         from torch.utils.serialization import config
     except ImportError:
@@ -427,7 +388,7 @@ class TorchWriter:
     def __init__(self, path: Path, layout: dict[str, TensorMeta], *, wrapped: bool = False) -> None:
         self.path = Path(path)
         for name, meta in layout.items():
-            if meta.dtype not in _UNTYPED_DTYPES and meta.dtype not in _STORAGE_TYPES:
+            if not storable(meta.dtype):
                 raise LayoutViolation(f"{name!r}: torch.save cannot store {meta.dtype}")
         self._layout = _Layout(layout)
         self._keys = {name: str(i) for i, name in enumerate(layout)}
@@ -443,6 +404,7 @@ class TorchWriter:
         self._records, self._directory_at = torch_zip.layout(self._folder, sizes, _storage_alignment())
         self._data_at = {r.name: r.data_offset for r in self._records}
         self._sources = _RawSources()
+        self._finished = False
         self._fd: int | None = _create(self.path)  # O_EXCL: never clobber
         try:
             end = torch_zip.end_of_archive(self._folder, self._records, self._directory_at)
@@ -469,14 +431,17 @@ class TorchWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Check `tensor` against the layout and write its bytes at its record's place."""
         self._check_open()
+        from qkvconv.io.readers import byte_view
+
         data = self._layout.accept(name, tensor)
         self._guarded(_pwrite_all, self._fd, byte_view(data), self._place(name), self.path)
 
-    def copy_raw(self, name: str, meta: TensorMeta, pieces: Sequence[RawBytes]) -> None:
-        """Write tensor `name` (of shape and dtype `meta`) as these byte ranges of other files, in order."""
+    def copy_raw(self, name: str, meta: TensorMeta, pieces: Sequence[RawBytes], *, gather: bool = False) -> None:
+        """Write tensor `name` (of shape and dtype `meta`) as these byte ranges of other files, in order
+        (`gather`: small pieces, read into memory and written at once)."""
         self._check_open()
         sources = self._sources.accept(self._layout, name, meta, pieces)
-        self._guarded(_copy_pieces, sources, self._fd, self._place(name), self.path)
+        self._guarded(_copy_pieces, sources, self._fd, self._place(name), self.path, gather)
 
     def _guarded(self, action: Callable[..., object], *args: Any) -> None:
         """Run a write; a failure removes the partial file before it is reported."""
@@ -486,22 +451,30 @@ class TorchWriter:
             self.abort()
             raise
 
-    def close(self) -> Path:
-        """Check every tensor arrived, write the central directory and make the file durable."""
+    def finish(self) -> None:
+        """Check every tensor arrived and write the central directory: the file is complete and can be read
+        (a check can read it back while close() makes it durable), not yet durable."""
         if self._fd is None:
             raise LayoutViolation("this writer is closed")
+        if self._finished:
+            return
         self._layout.check_complete()
         end = torch_zip.end_of_archive(self._folder, self._records, self._directory_at)
+        self._guarded(_pwrite_all, self._fd, memoryview(end), self._directory_at, self.path)
+        self._finished = True
 
-        def finish() -> None:
+    def close(self) -> Path:
+        """finish(), and make the file durable."""
+        self.finish()
+
+        def sync() -> None:
             assert self._fd is not None
-            _pwrite_all(self._fd, memoryview(end), self._directory_at, self.path)
             try:
                 os.fsync(self._fd)
             except OSError as e:
                 raise QkvconvError(f"cannot write {self.path}: {e.strerror}") from None
 
-        self._guarded(finish)
+        self._guarded(sync)
         self._close_files()
         return self.path
 
@@ -532,6 +505,8 @@ class TorchWriter:
 def save_torch(payload: object, path: Path) -> None:
     """torch.save of a small payload held in memory (a LoRA adapter, a state dict the caller built),
     with a file that cannot be written (a full disk, no permission) as a QkvconvError."""
+    import torch
+
     try:
         torch.save(payload, path)
     except OSError as e:

@@ -102,39 +102,46 @@ def check_order(order: QKVOrder, heads: HeadLayout) -> None:
         raise LayoutError(f"codegen-mp4 order needs n_head divisible by {CODEGEN_BLOCKS}, got H={heads.n_head}")
 
 
-def canonical_index(order: QKVOrder, heads: HeadLayout) -> torch.Tensor:
-    """For each row position in `order`, the index of that row in sequential order."""
-    import torch
-
+def canonical_rows(order: QKVOrder, heads: HeadLayout) -> list[int]:
+    """For each row position in `order`, the index of that row in sequential order (plain ints: the
+    byte path computes where rows lie without torch)."""
     H, G, hs = heads.n_head, heads.n_query_groups, heads.head_size
-    pos = torch.arange(heads.rows)
     check_order(order, heads)
     if order in (QKVOrder.SEQUENTIAL, QKVOrder.SPLIT):
-        return pos
+        return list(range(heads.rows))
     if order is QKVOrder.INTERLEAVED:  # position = (h * hs + d) * 3 + part
-        part, head_dim = pos % 3, pos // 3
-        return part * H * hs + head_dim
+        return [pos % 3 * H * hs + pos // 3 for pos in range(heads.rows)]
     if order is QKVOrder.CODEGEN_MP4:  # position = ((block * 3 + part) * H/4 + local head) * hs + d
         local = H // CODEGEN_BLOCKS * hs
-        block, part, offset = pos // (3 * local), pos // local % 3, pos % local
-        projection = torch.tensor([0, 2, 1])[part]  # the parts are q, v, k
-        return projection * H * hs + block * local + offset
+        projection = (0, 2, 1)  # the parts are q, v, k
+        return [projection[pos // local % 3] * H * hs + pos // (3 * local) * local + pos % local
+                for pos in range(heads.rows)]
     # GROUPED, and PER_HEAD which is GROUPED with G == H: blocks of (q_per_kv + 2) heads.
     q = heads.q_per_kv
-    slot_head, dim = pos // hs, pos % hs
-    group, slot = slot_head // (q + 2), slot_head % (q + 2)
-    q_row = (group * q + slot) * hs + dim
-    k_row = H * hs + group * hs + dim
-    v_row = (H + G) * hs + group * hs + dim
-    return torch.where(slot < q, q_row, torch.where(slot == q, k_row, v_row))
+    out = []
+    for pos in range(heads.rows):
+        slot_head, dim = divmod(pos, hs)
+        group, slot = divmod(slot_head, q + 2)
+        if slot < q:
+            out.append((group * q + slot) * hs + dim)
+        else:
+            out.append((H + (G if slot > q else 0)) * hs + group * hs + dim)
+    return out
 
 
-def _inverse(index: torch.Tensor) -> torch.Tensor:
+def canonical_index(order: QKVOrder, heads: HeadLayout) -> torch.Tensor:
+    """canonical_rows as a tensor."""
     import torch
 
-    inverse = torch.empty_like(index)
-    inverse[index] = torch.arange(index.numel())
-    return inverse
+    return torch.tensor(canonical_rows(order, heads), dtype=torch.int64)
+
+
+def permutation_rows(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> list[int]:
+    """Row index `p` with ``dst_rows = src_rows[p]`` for any two orders (plain ints)."""
+    position_in_src = [0] * heads.rows  # canonical -> src position
+    for position, canonical in enumerate(canonical_rows(src, heads)):
+        position_in_src[canonical] = position
+    return [position_in_src[c] for c in canonical_rows(dst, heads)]
 
 
 def _row_order(order: QKVOrder, heads: HeadLayout) -> QKVOrder:
@@ -161,8 +168,9 @@ def same_rows(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> bool:
 
 def permutation(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> torch.Tensor:
     """Row index `p` with ``dst_rows = src_rows[p]`` for any two orders."""
-    position_in_src = _inverse(canonical_index(src, heads))  # canonical -> src position
-    return position_in_src[canonical_index(dst, heads)]
+    import torch
+
+    return torch.tensor(permutation_rows(src, dst, heads), dtype=torch.int64)
 
 
 def check_reorder(shape: tuple[int, ...], src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> None:

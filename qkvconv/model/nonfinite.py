@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from qkvconv.errors import QkvconvError
+from qkvconv.errors import nonfinite_error
 
 # an integer dtype of each element size: a float tensor viewed as one compares bit for bit
 _SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -37,11 +37,7 @@ def is_finite(tensor: torch.Tensor) -> bool:
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     """NaN or inf in a checkpoint is reported, never silently carried into a converted one."""
     if not is_finite(tensor):
-        bad = int((~torch.isfinite(tensor.float())).sum())
-        raise QkvconvError(
-            f"{name} holds {bad:,} NaN/inf values; the checkpoint is damaged or was saved mid-divergence "
-            "(pass --allow-nonfinite to convert it anyway)"
-        )
+        raise nonfinite_error(name, int((~torch.isfinite(tensor.float())).sum()))
 
 
 def check_all_finite(tensors: Mapping[str, torch.Tensor]) -> None:

@@ -13,21 +13,22 @@ target (the target format's `target_plan`): still one plan, each source tensor r
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qkvconv import formats
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.base import Format, Transformations
-from qkvconv.formats.litgpt import CONFIG, HYPERPARAMETERS
-from qkvconv.io.engine import execute, output_layout
-from qkvconv.io.readers import TensorMeta, TensorReader
+from qkvconv.formats.litgpt.checkpoint import CONFIG, HYPERPARAMETERS
+from qkvconv.io.engine import execute, only_copies, output_layout
 from qkvconv.io.transaction import copy_other_files, new_directory
-from qkvconv.ops.adapters import check_qkv_target, convert_adapter
-from qkvconv.plans.plan import Plan
-from qkvconv.plans.transforms import expand_kv_heads, fold_norms, set_rope
+from qkvconv.plans.plan import Plan, TensorMeta
 from qkvconv.progress import progress_for
+
+if TYPE_CHECKING:  # torch comes with the modules that compute; a conversion that only moves bytes needs none
+    from qkvconv.io.readers import TensorReader
 
 __all__ = ["ConvertReport", "Transformations", "convert", "convert_folding_norms"]
 
@@ -75,6 +76,9 @@ def transformed_plan(directory: Path, source_format: str, to: str, changes: Tran
                      ) -> tuple[Plan, TensorReader, list[str]]:
     """Source -> litgpt names -> fold norms, expand K/V heads, set the rotary order -> `to` (with the
     QKV fusion asked for), as one plan. Returns the plan, the reader and what was done."""
+    from qkvconv.ops.adapters import check_qkv_target
+    from qkvconv.plans.transforms import expand_kv_heads, fold_norms, set_rope
+
     source, target = formats.get(source_format).load(), formats.get(to).load()
     check_qkv_target(changes.qkv, target.name)
     src = source.source(directory)
@@ -146,6 +150,8 @@ def convert(
             raise QkvconvError("convert writes a new directory: give it with --out DIR")
         if dry_run:
             raise QkvconvError("--dry-run plans full-model conversions; adapters are small and convert in memory")
+        from qkvconv.ops.adapters import convert_adapter
+
         report.actions += convert_adapter(directory, src.name, to, out, base, changes.qkv,
                                           allow_nonfinite=allow_nonfinite, target_base=target_base)
         return report
@@ -156,7 +162,11 @@ def convert(
         changes = replace(changes, target_base=target_base.resolve())
     if out is None and not dry_run:
         raise QkvconvError("convert writes a new directory: give it with --out DIR")
-    direct = None if changes.any() else src.direct_plan(directory, to)
+    # a conversion that only moves bytes reads the source through torch-free readers (io/bytepath.py)
+    direct = None if changes.any() else src.direct_plan(directory, to, bytes_only=True)
+    byte_path = direct is not None and only_copies(*direct)
+    if not byte_path and not changes.any():
+        direct = src.direct_plan(directory, to)
     notes: list[str] = []
     if direct is None:
         plan, reader, notes = transformed_plan(directory, src.name, to, changes)
@@ -179,9 +189,10 @@ def convert(
         raise QkvconvError(f"{out} already exists; choose a new --out file")
     build = out.with_name(f".{out.name}.qkvconv-build") if single else out
     prints = None
-    if forward_check:
+    fingerprints: dict[str, Any] | None = {} if forward_check and byte_path else None  # the engine's, of the source
+    if forward_check and not byte_path:
         from qkvconv.formats.weights import open_weights
-        from qkvconv.ops.check import SourcePrints, conversion_check
+        from qkvconv.ops.check import SourcePrints
 
         # the source's checksums, taken while the engine writes; a transformation changes most tensors
         prints = None if changes.of_weights() else SourcePrints(lambda: open_weights(directory))
@@ -194,21 +205,69 @@ def convert(
                 report.actions += _copy_remote_code(changes.target_base, tmp)
         total = sum(m.nbytes for m in layout.values())
         extra = {"header": plan.header} if plan.header else {}
-        with target.writer(tmp, layout, max_shard_size, **extra) as writer:
-            execute(plan, reader, writer, progress_for(total, f"writing {out.name}"), allow_nonfinite=allow_nonfinite)
         for name, text in plan.texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
+        early = None
+        with target.writer(tmp, layout, max_shard_size, **extra) as writer:
+            execute(plan, reader, writer, progress_for(total, f"writing {out.name}"), allow_nonfinite=allow_nonfinite,
+                    fingerprints=fingerprints)
+            if fingerprints is not None and hasattr(writer, "finish"):  # read back while close() syncs the file
+                writer.finish()
+                early = _ByteCheck(directory, src.name, tmp, to, fingerprints)
         report.actions.append(f"wrote {len(layout)} tensors ({total:,} bytes) in {len(shards)} file(s)")
         report.actions += plan.notes + notes
         if forward_check:
-            report.checks.append(conversion_check(lambda: (open_weights(directory), open_weights(tmp)), device,
-                                                  "the converted checkpoint", "nothing was written",
-                                                  rounds=changes.fold_norms, source_prints=prints))
+            verdict = early.result() if early is not None else None
+            report.checks.append(verdict or _check(directory, src.name, tmp, to, device, changes, prints,
+                                                   None if early is not None else fingerprints))
     if single:  # the checked file leaves its build directory in one rename
         (written,) = shards
         os.rename(build / written, out)
         build.rmdir()
     return report
+
+
+class _ByteCheck:
+    """ops/bitcheck.py's check in a thread, started once the result is complete: it reads the result back
+    from the page cache while the writer makes it durable (fsync waits on the disk, not the CPU)."""
+
+    def __init__(self, directory: Path, source_format: str, tmp: Path, to: str, fingerprints: dict[str, Any]) -> None:
+        from qkvconv.ops.bitcheck import byte_check
+
+        self._verdict: str | None | BaseException = None
+        self._thread = threading.Thread(target=self._run, name="qkvconv-check", daemon=True,
+                                        args=(byte_check, (directory, source_format), (tmp, to), fingerprints))
+        self._thread.start()
+
+    def _run(self, byte_check: Any, *args: Any) -> None:
+        try:
+            self._verdict = byte_check(*args)
+        except BaseException as e:  # handed to result()
+            self._verdict = e
+
+    def result(self) -> str | None:
+        """The verdict; None: not decided here (check.py decides)."""
+        self._thread.join()
+        if isinstance(self._verdict, BaseException):
+            raise self._verdict
+        return self._verdict
+
+
+def _check(directory: Path, source_format: str, tmp: Path, to: str, device: str, changes: Transformations,
+           prints: Any, fingerprints: dict[str, Any] | None) -> str:
+    """The default check (ops/check.py); without torch where the conversion only moved bytes and every
+    tensor holds the source's bits (ops/bitcheck.py), check.py's own verdict otherwise."""
+    if fingerprints is not None:
+        from qkvconv.ops.bitcheck import byte_check
+
+        verdict = byte_check((directory, source_format), (tmp, to), fingerprints)
+        if verdict is not None:
+            return verdict
+    from qkvconv.formats.weights import open_weights
+    from qkvconv.ops.check import conversion_check
+
+    return conversion_check(lambda: (open_weights(directory), open_weights(tmp)), device, "the converted checkpoint",
+                            "nothing was written", rounds=changes.fold_norms, source_prints=prints)
 
 
 def _copy_remote_code(base: Path, out: Path) -> list[str]:

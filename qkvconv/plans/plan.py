@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, TYPE_CHECKING, Any
 
 from qkvconv.errors import QkvconvError
-from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder, check_parts, check_reorder, fuse, reorder, split
+from qkvconv.model.layout import (HeadLayout, LayoutError, QKVOrder, check_parts, check_reorder, fuse, permutation_rows,
+                                  reorder, same_rows, split)
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +48,12 @@ class TensorMeta(NamedTuple):
 
 
 Meta = TensorMeta  # the name the shape rules use
+Labels = list[int]  # one label per row of a tensor (Step.labels)
+
+
+def take(labels: Labels, index: list[int]) -> Labels:
+    """labels[index]: the rows `index` names, in its order."""
+    return [labels[i] for i in index]
 
 
 class Step:
@@ -72,6 +79,12 @@ class Step:
         """The outputs' shapes and dtypes, checked as `apply` checks them; None: unknown here (the
         engine then runs `apply` on meta tensors, whose first use costs about a second)."""
         return None
+
+    def labels(self, inputs: list[Labels]) -> list[Labels]:
+        """Where a step that `moves_rows` takes each output row from: `apply` on lists of row labels (one
+        int per input row) instead of tensors, through the same index functions (no torch: the byte path
+        copies rows where these say). The shapes were checked by `metas` first."""
+        raise NotImplementedError(f"{type(self).__name__} does not only move rows")
 
 
 def concat_rows(inputs: list[Meta]) -> Meta:
@@ -101,6 +114,12 @@ class Reorder(Step):
         (t,) = tensors
         return [reorder(t, self.src, self.dst, self.heads)]
 
+    def labels(self, inputs: list[Labels]) -> list[Labels]:
+        (t,) = inputs
+        if same_rows(self.src, self.dst, self.heads):
+            return [t]
+        return [take(t, permutation_rows(self.src, self.dst, self.heads))]
+
     def describe(self) -> str:
         return f"reorder rows {self.src.value} -> {self.dst.value}"
 
@@ -126,6 +145,9 @@ class CheckRows(Step):
         (t,) = tensors
         check_reorder(tuple(t.shape), self.order, self.order, self.heads)  # a LayoutError (ValueError)
         return [t]
+
+    def labels(self, inputs: list[Labels]) -> list[Labels]:
+        return list(inputs)
 
     def describe(self) -> str:
         return f"rows kept in {self.order.value} order"
@@ -153,6 +175,10 @@ class Fuse(Step):
         q, k, v = tensors
         return [fuse(q, k, v, self.order, self.heads)]
 
+    def labels(self, inputs: list[Labels]) -> list[Labels]:
+        q, k, v = inputs
+        return Reorder(QKVOrder.SEQUENTIAL, self.order, self.heads).labels([q + k + v])
+
     def describe(self) -> str:
         return f"fuse q, k, v -> {self.order.value}"
 
@@ -177,6 +203,12 @@ class TakePart(Step):
     def apply(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         (t,) = tensors
         return [split(t, self.order, self.heads)["qkv".index(self.part)]]
+
+    def labels(self, inputs: list[Labels]) -> list[Labels]:
+        (sequential,) = Reorder(self.order, QKVOrder.SEQUENTIAL, self.heads).labels(inputs)
+        start = {"q": 0, "k": self.heads.q_rows, "v": self.heads.q_rows + self.heads.kv_rows}[self.part]
+        rows = self.heads.q_rows if self.part == "q" else self.heads.kv_rows
+        return [sequential[start:start + rows]]
 
     def describe(self) -> str:
         return f"take {self.part} from {self.order.value}"
@@ -207,6 +239,15 @@ class Recipe:
             raise ValueError(f"{self.output}: steps left {len(out)} tensors, expected 1")
         (t,) = out
         return t if self.dtype is None else t.to(self.dtype)
+
+    def labels(self, inputs: list[Labels]) -> Labels:
+        """`apply` on row labels (Step.labels): where each output row comes from. Only for a recipe whose
+        steps all move rows and that casts nothing."""
+        out = list(inputs)
+        for step in self.steps:
+            out = step.labels(out)
+        (t,) = out
+        return t
 
     def meta(self, inputs: list[Meta]) -> Meta | None:
         """The output's shape and dtype without touching data, or None where a step cannot tell."""

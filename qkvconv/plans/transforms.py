@@ -29,7 +29,7 @@ from qkvconv.errors import QkvconvError
 from qkvconv.model.architecture import Architecture
 from qkvconv.model import names
 from qkvconv.model.layout import HeadLayout, QKVOrder
-from qkvconv.plans.plan import Meta, Plan, Recipe, Step
+from qkvconv.plans.plan import Labels, Meta, Plan, Recipe, Step, take
 from qkvconv.model.rotary import RopeOrder, head_permutation, rope_permutation
 
 QKV_OUTPUT = re.compile(r"^transformer\.h\.(\d+)\.attn\.qkv\.(weight|bias)$")
@@ -56,6 +56,10 @@ class RowIndex(Step):
         (t,) = tensors
         self._check(t.shape[0])
         return [t.index_select(0, self.index)]
+
+    def labels(self, inputs: list[Labels]) -> list[Labels]:
+        (t,) = inputs
+        return [take(t, self.index.tolist())]
 
     def describe(self) -> str:
         return self.what
@@ -180,6 +184,14 @@ class Inline(Step):
             start += n
         if start != len(tensors):
             raise ValueError(f"{len(tensors)} inputs for parts that take {start}")
+        return out
+
+    def labels(self, inputs: list[Labels]) -> list[Labels]:
+        out, start = [], 0
+        for part in self.parts:
+            n = len(part.inputs)
+            out.append(part.labels(inputs[start:start + n]))
+            start += n
         return out
 
     def describe(self) -> str:

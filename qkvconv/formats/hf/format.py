@@ -120,15 +120,23 @@ class HuggingFace(Format):
         model = ModelPlan(Plan(plan.recipes, notes=plan.notes), litgpt_config_from_hf(config_json))
         return Source(model, reader, config_json, tied(config_json))
 
-    def direct_plan(self, directory: Path, to: str) -> tuple[Plan, TensorReader] | None:
+    def direct_plan(self, directory: Path, to: str, bytes_only: bool = False) -> tuple[Plan, TensorReader] | None:
         if to not in ("litgpt", "litgpt-legacy", "hf"):
             return None
         from qkvconv.formats.hf.plans import plan_hf_to_litgpt
-        from qkvconv.io.readers import open_reader
         from qkvconv.plans.plan import Plan, copy
 
         config_json = read_config_json(directory / HF_CONFIG)
-        reader = open_reader(directory)
+        if bytes_only:
+            from qkvconv.io.bytepath import open_bytes
+
+            reader = open_bytes(directory)
+            if reader is None:
+                return None
+        else:
+            from qkvconv.io.readers import open_reader
+
+            reader = open_reader(directory)
         if to == "hf":  # re-shard (and check) as it is; config.json travels with the other files
             plan_hf_to_litgpt(config_json, reader.names())  # refuses what the family table can't account for
             if require_family(config_json).twin is not None:  # a remote-code original becomes its twin

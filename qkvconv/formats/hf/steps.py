@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from qkvconv.errors import QkvconvError
 from qkvconv.model.layout import LayoutError
-from qkvconv.plans.plan import Meta, Step, concat_rows
+from qkvconv.plans.plan import Labels, Meta, Step, concat_rows
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +34,11 @@ class TakeRows(Step):
         self._check(tuple(t.shape))
         return [t.chunk(self.parts, dim=0)[self.index]]
 
+    def labels(self, inputs: list[Labels]) -> list[Labels]:
+        (t,) = inputs
+        size = len(t) // self.parts
+        return [t[self.index * size:(self.index + 1) * size]]
+
     def describe(self) -> str:
         return f"take row block {self.index + 1} of {self.parts}"
 
@@ -54,6 +59,9 @@ class ConcatRows(Step):
         import torch
 
         return [torch.cat(tensors, dim=0)]
+
+    def labels(self, inputs: list[Labels]) -> list[Labels]:
+        return [[label for t in inputs for label in t]]
 
     def describe(self) -> str:
         return "concatenate rows"

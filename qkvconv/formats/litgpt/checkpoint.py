@@ -10,18 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from qkvconv.errors import QkvconvError
 from qkvconv.model import names
 from qkvconv.model.names import CURRENT_NAMING, LEGACY_NAMING, QKV_KEY, qkv_naming
 from qkvconv.model.layout import HeadLayout, LayoutError, QKVOrder
-from qkvconv.model.lora import LoraSettings, block_sizes
 from qkvconv.io.pages import MappedFile
 from qkvconv.io.config_files import read_yaml
 from qkvconv.io.sources import check_inside
+
+if TYPE_CHECKING:  # tensors are touched by the callers that read them: opening a directory needs no torch
+    import torch
+
+    from qkvconv.model.lora import LoraSettings
 
 WEIGHTS = "lit_model.pth"
 LORA_WEIGHTS = "lit_model.pth.lora"
@@ -115,6 +117,8 @@ class LoraHyperparameters:
 
     @classmethod
     def from_yaml(cls, raw: dict[str, Any], where: Path) -> "LoraHyperparameters":
+        from qkvconv.model.lora import LoraSettings
+
         try:
             r, alpha = int(raw["lora_r"]), raw["lora_alpha"]
             enable = tuple(bool(raw.get(f"lora_{p}", False)) for p in ("query", "key", "value"))
@@ -229,6 +233,8 @@ def check_full_shapes(sd: StateDictFile, shape: ModelShape) -> None:
 
 def check_lora_shapes(sd: StateDictFile, shape: ModelShape, hyper: LoraHyperparameters) -> None:
     """Fail clearly when hyperparameters.yaml does not match the adapter's tensors."""
+    from qkvconv.model.lora import block_sizes
+
     s, heads = hyper.settings, shape.heads
     expected_a = (s.r * s.n_enabled, shape.n_embd)
     expected_b = (sum(block_sizes(s.enable, heads)), s.r)

@@ -4,18 +4,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from qkvconv.formats.base import Format, Source, TorchFileFormat, Transformations
 from qkvconv.formats.litgpt.checkpoint import CONFIG, HYPERPARAMETERS, WEIGHTS, migrate_config, open_litgpt
-from qkvconv.formats.litgpt.inspect import inspect_litgpt
 from qkvconv.formats.litgpt.plans import full_upgrade_plan, litgpt_plan
-from qkvconv.io.readers import TensorReader, open_reader
 from qkvconv.model.rotary import RopeOrder
 from qkvconv.plans.plan import Plan
-from qkvconv.plans.transforms import ModelPlan, compose
+
+if TYPE_CHECKING:  # torch comes with these; a conversion that only moves bytes (io/bytepath.py) needs none
+    from qkvconv.io.readers import TensorReader
+    from qkvconv.plans.transforms import ModelPlan
 
 FUSED_ONLY = ("litgpt's attention is one fused qkv Linear (CausalSelfAttention.qkv), so its checkpoints and LoRA "
               "runs hold fused QKV only; for separate q/k/v projections write --to hf or --to peft (a Llama-family "
@@ -30,6 +31,8 @@ class Litgpt(TorchFileFormat):
     weights_file = WEIGHTS
 
     def inspect(self, directory: Path, base: Path | None = None) -> dict[str, Any]:
+        from qkvconv.formats.litgpt.inspect import inspect_litgpt
+
         return inspect_litgpt(open_litgpt(directory), base)
 
     def weights(self, source: Path, base: Path | None = None, base_option: str = "--base") -> Any:
@@ -39,6 +42,8 @@ class Litgpt(TorchFileFormat):
 
     def source(self, directory: Path) -> Source:
         from qkvconv.formats.hf.rules import kept_config, tied
+        from qkvconv.io.readers import open_reader
+        from qkvconv.plans.transforms import ModelPlan
 
         ckpt = open_litgpt(directory)
         reader = open_reader(ckpt.weights)  # type: ignore[arg-type]
@@ -47,14 +52,25 @@ class Litgpt(TorchFileFormat):
         kept = kept_config(directory, cfg)
         return Source(ModelPlan(Plan(plan.recipes), dict(cfg)), reader, kept, tied(kept))
 
-    def direct_plan(self, directory: Path, to: str) -> tuple[Plan, TensorReader] | None:
+    def direct_plan(self, directory: Path, to: str, bytes_only: bool = False) -> tuple[Plan, TensorReader] | None:
         """litgpt and litgpt-legacy by re-ordering, hf through the family table; a checkpoint in pairs
         rotary order (rope_interleave) goes through the pivot to anything but litgpt (it re-orders)."""
         ckpt = open_litgpt(directory)
         cfg = migrate_config(ckpt.config)[0]
         if to not in ("litgpt", "litgpt-legacy", "hf") or (cfg.get("rope_interleave") and to != "litgpt"):
             return None
-        reader = open_reader(ckpt.weights)  # type: ignore[arg-type]
+        if ckpt.weights is None:
+            return None
+        if bytes_only:
+            from qkvconv.io.bytepath import open_bytes
+
+            reader = open_bytes(ckpt.weights)
+            if reader is None:
+                return None
+        else:
+            from qkvconv.io.readers import open_reader
+
+            reader = open_reader(ckpt.weights)
         if to == "hf":
             from qkvconv.formats.hf.plans import plan_litgpt_to_hf
             from qkvconv.formats.hf.rules import kept_config
@@ -75,6 +91,8 @@ class LitgptLegacy(Litgpt):
 
     def target_plan(self, model: ModelPlan, source_json: dict[str, Any] | None, changes: Transformations,
                     source_format: str) -> Plan:
+        from qkvconv.plans.transforms import compose
+
         return compose(litgpt_plan(model.outputs(), model.config, legacy=True), model.plan)
 
 
