@@ -126,5 +126,15 @@ class UpgradeCheck:
         return self.bytes_only(original, staged) or self.fallback(original, staged)
 
 
+class ReadBack(UpgradeCheck):
+    """`upgrade --no-verify`'s read-back before anything is replaced: the staged files' checksums against the
+    original's (taken by the engine as it read it), without torch and without computing anything. Where that
+    cannot decide (a LoRA run, a file torch must read, any difference) it says nothing, and upgrade compares
+    the files themselves (upgrade.check_upgraded), which names the tensor that differs."""
+
+    def fallback(self, original: Any, staged: dict[str, Path]) -> None:  # type: ignore[override]
+        return None
+
+
 def upgrade_check(device: str = "cpu") -> UpgradeCheck:
     return UpgradeCheck(device)

@@ -408,6 +408,10 @@ def upgrade(
             else:
                 report.actions.append("already current (attn.qkv, sequential order): nothing to do")
             return report
+        if forward_check is None:  # --no-verify: still read back before replacing, from checksums where it can
+            from qkvconv.ops.bitcheck import ReadBack
+
+            forward_check = ReadBack()
         if hasattr(forward_check, "start"):  # the original's checksums, taken while the upgrade is written
             forward_check.start(ckpt)  # type: ignore[union-attr]
         staged: list[_StagedFile] = []
