@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,9 @@ from qkvconv.ops.verify import verify  # noqa: E402
 
 runner = CliRunner()
 IDS = [f.id for f in FAMILIES + MORE]
-PAIRS_ARCHS = {"llama", "smollm3", "granite", "olmo"}  # llama.cpp's NORM rope among the families here
+PAIRS_ARCHS = {"llama", "smollm3", "granite", "olmo", "chatglm"}  # llama.cpp's NORM rope among the families here
+UNROTATED_ARCHS = {"gpt2", "starcoder", "bloom"}  # positions without RoPE: verified, not written
+FUSED_ARCHS = {"phi3", "falcon", "gptneox", *UNROTATED_ARCHS}  # one attn_qkv
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,8 @@ def corrupt_rotary(src: Path, dst: Path, layer: int) -> Path:
     n_rot = key("rope.dimension_count", hs)
     order = (RopeOrder.PAIRS, RopeOrder.HALF) if arch in PAIRS_ARCHS else (RopeOrder.HALF, RopeOrder.PAIRS)
     per_head = head_permutation(hs, n_rot, *order).numpy()
+    if arch in UNROTATED_ARCHS:  # no rotary order to get wrong: the fused rows left as the source held them
+        return _corrupt_fused(reader, layer, n_head, n_kv, hs, dst)
 
     def rows(heads: int) -> np.ndarray:
         return (np.arange(heads)[:, None] * hs + per_head[None, :]).reshape(-1)
@@ -111,6 +116,25 @@ def corrupt_rotary(src: Path, dst: Path, layer: int) -> Path:
     return dst
 
 
+def _corrupt_fused(reader, layer: int, n_head: int, n_kv: int, hs: int, dst: Path) -> Path:
+    """Layer `layer`'s attn_qkv (weight and bias) as a converter that skipped the re-ordering writes it: an MHA
+    model's per-head rows (q_h, k_h, v_h: Bloom's, GPT-NeoX's) where llama.cpp reads sequential ones; a multi-query
+    model's single K and V heads swapped."""
+    if n_kv == n_head:
+        index = np.arange(3 * n_head * hs).reshape(3, n_head, hs).transpose(1, 0, 2).reshape(-1)
+    else:
+        q, kv = n_head * hs, n_kv * hs
+        index = np.concatenate([np.arange(q), np.arange(q + kv, q + 2 * kv), np.arange(q, q + kv)])
+    changed = 0
+    for t in reader.tensors:
+        if t.name.startswith(f"blk.{layer}.attn_qkv."):
+            t.data[...] = np.array(t.data)[index]
+            changed += 1
+    assert changed == 2  # weight and bias
+    del reader
+    return dst
+
+
 @pytest.mark.parametrize("family_id", IDS)
 def test_llamacpp_gguf_verifies_against_its_source(made, family_id):
     hf, gguf_file = made[family_id]
@@ -119,7 +143,8 @@ def test_llamacpp_gguf_verifies_against_its_source(made, family_id):
     assert report["passed"] and report["top1_agreement"] == 1.0
     worst = max(s["max_abs_diff"] / s["scale"] for s in report["stages"])
     assert worst < 2e-6, report["stages"]  # float32 file: only the rotary order's rounding (llama: pairs)
-    gelu = BY_ID[family_id].hf["model_type"] in ("falcon", "gpt_neox")  # exact GELU in HF; Gemma is tanh on both
+    # exact GELU (GPT-2's gelu_new, Bloom's own) in HF; Gemma and GPT-BigCode are tanh on both
+    gelu = BY_ID[family_id].hf["model_type"] in ("falcon", "gpt_neox", "gpt2", "bloom")
     assert any("gelu_approximate" in n for n in report["notes"]) == gelu
 
 
@@ -152,15 +177,19 @@ def test_inspect_gguf(made, family_id):
     config = json.loads((hf / "config.json").read_text())
     family = BY_ID[family_id]
     assert report["format"] == "gguf" and report["family"] == family.arch
-    assert report["n_head"] == config["num_attention_heads"]
+    n_head = config.get("num_attention_heads", config.get("n_head"))  # GPT-2's and Bloom's key: n_head
+    assert report["n_head"] == n_head
     kv = 1 if config.get("multi_query") and not config.get("new_decoder_architecture") else \
-        config.get("num_key_value_heads", config.get("num_kv_heads", config["num_attention_heads"]))
+        config.get("num_key_value_heads", config.get("num_kv_heads", n_head))
     assert report["n_query_groups"] == kv
     fraction = config.get("rotary_pct") or config.get("rope_parameters", {}).get("partial_rotary_factor") or 1.0
-    assert report["rope"]["order"] == ("pairs" if family.arch in PAIRS_ARCHS else "half")
-    assert report["rope"]["fraction"] == pytest.approx(fraction)
+    if family.arch in UNROTATED_ARCHS:
+        assert report["rope"] is None and "no RoPE" in report["evidence"][0]
+    else:
+        assert report["rope"]["order"] == ("pairs" if family.arch in PAIRS_ARCHS else "half")
+        assert report["rope"]["fraction"] == pytest.approx(fraction)
     assert report["tensor_types"] == {"F32": {"parameters": report["parameters"], "bytes": 4 * report["parameters"]}}
-    assert report["qkv_order"] == ("sequential" if family.arch in ("phi3", "falcon", "gptneox") else "split")
+    assert report["qkv_order"] == ("sequential" if family.arch in FUSED_ARCHS else "split")
 
 
 def test_rope_field_of_every_format(made, legacy, tmp_path):
@@ -212,6 +241,11 @@ def test_convert_to_gguf_writes_what_llamacpp_writes(made, family_id, tmp_path):
     hf, oracle = made[family_id]
     out = tmp_path / "out.gguf"
     code, report = run("convert", str(hf), "--to", "gguf", "--out", str(out))
+    if BY_ID[family_id].arch in UNROTATED_ARCHS:  # learned positions, ALiBi: refused, and so is llama.cpp's file
+        assert code == 2 and not out.exists(), report
+        code, report = run("convert", str(oracle), "--to", "hf", "--out", str(tmp_path / "hf"))
+        assert code == 2 and "verify reads it" in report["error"] and not (tmp_path / "hf").exists()
+        return
     assert code == 0, report
     assert report["checks"][0].startswith("checked in")  # not skipped
     mine, theirs = gguf.GGUFReader(out), gguf.GGUFReader(oracle)
@@ -462,3 +496,55 @@ def test_widths_llamacpp_would_not_load_are_refused(made, tmp_path):
                   drop=("llama.feed_forward_length",))
     code, report = run("verify", str(hf), str(bad))
     assert code == 2 and "llama.cpp refuses to load" in report["error"] and "feed_forward_length 100" in report["error"]
+
+
+def test_glm_settings_llamacpp_does_not_carry(converter, tmp_path):
+    """llama.cpp's converter writes a GlmForCausalLM's RMSNorm eps from ChatGLM's `layernorm_epsilon` (default 1e-5)
+    and its rope.freq_base as 10000 * rope_ratio, not from rms_norm_eps or rope_theta: a GLM-4 with its own eps
+    (GlmConfig's default 1.5625e-07) and base computes otherwise in llama.cpp's file (verify exit 1, naming them);
+    `convert --to gguf` writes them and verifies."""
+    from gguf_oracle import Family
+
+    family = replace(BY_ID["glm"], id="glm-eps", hf={**BY_ID["glm"].hf, "rms_norm_eps": 1.5625e-07,
+                                                     "rope_parameters": {"rope_theta": 500.0, "rope_type": "default",
+                                                                         "partial_rotary_factor": 0.5}})
+    hf = build_hf(family, tmp_path / "hf", converter)
+    llamacpp_convert([(hf, tmp_path / "theirs.gguf", "f32")], converter)
+    code, report = run("verify", str(hf), str(tmp_path / "theirs.gguf"))
+    assert code == 1 and "norm_eps" in report["error"] and "rope_base" in report["error"], report
+    code, report = run("convert", str(hf), "--to", "gguf", "--out", str(tmp_path / "ours.gguf"))
+    assert code == 0, report
+    assert run("verify", str(hf), str(tmp_path / "ours.gguf"))[0] == 0
+
+
+def test_chatglm_remote_original_and_its_fused_attn_qkv(made, converter, tmp_path):
+    """ChatGLM2/3 / GLM-4 as released (ChatGLMModel, remote code; built here from the GLM model's tensors): llama.cpp's
+    converter keeps query_key_value as a sequential attn_qkv. That file verifies against the remote original and
+    against its transformers twin; inspect says fused; one layer's rows in half rotary order fail naming it; and
+    `convert --to gguf` of the original writes llama.cpp's attn_qkv bit for bit."""
+    from safetensors.torch import load_file
+    from test_remote_twins_glm import chatglm_from_glm
+
+    glm, _ = made["glm"]
+    original = tmp_path / "chatglm"
+    vocab = BY_ID["glm"].hf_vocab
+    chatglm_from_glm(load_file(glm / "model.safetensors"), original, padded_vocab_size=vocab, vocab_size=vocab,
+                     rope_ratio=1)  # the converter reads vocab_size too, as released configs have it
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(glm / name, original / name)
+    theirs = tmp_path / "theirs.gguf"
+    llamacpp_convert([(original, theirs, "f32")], converter)
+    assert "blk.0.attn_qkv.weight" in {t.name for t in gguf.GGUFReader(theirs).tensors}
+    for source in (original, glm):
+        code, report = run("verify", str(source), str(theirs))
+        assert code == 0, report
+    code, report = run("inspect", str(theirs))
+    assert code == 0 and report["family"] == "chatglm" and report["qkv_order"] == "sequential"
+    assert report["rope"]["order"] == "pairs" and report["rope"]["fraction"] == 0.5
+    code, report = run("verify", str(original), str(corrupt_rotary(theirs, tmp_path / "bad.gguf", layer=1)))
+    assert code == 1 and report["first_difference"] == "layer 1"
+    code, report = run("convert", str(original), "--to", "gguf", "--out", str(tmp_path / "ours.gguf"))
+    assert code == 0, report
+    ours = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors}
+    oracle = {t.name: np.array(t.data) for t in gguf.GGUFReader(theirs).tensors}
+    assert sorted(ours) == sorted(oracle) and all(np.array_equal(ours[k], v) for k, v in oracle.items())

@@ -217,7 +217,7 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
     head_size = int(g.key("attention.key_length", n_embd // n_head))
     if int(g.key("attention.value_length", head_size)) != head_size:
         raise UnsupportedFamily(f"{g.path}: value heads of another size than key heads, which litgpt has not")
-    n_rot = int(g.key("rope.dimension_count", head_size))
+    n_rot = int(g.key("rope.dimension_count", head_size)) if arch.rotary else 0
     if arch.full_rotary and n_rot != head_size or arch.heads_span_embd and head_size * n_head != n_embd:
         raise UnsupportedFamily(f"{g.path}: rope.dimension_count {n_rot}, heads {n_head} x {head_size} for n_embd "
                                 f"{n_embd}, which llama.cpp's {arch.name} does not load")
@@ -277,6 +277,10 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
         "norm_2": L.NORM_2 in arch.layer or arch.shared_attention_norm or not arch.norm_weights,
         "post_attention_norm": L.POST_ATTENTION_NORM in arch.layer,
         "post_mlp_norm": L.POST_MLP_NORM in arch.layer,
+        # beyond litgpt: how the graph takes positions where not by RoPE (archs.GGUFArch.more_global, alibi)
+        "learned_positions": L.POSITION_EMBEDDING in arch.more_global,
+        "embedding_norm": L.EMBEDDING_NORM in arch.more_global,
+        "alibi": arch.alibi,
     }
     if moe:
         cfg.update(mlp_class_name="LLaMAMoE", moe_intermediate_size=up, n_expert=int(_require(g, "expert_count")),
@@ -453,6 +457,8 @@ def plan_gguf_to_litgpt(g: GGUFFile, cfg: dict[str, Any] | None = None) -> Plan:
         return (AddConstant(-arch.norm_offset),) if arch.norm_offset and is_norm else ()
 
     recipes = [Recipe(f"{L.EMBEDDING}.weight", (take("token_embd.weight"),))]
+    for module, source in arch.more_global.items():  # GPT-2's position table, Bloom's embedding norm
+        recipes += [Recipe(f"{module}.{p}", (take(f"{source}.{p}"),)) for p in params(source)]
     for i in range(cfg["n_layer"]):
         lit = L.layer(i)
         qkv = arch.qkv_modules(i)
