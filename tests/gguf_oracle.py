@@ -39,6 +39,7 @@ class Family:
     arch: str = ""  # general.architecture llama.cpp writes
     hf_vocab: int | None = None  # vocab_size where the tokenizer needs a larger one than SMALL's
     added_tokens: tuple[str, ...] = ()  # special tokens added to GPT-2's tokenizer.json (a converter asks for them)
+    converter_class: str | None = None  # the HF class llama.cpp's converter registers where transformers' differs
 
 
 FAMILIES = [
@@ -119,6 +120,12 @@ MORE = [
                                "multi_query": True}, "gpt2", arch="starcoder", hf_vocab=GPT2_VOCAB),
     Family("bloom", {"model_type": "bloom", "hidden_size": 48, "n_layer": 2, "n_head": 6}, "gpt2", arch="bloom",
            hf_vocab=GPT2_VOCAB),
+    # MPT: llama.cpp's converter registers MosaicML's MPTForCausalLM (same tensors and keys as transformers' port);
+    # ALiBi on (transformers adds it always; the converter only where attn_config.alibi), clip_qkv small enough to
+    # clamp, 6 heads
+    Family("mpt", {"model_type": "mpt", "d_model": 48, "n_layers": 2, "n_heads": 6, "max_seq_len": 64,
+                   "attn_config": {"alibi": True, "clip_qkv": 0.6}}, "gpt2", arch="mpt", hf_vocab=GPT2_VOCAB,
+           converter_class="MPTForCausalLM"),
 ]
 BY_ID = {f.id: f for f in FAMILIES + MORE}
 
@@ -196,6 +203,18 @@ def _gpt2_tokenizer(converter: Path, made: Path, python: Path) -> None:
         staging.rename(made)
     except OSError:  # made meanwhile by another process
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def converter_input(family: Family, directory: Path) -> Path:
+    """The directory to hand llama.cpp's converter: `directory` itself, or a copy whose config.json names the class
+    the converter registers (family.converter_class) where transformers' is spelled otherwise."""
+    if family.converter_class is None:
+        return directory
+    copy = directory.parent / f"{directory.name}.for-llamacpp"
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "architectures": [family.converter_class]}))
+    return copy
 
 
 def llamacpp_convert(jobs: list[tuple[Path, Path, str]], converter: Path) -> None:

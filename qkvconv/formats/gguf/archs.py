@@ -112,6 +112,8 @@ class GGUFArch:
     more_global: Mapping[str, str] = field(default_factory=dict)
     alibi: str | None = None
     rotary: bool = True  # False: no RoPE in the graph, whatever rope.dimension_count says
+    rotary_layers: tuple[int, ...] = ()  # RoPE only for models of these layer counts (the graph's model-type switch)
+    alibi_key: bool = False  # ALiBi as attention.max_alibi_bias says (0 or absent: none; 8: `alibi`'s slopes)
 
     @property
     def norm_1(self) -> bool:
@@ -279,6 +281,22 @@ CHATGLM = GGUFArch(
           "first), output optional (tied: token_embd)",
 )
 
+INTERNLM2 = replace(
+    LLAMA, name="internlm2", label="InternLM2 (GGUF)", converter="InternLM2ForCausalLM", experts="none",
+    full_rotary=False, heads_span_embd=True, output_required=True,
+    where="conversion/internlm.py InternLM2Model.modify_tensors cuts attention.wqkv (grouped: per K/V group its Q "
+          "heads, K, V) into attn_q / attn_k / attn_v and permutes Q and K half -> pairs (LlamaModel.permute; a wqkv "
+          "bias would not reshape: only bias-free models convert); src/models/internlm2.cpp: NORM rope, attn_output "
+          "without bias, SiLU-gated MLP, output required",
+)
+BAICHUAN = replace(
+    LLAMA, name="baichuan", label="Baichuan 7B (GGUF)", converter="BaichuanForCausalLM", qkv_bias="none",
+    experts="none", full_rotary=False, heads_span_embd=True, output_required=True, rotary_layers=(32,),
+    where="conversion/baichuan.py BaichuanModel.modify_tensors cuts W_pack into thirds (attn_q / attn_k / attn_v) "
+          "and permutes Q and K half -> pairs (_reverse_hf_permute_part); src/models/baichuan.cpp rotates only a "
+          "model of 32 layers (LLM_TYPE_7B), gives one of 40 ALiBi (13B) and any other no positions at all",
+)
+
 # GPT-2-shaped graphs (src/models/gpt2.cpp, starcoder.cpp, bloom.cpp): LayerNorms with biases, one attn_qkv of
 # sequential rows with its bias, attn_output n_embd x n_embd, ffn_up / ffn_down with biases, LLM_FFN_GELU (ggml's
 # tanh GELU), sequential residuals, Q scaled by 1/sqrt(n_embd / n_head), output optional (tied: token_embd). qkvconv
@@ -306,10 +324,24 @@ BLOOM = replace(
           "ALiBi with f_max_alibi_bias = 8 fixed in load_arch_hparams (ggml_soft_max_ext: the slopes of "
           "build_alibi_tensor), no RoPE",
 )
+# src/models/mpt.cpp: LayerNorm and linear biases optional (MPT's no_bias: none), position_embd optional, QKV
+# clamped by attention.clamp_kqv (llama-graph.cpp build_qkv), q/k LayerNorms where present, ALiBi by
+# attention.max_alibi_bias
+MPT = replace(
+    GPT2, name="mpt", label="MPT (GGUF)", converter="MPTForCausalLM", qkv_bias="optional", proj_bias="optional",
+    more_global={}, alibi="mpt", alibi_key=True, keys=frozenset({"attention.clamp_kqv", "attention.max_alibi_bias"}),
+    where="conversion/mpt.py MPTModel (registered for MosaicML's MPTForCausalLM, not transformers' MptForCausalLM, "
+          "whose tensors and config keys are the same): tensors renamed only (Wqkv sequential -> attn_qkv); "
+          "layer_norm_epsilon written as 1e-5, feed_forward_length 4 * d_model, attn_config.clip_qkv as "
+          "attention.clamp_kqv, attention.max_alibi_bias = attn_config.alibi_bias_max where attn_config.alibi, "
+          "else 0 (no ALiBi: transformers' MptModel adds it whatever attn_config.alibi says); ggml's slopes for "
+          "max_bias 8 are build_mpt_alibi_tensor's",
+)
 
 ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, QWEN3MOE, PHI3, FALCON, GPTNEOX, GEMMA,
                                                   GEMMA2, GEMMA3, STABLELM, PHI2, OLMO, OLMO2, STARCODER2, SMOLLM3,
-                                                  GRANITE, CHATGLM, GPT2, STARCODER, BLOOM)}
+                                                  GRANITE, CHATGLM, GPT2, STARCODER, BLOOM, INTERNLM2, BAICHUAN,
+                                                  MPT)}
 
 # litgpt's LLaMAMoE router and experts (under transformer.h.{i}) <-> llama.cpp's, whose experts of one layer are
 # stacked in one 3D tensor per linear (expert e: index e of its first dim); src/models/llama.cpp renormalises

@@ -210,6 +210,10 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
         raise UnsupportedFamily(f"{g.path} sets {', '.join(prefix + k for k in unknown[:3])}, which qkvconv's GGUF "
                                 "reader does not map: refused rather than read as a model it may not be")
     n_embd, n_layer, n_head = (int(_require(g, k)) for k in ("embedding_length", "block_count", "attention.head_count"))
+    if arch.rotary_layers and n_layer not in arch.rotary_layers:
+        raise UnsupportedFamily(f"{g.path}: llama.cpp's {arch.name} rotates only models of "
+                                f"{' or '.join(map(str, arch.rotary_layers))} layers; it runs this one of {n_layer} "
+                                "without RoPE, which its source does not compute")
     if arch.no_rope_step and n_layer >= arch.no_rope_step:
         raise UnsupportedFamily(f"{g.path}: llama.cpp's {arch.name} runs every {arch.no_rope_step}th layer without "
                                 "RoPE, which litgpt cannot compute (it rotates in every layer)")
@@ -281,7 +285,10 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
         "learned_positions": L.POSITION_EMBEDDING in arch.more_global,
         "embedding_norm": L.EMBEDDING_NORM in arch.more_global,
         "alibi": arch.alibi,
+        "norm_bias": arch.norm_class_name != "LayerNorm" or not arch.norm_weights or "output_norm.bias" in names,
     }
+    if arch.alibi_key:
+        cfg.update(positions_by_keys(g, arch))
     if moe:
         cfg.update(mlp_class_name="LLaMAMoE", moe_intermediate_size=up, n_expert=int(_require(g, "expert_count")),
                    n_expert_per_token=int(_require(g, "expert_used_count")))
@@ -323,6 +330,18 @@ def windows_config(g: GGUFFile, w: Windows, n_layer: int, n_embd: int, n_head: i
             base = float(g.key("rope.freq_base_swa", 10000.0))  # llama-hparams.h rope_freq_base_train_swa
             out.update(rope_local_base_freq=int(base) if base.is_integer() else base, rope_indices=layers)
     return out
+
+
+def positions_by_keys(g: GGUFFile, arch: GGUFArch) -> dict[str, Any]:
+    """MPT's ALiBi and clamping as the file sets them: attention.max_alibi_bias 0 (or absent) is no ALiBi, 8 the
+    slopes of `arch.alibi` (ggml_soft_max_ext's for max_bias 8 are the schemes' of reference/alibi.py); other
+    values give slopes the reference pass does not compute, refused. attention.clamp_kqv > 0 clamps QKV."""
+    bias_max = float(g.key("attention.max_alibi_bias", 0.0))
+    if bias_max not in (0.0, 8.0):
+        raise UnsupportedFamily(f"{g.path}: {arch.name}.attention.max_alibi_bias {bias_max:g}: ALiBi slopes other than "
+                                "max_bias 8's, which qkvconv's reference pass does not compute")
+    clamp = float(g.key("attention.clamp_kqv", 0.0))
+    return {"alibi": arch.alibi if bias_max else None, "clip_qkv": clamp if clamp > 0 else None}
 
 
 def granite_scales(g: GGUFFile, head_size: int) -> dict[str, Any]:

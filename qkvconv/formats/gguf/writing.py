@@ -49,6 +49,9 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
         raise UnsupportedFamily(f"qkvconv does not write llama.cpp's {arch.name} (positions without RoPE: it reads "
                                 "such files for verify only)")
     problems = _window_problems(arch, arch_obj)
+    if arch.rotary_layers and arch_obj.n_layer not in arch.rotary_layers:
+        problems.append(f"{arch_obj.n_layer} layers ({arch.name} rotates only models of "
+                        f"{' or '.join(map(str, arch.rotary_layers))} layers, and runs others without RoPE)")
     if arch.no_rope_step and arch_obj.n_layer >= arch.no_rope_step:
         problems.append(f"RoPE in every layer ({arch.name} leaves it out of every {arch.no_rope_step}th layer)")
     if arch.windows is None:
