@@ -656,3 +656,15 @@ def test_mpt_alibi_and_clamping_are_read_from_the_file(made, tmp_path, keys, dro
     hf, gguf_file = made["mpt"]
     got, report = run("verify", str(hf), str(rewrite(gguf_file, tmp_path / "x.gguf", keys, drop=drop)))
     assert got == code and why in report["error"], report
+
+
+def test_multi_head_gpt_bigcode_file_llamacpp_cannot_load_is_refused(converter, tmp_path):
+    """llama.cpp's converter writes every GPT-BigCode with head_count_kv 1: a multi-head one's c_attn (3 * n_embd
+    per-head rows) then does not fit the heads, and llama.cpp refuses to load the file; verify refuses it (exit 2)
+    rather than read its rows in some order."""
+    family = replace(BY_ID["gpt-bigcode-mqa"], id="gpt-bigcode-mha", hf={**BY_ID["gpt-bigcode-mqa"].hf,
+                                                                         "multi_query": False})
+    hf = build_hf(family, tmp_path / "hf", converter)
+    llamacpp_convert([(hf, tmp_path / "theirs.gguf", "f32")], converter)
+    code, report = run("verify", str(hf), str(tmp_path / "theirs.gguf"))
+    assert code == 2 and "check_tensor_dims" in report["error"], report

@@ -450,6 +450,19 @@ class TakeExpert(Step):
         return [(shape[1:], dtype)]
 
 
+def _check_qkv_rows(g: GGUFFile, modules: tuple[str, ...], heads: HeadLayout) -> None:
+    """The q/k/v tensors as wide as the head counts make them, as llama.cpp checks on loading (check_tensor_dims):
+    e.g. a multi-head GPT-BigCode's 3 * n_embd rows, which its converter writes with head_count_kv 1."""
+    q, kv = heads.n_head * heads.head_size, heads.n_query_groups * heads.head_size
+    want = (q, kv, kv) if len(modules) == 3 else (q + 2 * kv,)
+    for module, rows in zip(modules, want):
+        name = f"{module}.weight"
+        if name in g.names() and g.shape(name)[0] != rows:
+            raise QkvconvError(f"{g.path}: {name} has {g.shape(name)[0]} rows where {heads.n_head} heads and "
+                               f"{heads.n_query_groups} K/V heads of {heads.head_size} make {rows}; llama.cpp refuses "
+                               "to load such a file (check_tensor_dims)")
+
+
 def plan_gguf_to_litgpt(g: GGUFFile, cfg: dict[str, Any] | None = None) -> Plan:
     """Recipes from the GGUF file's tensors to litgpt's (q/k/v fused in sequential order, fused attn_qkv
     checked against the heads, Phi-3's ffn_up split into gate and up, Gemma's norms back to w). A tensor
@@ -481,6 +494,7 @@ def plan_gguf_to_litgpt(g: GGUFFile, cfg: dict[str, Any] | None = None) -> Plan:
     for i in range(cfg["n_layer"]):
         lit = L.layer(i)
         qkv = arch.qkv_modules(i)
+        _check_qkv_rows(g, qkv, heads)
         for p in params(qkv[0]):
             if len(qkv) == 3:
                 recipes.append(Recipe(f"{lit}.{L.QKV}.{p}", tuple(take(f"{m}.{p}") for m in qkv),
