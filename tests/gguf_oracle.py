@@ -38,6 +38,8 @@ class Family:
     config_json: dict[str, Any] = field(default_factory=dict)  # keys set in config.json after saving (None: removed)
     arch: str = ""  # general.architecture llama.cpp writes
     hf_vocab: int | None = None  # vocab_size where the tokenizer needs a larger one than SMALL's
+    added_tokens: tuple[str, ...] = ()  # special tokens added to GPT-2's tokenizer.json (a converter asks for them)
+    converter_class: str | None = None  # the HF class llama.cpp's converter registers where transformers' differs
 
 
 FAMILIES = [
@@ -103,6 +105,27 @@ MORE = [
                                                              "rope_theta": 500.0}}}, "spm", arch="gemma3"),
     # LayerNorms without weights: no norm tensors in either file
     Family("olmo", {"model_type": "olmo", **SMALL}, "gpt2", arch="olmo", hf_vocab=GPT2_VOCAB),
+    # GLM-4 (transformers): pairs rotary on the first half of each head, q/k/v biases, gate_up_proj fused; its
+    # converter (ChatGLMModel) asks the tokenizer for <|endoftext|> and <|user|>
+    Family("glm", {"model_type": "glm", **SMALL, "head_dim": 8, "attention_bias": True, "pad_token_id": 0,
+                   "rms_norm_eps": 1e-5,
+                   "eos_token_id": 2}, "gpt2", arch="chatglm",
+           hf_vocab=GPT2_VOCAB, added_tokens=("<|endoftext|>", "<|user|>")),
+    # positions without RoPE (verified, not written): GPT-2's learned table (its converter reads n_ctx, which
+    # transformers 5.3 no longer saves), GPT-BigCode multi-query, Bloom's ALiBi with 6 heads (not a power of two:
+    # the slopes' second series)
+    Family("gpt2", {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}, "gpt2",
+           config_json={"n_ctx": 64}, arch="gpt2", hf_vocab=GPT2_VOCAB),
+    Family("gpt-bigcode-mqa", {"model_type": "gpt_bigcode", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
+                               "multi_query": True}, "gpt2", arch="starcoder", hf_vocab=GPT2_VOCAB),
+    Family("bloom", {"model_type": "bloom", "hidden_size": 48, "n_layer": 2, "n_head": 6}, "gpt2", arch="bloom",
+           hf_vocab=GPT2_VOCAB),
+    # MPT: llama.cpp's converter registers MosaicML's MPTForCausalLM (same tensors and keys as transformers' port);
+    # ALiBi on (transformers adds it always; the converter only where attn_config.alibi), clip_qkv small enough to
+    # clamp, 6 heads
+    Family("mpt", {"model_type": "mpt", "d_model": 48, "n_layers": 2, "n_heads": 6, "max_seq_len": 64,
+                   "attn_config": {"alibi": True, "clip_qkv": 0.6}}, "gpt2", arch="mpt", hf_vocab=GPT2_VOCAB,
+           converter_class="MPTForCausalLM"),
 ]
 BY_ID = {f.id: f for f in FAMILIES + MORE}
 
@@ -148,7 +171,23 @@ def build_hf(family: Family, directory: Path, converter: Path, dtype: torch.dtyp
             _gpt2_tokenizer(converter, made, python)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(made / name, directory / name)
+        if family.added_tokens:
+            _add_tokens(directory / "tokenizer.json", family.added_tokens)
     return directory
+
+
+def _add_tokens(path: Path, contents: tuple[str, ...]) -> None:
+    """Special tokens added to a tokenizer.json (at their vocabulary id where they have one, else after it)."""
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    new = len(vocab)
+    for content in contents:
+        token_id = vocab.get(content)
+        if token_id is None:
+            token_id, new = new, new + 1
+        tokenizer["added_tokens"].append({"id": token_id, "content": content, "single_word": False, "lstrip": False,
+                                          "rstrip": False, "normalized": False, "special": True})
+    path.write_text(json.dumps(tokenizer))
 
 
 def _gpt2_tokenizer(converter: Path, made: Path, python: Path) -> None:
@@ -164,6 +203,18 @@ def _gpt2_tokenizer(converter: Path, made: Path, python: Path) -> None:
         staging.rename(made)
     except OSError:  # made meanwhile by another process
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def converter_input(family: Family, directory: Path) -> Path:
+    """The directory to hand llama.cpp's converter: `directory` itself, or a copy whose config.json names the class
+    the converter registers (family.converter_class) where transformers' is spelled otherwise."""
+    if family.converter_class is None:
+        return directory
+    copy = directory.parent / f"{directory.name}.for-llamacpp"
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "architectures": [family.converter_class]}))
+    return copy
 
 
 def llamacpp_convert(jobs: list[tuple[Path, Path, str]], converter: Path) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,8 @@ from typer.testing import CliRunner
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-from gguf_oracle import BY_ID, FAMILIES, MORE, build_hf, converter_dir, llamacpp_convert  # noqa: E402
+from gguf_oracle import (BY_ID, FAMILIES, MORE, TOKENIZERS, build_hf, converter_dir, converter_input,  # noqa: E402
+                         llamacpp_convert)
 
 from qkvconv.cli import app  # noqa: E402
 from qkvconv.formats.weights import open_weights  # noqa: E402
@@ -26,7 +29,9 @@ from qkvconv.ops.verify import verify  # noqa: E402
 
 runner = CliRunner()
 IDS = [f.id for f in FAMILIES + MORE]
-PAIRS_ARCHS = {"llama", "smollm3", "granite", "olmo"}  # llama.cpp's NORM rope among the families here
+PAIRS_ARCHS = {"llama", "smollm3", "granite", "olmo", "chatglm"}  # llama.cpp's NORM rope among the families here
+UNROTATED_ARCHS = {"gpt2", "starcoder", "bloom", "mpt"}  # positions without RoPE: verified, not written
+FUSED_ARCHS = {"phi3", "falcon", "gptneox", *UNROTATED_ARCHS}  # one attn_qkv
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,8 @@ def oracle(tmp_path_factory, converter) -> dict[tuple[str, str], tuple[Path, Pat
     with ThreadPoolExecutor(max_workers=2) as pool:
         hf = dict(zip(IDS, pool.map(lambda i: build_hf(BY_ID[i], root / i, converter), IDS)))
     jobs = [(i, "f32") for i in IDS] + LOSSY
-    llamacpp_convert([(hf[i], root / f"{i}.{t}.gguf", t) for i, t in jobs], converter)
+    inputs = {i: converter_input(BY_ID[i], hf[i]) for i in IDS}
+    llamacpp_convert([(inputs[i], root / f"{i}.{t}.gguf", t) for i, t in jobs], converter)
     out = {}
     for i, t in jobs:
         made = root / f"{i}.{t}.gguf"
@@ -87,6 +93,8 @@ def corrupt_rotary(src: Path, dst: Path, layer: int) -> Path:
     n_rot = key("rope.dimension_count", hs)
     order = (RopeOrder.PAIRS, RopeOrder.HALF) if arch in PAIRS_ARCHS else (RopeOrder.HALF, RopeOrder.PAIRS)
     per_head = head_permutation(hs, n_rot, *order).numpy()
+    if arch in UNROTATED_ARCHS:  # no rotary order to get wrong: the fused rows left as the source held them
+        return _corrupt_fused(reader, layer, n_head, n_kv, hs, dst)
 
     def rows(heads: int) -> np.ndarray:
         return (np.arange(heads)[:, None] * hs + per_head[None, :]).reshape(-1)
@@ -111,6 +119,25 @@ def corrupt_rotary(src: Path, dst: Path, layer: int) -> Path:
     return dst
 
 
+def _corrupt_fused(reader, layer: int, n_head: int, n_kv: int, hs: int, dst: Path) -> Path:
+    """Layer `layer`'s attn_qkv (weight and bias) as a converter that skipped the re-ordering writes it: an MHA
+    model's per-head rows (q_h, k_h, v_h: Bloom's, GPT-NeoX's) where llama.cpp reads sequential ones; a multi-query
+    model's single K and V heads swapped."""
+    if n_kv == n_head:
+        index = np.arange(3 * n_head * hs).reshape(3, n_head, hs).transpose(1, 0, 2).reshape(-1)
+    else:
+        q, kv = n_head * hs, n_kv * hs
+        index = np.concatenate([np.arange(q), np.arange(q + kv, q + 2 * kv), np.arange(q, q + kv)])
+    changed = 0
+    for t in reader.tensors:
+        if t.name.startswith(f"blk.{layer}.attn_qkv."):
+            t.data[...] = np.array(t.data)[index]
+            changed += 1
+    assert changed >= 1  # the weight (and its bias, where the model has one)
+    del reader
+    return dst
+
+
 @pytest.mark.parametrize("family_id", IDS)
 def test_llamacpp_gguf_verifies_against_its_source(made, family_id):
     hf, gguf_file = made[family_id]
@@ -119,7 +146,9 @@ def test_llamacpp_gguf_verifies_against_its_source(made, family_id):
     assert report["passed"] and report["top1_agreement"] == 1.0
     worst = max(s["max_abs_diff"] / s["scale"] for s in report["stages"])
     assert worst < 2e-6, report["stages"]  # float32 file: only the rotary order's rounding (llama: pairs)
-    gelu = BY_ID[family_id].hf["model_type"] in ("falcon", "gpt_neox")  # exact GELU in HF; Gemma is tanh on both
+    # another GELU than llama.cpp's tanh one in HF (exact; Bloom's own constant); Gemma, GPT-BigCode and GPT-2
+    # (gelu_new: the tanh formula written out) compute the tanh approximation on both sides
+    gelu = BY_ID[family_id].hf["model_type"] in ("falcon", "gpt_neox", "bloom", "mpt")
     assert any("gelu_approximate" in n for n in report["notes"]) == gelu
 
 
@@ -152,15 +181,19 @@ def test_inspect_gguf(made, family_id):
     config = json.loads((hf / "config.json").read_text())
     family = BY_ID[family_id]
     assert report["format"] == "gguf" and report["family"] == family.arch
-    assert report["n_head"] == config["num_attention_heads"]
+    n_head = config.get("num_attention_heads", config.get("n_head", config.get("n_heads")))  # GPT-2's, Bloom's, MPT's
+    assert report["n_head"] == n_head
     kv = 1 if config.get("multi_query") and not config.get("new_decoder_architecture") else \
-        config.get("num_key_value_heads", config.get("num_kv_heads", config["num_attention_heads"]))
+        config.get("num_key_value_heads", config.get("num_kv_heads", n_head))
     assert report["n_query_groups"] == kv
     fraction = config.get("rotary_pct") or config.get("rope_parameters", {}).get("partial_rotary_factor") or 1.0
-    assert report["rope"]["order"] == ("pairs" if family.arch in PAIRS_ARCHS else "half")
-    assert report["rope"]["fraction"] == pytest.approx(fraction)
+    if family.arch in UNROTATED_ARCHS:
+        assert report["rope"] is None and "no RoPE" in report["evidence"][0]
+    else:
+        assert report["rope"]["order"] == ("pairs" if family.arch in PAIRS_ARCHS else "half")
+        assert report["rope"]["fraction"] == pytest.approx(fraction)
     assert report["tensor_types"] == {"F32": {"parameters": report["parameters"], "bytes": 4 * report["parameters"]}}
-    assert report["qkv_order"] == ("sequential" if family.arch in ("phi3", "falcon", "gptneox") else "split")
+    assert report["qkv_order"] == ("sequential" if family.arch in FUSED_ARCHS else "split")
 
 
 def test_rope_field_of_every_format(made, legacy, tmp_path):
@@ -212,6 +245,11 @@ def test_convert_to_gguf_writes_what_llamacpp_writes(made, family_id, tmp_path):
     hf, oracle = made[family_id]
     out = tmp_path / "out.gguf"
     code, report = run("convert", str(hf), "--to", "gguf", "--out", str(out))
+    if BY_ID[family_id].arch in UNROTATED_ARCHS:  # learned positions, ALiBi: refused, and so is llama.cpp's file
+        assert code == 2 and not out.exists(), report
+        code, report = run("convert", str(oracle), "--to", "hf", "--out", str(tmp_path / "hf"))
+        assert code == 2 and "verify reads it" in report["error"] and not (tmp_path / "hf").exists()
+        return
     assert code == 0, report
     assert report["checks"][0].startswith("checked in")  # not skipped
     mine, theirs = gguf.GGUFReader(out), gguf.GGUFReader(oracle)
@@ -462,3 +500,171 @@ def test_widths_llamacpp_would_not_load_are_refused(made, tmp_path):
                   drop=("llama.feed_forward_length",))
     code, report = run("verify", str(hf), str(bad))
     assert code == 2 and "llama.cpp refuses to load" in report["error"] and "feed_forward_length 100" in report["error"]
+
+
+def test_glm_settings_llamacpp_does_not_carry(converter, tmp_path):
+    """llama.cpp's converter writes a GlmForCausalLM's RMSNorm eps from ChatGLM's `layernorm_epsilon` (default 1e-5)
+    and its rope.freq_base as 10000 * rope_ratio, not from rms_norm_eps or rope_theta: a GLM-4 with its own eps
+    (GlmConfig's default 1.5625e-07) and base computes otherwise in llama.cpp's file (verify exit 1, naming them);
+    `convert --to gguf` writes them and verifies."""
+    from gguf_oracle import Family
+
+    family = replace(BY_ID["glm"], id="glm-eps", hf={**BY_ID["glm"].hf, "rms_norm_eps": 1.5625e-07,
+                                                     "rope_parameters": {"rope_theta": 500.0, "rope_type": "default",
+                                                                         "partial_rotary_factor": 0.5}})
+    hf = build_hf(family, tmp_path / "hf", converter)
+    llamacpp_convert([(hf, tmp_path / "theirs.gguf", "f32")], converter)
+    code, report = run("verify", str(hf), str(tmp_path / "theirs.gguf"))
+    assert code == 1 and "norm_eps" in report["error"] and "rope_base" in report["error"], report
+    code, report = run("convert", str(hf), "--to", "gguf", "--out", str(tmp_path / "ours.gguf"))
+    assert code == 0, report
+    assert run("verify", str(hf), str(tmp_path / "ours.gguf"))[0] == 0
+
+
+def test_chatglm_remote_original_and_its_fused_attn_qkv(made, converter, tmp_path):
+    """ChatGLM2/3 / GLM-4 as released (ChatGLMModel, remote code; built here from the GLM model's tensors): llama.cpp's
+    converter keeps query_key_value as a sequential attn_qkv. That file verifies against the remote original and
+    against its transformers twin; inspect says fused; one layer's rows in half rotary order fail naming it; and
+    `convert --to gguf` of the original writes llama.cpp's attn_qkv bit for bit."""
+    from safetensors.torch import load_file
+    from test_remote_twins_glm import chatglm_from_glm
+
+    glm, _ = made["glm"]
+    original = tmp_path / "chatglm"
+    vocab = BY_ID["glm"].hf_vocab
+    chatglm_from_glm(load_file(glm / "model.safetensors"), original, padded_vocab_size=vocab, vocab_size=vocab,
+                     rope_ratio=1)  # the converter reads vocab_size too, as released configs have it
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(glm / name, original / name)
+    theirs = tmp_path / "theirs.gguf"
+    llamacpp_convert([(original, theirs, "f32")], converter)
+    assert "blk.0.attn_qkv.weight" in {t.name for t in gguf.GGUFReader(theirs).tensors}
+    for source in (original, glm):
+        code, report = run("verify", str(source), str(theirs))
+        assert code == 0, report
+    code, report = run("inspect", str(theirs))
+    assert code == 0 and report["family"] == "chatglm" and report["qkv_order"] == "sequential"
+    assert report["rope"]["order"] == "pairs" and report["rope"]["fraction"] == 0.5
+    code, report = run("verify", str(original), str(corrupt_rotary(theirs, tmp_path / "bad.gguf", layer=1)))
+    assert code == 1 and report["first_difference"] == "layer 1"
+    code, report = run("convert", str(original), "--to", "gguf", "--out", str(tmp_path / "ours.gguf"))
+    assert code == 0, report
+    ours = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors}
+    oracle = {t.name: np.array(t.data) for t in gguf.GGUFReader(theirs).tensors}
+    assert sorted(ours) == sorted(oracle) and all(np.array_equal(ours[k], v) for k, v in oracle.items())
+
+
+def _baichuan(tensors: dict, directory: Path, n_layer: int) -> Path:
+    """Baichuan-7B's files (W_pack: Q, K, V thirds; Llama's other names; the remote config's keys) of the first
+    `n_layer` layers of an MHA Llama's tensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    kept = {k: v for k, v in tensors.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < n_layer}
+    out = {k: v for k, v in kept.items() if not any(f".self_attn.{x}_proj." in k for x in "qkv")}
+    for i in range(n_layer):
+        p = f"model.layers.{i}.self_attn"
+        out[f"{p}.W_pack.weight"] = torch.cat([kept[f"{p}.{x}_proj.weight"] for x in "qkv"])
+    directory.mkdir()
+    save_file({k: v.contiguous() for k, v in out.items()}, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps({
+        "architectures": ["BaichuanForCausalLM"], "model_type": "baichuan",
+        "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                     "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
+        "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_hidden_layers": n_layer,
+        "vocab_size": 96, "model_max_length": 64, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        "torch_dtype": "float32"}))
+    return directory
+
+
+def test_internlm2_and_baichuan_remote_originals(made, converter, tmp_path):
+    """InternLM2 and Baichuan-7B as released (remote code; built from transformers twins' tensors), whose fused
+    wqkv / W_pack llama.cpp cuts into attn_q/k/v, Q and K permuted into pairs order. llama.cpp's InternLM2 file
+    verifies against the remote original, inspect names it, one layer's Q/K left in half order fails naming the
+    layer, and `convert --to gguf` of the original writes its tensors bit for bit. llama.cpp 0.3.36's
+    BaichuanModel.modify_tensors recurses forever on every tensor but W_pack (it calls itself, not super()), so it
+    makes no Baichuan file: its W_pack code (the permutation of llama's LlamaModel.permute) and the 32-layer twin
+    Llama's file from llama.cpp's converter are the oracle of qkvconv's Baichuan file instead. llama.cpp's
+    baichuan rotates only a 32-layer model (LLM_TYPE_7B): a Baichuan of 2 layers is not written."""
+    from safetensors.torch import load_file
+    from test_remote_twins import internlm2_from_llama
+
+    from gguf_oracle import SMALL, Family
+
+    internlm2 = tmp_path / "internlm2"
+    internlm2_from_llama(load_file(made["llama-gqa"][0] / "model.safetensors"), internlm2)
+    python = converter / "venv" / "bin" / "python"  # its own tokenizer loop wants a vocabulary of exactly vocab_size
+    subprocess.run([str(python), str(TOKENIZERS), "spm", str(internlm2), "--vocab", "96"], check=True,
+                   capture_output=True, timeout=300)
+    llama = build_hf(Family("llama-mha-32", {"model_type": "llama", **SMALL, "num_hidden_layers": 32,
+                                             "num_key_value_heads": 4, "rms_norm_eps": 1e-6}, "spm"),
+                     tmp_path / "llama-32", converter)
+    tensors = load_file(llama / "model.safetensors")
+    baichuan = _baichuan(tensors, tmp_path / "baichuan", 32)
+    llamacpp_convert([(internlm2, tmp_path / "internlm2.gguf", "f32"), (llama, tmp_path / "llama-32.gguf", "f32")],
+                     converter)
+    cases = {"internlm2": (internlm2, tmp_path / "internlm2.gguf", ()),
+             "baichuan": (baichuan, tmp_path / "baichuan-ours" / "model.gguf", ("--variant", "baichuan-7b"))}
+    oracles = {"internlm2": tmp_path / "internlm2.gguf", "baichuan": tmp_path / "llama-32.gguf"}
+    for arch, (hf, file, variant) in cases.items():
+        code, report = run("convert", str(hf), "--to", "gguf", "--out", str(tmp_path / f"{arch}-ours"), *variant)
+        assert code == 0, report
+        ours = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / f"{arch}-ours" / "model.gguf").tensors}
+        oracle = {t.name: np.array(t.data) for t in gguf.GGUFReader(oracles[arch]).tensors}
+        assert sorted(ours) == sorted(oracle) and all(np.array_equal(ours[k], v) for k, v in oracle.items())
+        code, report = run("verify", str(hf), str(file), *variant)
+        assert code == 0, report
+        code, report = run("inspect", str(file))
+        assert code == 0 and report["family"] == arch and report["rope"]["order"] == "pairs"
+        code, report = run("verify", str(hf), str(corrupt_rotary(file, tmp_path / f"{arch}-bad.gguf", 1)), *variant)
+        assert code == 1 and report["first_difference"] == "layer 1", report
+    _w_pack_as_llamacpp_cuts_it(converter, load_file(baichuan / "model.safetensors"), oracles["baichuan"])
+    short = _baichuan(tensors, tmp_path / "baichuan-2", 2)
+    code, report = run("convert", str(short), "--to", "gguf", "--out", str(tmp_path / "x"), "--variant", "baichuan-7b")
+    assert code == 2 and "rotates only models of 32 layers" in report["error"] and not (tmp_path / "x").exists()
+
+
+def _w_pack_as_llamacpp_cuts_it(converter: Path, tensors: dict, llama_file: Path) -> None:
+    """llama.cpp's BaichuanModel.modify_tensors, run on layer 1's W_pack, gives the twin Llama file's attn_q/k/v."""
+    import sys
+
+    tree = converter / "llama.cpp"
+    sys.path[:0] = [str(tree), str(tree / "gguf-py")]
+    try:
+        from conversion.baichuan import BaichuanModel
+    finally:
+        del sys.path[:2]
+    model = object.__new__(BaichuanModel)
+    model.hparams = {"num_attention_heads": 4}
+    model.format_tensor_name = lambda kind, bid: f"blk.{bid}.{kind.name.lower()}.weight"
+    name = "model.layers.1.self_attn.W_pack.weight"
+    cut = {k: v.numpy() for k, v in model.modify_tensors(tensors[name], name, 1)}
+    theirs = {t.name: np.array(t.data) for t in gguf.GGUFReader(llama_file).tensors}
+    assert len(cut) == 3 and all(np.array_equal(v, theirs[k]) for k, v in cut.items())
+
+
+@pytest.mark.parametrize("keys,drop,code,why", [
+    ({"mpt.attention.max_alibi_bias": 0.0}, ("mpt.attention.max_alibi_bias",), 1, "alibi"),
+    (None, ("mpt.attention.clamp_kqv",), 1, "clip_qkv"),
+    ({"mpt.attention.max_alibi_bias": 4.0}, ("mpt.attention.max_alibi_bias",), 2, "max_alibi_bias 4"),
+])
+def test_mpt_alibi_and_clamping_are_read_from_the_file(made, tmp_path, keys, drop, code, why):
+    """llama.cpp's mpt takes ALiBi and QKV clamping from attention.max_alibi_bias and attention.clamp_kqv (its
+    converter writes max_alibi_bias 0 unless attn_config.alibi, while transformers' MPT always adds ALiBi): a file
+    without them computes otherwise (exit 1, naming the field); slopes other than max_bias 8's are refused (exit 2)."""
+    hf, gguf_file = made["mpt"]
+    got, report = run("verify", str(hf), str(rewrite(gguf_file, tmp_path / "x.gguf", keys, drop=drop)))
+    assert got == code and why in report["error"], report
+
+
+def test_multi_head_gpt_bigcode_file_llamacpp_cannot_load_is_refused(converter, tmp_path):
+    """llama.cpp's converter writes every GPT-BigCode with head_count_kv 1: a multi-head one's c_attn (3 * n_embd
+    per-head rows) then does not fit the heads, and llama.cpp refuses to load the file; verify refuses it (exit 2)
+    rather than read its rows in some order."""
+    family = replace(BY_ID["gpt-bigcode-mqa"], id="gpt-bigcode-mha", hf={**BY_ID["gpt-bigcode-mqa"].hf,
+                                                                         "multi_query": False})
+    hf = build_hf(family, tmp_path / "hf", converter)
+    llamacpp_convert([(hf, tmp_path / "theirs.gguf", "f32")], converter)
+    code, report = run("verify", str(hf), str(tmp_path / "theirs.gguf"))
+    assert code == 2 and "check_tensor_dims" in report["error"], report

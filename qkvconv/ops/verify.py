@@ -267,9 +267,13 @@ def _assumed(reference: Any, candidate: Any, arch_a: forward.Architecture, arch_
 
     notes = []
     for side, other, arch, other_arch in ((reference, candidate, arch_a, arch_b), (candidate, reference, arch_b, arch_a)):
+        same_gelu = _tanh_gelu(arch) and _tanh_gelu(other_arch)  # GPT-2's gelu_new is the tanh formula written out
         for name in getattr(side, "assumed", ()):
             mine, theirs = getattr(arch, name), getattr(other_arch, name)
-            if mine != theirs and not getattr(other, "assumed", ()):
+            if mine != theirs and not getattr(other, "assumed", ()) and same_gelu:
+                arch_a, arch_b = (replace(arch_a, **{name: theirs}), arch_b) if side is reference else \
+                    (arch_a, replace(arch_b, **{name: theirs}))
+            elif mine != theirs and not getattr(other, "assumed", ()):
                 notes.append(f"{side.description} cannot record {name} (llama.cpp computes {mine!r}); compared with "
                              f"the other side's {theirs!r}: llama.cpp's own run differs by that approximation")
                 if side is reference:
@@ -277,6 +281,11 @@ def _assumed(reference: Any, candidate: Any, arch_a: forward.Architecture, arch_
                 else:
                     arch_b = replace(arch_b, **{name: theirs})
     return arch_a, arch_b, notes
+
+
+def _tanh_gelu(arch: forward.Architecture) -> bool:
+    """The MLP's activation is the tanh approximation of GELU (torch's, or transformers' gelu_new formula)."""
+    return arch.mlp_activation == "gelu_new" or (arch.mlp_activation, arch.gelu_approximate) == ("gelu", "tanh")
 
 
 class _QuantizedAlike:

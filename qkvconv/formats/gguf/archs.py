@@ -18,7 +18,7 @@ converter makes of Falcon's grouped and GPT-NeoX's per-head rows and which Phi-3
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from collections.abc import Collection, Mapping
 
 from qkvconv.errors import UnsupportedFamily
@@ -103,6 +103,17 @@ class GGUFArch:
     multipliers: bool = False  # Granite's scale keys (attention.scale, embedding_scale, residual_scale, logit_scale)
     no_rope_step: int = 0  # llama.cpp's n_no_rope_layer_step: layer il without RoPE where (il + 1) % step == 0
     keys: frozenset[str] = frozenset()  # `{arch}.*` keys it reads beyond every architecture's (reading.KNOWN_KEYS)
+    # llama.cpp loads q/k/v either way (llama-model.cpp create_tensor_qkv: attn_qkv where present, else attn_q/k/v):
+    # a file with attn_qkv is read as fused, and these HF classes are written fused, as their converter writes them
+    fused_converters: tuple[str, ...] = ()
+    # how positions enter where not by RoPE (the reference pass's fields, model/architecture.py REFERENCE_DEFAULTS):
+    # llama.cpp's learned position table or its embedding norm (litgpt module -> GGUF module, once per model), and
+    # ALiBi: ggml_soft_max_ext's slopes for max_bias 8 are build_alibi_tensor's ("bloom"; alibi.py)
+    more_global: Mapping[str, str] = field(default_factory=dict)
+    alibi: str | None = None
+    rotary: bool = True  # False: no RoPE in the graph, whatever rope.dimension_count says
+    rotary_layers: tuple[int, ...] = ()  # RoPE only for models of these layer counts (the graph's model-type switch)
+    alibi_key: bool = False  # ALiBi as attention.max_alibi_bias says (0 or absent: none; 8: `alibi`'s slopes)
 
     @property
     def norm_1(self) -> bool:
@@ -256,9 +267,81 @@ GRANITE = replace(
           "residual branches times residual_scale and embeddings times embedding_scale where nonzero",
 )
 
+CHATGLM = GGUFArch(
+    "chatglm", "ChatGLM / GLM-4 (GGUF)", RopeOrder.PAIRS, "split", PHI3.layer, "RMSNorm", "LLaMAMLP",
+    "attention.layer_norm_rms_epsilon", gate_up=True, converter="GlmForCausalLM, ChatGLMModel, "
+    "ChatGLMForConditionalGeneration", qkv_bias="optional", heads_span_embd=True,
+    fused_converters=("ChatGLMModel", "ChatGLMForConditionalGeneration"),
+    where="conversion/chatglm.py ChatGLMModel: no tensor hook, so GlmForCausalLM's q_proj/k_proj/v_proj go to "
+          "attn_q/attn_k/attn_v and ChatGLM's query_key_value to attn_qkv unchanged (both already rotate in pairs: "
+          "no permutation), gate_up_proj / dense_h_to_4h to ffn_up (gate rows, then up); rope.dimension_count = "
+          "(hidden_size / num_attention_heads) * partial_rotary_factor (0.5), rope.freq_base = 10000 * rope_ratio "
+          "(GlmForCausalLM's rope_theta is not read); src/models/chatglm.cpp: NORM rope on the first n_rot dims, "
+          "Q scaled by 1/sqrt(head size), attn_output n_embd x n_embd without bias, ffn_up split by swiglu (gate "
+          "first), output optional (tied: token_embd)",
+)
+
+INTERNLM2 = replace(
+    LLAMA, name="internlm2", label="InternLM2 (GGUF)", converter="InternLM2ForCausalLM", experts="none",
+    full_rotary=False, heads_span_embd=True, output_required=True,
+    where="conversion/internlm.py InternLM2Model.modify_tensors cuts attention.wqkv (grouped: per K/V group its Q "
+          "heads, K, V) into attn_q / attn_k / attn_v and permutes Q and K half -> pairs (LlamaModel.permute; a wqkv "
+          "bias would not reshape: only bias-free models convert); src/models/internlm2.cpp: NORM rope, attn_output "
+          "without bias, SiLU-gated MLP, output required",
+)
+BAICHUAN = replace(
+    LLAMA, name="baichuan", label="Baichuan 7B (GGUF)", converter="BaichuanForCausalLM", qkv_bias="none",
+    experts="none", full_rotary=False, heads_span_embd=True, output_required=True, rotary_layers=(32,),
+    where="conversion/baichuan.py BaichuanModel.modify_tensors cuts W_pack into thirds (attn_q / attn_k / attn_v) "
+          "and permutes Q and K half -> pairs (_reverse_hf_permute_part); src/models/baichuan.cpp rotates only a "
+          "model of 32 layers (LLM_TYPE_7B), gives one of 40 ALiBi (13B) and any other no positions at all",
+)
+
+# GPT-2-shaped graphs (src/models/gpt2.cpp, starcoder.cpp, bloom.cpp): LayerNorms with biases, one attn_qkv of
+# sequential rows with its bias, attn_output n_embd x n_embd, ffn_up / ffn_down with biases, LLM_FFN_GELU (ggml's
+# tanh GELU), sequential residuals, Q scaled by 1/sqrt(n_embd / n_head), output optional (tied: token_embd). qkvconv
+# reads them for verify; it converts no model with learned positions or ALiBi (litgpt has neither), so none is written
+GPT2 = GGUFArch(
+    "gpt2", "GPT-2 (GGUF)", RopeOrder.HALF, "fused", NEOX_LAYER, "LayerNorm", "GptNeoxMLP",
+    "attention.layer_norm_epsilon", converter="GPT2LMHeadModel", qkv_bias="required", proj_bias="required",
+    heads_span_embd=True, more_global={L.POSITION_EMBEDDING: "position_embd"}, rotary=False,
+    where="conversion/gpt2.py GPT2Model.modify_tensors transposes the Conv1D weights (c_attn, c_proj, c_fc) into "
+          "Linear's [out, in], c_attn's rows kept sequential (Q, K, V); feed_forward_length = 4 * n_embd; "
+          "src/models/gpt2.cpp adds position_embd rows 0.. to the embeddings, no RoPE",
+)
+STARCODER = replace(
+    GPT2, name="starcoder", label="StarCoder / GPT-BigCode (GGUF)", converter="GPTBigCodeForCausalLM",
+    where="conversion/starcoder.py StarCoderModel: c_attn (a Linear) kept as it is, head_count_kv written as 1 "
+          "(multi-query: all Q heads, then one K and one V, sequential); src/models/starcoder.cpp: position_embd "
+          "added, no RoPE; a multi-head GPT-BigCode (per-head rows, 3 * n_embd) does not fit head_count_kv 1",
+)
+BLOOM = replace(
+    GPT2, name="bloom", label="Bloom (GGUF)", converter="BloomForCausalLM", more_global={L.EMBEDDING_NORM:
+                                                                                        "token_embd_norm"},
+    alibi="bloom",
+    where="conversion/bloom.py BloomModel.modify_tensors re-orders query_key_value (weight and bias) from per-head "
+          "(q_h, k_h, v_h) to sequential; src/models/bloom.cpp: token_embd_norm (LayerNorm) on the embeddings, "
+          "ALiBi with f_max_alibi_bias = 8 fixed in load_arch_hparams (ggml_soft_max_ext: the slopes of "
+          "build_alibi_tensor), no RoPE",
+)
+# src/models/mpt.cpp: LayerNorm and linear biases optional (MPT's no_bias: none), position_embd optional, QKV
+# clamped by attention.clamp_kqv (llama-graph.cpp build_qkv), q/k LayerNorms where present, ALiBi by
+# attention.max_alibi_bias
+MPT = replace(
+    GPT2, name="mpt", label="MPT (GGUF)", converter="MPTForCausalLM", qkv_bias="optional", proj_bias="optional",
+    more_global={}, alibi="mpt", alibi_key=True, keys=frozenset({"attention.clamp_kqv", "attention.max_alibi_bias"}),
+    where="conversion/mpt.py MPTModel (registered for MosaicML's MPTForCausalLM, not transformers' MptForCausalLM, "
+          "whose tensors and config keys are the same): tensors renamed only (Wqkv sequential -> attn_qkv); "
+          "layer_norm_epsilon written as 1e-5, feed_forward_length 4 * d_model, attn_config.clip_qkv as "
+          "attention.clamp_kqv, attention.max_alibi_bias = attn_config.alibi_bias_max where attn_config.alibi, "
+          "else 0 (no ALiBi: transformers' MptModel adds it whatever attn_config.alibi says); ggml's slopes for "
+          "max_bias 8 are build_mpt_alibi_tensor's",
+)
+
 ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, QWEN3MOE, PHI3, FALCON, GPTNEOX, GEMMA,
                                                   GEMMA2, GEMMA3, STABLELM, PHI2, OLMO, OLMO2, STARCODER2, SMOLLM3,
-                                                  GRANITE)}
+                                                  GRANITE, CHATGLM, GPT2, STARCODER, BLOOM, INTERNLM2, BAICHUAN,
+                                                  MPT)}
 
 # litgpt's LLaMAMoE router and experts (under transformer.h.{i}) <-> llama.cpp's, whose experts of one layer are
 # stacked in one 3D tensor per linear (expert e: index e of its first dim); src/models/llama.cpp renormalises
@@ -295,6 +378,8 @@ def resolve(name: str, tensor_names: Collection[str]) -> GGUFArch:
     arch = ARCHS.get(name)
     if arch is None:
         raise UnsupportedFamily(f"GGUF architecture {name!r} is not one qkvconv reads (it reads: {', '.join(ARCHS)})")
+    if arch.fused_converters and "blk.0.attn_qkv.weight" in tensor_names:
+        return replace(arch, qkv="fused")
     if arch is FALCON and "blk.0.attn_norm_2.weight" in tensor_names:
         return FALCON_40B
     if arch is STABLELM and "blk.0.ffn_norm.weight" not in tensor_names:

@@ -76,8 +76,11 @@ def inspect_gguf(source: Path) -> dict[str, Any]:
     kind = "NORM (adjacent pairs)" if arch.rope.value == "pairs" else "NEOX (dims i and i + n_rot/2)"
     qkv = ("separate attn_q / attn_k / attn_v" if arch.qkv == "split"
            else "one fused attn_qkv, rows sequential (Q heads, K heads, V heads)")
+    positions = (f"llama.cpp rotates it with {kind} RoPE (llama_model_rope_type)" if arch.rotary else
+                 f"no RoPE in llama.cpp's graph: {'ALiBi (max_bias 8)' if arch.alibi else 'learned positions'}"
+                 f"{''.join(f', {m}' for m in arch.more_global.values())}")
     evidence = [
-        f"general.architecture = {arch.name}: llama.cpp rotates it with {kind} RoPE (llama_model_rope_type)",
+        f"general.architecture = {arch.name}: {positions}",
         f"{arch.name}.attention.head_count = {cfg['n_head']}, head_count_kv = {cfg['n_query_groups']}, "
         f"key_length = {cfg['head_size']}, rope.dimension_count = {n_rot}",
         f"{qkv}; {arch.where}",
@@ -94,7 +97,7 @@ def inspect_gguf(source: Path) -> dict[str, Any]:
         "files": [{"name": g.path.name, "bytes": g.path.stat().st_size}],
         "notes": [] if tokenizer else ["no tokenizer.ggml.model: llama.cpp cannot load this file"],
         "rope": rope_report(cfg, f"general.architecture = {arch.name} ({kind} in llama.cpp), {arch.name}.rope."
-                            f"dimension_count = {n_rot} of head size {cfg['head_size']}"),
+                            f"dimension_count = {n_rot} of head size {cfg['head_size']}") if arch.rotary else None,
         "architecture": arch.name,
         "tensor_types": {k: {"parameters": v, "bytes": sizes[k]} for k, v in types.items()},
         "tokenizer": tokenizer,
@@ -215,7 +218,9 @@ class GGUFWeights:
 
 def gguf_weights(source: Path) -> GGUFWeights:
     g, cfg, plan = _open(source)
-    assumed = frozenset({"gelu_approximate"}) if cfg["mlp_class_name"] in ("GptNeoxMLP", "GemmaMLP") else frozenset()
+    # GGUF records no activation: llama.cpp's is ggml's tanh GELU, whichever GELU the source computes
+    assumed = frozenset({"gelu_approximate", "mlp_activation"}) if cfg["mlp_class_name"] in ("GptNeoxMLP", "GemmaMLP") \
+        else frozenset()
     return GGUFWeights(str(g.path), cfg, g, {r.output: r for r in plan.recipes}, g.lossiest(), assumed)
 
 
@@ -233,7 +238,13 @@ class GGUF(Format):
     def source(self, directory: Path) -> Source:
         from qkvconv.plans.transforms import ModelPlan
 
+        from qkvconv.model.architecture import REFERENCE_DEFAULTS
+
         g, cfg, plan = _open(directory)
+        beyond = sorted(k for k, v in REFERENCE_DEFAULTS.items() if k in cfg and cfg[k] != v)
+        if beyond:
+            raise UnsupportedFamily(f"{g.path}: llama.cpp's {g.arch.name} has {', '.join(beyond)}, which no format "
+                                    "qkvconv converts to can hold (litgpt has none): verify reads it, convert does not")
         if g.lossiest() not in ("F32", "F16", "BF16"):
             raise QkvconvError(f"{g.path} holds {g.lossiest()} weights: converting them would not be exact "
                                "(qkvconv converts F32, F16 and BF16 files; verify compares quantized ones)")

@@ -210,6 +210,10 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
         raise UnsupportedFamily(f"{g.path} sets {', '.join(prefix + k for k in unknown[:3])}, which qkvconv's GGUF "
                                 "reader does not map: refused rather than read as a model it may not be")
     n_embd, n_layer, n_head = (int(_require(g, k)) for k in ("embedding_length", "block_count", "attention.head_count"))
+    if arch.rotary_layers and n_layer not in arch.rotary_layers:
+        raise UnsupportedFamily(f"{g.path}: llama.cpp's {arch.name} rotates only models of "
+                                f"{' or '.join(map(str, arch.rotary_layers))} layers; it runs this one of {n_layer} "
+                                "without RoPE, which its source does not compute")
     if arch.no_rope_step and n_layer >= arch.no_rope_step:
         raise UnsupportedFamily(f"{g.path}: llama.cpp's {arch.name} runs every {arch.no_rope_step}th layer without "
                                 "RoPE, which litgpt cannot compute (it rotates in every layer)")
@@ -217,7 +221,7 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
     head_size = int(g.key("attention.key_length", n_embd // n_head))
     if int(g.key("attention.value_length", head_size)) != head_size:
         raise UnsupportedFamily(f"{g.path}: value heads of another size than key heads, which litgpt has not")
-    n_rot = int(g.key("rope.dimension_count", head_size))
+    n_rot = int(g.key("rope.dimension_count", head_size)) if arch.rotary else 0
     if arch.full_rotary and n_rot != head_size or arch.heads_span_embd and head_size * n_head != n_embd:
         raise UnsupportedFamily(f"{g.path}: rope.dimension_count {n_rot}, heads {n_head} x {head_size} for n_embd "
                                 f"{n_embd}, which llama.cpp's {arch.name} does not load")
@@ -277,7 +281,14 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
         "norm_2": L.NORM_2 in arch.layer or arch.shared_attention_norm or not arch.norm_weights,
         "post_attention_norm": L.POST_ATTENTION_NORM in arch.layer,
         "post_mlp_norm": L.POST_MLP_NORM in arch.layer,
+        # beyond litgpt: how the graph takes positions where not by RoPE (archs.GGUFArch.more_global, alibi)
+        "learned_positions": L.POSITION_EMBEDDING in arch.more_global,
+        "embedding_norm": L.EMBEDDING_NORM in arch.more_global,
+        "alibi": arch.alibi,
+        "norm_bias": arch.norm_class_name != "LayerNorm" or not arch.norm_weights or "output_norm.bias" in names,
     }
+    if arch.alibi_key:
+        cfg.update(positions_by_keys(g, arch))
     if moe:
         cfg.update(mlp_class_name="LLaMAMoE", moe_intermediate_size=up, n_expert=int(_require(g, "expert_count")),
                    n_expert_per_token=int(_require(g, "expert_used_count")))
@@ -319,6 +330,18 @@ def windows_config(g: GGUFFile, w: Windows, n_layer: int, n_embd: int, n_head: i
             base = float(g.key("rope.freq_base_swa", 10000.0))  # llama-hparams.h rope_freq_base_train_swa
             out.update(rope_local_base_freq=int(base) if base.is_integer() else base, rope_indices=layers)
     return out
+
+
+def positions_by_keys(g: GGUFFile, arch: GGUFArch) -> dict[str, Any]:
+    """MPT's ALiBi and clamping as the file sets them: attention.max_alibi_bias 0 (or absent) is no ALiBi, 8 the
+    slopes of `arch.alibi` (ggml_soft_max_ext's for max_bias 8 are the schemes' of reference/alibi.py); other
+    values give slopes the reference pass does not compute, refused. attention.clamp_kqv > 0 clamps QKV."""
+    bias_max = float(g.key("attention.max_alibi_bias", 0.0))
+    if bias_max not in (0.0, 8.0):
+        raise UnsupportedFamily(f"{g.path}: {arch.name}.attention.max_alibi_bias {bias_max:g}: ALiBi slopes other than "
+                                "max_bias 8's, which qkvconv's reference pass does not compute")
+    clamp = float(g.key("attention.clamp_kqv", 0.0))
+    return {"alibi": arch.alibi if bias_max else None, "clip_qkv": clamp if clamp > 0 else None}
 
 
 def granite_scales(g: GGUFFile, head_size: int) -> dict[str, Any]:
@@ -427,6 +450,19 @@ class TakeExpert(Step):
         return [(shape[1:], dtype)]
 
 
+def _check_qkv_rows(g: GGUFFile, modules: tuple[str, ...], heads: HeadLayout) -> None:
+    """The q/k/v tensors as wide as the head counts make them, as llama.cpp checks on loading (check_tensor_dims):
+    e.g. a multi-head GPT-BigCode's 3 * n_embd rows, which its converter writes with head_count_kv 1."""
+    q, kv = heads.n_head * heads.head_size, heads.n_query_groups * heads.head_size
+    want = (q, kv, kv) if len(modules) == 3 else (q + 2 * kv,)
+    for module, rows in zip(modules, want):
+        name = f"{module}.weight"
+        if name in g.names() and g.shape(name)[0] != rows:
+            raise QkvconvError(f"{g.path}: {name} has {g.shape(name)[0]} rows where {heads.n_head} heads and "
+                               f"{heads.n_query_groups} K/V heads of {heads.head_size} make {rows}; llama.cpp refuses "
+                               "to load such a file (check_tensor_dims)")
+
+
 def plan_gguf_to_litgpt(g: GGUFFile, cfg: dict[str, Any] | None = None) -> Plan:
     """Recipes from the GGUF file's tensors to litgpt's (q/k/v fused in sequential order, fused attn_qkv
     checked against the heads, Phi-3's ffn_up split into gate and up, Gemma's norms back to w). A tensor
@@ -453,9 +489,12 @@ def plan_gguf_to_litgpt(g: GGUFFile, cfg: dict[str, Any] | None = None) -> Plan:
         return (AddConstant(-arch.norm_offset),) if arch.norm_offset and is_norm else ()
 
     recipes = [Recipe(f"{L.EMBEDDING}.weight", (take("token_embd.weight"),))]
+    for module, source in arch.more_global.items():  # GPT-2's position table, Bloom's embedding norm
+        recipes += [Recipe(f"{module}.{p}", (take(f"{source}.{p}"),)) for p in params(source)]
     for i in range(cfg["n_layer"]):
         lit = L.layer(i)
         qkv = arch.qkv_modules(i)
+        _check_qkv_rows(g, qkv, heads)
         for p in params(qkv[0]):
             if len(qkv) == 3:
                 recipes.append(Recipe(f"{lit}.{L.QKV}.{p}", tuple(take(f"{m}.{p}") for m in qkv),

@@ -14,7 +14,7 @@ loads as a model without a vocabulary (llama-vocab.cpp); add one with llama.cpp'
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,19 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
         from qkvconv.formats.gguf.archs import FALCON_40B
 
         arch = FALCON_40B
+    if arch is not None and hf in arch.fused_converters:
+        arch = replace(arch, qkv="fused")
     arch = arch or for_family(cfg)
     if arch is None:
         raise UnsupportedFamily("no llama.cpp architecture qkvconv writes computes this model (it writes "
                                 f"{', '.join(ARCHS)})")
+    if not arch.rotary:
+        raise UnsupportedFamily(f"qkvconv does not write llama.cpp's {arch.name} (positions without RoPE: it reads "
+                                "such files for verify only)")
     problems = _window_problems(arch, arch_obj)
+    if arch.rotary_layers and arch_obj.n_layer not in arch.rotary_layers:
+        problems.append(f"{arch_obj.n_layer} layers ({arch.name} rotates only models of "
+                        f"{' or '.join(map(str, arch.rotary_layers))} layers, and runs others without RoPE)")
     if arch.no_rope_step and arch_obj.n_layer >= arch.no_rope_step:
         problems.append(f"RoPE in every layer ({arch.name} leaves it out of every {arch.no_rope_step}th layer)")
     if arch.windows is None:
