@@ -224,9 +224,15 @@ def make_peft_adapter(base: Base, directory: Path, settings: dict, seed: int = 0
     """A PEFT adapter with random nonzero lora_A / lora_B on this base, saved; returns PeftModel's logits."""
     model = transformers.AutoModelForCausalLM.from_pretrained(base.directory,
                                                               **attention_of(base.config_json["model_type"]))
+    return saved_random_adapter(model, directory, LoraConfig(task_type="CAUSAL_LM", **settings), seed)[1]
+
+
+def saved_random_adapter(model: Any, directory: Path, config: Any, seed: int = 0) -> tuple[Any, torch.Tensor]:
+    """peft's own get_peft_model(model, config) with lora_A and lora_B random and nonzero, saved by peft; the
+    PeftModel and its logits on TOKENS (the oracle). peft's warnings (fan_in_fan_out set for Conv1D, ...) muted."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))
+        pm = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -238,4 +244,4 @@ def make_peft_adapter(base: Base, directory: Path, settings: dict, seed: int = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm.save_pretrained(directory)
-    return logits
+    return pm, logits

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from peft_models import saved_random_adapter
 from qkvconv.cli import app
 from qkvconv.formats.weights import open_weights
 from qkvconv.ops.verify import architecture
@@ -76,20 +77,7 @@ class Adapter:
 def make_adapter(base: Path, directory: Path, settings: dict[str, Any], seed: int = 0) -> Adapter:
     """peft's adapter on the GPT-2 base, lora_A and lora_B random and nonzero, saved (base_model_name_or_path: the
     base's directory, as peft writes it)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's "Setting fan_in_fan_out to True" for Conv1D
-        pm = peft.get_peft_model(_load(base), peft.LoraConfig(lora_dropout=0.1, **settings))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    pm.eval()
-    with torch.no_grad():
-        logits = pm(TOKENS).logits
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm.save_pretrained(directory)
+    pm, logits = saved_random_adapter(_load(base), directory, peft.LoraConfig(lora_dropout=0.1, **settings), seed)
     return Adapter(directory, logits, pm)
 
 
