@@ -668,3 +668,45 @@ def test_multi_head_gpt_bigcode_file_llamacpp_cannot_load_is_refused(converter, 
     llamacpp_convert([(hf, tmp_path / "theirs.gguf", "f32")], converter)
     code, report = run("verify", str(hf), str(tmp_path / "theirs.gguf"))
     assert code == 2 and "check_tensor_dims" in report["error"], report
+
+
+def test_qwen1_gguf(converter, tmp_path, monkeypatch):
+    """Qwen-1 (QWenLMHeadModel, remote code) as llama.cpp's `qwen`. Its converter reads the vocabulary through
+    Qwen's own tokenizer code, which is never run here: the oracle run takes GPT-2's BPE vocabulary instead
+    (fixtures/gguf_convert_many.py QKVCONV_GPT2_VOCAB); its tensors and model keys are the converter's own.
+    That converter writes the norm eps as attention.layer_norm_epsilon, which llama.cpp's qwen does not read (it
+    requires layer_norm_rms_epsilon): its file is refused, as llama.cpp refuses to load it. qkvconv's own file
+    holds the same tensors bit for bit, verifies against the original and its Qwen2 twin, and one layer's wrong
+    rotary order fails naming it."""
+    from gguf_oracle import GPT2_VOCAB, _gpt2_tokenizer
+    from test_remote_twins import build_twin
+    from test_remote_twins_mlp import SIZES, qwen1_from_qwen2
+
+    twin_dir, twin, _ = build_twin(tmp_path / "twin", model_type="qwen2", **{**SIZES, "num_key_value_heads": 4,
+                                   "vocab_size": GPT2_VOCAB}, rms_norm_eps=1e-6)
+    source = tmp_path / "qwen1"
+    qwen1_from_qwen2(twin, source, vocab_size=GPT2_VOCAB)
+    python = converter / "venv" / "bin" / "python"
+    _gpt2_tokenizer(converter, converter / "gpt2-tokenizer", python)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(converter / "gpt2-tokenizer" / name, source / name)
+    monkeypatch.setenv("QKVCONV_GPT2_VOCAB", "conversion.qwen:QwenModel")
+    theirs = tmp_path / "llamacpp.gguf"
+    llamacpp_convert([(source, theirs, "f32")], converter)
+    code, report = run("verify", str(source), str(theirs))
+    assert code == 2 and "layer_norm_rms_epsilon" in report["error"] and "refuses to load" in report["error"]
+
+    ours = tmp_path / "qkvconv.gguf"
+    assert run("convert", str(source), "--to", "gguf", "--out", str(ours))[0] == 0
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+    mine, made = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert sorted(mine) == sorted(made) and "blk.1.attn_qkv.bias" in mine and "blk.1.ffn_gate.weight" in mine
+    assert all(np.array_equal(np.array(mine[n].data), np.array(made[n].data)) for n in mine)
+    assert a.fields["qwen.feed_forward_length"].contents() == b.fields["qwen.feed_forward_length"].contents() == 96
+    for reference in (source, twin_dir):
+        assert run("verify", str(reference), str(ours))[0] == 0
+    code, report = run("inspect", str(ours))
+    assert (report["qkv_order"], report["rope"]["order"]) == ("sequential", "half")
+    wrong = corrupt_rotary(ours, tmp_path / "wrong.gguf", layer=1)
+    code, report = run("verify", str(source), str(wrong))
+    assert code == 1 and report["first_difference"] == "layer 1"

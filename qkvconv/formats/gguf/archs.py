@@ -114,6 +114,7 @@ class GGUFArch:
     rotary: bool = True  # False: no RoPE in the graph, whatever rope.dimension_count says
     rotary_layers: tuple[int, ...] = ()  # RoPE only for models of these layer counts (the graph's model-type switch)
     alibi_key: bool = False  # ALiBi as attention.max_alibi_bias says (0 or absent: none; 8: `alibi`'s slopes)
+    ffn_scale: int = 1  # feed_forward_length / the FFN tensors' width (qwen: 2, llama.cpp's n_ff/2)
 
     @property
     def norm_1(self) -> bool:
@@ -338,10 +339,20 @@ MPT = replace(
           "max_bias 8 are build_mpt_alibi_tensor's",
 )
 
+QWEN = replace(
+    QWEN2, name="qwen", label="Qwen-1 (GGUF)", qkv="fused", converter="QWenLMHeadModel", heads_span_embd=True,
+    output_required=True, ffn_scale=2,
+    where="conversion/qwen.py QwenModel: no tensor hook, so c_attn ([q; k; v] rows and bias) goes to attn_qkv as it "
+          "is, mlp.w2 to ffn_gate and mlp.w1 to ffn_up (gguf-py tensor_mapping.py); feed_forward_length is the "
+          "config's intermediate_size, twice the MLP width; src/models/qwen.cpp: attn_qkv (n_embd x 3 n_embd, bias "
+          "required), attn_output without bias, ffn_gate/ffn_up/ffn_down n_ff/2 wide, output required, RMS norms "
+          "with attention.layer_norm_rms_epsilon (required), NEOX rope (llama_model_rope_type)",
+)
+
 ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, QWEN3MOE, PHI3, FALCON, GPTNEOX, GEMMA,
                                                   GEMMA2, GEMMA3, STABLELM, PHI2, OLMO, OLMO2, STARCODER2, SMOLLM3,
                                                   GRANITE, CHATGLM, GPT2, STARCODER, BLOOM, INTERNLM2, BAICHUAN,
-                                                  MPT)}
+                                                  MPT, QWEN)}
 
 # litgpt's LLaMAMoE router and experts (under transformer.h.{i}) <-> llama.cpp's, whose experts of one layer are
 # stacked in one 3D tensor per linear (expert e: index e of its first dim); src/models/llama.cpp renormalises

@@ -180,9 +180,13 @@ class GGUFFile:
 
 
 def _require(g: GGUFFile, suffix: str) -> Any:
+    """A key llama.cpp requires for this architecture (llama_model_loader::get_key throws without it)."""
     value = g.key(suffix)
     if value is None:
-        raise QkvconvError(f"{g.path} has no {g.arch.name}.{suffix}")
+        other = {"attention.layer_norm_rms_epsilon": "attention.layer_norm_epsilon"}.get(suffix)
+        found = f" (it has {g.arch.name}.{other}, which llama.cpp's {g.arch.name} does not read)" if (
+            other and g.key(other) is not None) else ""
+        raise QkvconvError(f"{g.path} has no {g.arch.name}.{suffix}{found}: llama.cpp refuses to load it")
     return value
 
 
@@ -305,6 +309,7 @@ def _check_widths(g: GGUFFile, n_embd: int, embd_columns: int, ffn_key: str, ffn
     too rather than verified. (llama.cpp's own converter writes phi2's feed_forward_length as 4 * n_embd
     whatever the model's width: a Phi-2 of another width converts to a file llama.cpp cannot load.)"""
     width = g.key(ffn_key)
+    ffn *= g.arch.ffn_scale
     if embd_columns != n_embd or width is not None and int(width) != ffn:
         said = (f"{g.arch.name}.embedding_length {n_embd} but token_embd has {embd_columns} columns"
                 if embd_columns != n_embd else f"{g.arch.name}.{ffn_key} {int(width)} but the tensors are {ffn} wide")

@@ -241,7 +241,7 @@ def header(arch: GGUFArch, cfg: dict[str, Any], file_type: int) -> dict[str, tup
         f"{k}.context_length": ("uint32", int(cfg.get("block_size") or 4096)),
         f"{k}.embedding_length": ("uint32", a.n_embd),
         f"{k}.block_count": ("uint32", a.n_layer),
-        f"{k}.feed_forward_length": ("uint32", int(cfg.get("intermediate_size") or 4 * a.n_embd)),
+        f"{k}.feed_forward_length": ("uint32", int(cfg.get("intermediate_size") or 4 * a.n_embd) * arch.ffn_scale),
         **({f"{k}.expert_count": ("uint32", a.n_expert), f"{k}.expert_used_count": ("uint32", a.n_expert_per_token)}
            if a.n_expert else {}),
         **({f"{k}.expert_feed_forward_length": ("uint32", int(cfg.get("moe_intermediate_size") or 0))}
