@@ -132,6 +132,10 @@ class ReadBack(UpgradeCheck):
     cannot decide (a LoRA run, a file torch must read, any difference) it says nothing, and upgrade compares
     the files themselves (upgrade.check_upgraded), which names the tensor that differs."""
 
+    def bytes_only(self, original: Any, staged: dict[str, Path]) -> str | None:
+        said = super().bytes_only(original, staged)  # "checked in ... s: ...": said as what --no-verify does
+        return None if said is None else "read back" + said.removeprefix("checked")
+
     def fallback(self, original: Any, staged: dict[str, Path]) -> None:  # type: ignore[override]
         return None
 
