@@ -79,6 +79,7 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
     "mlp_activation": "gelu",  # the MLP's activation: see Architecture.mlp_activation
     "mlp_bias": None,  # the MLP's linears have biases; None: as litgpt's `bias` says (CodeGen: MLP only)
     "attention_scale": None,  # scores times this float (MPT softmax_scale); None: 1/sqrt(attention_scores_scalar)
+    "logit_scale": 1.0,  # the logits times this float (Cohere's CohereForCausalLM logit_scale)
 }
 ALIBI = ("bloom", "mpt")
 MLP_ACTIVATIONS = ("gelu", "gelu_new", "gelu_bloom", "relu2")
@@ -152,6 +153,7 @@ class Architecture:
     # 0.79788456), "relu2" (squared ReLU)
     mlp_activation: str = "gelu"
     mlp_bias: bool = True  # the MLP's linears (proj_bias: the attention output's)
+    logit_scale: float = 1.0  # the head's output multiplied by it (CohereForCausalLM `logits * logit_scale`)
 
     @property
     def q_per_kv(self) -> int:
@@ -292,6 +294,7 @@ class Architecture:
             clip_qkv=None if x["clip_qkv"] is None else float(x["clip_qkv"]),
             mlp_activation=x["mlp_activation"],
             mlp_bias=bool(c["bias"] if x["mlp_bias"] is None else x["mlp_bias"]),
+            logit_scale=float(x["logit_scale"]),
         )
 
 

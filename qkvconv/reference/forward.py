@@ -269,9 +269,12 @@ def block(arch: Architecture, index: int, get: Getter, x: torch.Tensor, *, probe
 
 
 def head(arch: Architecture, get: Getter, x: torch.Tensor) -> torch.Tensor:
-    """Final norm and lm_head: (B, T, n_embd) -> (B, T, padded_vocab_size) logits."""
+    """Final norm and lm_head (its output scaled by logit_scale, capped by final_logit_softcapping where the
+    architecture says): (B, T, n_embd) -> (B, T, padded_vocab_size) logits."""
     x = _norm(arch, get, names.FINAL_NORM, x)
     logits = _linear(get, names.HEAD, x, arch.lm_head_bias)
+    if arch.logit_scale != 1.0:  # Cohere: lm_head(x) * logit_scale, before any cap (Cohere has none)
+        logits = logits * arch.logit_scale
     if arch.final_logit_softcapping is not None:
         cap = arch.final_logit_softcapping
         logits = torch.tanh(logits / cap) * cap

@@ -1,6 +1,7 @@
 """More Hugging Face families for the table in families.py (which imports them and keeps the order):
 StarCoder2, which litgpt computes exactly though it ships no config of it; Granite and SmolLM3, which
-it computes only where their extra settings are neutral; Cohere, which it cannot compute at all. Every
+it computes only where their extra settings are neutral; Cohere, which it cannot compute at all (`verify`'s
+reference pass does, without use_qk_norm). Every
 family here is in the table so that `inspect` names its layout; `unsupported` says, feature by feature,
 what litgpt 0.5.13 (litgpt/model.py, litgpt/config.py) has no twin of, and `convert` refuses exactly that.
 
@@ -160,6 +161,8 @@ SMOLLM3 = Family(
 # k, a weight per head; CohereForCausalLM `logits * logit_scale` (default 0.0625); the head tied by default.
 # litgpt has the parallel block (shared_attention_norm) and pairs rotary (rope_interleave), but its
 # LayerNorm always has a bias, its query/key norms share one weight across heads, and it scales no logits.
+# `verify` computes it (norm_bias False, logit_scale) except with use_qk_norm: the reference pass's query/key
+# norms share one weight across heads (tests/test_cohere_verify.py).
 COHERE = Family(
     architecture="CohereForCausalLM",
     model_type="cohere",
@@ -184,6 +187,12 @@ COHERE = Family(
         ({}, "LayerNorms without a bias (CohereLayerNorm; litgpt's LayerNorm always has one)"),
     ),
     ignored=IGNORED_EVERYWHERE,
+    positions="rotary, pairs order",
+    rotary_order="pairs",
+    verifiable=True,
+    unverifiable=(({"use_qk_norm": True}, "a LayerNorm per query/key head with its own weights (use_qk_norm)"),),
+    norm_bias=False,
+    logit_scale=Read("logit_scale", default=0.0625),
 )
 
 

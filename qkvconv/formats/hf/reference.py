@@ -1,7 +1,8 @@
 """How `verify` reads a Hugging Face config.json: litgpt's fields where litgpt can express the model, and for the
-transformers classes it cannot (Family.verifiable: GPT-2, GPT-BigCode, Bloom, MPT, Persimmon, CodeGen) litgpt's
-fields plus the reference pass's own (model/architecture.py REFERENCE_DEFAULTS: learned positions, ALiBi, ...),
-each taken from the family table. `convert` never reads these: it still refuses the classes (config.py).
+transformers classes it cannot (Family.verifiable: GPT-2, GPT-BigCode, Bloom, MPT, Persimmon, CodeGen, Cohere)
+litgpt's fields plus the reference pass's own (model/architecture.py REFERENCE_DEFAULTS: learned positions, ALiBi,
+a logit scale, ...), each taken from the family table. `convert` never reads these: it still refuses the classes
+(config.py).
 Torch-free, like config.py.
 
     cfg = reference_config_from_hf(json.load(open("config.json")))
@@ -39,19 +40,21 @@ def reference_config_from_hf(config_json: Mapping[str, Any]) -> dict[str, Any]:
         raise refused
     cfg = model_config(family, config_json, litgpt=False)
     act = _read(config_json, family.config.activation)
-    if act not in REFERENCE_ACTIVATIONS:
-        reason = f"{family.architecture} with the activation {act!r} cannot be verified"
-        raise UnsupportedFamily(reason, reason=reason)
-    activation, approximate = REFERENCE_ACTIVATIONS[act]
+    if family.mlp_class_name != "LLaMAMLP":  # a SiLU-gated MLP (Cohere): model_config refused other activations
+        if act not in REFERENCE_ACTIVATIONS:
+            reason = f"{family.architecture} with the activation {act!r} cannot be verified"
+            raise UnsupportedFamily(reason, reason=reason)
+        activation, approximate = REFERENCE_ACTIVATIONS[act]
+        cfg.update(gelu_approximate=approximate, mlp_activation=activation)
     qkv_bias, out_bias, mlp_bias = (bool(_read(config_json, getattr(family.biases, g))) for g in ("qkv", "attn_out", "mlp"))
     scale = family.config.attention_scale
     cfg.update(
         bias=out_bias, attn_bias=qkv_bias and not out_bias, mlp_bias=mlp_bias,
-        gelu_approximate=approximate, mlp_activation=activation,
         learned_positions=family.position_embedding is not None, embedding_norm=family.embedding_norm is not None,
         alibi=family.alibi, norm_bias=family.norm_bias,
         clip_qkv=(_read(config_json, family.clip_qkv) or None) if family.clip_qkv is not None else None,
         attention_scale=_read(config_json, scale) if scale is not None else None,
+        logit_scale=float(_read(config_json, family.logit_scale)) if family.logit_scale is not None else 1.0,
     )
     Architecture.from_litgpt_config(cfg)  # refuses what the pass does not implement, naming it
     return cfg
