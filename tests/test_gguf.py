@@ -29,8 +29,9 @@ from qkvconv.ops.verify import verify  # noqa: E402
 
 runner = CliRunner()
 IDS = [f.id for f in FAMILIES + MORE]
-PAIRS_ARCHS = {"llama", "smollm3", "granite", "olmo", "chatglm"}  # llama.cpp's NORM rope among the families here
+PAIRS_ARCHS = {"llama", "smollm3", "granite", "olmo", "chatglm", "command-r"}  # llama.cpp's NORM rope here
 UNROTATED_ARCHS = {"gpt2", "starcoder", "bloom", "mpt"}  # positions without RoPE: verified, not written
+VERIFY_ONLY_ARCHS = {*UNROTATED_ARCHS, "command-r"}  # no format qkvconv writes holds them: verified, not written
 FUSED_ARCHS = {"phi3", "falcon", "gptneox", *UNROTATED_ARCHS}  # one attn_qkv
 
 
@@ -245,7 +246,7 @@ def test_convert_to_gguf_writes_what_llamacpp_writes(made, family_id, tmp_path):
     hf, oracle = made[family_id]
     out = tmp_path / "out.gguf"
     code, report = run("convert", str(hf), "--to", "gguf", "--out", str(out))
-    if BY_ID[family_id].arch in UNROTATED_ARCHS:  # learned positions, ALiBi: refused, and so is llama.cpp's file
+    if BY_ID[family_id].arch in VERIFY_ONLY_ARCHS:  # learned positions, ALiBi, Cohere: refused, and llama.cpp's file
         assert code == 2 and not out.exists(), report
         code, report = run("convert", str(oracle), "--to", "hf", "--out", str(tmp_path / "hf"))
         assert code == 2 and "verify reads it" in report["error"] and not (tmp_path / "hf").exists()
@@ -655,6 +656,22 @@ def test_mpt_alibi_and_clamping_are_read_from_the_file(made, tmp_path, keys, dro
     without them computes otherwise (exit 1, naming the field); slopes other than max_bias 8's are refused (exit 2)."""
     hf, gguf_file = made["mpt"]
     got, report = run("verify", str(hf), str(rewrite(gguf_file, tmp_path / "x.gguf", keys, drop=drop)))
+    assert got == code and why in report["error"], report
+
+
+@pytest.mark.parametrize("keys,drop,tensors,code,why", [
+    ({"command-r.logit_scale": 1.0}, ("command-r.logit_scale",), {}, 1, "logit_scale: 0.37 vs 1.0"),
+    ({}, ("command-r.logit_scale",), {}, 1, "logit_scale: 0.37 vs 1.0"),  # absent: f_logit_scale 0, not applied
+    ({}, (), {"output.weight": np.ones((50304, 32), dtype=np.float32)}, 2, "does not load"),
+    # CohereForCausalLM's attention_bias gives o_proj a bias, which llama.cpp's converter writes and its graph lacks
+    ({}, (), {"blk.1.attn_output.bias": np.ones(32, dtype=np.float32)}, 2, "blk.1.attn_output.bias"),
+])
+def test_command_r_logit_scale_and_head_as_llamacpp_reads_them(made, tmp_path, keys, drop, tensors, code, why):
+    """llama.cpp's command-r multiplies the logits by command-r.logit_scale where nonzero (absent: 0, unscaled)
+    and always takes token_embd as the head: a file without the source's scale computes another function (exit 1,
+    naming the field); one with a tensor llama.cpp would not load (`output`, an attn_output bias) is refused (exit 2)."""
+    hf, gguf_file = made["cohere"]
+    got, report = run("verify", str(hf), str(rewrite(gguf_file, tmp_path / "x.gguf", keys, tensors, drop=drop)))
     assert got == code and why in report["error"], report
 
 

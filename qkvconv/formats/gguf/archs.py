@@ -115,6 +115,10 @@ class GGUFArch:
     rotary_layers: tuple[int, ...] = ()  # RoPE only for models of these layer counts (the graph's model-type switch)
     alibi_key: bool = False  # ALiBi as attention.max_alibi_bias says (0 or absent: none; 8: `alibi`'s slopes)
     ffn_scale: int = 1  # feed_forward_length / the FFN tensors' width (qwen: 2, llama.cpp's n_ff/2)
+    logit_scale: bool = False  # the logits times `{arch}.logit_scale` where set and nonzero (command-r)
+    # tensors (`{i}`: any layer) the graph never creates, though the source class may have them: llama.cpp refuses a
+    # file that holds one (command-r: no attn_output bias, while CohereForCausalLM's attention_bias gives o_proj one)
+    unloaded: tuple[str, ...] = ()
 
     @property
     def norm_1(self) -> bool:
@@ -349,10 +353,26 @@ QWEN = replace(
           "with attention.layer_norm_rms_epsilon (required), NEOX rope (llama_model_rope_type)",
 )
 
+# read for verify (transformers' CohereForCausalLM is verify-only: litgpt has no LayerNorm without bias nor a logit
+# scale), not written
+COMMAND_R = GGUFArch(
+    "command-r", "Command R (GGUF)", RopeOrder.PAIRS, "split", {k: v for k, v in LLAMA_LAYER.items() if k != L.NORM_2},
+    "LayerNorm", "LLaMAMLP", "attention.layer_norm_epsilon", parallel_residual=True, shared_attention_norm=True,
+    tied_only=True, heads_span_embd=True, qkv_bias="optional", logit_scale=True, keys=frozenset({"logit_scale"}),
+    unloaded=("blk.{i}.attn_output.bias",),
+    converter="CohereForCausalLM",
+    where="conversion/command_r.py CommandR2Model: tensors renamed only (q_proj/k_proj already rotate in pairs: "
+          "no permutation), logit_scale written, rope.scaling.type none; src/models/command-r.cpp: one LayerNorm "
+          "without bias (build_norm(attn_norm, NULL, LLM_NORM)) feeds attention and the SiLU-gated MLP, both added "
+          "to the residual; NORM rope; Q·K scaled by 1/sqrt(head_dim); q/k biases optional (create_tensor_qkv), "
+          "attn_output without bias; attn_q_norm/attn_k_norm loaded only for 64 layers or more; the head is always "
+          "token_embd (TENSOR_DUPLICATED), the logits times logit_scale where nonzero",
+)
+
 ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, QWEN3MOE, PHI3, FALCON, GPTNEOX, GEMMA,
                                                   GEMMA2, GEMMA3, STABLELM, PHI2, OLMO, OLMO2, STARCODER2, SMOLLM3,
                                                   GRANITE, CHATGLM, GPT2, STARCODER, BLOOM, INTERNLM2, BAICHUAN,
-                                                  MPT, QWEN)}
+                                                  MPT, QWEN, COMMAND_R)}
 
 # litgpt's LLaMAMoE router and experts (under transformer.h.{i}) <-> llama.cpp's, whose experts of one layer are
 # stacked in one 3D tensor per linear (expert e: index e of its first dim); src/models/llama.cpp renormalises

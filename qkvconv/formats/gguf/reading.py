@@ -214,6 +214,10 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
         raise UnsupportedFamily(f"{g.path} sets {', '.join(prefix + k for k in unknown[:3])}, which qkvconv's GGUF "
                                 "reader does not map: refused rather than read as a model it may not be")
     n_embd, n_layer, n_head = (int(_require(g, k)) for k in ("embedding_length", "block_count", "attention.head_count"))
+    extra = [m.format(i=i) for m in arch.unloaded for i in range(n_layer) if m.format(i=i) in names]
+    if extra:
+        raise UnsupportedFamily(f"{g.path} has {extra[0]}, which llama.cpp's {arch.name} does not load (it refuses the "
+                                "file)")
     if arch.rotary_layers and n_layer not in arch.rotary_layers:
         raise UnsupportedFamily(f"{g.path}: llama.cpp's {arch.name} rotates only models of "
                                 f"{' or '.join(map(str, arch.rotary_layers))} layers; it runs this one of {n_layer} "
@@ -298,6 +302,8 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
                    n_expert_per_token=int(_require(g, "expert_used_count")))
     if arch.multipliers:
         cfg.update(granite_scales(g, head_size))
+    if arch.logit_scale:  # command-r.cpp: `if (f_logit_scale) cur = ggml_scale(cur, f_logit_scale)` (default 0)
+        cfg["logit_scale"] = float(g.key("logit_scale", 0.0)) or 1.0
     if arch.windows:
         cfg.update(windows_config(g, arch.windows, n_layer, n_embd, n_head, head_size))
     return cfg
@@ -530,6 +536,9 @@ def plan_gguf_to_litgpt(g: GGUFFile, cfg: dict[str, Any] | None = None) -> Plan:
         recipes.append(Recipe(f"{L.FINAL_NORM}.{p}", (take(f"output_norm.{p}"),),
                               norm_steps(L.FINAL_NORM) if p == "weight" else ()))
     notes = [f"GGUF {arch.name}: {arch.where}"]
+    if arch.tied_only and "output.weight" in present:  # llama.cpp loads token_embd as the head, and no `output`
+        raise UnsupportedFamily(f"{g.path} has output.weight, which llama.cpp's {arch.name} does not load (its head is "
+                                "token_embd): it refuses the file")
     if "output.weight" in present:
         recipes += [Recipe(f"{L.HEAD}.{p}", (take(f"output.{p}"),)) for p in params("output")]
     else:
