@@ -5,7 +5,8 @@ norm feeding attention and the MLP in parallel, rotary in pairs order, `logits *
 `convert` still refuses it, and so does verify with use_qk_norm (per-head norm weights the pass does not compute).
 
 Oracle: transformers itself on tiny random models (every weight random, the norms too; float32; eager attention),
-GQA with attention biases and a logit_scale that is not CohereConfig's default, and MHA with the defaults.
+GQA with attention biases and a logit_scale that is not CohereConfig's default, MHA with the defaults, and Llama 3
+RoPE scaling (CohereRotaryEmbedding scales the frequencies before they are repeat_interleave'd into pairs).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ CASES: dict[str, dict[str, Any]] = {
     "cohere-gqa": {"model_type": "cohere", **LLAMA_SIZES, "attention_bias": True, "logit_scale": 0.37,
                    "rope_theta": 10000.0},
     "cohere-defaults": {"model_type": "cohere", **LLAMA_SIZES, "num_key_value_heads": 4},
+    "cohere-llama3-rope": {"model_type": "cohere", **LLAMA_SIZES, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}},
 }
 IDS = list(CASES)
 
@@ -78,6 +82,8 @@ def test_the_family_is_read_as_transformers_builds_it(built) -> None:
     assert (arch.n_head, arch.n_query_groups, arch.mlp_bias) == (4, 2, False)
     assert "lm_head.weight" not in load_file(b.directory / "model.safetensors")  # tied: the embedding is the head
     assert architecture(open_weights(built("cohere-defaults").directory)).logit_scale == 0.0625
+    scaled = architecture(open_weights(built("cohere-llama3-rope").directory))
+    assert (scaled.rope_scaling, scaled.rope_factor, scaled.rope_interleave) == ("llama3", 8.0, True)
 
 
 @pytest.mark.parametrize("case_id", IDS)
@@ -90,7 +96,8 @@ def test_the_reference_pass_reproduces_transformers(case_id: str, built) -> None
     scale = b.logits.abs().max().item()
     assert (logits - b.logits).abs().max().item() <= 1e-5 * scale
     # each feature matters: off, the logits move past the tolerance (so the test can fail)
-    for change in ({"logit_scale": 1.0}, {"rope_interleave": False}):
+    scaled = () if arch.rope_scaling == "none" else ({"rope_scaling": "none"},)
+    for change in ({"logit_scale": 1.0}, {"rope_interleave": False}, *scaled):
         with torch.no_grad():
             moved = dict(forward.forward(replace(arch, **change), weights, TOKENS, dtype=torch.float32))["logits"]
         assert (moved - b.logits).abs().max().item() > 1e-5 * scale, change
