@@ -329,8 +329,8 @@ def plan_litgpt_to_gguf(model: Any, source_json: dict[str, Any] | None, changes:
 
     arch = choose_arch(model.config, source_json)
     if changes.rope is not None and changes.rope is not arch.rope:
-        raise QkvconvError(f"--rope {changes.rope.value} with --to gguf: llama.cpp's {arch.name} rotates "
-                           f"{arch.rope.value} order only")
+        raise QkvconvError(f"--rope {changes.rope.value} with --to gguf: llama.cpp's {arch.name} " +
+                           (f"rotates {arch.rope.value} order only" if arch.rotary else "has no RoPE"))
     if changes.qkv is not None:
         raise QkvconvError(f"--qkv with --to gguf: llama.cpp's {arch.name} fixes the QKV projection ({arch.qkv})")
     source_rope = model.rope_order
