@@ -111,7 +111,7 @@ MORE = [
                    "rms_norm_eps": 1e-5,
                    "eos_token_id": 2}, "gpt2", arch="chatglm",
            hf_vocab=GPT2_VOCAB, added_tokens=("<|endoftext|>", "<|user|>")),
-    # positions without RoPE (verified, not written): GPT-2's learned table (its converter reads n_ctx, which
+    # positions without RoPE (verified, and written --to gguf only): GPT-2's learned table (its converter reads n_ctx, which
     # transformers 5.3 no longer saves), GPT-BigCode multi-query, Bloom's ALiBi with 6 heads (not a power of two:
     # the slopes' second series)
     Family("gpt2", {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}, "gpt2",

@@ -30,8 +30,8 @@ from qkvconv.ops.verify import verify  # noqa: E402
 runner = CliRunner()
 IDS = [f.id for f in FAMILIES + MORE]
 PAIRS_ARCHS = {"llama", "smollm3", "granite", "olmo", "chatglm", "command-r"}  # llama.cpp's NORM rope here
-UNROTATED_ARCHS = {"gpt2", "starcoder", "bloom", "mpt"}  # positions without RoPE: verified, not written
-VERIFY_ONLY_ARCHS = {*UNROTATED_ARCHS, "command-r"}  # no format qkvconv writes holds them: verified, not written
+UNROTATED_ARCHS = {"gpt2", "starcoder", "bloom", "mpt"}  # positions without RoPE: GGUF the only target
+VERIFY_ONLY_ARCHS = {"command-r"}  # read and verified, not written
 FUSED_ARCHS = {"phi3", "falcon", "gptneox", *UNROTATED_ARCHS}  # one attn_qkv
 
 
@@ -262,6 +262,13 @@ def test_convert_to_gguf_writes_what_llamacpp_writes(made, family_id, tmp_path):
         assert np.array_equal(ours[t.name], np.array(t.data)), t.name
     code, report = run("verify", str(hf), str(out))
     assert code == 0
+    if BY_ID[family_id].arch in UNROTATED_ARCHS:  # learned positions, ALiBi: GGUF holds them, no other target does
+        _same_model_keys(mine, theirs, BY_ID[family_id].arch)
+        for to in ("hf", "litgpt", "peft"):
+            code, report = run("convert", str(hf), "--to", to, "--out", str(tmp_path / to))
+            assert code == 2 and "litgpt" in report["error"] and not (tmp_path / to).exists(), (to, report)
+        code, report = run("convert", str(oracle), "--to", "hf", "--out", str(tmp_path / "hf"))
+        assert code == 2 and "verify reads it" in report["error"] and not (tmp_path / "hf").exists()
     if family_id in ("llama-gqa", "gpt-neox"):  # from litgpt (half rotary, sequential qkv) as well
         code, _ = run("convert", str(hf), "--to", "litgpt", "--out", str(tmp_path / "lit"))
         assert code == 0
@@ -269,6 +276,20 @@ def test_convert_to_gguf_writes_what_llamacpp_writes(made, family_id, tmp_path):
         assert code == 0, report
         again = gguf.GGUFReader(tmp_path / "lit-out" / "model.gguf")
         assert all(np.array_equal(ours[t.name], np.array(t.data)) for t in again.tensors)
+
+
+def _same_model_keys(mine: gguf.GGUFReader, theirs: gguf.GGUFReader, arch: str) -> None:
+    """The `{arch}.*` keys llama.cpp's converter writes, no more, with its values (float32 as written), but Bloom's
+    context_length without seq_length in config.json: the converter writes hidden_size there, qkvconv the default
+    of transformers' reading of seq_length (2048; ALiBi has no limit, llama.cpp takes it as its default context)."""
+    def keys(r: gguf.GGUFReader) -> dict[str, object]:
+        return {k: f.contents() for k, f in r.fields.items() if k.startswith(f"{arch}.")}
+
+    ours, theirs_keys = keys(mine), keys(theirs)
+    assert sorted(ours) == sorted(theirs_keys)
+    if arch == "bloom":
+        assert ours.pop("bloom.context_length") == 2048 and theirs_keys.pop("bloom.context_length") == 48
+    assert ours == theirs_keys
 
 
 def test_convert_to_gguf_refuses_what_llamacpp_would_compute_otherwise(built_window, tmp_path):
@@ -291,6 +312,18 @@ def test_smollm3_layers_llamacpp_runs_without_rope_are_refused(converter, tmp_pa
     llamacpp_convert([(hf, tmp_path / "theirs.gguf", "f32")], converter)
     code, report = run("verify", str(hf), str(tmp_path / "theirs.gguf"))
     assert code == 2 and "without RoPE" in report["error"]
+
+
+def test_multi_head_gpt_bigcode_is_not_written_as_starcoder(tmp_path):
+    """llama.cpp's converter writes GPT-BigCode with head_count_kv 1 whatever multi_query says, and its starcoder
+    graph splits attn_qkv so: a multi-head model (per-head rows, 3 * n_embd) is refused (exit 2), not written."""
+    from hf_models import POSITIONS, VOCAB, saved_random_model
+
+    saved_random_model({"model_type": "gpt_bigcode", "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB,
+                        "n_positions": POSITIONS, "multi_query": False}, tmp_path / "mha")
+    code, report = run("convert", str(tmp_path / "mha"), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
+    assert code == 2 and "multi-query only" in report["error"], report
+    assert not (tmp_path / "x.gguf").exists()
 
 
 @pytest.fixture

@@ -73,6 +73,9 @@ class Format:
     qkv: str | None = None  # the only QKV fusion it holds ("fused" | "split"; None: the architecture decides)
     qkv_refusal: str = ""
     configs: tuple[str, ...] = ()  # its config files: a conversion writes its own, never copies another's
+    # it can hold models beyond litgpt's fields (learned positions, ALiBi, ...: the reference pass's), so a conversion
+    # to it reads the source as `verify` does (reference_source) rather than refusing what litgpt cannot express
+    holds_reference: bool = False
 
     def _cannot(self, what: str) -> QkvconvError:
         return QkvconvError(f"qkvconv cannot {what} the {self.name} format")
@@ -89,6 +92,11 @@ class Format:
     def source(self, directory: Path) -> Source:
         """The model under litgpt names, for a conversion through the pivot."""
         raise self._cannot("convert from")
+
+    def reference_source(self, directory: Path) -> Source:
+        """The model as `verify` reads it (litgpt's names and the reference pass's extra fields), for a target that
+        `holds_reference`; `source` where the format has no such reading."""
+        return self.source(directory)
 
     def direct_plan(self, directory: Path, to: str, bytes_only: bool = False) -> tuple[Plan, TensorReader] | None:
         """A plan straight into format `to` without the pivot (copies stay copies), or None. `bytes_only`:

@@ -81,7 +81,7 @@ def transformed_plan(directory: Path, source_format: str, to: str, changes: Tran
 
     source, target = formats.get(source_format).load(), formats.get(to).load()
     check_qkv_target(changes.qkv, target.name)
-    src = source.source(directory)
+    src = source.reference_source(directory) if target.holds_reference else source.source(directory)
     if changes.target_base is not None:  # hf: written as that base's architecture
         from qkvconv.formats.hf.format import target_config
 

@@ -119,6 +119,11 @@ class GGUFArch:
     # tensors (`{i}`: any layer) the graph never creates, though the source class may have them: llama.cpp refuses a
     # file that holds one (command-r: no attn_output bias, while CohereForCausalLM's attention_bias gives o_proj one)
     unloaded: tuple[str, ...] = ()
+    written: bool = True  # False: read and verified only; `convert --to gguf` refuses it (command-r: its logit
+    # scale and tied-only head are not written yet)
+    one_kv_head: bool = False  # the graph takes one K/V head whatever the file says (starcoder: multi-query only)
+    kv_key: bool = True  # its converter writes attention.head_count_kv (gpt2, mpt: absent, llama.cpp takes n_head)
+    norm_bias_optional: bool = False  # LayerNorms may lack a bias (mpt: MPT's no_bias)
 
     @property
     def norm_1(self) -> bool:
@@ -305,17 +310,19 @@ BAICHUAN = replace(
 # GPT-2-shaped graphs (src/models/gpt2.cpp, starcoder.cpp, bloom.cpp): LayerNorms with biases, one attn_qkv of
 # sequential rows with its bias, attn_output n_embd x n_embd, ffn_up / ffn_down with biases, LLM_FFN_GELU (ggml's
 # tanh GELU), sequential residuals, Q scaled by 1/sqrt(n_embd / n_head), output optional (tied: token_embd). qkvconv
-# reads them for verify; it converts no model with learned positions or ALiBi (litgpt has neither), so none is written
+# writes them from transformers' classes read as verify reads them (learned positions, ALiBi: fields litgpt has not;
+# formats/base.py Format.holds_reference), with the keys their converter writes and no RoPE keys
 GPT2 = GGUFArch(
     "gpt2", "GPT-2 (GGUF)", RopeOrder.HALF, "fused", NEOX_LAYER, "LayerNorm", "GptNeoxMLP",
     "attention.layer_norm_epsilon", converter="GPT2LMHeadModel", qkv_bias="required", proj_bias="required",
-    heads_span_embd=True, more_global={L.POSITION_EMBEDDING: "position_embd"}, rotary=False,
+    heads_span_embd=True, more_global={L.POSITION_EMBEDDING: "position_embd"}, rotary=False, kv_key=False,
     where="conversion/gpt2.py GPT2Model.modify_tensors transposes the Conv1D weights (c_attn, c_proj, c_fc) into "
           "Linear's [out, in], c_attn's rows kept sequential (Q, K, V); feed_forward_length = 4 * n_embd; "
           "src/models/gpt2.cpp adds position_embd rows 0.. to the embeddings, no RoPE",
 )
 STARCODER = replace(
     GPT2, name="starcoder", label="StarCoder / GPT-BigCode (GGUF)", converter="GPTBigCodeForCausalLM",
+    one_kv_head=True, kv_key=True,
     where="conversion/starcoder.py StarCoderModel: c_attn (a Linear) kept as it is, head_count_kv written as 1 "
           "(multi-query: all Q heads, then one K and one V, sequential); src/models/starcoder.cpp: position_embd "
           "added, no RoPE; a multi-head GPT-BigCode (per-head rows, 3 * n_embd) does not fit head_count_kv 1",
@@ -323,7 +330,7 @@ STARCODER = replace(
 BLOOM = replace(
     GPT2, name="bloom", label="Bloom (GGUF)", converter="BloomForCausalLM", more_global={L.EMBEDDING_NORM:
                                                                                         "token_embd_norm"},
-    alibi="bloom",
+    alibi="bloom", kv_key=True,
     where="conversion/bloom.py BloomModel.modify_tensors re-orders query_key_value (weight and bias) from per-head "
           "(q_h, k_h, v_h) to sequential; src/models/bloom.cpp: token_embd_norm (LayerNorm) on the embeddings, "
           "ALiBi with f_max_alibi_bias = 8 fixed in load_arch_hparams (ggml_soft_max_ext: the slopes of "
@@ -333,7 +340,8 @@ BLOOM = replace(
 # clamped by attention.clamp_kqv (llama-graph.cpp build_qkv), q/k LayerNorms where present, ALiBi by
 # attention.max_alibi_bias
 MPT = replace(
-    GPT2, name="mpt", label="MPT (GGUF)", converter="MPTForCausalLM", qkv_bias="optional", proj_bias="optional",
+    GPT2, name="mpt", label="MPT (GGUF)", converter="MPTForCausalLM, MptForCausalLM", qkv_bias="optional",
+    proj_bias="optional", norm_bias_optional=True,
     more_global={}, alibi="mpt", alibi_key=True, keys=frozenset({"attention.clamp_kqv", "attention.max_alibi_bias"}),
     where="conversion/mpt.py MPTModel (registered for MosaicML's MPTForCausalLM, not transformers' MptForCausalLM, "
           "whose tensors and config keys are the same): tensors renamed only (Wqkv sequential -> attn_qkv); "
@@ -359,7 +367,7 @@ COMMAND_R = GGUFArch(
     "command-r", "Command R (GGUF)", RopeOrder.PAIRS, "split", {k: v for k, v in LLAMA_LAYER.items() if k != L.NORM_2},
     "LayerNorm", "LLaMAMLP", "attention.layer_norm_epsilon", parallel_residual=True, shared_attention_norm=True,
     tied_only=True, heads_span_embd=True, qkv_bias="optional", logit_scale=True, keys=frozenset({"logit_scale"}),
-    unloaded=("blk.{i}.attn_output.bias",),
+    unloaded=("blk.{i}.attn_output.bias",), written=False,
     converter="CohereForCausalLM",
     where="conversion/command_r.py CommandR2Model: tensors renamed only (q_proj/k_proj already rotate in pairs: "
           "no permutation), logit_scale written, rope.scaling.type none; src/models/command-r.cpp: one LayerNorm "

@@ -228,6 +228,7 @@ class GGUF(Format):
     name = "gguf"
     rope = None  # the architecture decides (archs.py)
     configs = ()
+    holds_reference = True  # llama.cpp's gpt2, starcoder, bloom, mpt: learned positions, ALiBi (writing.choose_arch)
 
     def inspect(self, directory: Path, base: Path | None = None) -> dict[str, Any]:
         return inspect_gguf(directory)
@@ -243,8 +244,9 @@ class GGUF(Format):
         g, cfg, plan = _open(directory)
         beyond = sorted(k for k, v in REFERENCE_DEFAULTS.items() if k in cfg and cfg[k] != v)
         if beyond:
-            raise UnsupportedFamily(f"{g.path}: llama.cpp's {g.arch.name} has {', '.join(beyond)}, which no format "
-                                    "qkvconv converts to can hold (litgpt has none): verify reads it, convert does not")
+            raise UnsupportedFamily(f"{g.path}: llama.cpp's {g.arch.name} has {', '.join(beyond)}, which qkvconv does "
+                                    "not convert out of a GGUF file (litgpt has none; it writes such models --to gguf "
+                                    "from their HF sources only): verify reads it, convert does not")
         if g.lossiest() not in ("F32", "F16", "BF16"):
             raise QkvconvError(f"{g.path} holds {g.lossiest()} weights: converting them would not be exact "
                                "(qkvconv converts F32, F16 and BF16 files; verify compares quantized ones)")

@@ -45,10 +45,9 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
     if arch is None:
         raise UnsupportedFamily("no llama.cpp architecture qkvconv writes computes this model (it writes "
                                 f"{', '.join(ARCHS)})")
-    if not arch.rotary:
-        raise UnsupportedFamily(f"qkvconv does not write llama.cpp's {arch.name} (positions without RoPE: it reads "
-                                "such files for verify only)")
-    problems = _window_problems(arch, arch_obj)
+    if not arch.written:
+        raise UnsupportedFamily(f"qkvconv reads llama.cpp's {arch.name} for inspect and verify only; it does not write it")
+    problems = _window_problems(arch, arch_obj) + _position_problems(arch, arch_obj)
     if arch.rotary_layers and arch_obj.n_layer not in arch.rotary_layers:
         problems.append(f"{arch_obj.n_layer} layers ({arch.name} rotates only models of "
                         f"{' or '.join(map(str, arch.rotary_layers))} layers, and runs others without RoPE)")
@@ -124,6 +123,37 @@ def _window_problems(arch: GGUFArch, a: Architecture) -> list[str]:
     return problems
 
 
+GELUS = ("gelu", "gelu_new", "gelu_bloom")  # the reference pass's GELUs: ggml's tanh GELU computes them (the note)
+
+
+def _position_problems(arch: GGUFArch, a: Architecture) -> list[str]:
+    """What of the reference pass's fields beyond litgpt's (model/architecture.py REFERENCE_DEFAULTS: learned
+    positions, an embedding norm, ALiBi, QKV clamping, LayerNorms without bias, the MLP's own biases and
+    activation) llama.cpp's `arch` would compute otherwise; a litgpt config leaves them at the defaults."""
+    problems: list[str] = []
+    if not arch.rotary and a.rope_n_elem:
+        problems.append(f"RoPE ({arch.name} in llama.cpp has none)")
+    for has, module, what in ((a.learned_positions, L.POSITION_EMBEDDING, "a learned position table"),
+                              (a.embedding_norm, L.EMBEDDING_NORM, "a norm on the embeddings")):
+        if has != (module in arch.more_global):
+            problems.append(what if has else f"no {what.removeprefix('a ')} ({arch.name} has one)")
+    if a.alibi not in ({arch.alibi, None} if arch.alibi_key else {arch.alibi}):
+        problems.append(f"{a.alibi} ALiBi slopes" if a.alibi else f"no ALiBi ({arch.name} always adds it)")
+    elif a.alibi and a.alibi_bias_max != 8:
+        problems.append(f"ALiBi of max bias {a.alibi_bias_max:g} (llama.cpp's {arch.name} slopes are written for 8)")
+    if a.clip_qkv is not None and "attention.clamp_kqv" not in arch.keys:
+        problems.append("QKV clamping")
+    if not a.norm_bias and not arch.norm_bias_optional:
+        problems.append("LayerNorms without bias")
+    if a.mlp_activation not in GELUS:
+        problems.append(f"the MLP activation {a.mlp_activation}")
+    if a.mlp_bias != a.proj_bias:
+        problems.append("biases on the MLP and not on attention's output, or the reverse")
+    if arch.one_kv_head and a.n_query_groups != 1:
+        problems.append(f"{a.n_query_groups} K/V heads ({arch.name} takes one: multi-query only)")
+    return problems
+
+
 @dataclass(frozen=True)
 class Constant(Step):
     """A tensor computed from the config alone (Llama 3's rope_freqs); its input only anchors it in the plan."""
@@ -188,6 +218,10 @@ def _gguf_recipes(arch: GGUFArch, cfg: dict[str, Any], outputs: set[str], tied: 
         return (AddConstant(arch.norm_offset),) if arch.norm_offset and is_norm else ()
 
     add("token_embd.weight", (f"{L.EMBEDDING}.weight",))
+    for module, target in arch.more_global.items():  # GPT-2's position table, Bloom's embedding norm
+        for p in ("weight", "bias"):
+            if f"{module}.{p}" in outputs:
+                add(f"{target}.{p}", (f"{module}.{p}",))
     for i in range(a.n_layer):
         lit = L.layer(i)
         for p in ("weight", "bias"):
@@ -255,6 +289,15 @@ def header(arch: GGUFArch, cfg: dict[str, Any], file_type: int) -> dict[str, tup
         f"{k}.{arch.eps_key}": ("float32", float(a.norm_eps)),
         "tokenizer.ggml.model": ("string", "none"),
     }
+    if not arch.rotary:  # what its converter writes: no rope keys, nor key/value lengths (n_embd / n_head)
+        for key in ("attention.key_length", "attention.value_length", "rope.dimension_count", "rope.freq_base"):
+            del out[f"{k}.{key}"]
+    if not arch.kv_key:  # llama.cpp takes n_head
+        del out[f"{k}.attention.head_count_kv"]
+    if arch.alibi_key:  # as choose_arch checked: absent or the slopes of max bias 8
+        out[f"{k}.attention.max_alibi_bias"] = ("float32", 8.0 if a.alibi else 0.0)
+    if a.clip_qkv is not None:  # as choose_arch checked: the architecture reads it
+        out[f"{k}.attention.clamp_kqv"] = ("float32", float(a.clip_qkv))
     if k == "llama":
         out[f"{k}.vocab_size"] = ("uint32", a.padded_vocab_size)
     if k == "falcon":  # llama.cpp's converter marks its sequential attn_qkv so (ggml's Falcon example)
@@ -288,8 +331,8 @@ def plan_litgpt_to_gguf(model: Any, source_json: dict[str, Any] | None, changes:
 
     arch = choose_arch(model.config, source_json)
     if changes.rope is not None and changes.rope is not arch.rope:
-        raise QkvconvError(f"--rope {changes.rope.value} with --to gguf: llama.cpp's {arch.name} rotates "
-                           f"{arch.rope.value} order only")
+        raise QkvconvError(f"--rope {changes.rope.value} with --to gguf: llama.cpp's {arch.name} " +
+                           (f"rotates {arch.rope.value} order only" if arch.rotary else "has no RoPE"))
     if changes.qkv is not None:
         raise QkvconvError(f"--qkv with --to gguf: llama.cpp's {arch.name} fixes the QKV projection ({arch.qkv})")
     source_rope = model.rope_order

@@ -5,7 +5,9 @@ each has an `unsupported` entry with no flags (`convertible` false), so `convert
 `verify` computes all but DBRX (`verifiable`): the reference pass has their features as fields (learned positions,
 ALiBi, Conv1D storage read as a Linear, an embedding norm, LayerNorms without bias, clip_qkv, q/k LayerNorms, the
 squared ReLU, CodeGen's parallel block with attention-output and MLP biases apart), set from the entries below
-(formats/hf/reference.py); `unverifiable` names the settings it does not compute.
+(formats/hf/reference.py); `unverifiable` names the settings it does not compute. `convert --to gguf` reads them
+as verify does (llama.cpp's gpt2, starcoder, bloom and mpt hold these features: formats/gguf/writing.py choose_arch
+refuses the others), every other target refuses them.
 
 Every entry was read off transformers 5.3's modeling code (cited per entry), and tests/test_fused_native.py
 checks each order numerically on a tiny random model: scaling the rows the order calls head h's V (and Q

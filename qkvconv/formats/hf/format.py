@@ -120,6 +120,28 @@ class HuggingFace(Format):
         model = ModelPlan(Plan(plan.recipes, notes=plan.notes), litgpt_config_from_hf(config_json))
         return Source(model, reader, config_json, tied(config_json))
 
+    def reference_source(self, directory: Path) -> Source:
+        """For the classes litgpt cannot express (Family.verifiable: GPT-2, Bloom, MPT, ...) verify's reading of
+        them (formats/weights.py hf_weights); every other class as `source` reads it."""
+        from qkvconv.formats.hf.plans import plan_hf_for_reference
+        from qkvconv.formats.hf.reference import reference_config_from_hf
+        from qkvconv.io.readers import open_reader
+        from qkvconv.io.sharded import PrefixedReader
+        from qkvconv.plans.plan import Plan
+        from qkvconv.plans.transforms import ModelPlan
+
+        config_json = read_config_json(directory / HF_CONFIG)
+        family = detect_family(config_json)
+        if family is None or not family.verifiable:
+            return self.source(directory)
+        reader: Any = open_reader(directory)
+        prefix = base_model_prefix(family, reader.names())
+        if prefix is not None:  # saved from the base model, as transformers loads it
+            reader = PrefixedReader(reader, prefix)
+        plan = plan_hf_for_reference(config_json, reader.names())
+        model = ModelPlan(Plan(plan.recipes, notes=plan.notes), reference_config_from_hf(config_json))
+        return Source(model, reader, config_json, tied(config_json))
+
     def direct_plan(self, directory: Path, to: str, bytes_only: bool = False) -> tuple[Plan, TensorReader] | None:
         if to not in ("litgpt", "litgpt-legacy", "hf"):
             return None

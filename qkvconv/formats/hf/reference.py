@@ -1,8 +1,8 @@
 """How `verify` reads a Hugging Face config.json: litgpt's fields where litgpt can express the model, and for the
 transformers classes it cannot (Family.verifiable: GPT-2, GPT-BigCode, Bloom, MPT, Persimmon, CodeGen, Cohere)
 litgpt's fields plus the reference pass's own (model/architecture.py REFERENCE_DEFAULTS: learned positions, ALiBi,
-a logit scale, ...), each taken from the family table. `convert` never reads these: it still refuses the classes
-(config.py).
+a logit scale, ...), each taken from the family table. `convert` reads them so only for a target that holds these
+fields (GGUF: formats/base.py Format.holds_reference); to any other it still refuses the classes (config.py).
 Torch-free, like config.py.
 
     cfg = reference_config_from_hf(json.load(open("config.json")))
