@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from hf_models import LLAMA_SIZES, TOKENS, saved_random_model
+from test_fused_verify import assert_fails_at_layer_1, assert_verifies_a_resharded_copy
 from qkvconv.cli import app
 from qkvconv.formats.weights import open_weights
 from qkvconv.ops.verify import architecture
@@ -106,12 +107,7 @@ def test_the_reference_pass_reproduces_transformers(case_id: str, built) -> None
 @pytest.mark.parametrize("case_id", IDS)
 def test_verify_passes_a_copy_and_names_the_layer_of_wrong_rotary_rows(case_id: str, built, tmp_path: Path) -> None:
     b = built(case_id)
-    copy = tmp_path / "resharded"
-    b.model.save_pretrained(copy, max_shard_size="20KB")
-    assert (copy / "model.safetensors.index.json").is_file()
-    result = cli("verify", b.directory, copy, "--json")
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["passed"]
+    assert_verifies_a_resharded_copy(b.model, b.directory, tmp_path / "resharded", "20KB")
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -124,13 +120,7 @@ def test_verify_passes_a_copy_and_names_the_layer_of_wrong_rotary_rows(case_id: 
             if name in tensors:
                 tensors[name] = half_order(tensors[name], head_size)
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    result = cli("verify", b.directory, broken, "--json")
-    assert result.exit_code == 1, result.output
-    report = json.loads(result.output)
-    assert report["first_difference"] == "layer 1" and not report["passed"]
-    assert [s["within"] for s in report["stages"][:2]] == [True, True]  # embed, layer 0
-    text = cli("verify", b.directory, broken)
-    assert text.exit_code == 1 and "layer 1" in text.output
+    assert_fails_at_layer_1(b.directory, broken)
 
 
 @pytest.mark.parametrize("case_id", IDS)

@@ -141,21 +141,30 @@ def test_the_reference_pass_reproduces_transformers(case_id: str, built) -> None
 @pytest.mark.parametrize("case_id", IDS)
 def test_verify_passes_a_copy_and_names_the_layer_of_wrong_rows(case_id: str, built, tmp_path: Path) -> None:
     b = built(case_id)
-    copy = tmp_path / "resharded"
-    b.model.save_pretrained(copy, max_shard_size="40KB")
+    assert_verifies_a_resharded_copy(b.model, b.directory, tmp_path / "resharded", "40KB")
+    broken = rewritten(b, tmp_path / "broken", [1], lambda t, qkv, heads: wrong_order(t, qkv.order, heads, qkv.transposed))
+    assert_fails_at_layer_1(b.directory, broken)
+
+
+def assert_verifies_a_resharded_copy(model: Any, directory: Path, copy: Path, shard: str) -> None:
+    """`verify` of a model against itself saved in shards: exit 0, nothing differs."""
+    model.save_pretrained(copy, max_shard_size=shard)
     assert (copy / "model.safetensors.index.json").is_file()
-    result = cli("verify", b.directory, copy, "--json")
+    result = cli("verify", directory, copy, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["passed"] and report["first_difference"] is None
 
-    broken = rewritten(b, tmp_path / "broken", [1], lambda t, qkv, heads: wrong_order(t, qkv.order, heads, qkv.transposed))
-    result = cli("verify", b.directory, broken, "--json")
+
+def assert_fails_at_layer_1(directory: Path, broken: Path) -> None:
+    """`verify` of a copy whose layer 1 is wrong: exit 1 naming layer 1 (embed and layer 0 agree), with and
+    without --json (one document)."""
+    result = cli("verify", directory, broken, "--json")
     assert result.exit_code == 1, result.output
-    report = json.loads(result.output)  # one document
+    report = json.loads(result.output)
     assert report["first_difference"] == "layer 1" and not report["passed"]
     assert [s["within"] for s in report["stages"][:2]] == [True, True]  # embed, layer 0
-    text = cli("verify", b.directory, broken)
+    text = cli("verify", directory, broken)
     assert text.exit_code == 1 and "layer 1" in text.output
 
 
