@@ -17,10 +17,12 @@ Determinism: both sides run the same functions (but where REPRESENTATION_FIELDS 
 rotary) on tensors of the same shapes, one after the other in one process, so on CPU they share kernels
 and thread count, and a run repeats bit for bit (a checkpoint against itself is exactly 0), under load
 too. The thread count is not neutral (on a 16-core host, 512- and 2048-wide models moved by ~2e-6
-between some counts; the 32-wide fixtures never), but it is the same for both sides. The one mechanism
-found that changes numbers from run to run is memory, not arithmetic: the page release between layers
-could zero the freed mapping of another owner of the same file (pages.py); the CLI's commands were not
-seen to free one first, library callers could.
+between some counts; the 32-wide fixtures never), but it is the same for both sides. Two mechanisms were
+found that change numbers from run to run. Memory: the page release between layers could zero the freed
+mapping of another owner of the same file (pages.py); the CLI's commands were not seen to free one first,
+library callers could. And the math library's first call in a process, when it is a parallel one, can
+take another code path on one thread (the reference side's first GELU, so a Bloom against itself failed in
+about 1 process of 12): forward.settle_math makes that first call before any stage.
 """
 
 from __future__ import annotations

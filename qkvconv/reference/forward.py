@@ -220,11 +220,35 @@ def _moe(arch: Architecture, index: int, get: Getter, x: torch.Tensor, probe: Pr
 # public API: one call per stage, so a caller can load, run and drop one layer at a time
 
 
+_math_settled = False
+
+
+def settle_math() -> None:
+    """Make the process's first vectorised math call now, on one thread, so that every later one is repeatable.
+
+    torch's CPU tanh/exp/sin/cos of float32 run through MKL's vector math, whose code path is chosen on the
+    process's first call. When that first call is a parallel one (over 2048 elements: torch splits it across
+    threads), the threads race that choice, and in about 1 fresh process of 12 (2 threads, torch 2.13) the main
+    thread's share of that one call comes out of another code path, a few ulp off on every element. Bloom's
+    GELU was such a first call: the reference side's layer 0 then differed from the candidate's by 2.5e-5 of
+    its scale, and `verify` of two identical models failed. One small call first, here, settles it: in 150
+    fresh processes each, the race showed in 13 without it and in none after one tanh, exp or sin.
+    """
+    global _math_settled
+    if not _math_settled:
+        t = torch.full((8,), 0.5)  # under the grain size: computed on this thread alone
+        for op in (torch.tanh, torch.exp, torch.sin, torch.cos, torch.log, torch.erf):
+            op(t)
+        _math_settled = True
+
+
 def embed(arch: Architecture, get: Getter, tokens: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """(B, T) token ids -> (B, T, n_embd) on tokens' device, in `dtype` (default: the weight's dtype).
 
-    The dtype chosen here is the compute dtype of every later stage (they follow x).
+    The dtype chosen here is the compute dtype of every later stage (they follow x). The first stage of every
+    pass, so it settles the math library first (settle_math).
     """
+    settle_math()
     weight = get(f"{names.EMBEDDING}.weight")
     x = F.embedding(tokens.to(weight.device), weight)  # (B, T, n_embd); gather first, then move
     x = x.to(device=tokens.device, dtype=dtype or weight.dtype)
