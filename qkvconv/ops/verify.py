@@ -270,7 +270,7 @@ def _assumed(reference: Any, candidate: Any, arch_a: forward.Architecture, arch_
     notes = []
     for side, other, arch, other_arch in ((reference, candidate, arch_a, arch_b), (candidate, reference, arch_b, arch_a)):
         same_gelu = _tanh_gelu(arch) and _tanh_gelu(other_arch)  # GPT-2's gelu_new is the tanh formula written out
-        for name in getattr(side, "assumed", ()):
+        for name in sorted(getattr(side, "assumed", ())):  # a frozenset: its order changes from process to process
             mine, theirs = getattr(arch, name), getattr(other_arch, name)
             if mine != theirs and not getattr(other, "assumed", ()) and same_gelu:
                 arch_a, arch_b = (replace(arch_a, **{name: theirs}), arch_b) if side is reference else \
