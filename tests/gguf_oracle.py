@@ -126,7 +126,7 @@ MORE = [
     Family("mpt", {"model_type": "mpt", "d_model": 48, "n_layers": 2, "n_heads": 6, "max_seq_len": 64,
                    "attn_config": {"alibi": True, "clip_qkv": 0.6}}, "gpt2", arch="mpt", hf_vocab=GPT2_VOCAB,
            converter_class="MPTForCausalLM"),
-    # Cohere (verified, not written): GQA, a logit_scale not CohereConfig's default; no attention_bias (llama.cpp's
+    # Cohere: GQA, a logit_scale not CohereConfig's default; no attention_bias (llama.cpp's
     # command-r loads no attn_output bias). GPT-2's tokenizer: transformers' CohereTokenizerFast, which the converter
     # loads for model_type cohere, takes a tokenizer.json and no SentencePiece model
     Family("cohere", {"model_type": "cohere", **SMALL, "logit_scale": 0.37,

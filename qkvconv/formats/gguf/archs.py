@@ -119,11 +119,13 @@ class GGUFArch:
     # tensors (`{i}`: any layer) the graph never creates, though the source class may have them: llama.cpp refuses a
     # file that holds one (command-r: no attn_output bias, while CohereForCausalLM's attention_bias gives o_proj one)
     unloaded: tuple[str, ...] = ()
-    written: bool = True  # False: read and verified only; `convert --to gguf` refuses it (command-r: its logit
-    # scale and tied-only head are not written yet)
     one_kv_head: bool = False  # the graph takes one K/V head whatever the file says (starcoder: multi-query only)
     kv_key: bool = True  # its converter writes attention.head_count_kv (gpt2, mpt: absent, llama.cpp takes n_head)
-    norm_bias_optional: bool = False  # LayerNorms may lack a bias (mpt: MPT's no_bias)
+    # its converter writes attention.key_length/value_length and rope.dimension_count; False: it leaves them to
+    # llama.cpp's defaults (n_embd / n_head, every dim rotated), which heads_span_embd and full_rotary then ensure
+    head_keys: bool = True
+    norm_bias: str = "required"  # the LayerNorms' bias: "required", "optional" (mpt: MPT's no_bias) or "none"
+    # (command-r's build_norm(attn_norm, NULL)): llama.cpp loads the file only so
 
     @property
     def norm_1(self) -> bool:
@@ -341,7 +343,7 @@ BLOOM = replace(
 # attention.max_alibi_bias
 MPT = replace(
     GPT2, name="mpt", label="MPT (GGUF)", converter="MPTForCausalLM, MptForCausalLM", qkv_bias="optional",
-    proj_bias="optional", norm_bias_optional=True,
+    proj_bias="optional", norm_bias="optional",
     more_global={}, alibi="mpt", alibi_key=True, keys=frozenset({"attention.clamp_kqv", "attention.max_alibi_bias"}),
     where="conversion/mpt.py MPTModel (registered for MosaicML's MPTForCausalLM, not transformers' MptForCausalLM, "
           "whose tensors and config keys are the same): tensors renamed only (Wqkv sequential -> attn_qkv); "
@@ -361,13 +363,13 @@ QWEN = replace(
           "with attention.layer_norm_rms_epsilon (required), NEOX rope (llama_model_rope_type)",
 )
 
-# read for verify (transformers' CohereForCausalLM is verify-only: litgpt has no LayerNorm without bias nor a logit
-# scale), not written
+# transformers' CohereForCausalLM (a LayerNorm without bias, a logit scale: no litgpt target holds it, GGUF does)
 COMMAND_R = GGUFArch(
     "command-r", "Command R (GGUF)", RopeOrder.PAIRS, "split", {k: v for k, v in LLAMA_LAYER.items() if k != L.NORM_2},
     "LayerNorm", "LLaMAMLP", "attention.layer_norm_epsilon", parallel_residual=True, shared_attention_norm=True,
-    tied_only=True, heads_span_embd=True, qkv_bias="optional", logit_scale=True, keys=frozenset({"logit_scale"}),
-    unloaded=("blk.{i}.attn_output.bias",), written=False,
+    tied_only=True, heads_span_embd=True, full_rotary=True, head_keys=False, qkv_bias="optional", logit_scale=True,
+    keys=frozenset({"logit_scale"}),
+    unloaded=("blk.{i}.attn_output.bias",), norm_bias="none",
     converter="CohereForCausalLM",
     where="conversion/command_r.py CommandR2Model: tensors renamed only (q_proj/k_proj already rotate in pairs: "
           "no permutation), logit_scale written, rope.scaling.type none; src/models/command-r.cpp: one LayerNorm "

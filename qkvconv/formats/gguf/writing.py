@@ -45,8 +45,6 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
     if arch is None:
         raise UnsupportedFamily("no llama.cpp architecture qkvconv writes computes this model (it writes "
                                 f"{', '.join(ARCHS)})")
-    if not arch.written:
-        raise UnsupportedFamily(f"qkvconv reads llama.cpp's {arch.name} for inspect and verify only; it does not write it")
     problems = _window_problems(arch, arch_obj) + _position_problems(arch, arch_obj)
     if arch.rotary_layers and arch_obj.n_layer not in arch.rotary_layers:
         problems.append(f"{arch_obj.n_layer} layers ({arch.name} rotates only models of "
@@ -143,8 +141,12 @@ def _position_problems(arch: GGUFArch, a: Architecture) -> list[str]:
         problems.append(f"ALiBi of max bias {a.alibi_bias_max:g} (llama.cpp's {arch.name} slopes are written for 8)")
     if a.clip_qkv is not None and "attention.clamp_kqv" not in arch.keys:
         problems.append("QKV clamping")
-    if not a.norm_bias and not arch.norm_bias_optional:
-        problems.append("LayerNorms without bias")
+    if a.norm_class_name == "LayerNorm" and a.norm_affine and not bias_fits(arch.norm_bias, a.norm_bias):
+        problems.append("LayerNorms without bias" if arch.norm_bias == "required" else
+                        f"LayerNorms with a bias ({arch.name}'s have none)")
+    if a.logit_scale != 1.0 and not (arch.logit_scale and a.logit_scale):  # command-r: scaled where nonzero
+        problems.append(f"logits scaled by {a.logit_scale:g}" + (f" ({arch.name} reads a scale of 0 as none)"
+                                                                  if arch.logit_scale else ""))
     if a.mlp_activation not in GELUS:
         problems.append(f"the MLP activation {a.mlp_activation}")
     if a.mlp_bias != a.proj_bias:
@@ -289,9 +291,11 @@ def header(arch: GGUFArch, cfg: dict[str, Any], file_type: int) -> dict[str, tup
         f"{k}.{arch.eps_key}": ("float32", float(a.norm_eps)),
         "tokenizer.ggml.model": ("string", "none"),
     }
-    if not arch.rotary:  # what its converter writes: no rope keys, nor key/value lengths (n_embd / n_head)
-        for key in ("attention.key_length", "attention.value_length", "rope.dimension_count", "rope.freq_base"):
+    if not arch.rotary or not arch.head_keys:  # what its converter writes: no key/value lengths (n_embd / n_head)
+        for key in ("attention.key_length", "attention.value_length", "rope.dimension_count"):  # nor rope keys
             del out[f"{k}.{key}"]
+    if not arch.rotary:
+        del out[f"{k}.rope.freq_base"]
     if not arch.kv_key:  # llama.cpp takes n_head
         del out[f"{k}.attention.head_count_kv"]
     if arch.alibi_key:  # as choose_arch checked: absent or the slopes of max bias 8
@@ -313,6 +317,9 @@ def header(arch: GGUFArch, cfg: dict[str, Any], file_type: int) -> dict[str, tup
             out[f"{k}.attention.sliding_window"] = ("uint32", int(a.sliding_window_size))
             if arch.windows.local_rope:
                 out[f"{k}.rope.freq_base_swa"] = ("float32", float(a.rope_local_base or 0.0))
+    if arch.logit_scale:  # command-r: the logits times it (choose_arch refused 0, which llama.cpp reads as 1)
+        out[f"{k}.logit_scale"] = ("float32", float(a.logit_scale))
+        out[f"{k}.rope.scaling.type"] = ("string", "none")  # as its converter writes
     if arch.multipliers:  # Granite's, neutral but for the attention scale (what its converter writes of defaults)
         out[f"{k}.attention.scale"] = ("float32", float(a.attention_scale))
         for key in ("embedding_scale", "residual_scale", "logit_scale"):
