@@ -132,6 +132,10 @@ MORE = [
     Family("cohere", {"model_type": "cohere", **SMALL, "logit_scale": 0.37,
                       "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}, "gpt2", arch="command-r",
            hf_vocab=GPT2_VOCAB),
+    # Command R+'s use_qk_norm: llama.cpp's command-r loads the per-head q/k norms in models of 64 layers or more
+    Family("cohere-qk-norm", {"model_type": "cohere", **SMALL, "num_hidden_layers": 64, "use_qk_norm": True,
+                              "logit_scale": 0.37, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}},
+           "gpt2", arch="command-r", hf_vocab=GPT2_VOCAB),
 ]
 BY_ID = {f.id: f for f in FAMILIES + MORE}
 

@@ -2,7 +2,8 @@
 pass computes it as transformers 5.3's cohere/modeling_cohere.py does (CohereLayerNorm without a bias, one input
 norm feeding attention and the MLP in parallel, rotary in pairs order, `logits * logit_scale`, the head tied),
 `verify` tells a copy from a file whose Q/K rows of one layer are in the wrong rotary order, naming that layer;
-`convert` still refuses it, and so does verify with use_qk_norm (per-head norm weights the pass does not compute).
+and with use_qk_norm (a LayerNorm weight of its own for each query and key head) too; `convert` to litgpt, HF or
+PEFT refuses it (GGUF: tests/test_gguf.py).
 
 Oracle: transformers itself on tiny random models (every weight random, the norms too; float32; eager attention),
 GQA with attention biases and a logit_scale that is not CohereConfig's default, MHA with the defaults, and Llama 3
@@ -36,6 +37,7 @@ CASES: dict[str, dict[str, Any]] = {
     "cohere-gqa": {"model_type": "cohere", **LLAMA_SIZES, "attention_bias": True, "logit_scale": 0.37,
                    "rope_theta": 10000.0},
     "cohere-defaults": {"model_type": "cohere", **LLAMA_SIZES, "num_key_value_heads": 4},
+    "cohere-qk-norm": {"model_type": "cohere", **LLAMA_SIZES, "use_qk_norm": True, "logit_scale": 0.5},
     "cohere-llama3-rope": {"model_type": "cohere", **LLAMA_SIZES, "rope_parameters": {
         "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}},
@@ -98,7 +100,8 @@ def test_the_reference_pass_reproduces_transformers(case_id: str, built) -> None
     assert (logits - b.logits).abs().max().item() <= 1e-5 * scale
     # each feature matters: off, the logits move past the tolerance (so the test can fail)
     scaled = () if arch.rope_scaling == "none" else ({"rope_scaling": "none"},)
-    for change in ({"logit_scale": 1.0}, {"rope_interleave": False}, *scaled):
+    normed = ({"norm_qk": None},) if arch.norm_qk else ()
+    for change in ({"logit_scale": 1.0}, {"rope_interleave": False}, *scaled, *normed):
         with torch.no_grad():
             moved = dict(forward.forward(replace(arch, **change), weights, TOKENS, dtype=torch.float32))["logits"]
         assert (moved - b.logits).abs().max().item() > 1e-5 * scale, change
@@ -131,10 +134,18 @@ def test_convert_still_refuses(case_id: str, built, tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def test_verify_refuses_per_head_query_key_norms(tmp_path: Path) -> None:
-    directory = tmp_path / "qk-norm"
-    saved_random_model({"model_type": "cohere", **LLAMA_SIZES, "use_qk_norm": True}, directory,
-                       attn_implementation="eager")
-    result = cli("verify", directory, directory, "--json")
-    assert result.exit_code == 2, result.output
-    assert "use_qk_norm" in json.loads(result.output)["error"]
+def test_per_head_query_key_norms_are_read_as_transformers_holds_them(built) -> None:
+    """use_qk_norm: q_norm (num_heads, head_dim) and k_norm (num_kv_heads, head_dim), a weight row per head."""
+    b = built("cohere-qk-norm")
+    weights = open_weights(b.directory)
+    assert architecture(weights).norm_qk == "per_head"
+    q, k = (weights(f"transformer.h.1.attn.norm_{x}.weight") for x in "qk")
+    assert tuple(q.shape) == (4, 8) and tuple(k.shape) == (2, 8)
+    assert torch.equal(q, b.model.model.layers[1].self_attn.q_norm.weight.detach())
+
+
+def test_per_head_query_key_norms_are_not_reordered(built, tmp_path: Path) -> None:
+    """A change that would move each head's dims or heads (rotary order, more K/V heads) is refused (exit 2)."""
+    for args in (("--to", "gguf", "--rope", "half"), ("--to", "gguf", "--kv-heads", "4")):
+        result = cli("convert", built("cohere-qk-norm").directory, *args, "--out", tmp_path / "x.gguf", "--json")
+        assert result.exit_code == 2 and not (tmp_path / "x.gguf").exists(), result.output

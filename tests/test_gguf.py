@@ -693,6 +693,8 @@ def test_mpt_alibi_and_clamping_are_read_from_the_file(made, tmp_path, keys, dro
     ({}, (), {"output.weight": np.ones((50304, 32), dtype=np.float32)}, 2, "does not load"),
     # CohereForCausalLM's attention_bias gives o_proj a bias, which llama.cpp's converter writes and its graph lacks
     ({}, (), {"blk.1.attn_output.bias": np.ones(32, dtype=np.float32)}, 2, "blk.1.attn_output.bias"),
+    # q/k norms in a model of fewer than 64 layers: llama.cpp's command-r does not load them (it refuses the file)
+    ({}, (), {"blk.1.attn_q_norm.weight": np.ones((4, 8), dtype=np.float32)}, 2, "blk.1.attn_q_norm.weight"),
 ])
 def test_command_r_logit_scale_and_head_as_llamacpp_reads_them(made, tmp_path, keys, drop, tensors, code, why):
     """llama.cpp's command-r multiplies the logits by command-r.logit_scale where nonzero (absent: 0, unscaled)
@@ -706,6 +708,8 @@ def test_command_r_logit_scale_and_head_as_llamacpp_reads_them(made, tmp_path, k
 @pytest.mark.parametrize("settings,why", [
     ({"attention_bias": True}, "biases (q/k/v: True, other linears: True)"),  # o_proj's bias: command-r has none
     ({"logit_scale": 0.0}, "reads a scale of 0 as none"),  # transformers multiplies by 0, llama.cpp leaves it out
+    ({"use_qk_norm": True}, "command-r loads none in a model of 2 layers"),  # norms from 64 layers only
+    ({"num_hidden_layers": 64}, "no query/key norms (command-r loads norms of type per_head"),  # and requires them
 ])
 def test_cohere_that_llamacpp_computes_otherwise_is_not_written(tmp_path, settings, why):
     """Cohere models llama.cpp's command-r would load and compute otherwise are refused (exit 2), nothing written."""

@@ -82,6 +82,7 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
     "logit_scale": 1.0,  # the logits times this float (Cohere's CohereForCausalLM logit_scale)
 }
 ALIBI = ("bloom", "mpt")
+NORM_QK_TYPES = ("default", "olmo2", "per_head")
 MLP_ACTIVATIONS = ("gelu", "gelu_new", "gelu_bloom", "relu2")
 
 
@@ -129,7 +130,8 @@ class Architecture:
     sliding_window_layers: tuple[bool, ...]  # per layer: does the window apply
     # query/key norms: None; "default": one norm over head_size, shared by every head, applied after the
     # split into heads and before RoPE (Qwen3, Gemma 3); "olmo2": one norm over all of q and one over all
-    # of k, before the split (OLMo 2)
+    # of k, before the split (OLMo 2); "per_head": after the split, a weight of its own for each head ((heads,
+    # head_size) tensors: Cohere's use_qk_norm; not litgpt's: only transformers' Cohere reading sets it)
     norm_qk: str | None = None
     norm_1: bool = True  # the input norms (OLMo 2 has neither: only norms after attention and MLP)
     norm_2: bool = True
@@ -201,7 +203,7 @@ class Architecture:
             f"the MLP class {c['mlp_class_name']!r}",
         )
         refuse_if(c["norm_class_name"] not in ("LayerNorm", "RMSNorm"), f"the norm {c['norm_class_name']!r}")
-        refuse_if(c["norm_qk"] and c["norm_qk_type"] not in ("default", "olmo2"),
+        refuse_if(c["norm_qk"] and c["norm_qk_type"] not in NORM_QK_TYPES,
                   f"query/key norms of type {c['norm_qk_type']!r}")
         refuse_if((not c["norm_1"] or not c["norm_2"]) and c["parallel_residual"],
                   "a parallel residual without an input norm (norm_1/norm_2 = False)")

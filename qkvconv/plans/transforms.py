@@ -292,6 +292,7 @@ def set_rope(model: ModelPlan, order: RopeOrder) -> ModelPlan:
     if src == order:
         return model
     arch = model.architecture
+    _refuse_per_head_norms(arch, f"rotary order {src.value} -> {order.value}")
     index = rope_permutation(QKVOrder.SEQUENTIAL, model.heads, arch.rope_n_elem, src, order)
     step = RowIndex(index, f"rotary {src.value} -> {order.value} (Q and K heads, first {arch.rope_n_elem} dims)")
     config = {**model.config}
@@ -316,6 +317,14 @@ def set_rope(model: ModelPlan, order: RopeOrder) -> ModelPlan:
 
 # ---------------------------------------------------------------------------------------------
 # key/value heads
+
+
+def _refuse_per_head_norms(arch: Architecture, change: str) -> None:
+    """Query/key norms with a weight per head (Cohere's use_qk_norm) are never re-ordered: only GGUF holds them,
+    in the pairs order and heads they come with."""
+    if arch.norm_qk == "per_head":
+        raise QkvconvError(f"{change} with a query/key norm weight per head (Cohere's use_qk_norm): qkvconv does not "
+                           "re-order those; convert without the change")
 
 
 def _per_head(index: torch.Tensor, head_size: int, heads: int) -> torch.Tensor:
@@ -343,6 +352,7 @@ def expand_kv_heads(model: ModelPlan, n_kv: int) -> ModelPlan:
     H, G = heads.n_head, heads.n_query_groups
     if n_kv == G:
         return model
+    _refuse_per_head_norms(model.architecture, f"key/value heads {G} -> {n_kv}")
     if n_kv < G:
         raise QkvconvError(
             f"--kv-heads {n_kv} is fewer than the source's {G} key/value heads: merging heads (mean-pooling, as "

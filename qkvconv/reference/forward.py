@@ -52,8 +52,13 @@ def _norm(arch: Architecture, get: Getter, prefix: str, x: torch.Tensor) -> torc
     if not arch.norm_affine:
         return F.layer_norm(x, (x.size(-1),), None, None, arch.norm_eps)
     weight = _param(get, f"{prefix}.weight", x)
+    bias = _param(get, f"{prefix}.bias", x) if arch.norm_class_name == "LayerNorm" and arch.norm_bias else None
+    if weight.dim() == 2:  # a weight per head (norm_qk "per_head"), x (B, nh, T, hs): broadcast over T
+        weight, bias = weight.unsqueeze(1), None if bias is None else bias.unsqueeze(1)
+        if arch.norm_class_name == "LayerNorm":
+            x = F.layer_norm(x, (x.size(-1),), None, None, arch.norm_eps) * weight
+            return x if bias is None else x + bias
     if arch.norm_class_name == "LayerNorm":
-        bias = _param(get, f"{prefix}.bias", x) if arch.norm_bias else None
         return F.layer_norm(x, (x.size(-1),), weight, bias, arch.norm_eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True) + arch.norm_eps)
@@ -119,7 +124,7 @@ def _attention(arch: Architecture, index: int, get: Getter, x: torch.Tensor) -> 
     q = q.view(B, T, H, hs).transpose(1, 2)  # (B, nh_q, T, hs)
     k = k.view(B, T, G, hs).transpose(1, 2)  # (B, nh_k, T, hs)
     v = v.view(B, T, G, hs).transpose(1, 2)  # (B, nh_v, T, hs)
-    if arch.norm_qk == "default":  # one norm over each head's hs dims, shared by the heads
+    if arch.norm_qk in ("default", "per_head"):  # a norm over each head's hs dims: shared, or each head's own
         q = _norm(arch, get, names.layer(index, names.NORM_Q), q)
         k = _norm(arch, get, names.layer(index, names.NORM_K), k)
 

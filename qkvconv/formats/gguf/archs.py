@@ -124,6 +124,9 @@ class GGUFArch:
     # its converter writes attention.key_length/value_length and rope.dimension_count; False: it leaves them to
     # llama.cpp's defaults (n_embd / n_head, every dim rotated), which heads_span_embd and full_rotary then ensure
     head_keys: bool = True
+    # attn_q_norm/attn_k_norm, a weight per head (norm_qk "per_head"), loaded and required only in models of at
+    # least this many layers (command-r: 64, Command R+); 0: none
+    qk_norm_layers: int = 0
     norm_bias: str = "required"  # the LayerNorms' bias: "required", "optional" (mpt: MPT's no_bias) or "none"
     # (command-r's build_norm(attn_norm, NULL)): llama.cpp loads the file only so
 
@@ -368,14 +371,16 @@ COMMAND_R = GGUFArch(
     "command-r", "Command R (GGUF)", RopeOrder.PAIRS, "split", {k: v for k, v in LLAMA_LAYER.items() if k != L.NORM_2},
     "LayerNorm", "LLaMAMLP", "attention.layer_norm_epsilon", parallel_residual=True, shared_attention_norm=True,
     tied_only=True, heads_span_embd=True, full_rotary=True, head_keys=False, qkv_bias="optional", logit_scale=True,
-    keys=frozenset({"logit_scale"}),
+    keys=frozenset({"logit_scale"}), qk_norm_layers=64,
     unloaded=("blk.{i}.attn_output.bias",), norm_bias="none",
     converter="CohereForCausalLM",
     where="conversion/command_r.py CommandR2Model: tensors renamed only (q_proj/k_proj already rotate in pairs: "
           "no permutation), logit_scale written, rope.scaling.type none; src/models/command-r.cpp: one LayerNorm "
           "without bias (build_norm(attn_norm, NULL, LLM_NORM)) feeds attention and the SiLU-gated MLP, both added "
           "to the residual; NORM rope; Q·K scaled by 1/sqrt(head_dim); q/k biases optional (create_tensor_qkv), "
-          "attn_output without bias; attn_q_norm/attn_k_norm loaded only for 64 layers or more; the head is always "
+          "attn_output without bias; attn_q_norm {head_dim, n_head} / attn_k_norm {head_dim, n_head_kv}, a LayerNorm "
+          "weight per head without bias (build_norm over each head's dims), loaded and required for 64 layers or "
+          "more, else none; the head is always "
           "token_embd (TENSOR_DUPLICATED), the logits times logit_scale where nonzero",
 )
 
@@ -413,12 +418,21 @@ def rope_of(name: str) -> RopeOrder | None:
     return RopeOrder.PAIRS if name in ROPE_NORM else RopeOrder.HALF if name in ROPE_NEOX else None
 
 
-def resolve(name: str, tensor_names: Collection[str]) -> GGUFArch:
+def for_layers(arch: GGUFArch, n_layer: int) -> GGUFArch:
+    """The entry as llama.cpp builds a model of `n_layer` layers (command-r: per-head q/k norms from 64 layers)."""
+    if arch.qk_norm_layers and n_layer >= arch.qk_norm_layers:
+        return replace(arch, layer={**arch.layer, **QK_NORMS}, norm_qk="per_head")
+    return arch
+
+
+def resolve(name: str, tensor_names: Collection[str], n_layer: int = 0) -> GGUFArch:
     """The entry of `general.architecture`, with the variant its tensors show (Falcon-40B: attn_norm_2;
-    StableLM without ffn_norm: parallel residual on one norm). Unknown architectures are refused."""
+    StableLM without ffn_norm: parallel residual on one norm) and its block count (for_layers). Unknown
+    architectures are refused."""
     arch = ARCHS.get(name)
     if arch is None:
         raise UnsupportedFamily(f"GGUF architecture {name!r} is not one qkvconv reads (it reads: {', '.join(ARCHS)})")
+    arch = for_layers(arch, n_layer)
     if arch.fused_converters and "blk.0.attn_qkv.weight" in tensor_names:
         return replace(arch, qkv="fused")
     if arch is FALCON and "blk.0.attn_norm_2.weight" in tensor_names:
@@ -483,5 +497,5 @@ def swa_layers(n_layer: int, pattern: int) -> list[int]:
     return [int(pattern == 0 or il % pattern < pattern - 1) for il in range(n_layer)]
 
 
-__all__ = ["ARCHS", "GGUFArch", "GGML_GELU", "Windows", "bias_fits", "resolve", "rope_of", "for_family",
+__all__ = ["ARCHS", "GGUFArch", "GGML_GELU", "Windows", "bias_fits", "for_layers", "resolve", "rope_of", "for_family",
            "query_scalar", "swa_layers"]

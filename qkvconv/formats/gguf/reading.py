@@ -77,7 +77,7 @@ class GGUFFile:
     def arch(self) -> GGUFArch:
         """The architecture as qkvconv maps it (archs.py); UnsupportedFamily where it does not."""
         if self._arch is None:
-            self._arch = resolve(self.arch_name, self._tensors)
+            self._arch = resolve(self.arch_name, self._tensors, int(self.key("block_count", 0)))
         return self._arch
 
     # metadata

@@ -21,7 +21,7 @@ from typing import Any
 from qkvconv.errors import QkvconvError, UnsupportedFamily
 from qkvconv.formats.base import Transformations
 from qkvconv.formats.gguf.archs import (ARCHS, DENSE_MLP, EXPERTS, ROUTER, GGUFArch, bias_fits, for_family,
-                                       query_scalar, swa_layers)
+                                       for_layers, query_scalar, swa_layers)
 from qkvconv.formats.gguf.reading import LLAMA3, AddConstant, llama3_factors
 from qkvconv.model import names as L
 from qkvconv.model.architecture import Architecture
@@ -45,6 +45,7 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
     if arch is None:
         raise UnsupportedFamily("no llama.cpp architecture qkvconv writes computes this model (it writes "
                                 f"{', '.join(ARCHS)})")
+    arch = for_layers(arch, arch_obj.n_layer)
     problems = _window_problems(arch, arch_obj) + _position_problems(arch, arch_obj)
     if arch.rotary_layers and arch_obj.n_layer not in arch.rotary_layers:
         problems.append(f"{arch_obj.n_layer} layers ({arch.name} rotates only models of "
@@ -54,6 +55,12 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
     if arch.windows is None:
         if abs(arch_obj.attention_scale * arch_obj.head_size ** 0.5 - 1) > 1e-9 and not arch.multipliers:
             problems.append("attention scores scaled other than by 1/sqrt(head_size)")
+    if arch_obj.norm_qk != arch.norm_qk:
+        has = f"query/key norms of type {arch_obj.norm_qk}" if arch_obj.norm_qk else "no query/key norms"
+        loads = f"norms of type {arch.norm_qk}" if arch.norm_qk else "none"
+        span = f" in a model of {arch_obj.n_layer} layers, and per-head ones from {arch.qk_norm_layers} layers" \
+            if arch.qk_norm_layers else ""
+        problems.append(f"{has} ({arch.name} loads {loads}{span})")
     if arch.heads_span_embd and arch_obj.head_size * arch_obj.n_head != arch_obj.n_embd:
         problems.append(f"a head size other than n_embd / n_head ({arch.name} has no head_dim)")
     if arch.full_rotary and arch_obj.rope_n_elem != arch_obj.head_size:

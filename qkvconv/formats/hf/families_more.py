@@ -1,7 +1,7 @@
 """More Hugging Face families for the table in families.py (which imports them and keeps the order):
 StarCoder2, which litgpt computes exactly though it ships no config of it; Granite and SmolLM3, which
 it computes only where their extra settings are neutral; Cohere, which it cannot compute at all (`verify`'s
-reference pass does, without use_qk_norm). Every
+reference pass does, and GGUF holds it). Every
 family here is in the table so that `inspect` names its layout; `unsupported` says, feature by feature,
 what litgpt 0.5.13 (litgpt/model.py, litgpt/config.py) has no twin of, and `convert` refuses exactly that.
 
@@ -27,6 +27,7 @@ from qkvconv.formats.hf.table import (
     SET,
     Biases,
     Block,
+    Choose,
     Contains,
     Family,
     HFConfig,
@@ -161,8 +162,8 @@ SMOLLM3 = Family(
 # k, a weight per head; CohereForCausalLM `logits * logit_scale` (default 0.0625); the head tied by default.
 # litgpt has the parallel block (shared_attention_norm) and pairs rotary (rope_interleave), but its
 # LayerNorm always has a bias, its query/key norms share one weight across heads, and it scales no logits.
-# `verify` computes it (norm_bias False, logit_scale) except with use_qk_norm: the reference pass's query/key
-# norms share one weight across heads (tests/test_cohere_verify.py).
+# `verify` computes it (norm_bias False, logit_scale, norm_qk "per_head": q_norm (num_heads, head_dim) and k_norm
+# (num_kv_heads, head_dim), each head normalised over its dims with its own weight; tests/test_cohere_verify.py).
 COHERE = Family(
     architecture="CohereForCausalLM",
     model_type="cohere",
@@ -170,7 +171,8 @@ COHERE = Family(
     **LLAMA_NAMES,
     qkv=LLAMA_STYLE_QKV,
     block=Block({"input_layernorm": "norm_1"}, parallel_residual=True, shared_attention_norm=True),
-    layer_tensors=GATED_MLP,
+    layer_tensors=Choose(({"use_qk_norm": True}, {**GATED_MLP, "self_attn.q_norm": "attn.norm_q",
+                                                   "self_attn.k_norm": "attn.norm_k"}), ({}, GATED_MLP)),
     config=replace(
         llama_style_config(head_size=Read("head_dim", default=None), intermediate=22528, vocab=256000,
                            positions=8192, eps=1e-5, act="silu", tied=True),
@@ -190,7 +192,7 @@ COHERE = Family(
     positions="rotary, pairs order",
     rotary_order="pairs",
     verifiable=True,
-    unverifiable=(({"use_qk_norm": True}, "a LayerNorm per query/key head with its own weights (use_qk_norm)"),),
+    norm_qk=Choose(({"use_qk_norm": True}, "per_head"), ({}, None)),
     norm_bias=False,
     logit_scale=Read("logit_scale", default=0.0625),
 )
