@@ -654,6 +654,28 @@ def test_internlm2_and_baichuan_remote_originals(made, converter, tmp_path):
     assert code == 2 and "rotates only models of 32 layers" in report["error"] and not (tmp_path / "x").exists()
 
 
+def test_internlm2_with_biases_is_not_written(made, tmp_path):
+    """InternLM2 with `bias` true (wqkv and wo biases): llama.cpp's internlm2 loads no attn_output bias (and its
+    converter cannot cut a wqkv bias), so `convert --to gguf` refuses it (exit 2) and writes nothing."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from test_remote_twins import internlm2_from_llama
+
+    directory = tmp_path / "internlm2-bias"
+    tensors = internlm2_from_llama(load_file(made["llama-gqa"][0] / "model.safetensors"), directory)
+    for i in range(2):
+        tensors[f"model.layers.{i}.attention.wqkv.bias"] = torch.randn(64)
+        tensors[f"model.layers.{i}.attention.wo.bias"] = torch.randn(32)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "bias": True}))
+    code, report = run("convert", str(directory), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
+    assert code == 2 and "a bias on the attention output" in report["error"], report
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def _w_pack_as_llamacpp_cuts_it(converter: Path, tensors: dict, llama_file: Path) -> None:
     """llama.cpp's BaichuanModel.modify_tensors, run on layer 1's W_pack, gives the twin Llama file's attn_q/k/v."""
     import sys
