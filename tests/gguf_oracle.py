@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "fixtures" / "build_llamacpp_converter.sh"
 TOKENIZERS = ROOT / "fixtures" / "gguf_tokenizers.py"
 CONVERT_MANY = ROOT / "fixtures" / "gguf_convert_many.py"
+VENV_MODEL = ROOT / "fixtures" / "venv_transformers_model.py"
 VERSION = "0.3.36"
 GPT2_VOCAB = 50304  # >= GPT-2's 50257 tokens, which Falcon's and GPT-NeoX's converters take from tokenizer.json
 
@@ -40,6 +41,9 @@ class Family:
     hf_vocab: int | None = None  # vocab_size where the tokenizer needs a larger one than SMALL's
     added_tokens: tuple[str, ...] = ()  # special tokens added to GPT-2's tokenizer.json (a converter asks for them)
     converter_class: str | None = None  # the HF class llama.cpp's converter registers where transformers' differs
+    # built, saved and run by the converter environment's transformers (4.57) where 5.3's computes another function
+    # (DBRX: fixtures/venv_transformers_model.py)
+    venv_built: bool = False
 
 
 FAMILIES = [
@@ -136,6 +140,11 @@ MORE = [
     Family("cohere-qk-norm", {"model_type": "cohere", **SMALL, "num_hidden_layers": 64, "use_qk_norm": True,
                               "logit_scale": 0.37, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}},
            "gpt2", arch="command-r", hf_vocab=GPT2_VOCAB),
+    # DBRX: GQA, QKV clamped, 4 experts of 48 (not d_model: transformers 5.3's DBRX could not run it) choosing 2
+    Family("dbrx", {"model_type": "dbrx", "d_model": 32, "n_heads": 4, "n_layers": 2, "max_seq_len": 64,
+                    "attn_config": {"kv_n_heads": 2, "clip_qkv": 0.6, "rope_theta": 10000},
+                    "ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2}}, "gpt2", arch="dbrx",
+           hf_vocab=GPT2_VOCAB, venv_built=True),
 ]
 BY_ID = {f.id: f for f in FAMILIES + MORE}
 
@@ -155,13 +164,19 @@ def build_hf(family: Family, directory: Path, converter: Path, dtype: torch.dtyp
     import transformers
 
     settings = {**family.hf, **({"vocab_size": family.hf_vocab} if family.hf_vocab else {})}
-    config = transformers.AutoConfig.for_model(**settings)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # nonzero random everything: norms and biases too
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    model.to(dtype).save_pretrained(directory)
+    python = converter / "venv" / "bin" / "python"
+    if family.venv_built:
+        assert dtype == torch.float32
+        subprocess.run([str(python), str(VENV_MODEL), "build", json.dumps(settings), str(directory)], check=True,
+                       capture_output=True, timeout=600)
+    else:
+        config = transformers.AutoConfig.for_model(**settings)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # nonzero random everything: norms and biases too
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+        model.to(dtype).save_pretrained(directory)
     if family.config_json:
         path = directory / "config.json"
         saved = json.loads(path.read_text())
@@ -171,7 +186,6 @@ def build_hf(family: Family, directory: Path, converter: Path, dtype: torch.dtyp
             else:
                 saved[key] = value
         path.write_text(json.dumps(saved, indent=2))
-    python = converter / "venv" / "bin" / "python"
     if family.tokenizer == "spm":
         args = ["spm", str(directory), "--vocab", "64"]
         subprocess.run([str(python), str(TOKENIZERS), *args], check=True, capture_output=True, timeout=300)

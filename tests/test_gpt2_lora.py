@@ -293,7 +293,8 @@ def test_convert_refuses_with_the_reason(args: list[str], base: Path, adapters, 
 
 
 
-# The other transformers-native fused classes verify computes (hf_models.NATIVE; DBRX is refused by verify): an
+# The other transformers-native fused classes verify computes (hf_models.NATIVE but DBRX, whose peft model would run
+# on transformers 5.3's DBRX, another function: tests/test_dbrx_verify.py): an
 # nn.Linear fused QKV module in its own row order, with the attention output and an MLP linear where peft reaches it.
 NATIVE_TARGETS = {
     "gpt-bigcode-mqa": ["c_attn", "c_proj", "c_fc"], "gpt-bigcode-mha": ["c_attn", "c_proj"],

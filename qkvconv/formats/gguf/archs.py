@@ -127,6 +127,7 @@ class GGUFArch:
     # attn_q_norm/attn_k_norm, a weight per head (norm_qk "per_head"), loaded and required only in models of at
     # least this many layers (command-r: 64, Command R+); 0: none
     qk_norm_layers: int = 0
+    clamp_required: bool = False  # llama.cpp requires attention.clamp_kqv (written 0, no clamping, where unset)
     norm_bias: str = "required"  # the LayerNorms' bias: "required", "optional" (mpt: MPT's no_bias) or "none"
     # (command-r's build_norm(attn_norm, NULL)): llama.cpp loads the file only so
 
@@ -384,10 +385,27 @@ COMMAND_R = GGUFArch(
           "token_embd (TENSOR_DUPLICATED), the logits times logit_scale where nonzero",
 )
 
+# transformers' DbrxForCausalLM (LayerNorms without bias, a mixture of experts stored stacked, QKV clamped)
+DBRX = GGUFArch(
+    "dbrx", "DBRX (GGUF)", RopeOrder.HALF, "fused",
+    {L.NORM_1: "blk.{i}.attn_norm", L.ATTN_PROJ: "blk.{i}.attn_output", L.NORM_2: "blk.{i}.attn_output_norm"},
+    "LayerNorm", "LLaMAMLP", "attention.layer_norm_epsilon", experts="required", norm_bias="none",
+    full_rotary=True, heads_span_embd=True, head_keys=False, output_required=True, clamp_required=True,
+    keys=frozenset({"attention.clamp_kqv"}), converter="DbrxForCausalLM",
+    where="conversion/dbrx.py DbrxModel: Wqkv (sequential) to attn_qkv as it is, norm_1 to attn_norm, norm_2 to "
+          "attn_output_norm, the router to ffn_gate_inp; ffn.experts.mlp.w1 / v1 viewed as [n_expert, n_ff, n_embd] "
+          "(ffn_gate_exps / ffn_up_exps), w2 viewed so and transposed per expert (ffn_down_exps); "
+          "layer_norm_epsilon written as 1e-5, attn_config.clip_qkv as attention.clamp_kqv (required by "
+          "src/models/dbrx.cpp, 0: no clamp), no key_length nor rope.dimension_count (n_embd / n_head, asserted "
+          "equal to n_rot); src/models/dbrx.cpp: LayerNorms without bias (build_norm(.., NULL, LLM_NORM)), NEOX "
+          "rope, attn_output without bias, output required, build_moe_ffn with SiLU-gated experts, softmax gating "
+          "and the chosen weights renormalised (norm_w true), expert_weights_scale 0 (not applied)",
+)
+
 ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, QWEN3MOE, PHI3, FALCON, GPTNEOX, GEMMA,
                                                   GEMMA2, GEMMA3, STABLELM, PHI2, OLMO, OLMO2, STARCODER2, SMOLLM3,
                                                   GRANITE, CHATGLM, GPT2, STARCODER, BLOOM, INTERNLM2, BAICHUAN,
-                                                  MPT, QWEN, COMMAND_R)}
+                                                  MPT, QWEN, COMMAND_R, DBRX)}
 
 # litgpt's LLaMAMoE router and experts (under transformer.h.{i}) <-> llama.cpp's, whose experts of one layer are
 # stacked in one 3D tensor per linear (expert e: index e of its first dim); src/models/llama.cpp renormalises

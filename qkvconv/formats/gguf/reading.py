@@ -297,6 +297,9 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
     }
     if arch.alibi_key:
         cfg.update(positions_by_keys(g, arch))
+    if "attention.clamp_kqv" in arch.keys:  # > 0: QKV clamped to it (llama-graph.cpp build_qkv; MPT, DBRX)
+        clamp = float(g.key("attention.clamp_kqv", 0.0))
+        cfg["clip_qkv"] = clamp if clamp > 0 else None
     if moe:
         cfg.update(mlp_class_name="LLaMAMoE", moe_intermediate_size=up, n_expert=int(_require(g, "expert_count")),
                    n_expert_per_token=int(_require(g, "expert_used_count")))
@@ -344,15 +347,14 @@ def windows_config(g: GGUFFile, w: Windows, n_layer: int, n_embd: int, n_head: i
 
 
 def positions_by_keys(g: GGUFFile, arch: GGUFArch) -> dict[str, Any]:
-    """MPT's ALiBi and clamping as the file sets them: attention.max_alibi_bias 0 (or absent) is no ALiBi, 8 the
+    """MPT's ALiBi as the file sets it: attention.max_alibi_bias 0 (or absent) is no ALiBi, 8 the
     slopes of `arch.alibi` (ggml_soft_max_ext's for max_bias 8 are the schemes' of reference/alibi.py); other
-    values give slopes the reference pass does not compute, refused. attention.clamp_kqv > 0 clamps QKV."""
+    values give slopes the reference pass does not compute, refused."""
     bias_max = float(g.key("attention.max_alibi_bias", 0.0))
     if bias_max not in (0.0, 8.0):
         raise UnsupportedFamily(f"{g.path}: {arch.name}.attention.max_alibi_bias {bias_max:g}: ALiBi slopes other than "
                                 "max_bias 8's, which qkvconv's reference pass does not compute")
-    clamp = float(g.key("attention.clamp_kqv", 0.0))
-    return {"alibi": arch.alibi if bias_max else None, "clip_qkv": clamp if clamp > 0 else None}
+    return {"alibi": arch.alibi if bias_max else None}
 
 
 def granite_scales(g: GGUFFile, head_size: int) -> dict[str, Any]:

@@ -307,8 +307,8 @@ def header(arch: GGUFArch, cfg: dict[str, Any], file_type: int) -> dict[str, tup
         del out[f"{k}.attention.head_count_kv"]
     if arch.alibi_key:  # as choose_arch checked: absent or the slopes of max bias 8
         out[f"{k}.attention.max_alibi_bias"] = ("float32", 8.0 if a.alibi else 0.0)
-    if a.clip_qkv is not None:  # as choose_arch checked: the architecture reads it
-        out[f"{k}.attention.clamp_kqv"] = ("float32", float(a.clip_qkv))
+    if a.clip_qkv is not None or arch.clamp_required:  # as choose_arch checked: the architecture reads it
+        out[f"{k}.attention.clamp_kqv"] = ("float32", float(a.clip_qkv or 0.0))
     if k == "llama":
         out[f"{k}.vocab_size"] = ("uint32", a.padded_vocab_size)
     if k == "falcon":  # llama.cpp's converter marks its sequential attn_qkv so (ggml's Falcon example)

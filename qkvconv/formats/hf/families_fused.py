@@ -2,7 +2,7 @@
 Bloom, MPT, DBRX, Persimmon and CodeGen. They are in the family table so that `inspect` names their layout (the
 tensor, its row order, key/value heads, transposed storage, how positions enter, which config key decided);
 each has an `unsupported` entry with no flags (`convertible` false), so `convert` refuses them with the reason.
-`verify` computes all but DBRX (`verifiable`): the reference pass has their features as fields (learned positions,
+`verify` computes all (`verifiable`): the reference pass has their features as fields (learned positions,
 ALiBi, Conv1D storage read as a Linear, an embedding norm, LayerNorms without bias, clip_qkv, q/k LayerNorms, the
 squared ReLU, CodeGen's parallel block with attention-output and MLP biases apart), set from the entries below
 (formats/hf/reference.py); `unverifiable` names the settings it does not compute. `convert --to gguf` reads them
@@ -19,7 +19,7 @@ other fields name the modules as transformers does, for the reader.
 from __future__ import annotations
 
 from qkvconv.formats.hf.pieces import ROPE_THETA, partial_rotary
-from qkvconv.formats.hf.table import Biases, Block, Choose, Family, Fused, HFConfig, Not, Read
+from qkvconv.formats.hf.table import Biases, Block, Choose, Family, Fused, HFConfig, MoE, Not, Read
 from qkvconv.model.layout import QKVOrder
 
 NO_BIAS = Biases(qkv=False, attn_out=False, mlp=False)
@@ -191,7 +191,15 @@ MPT = Family(
 # dbrx/modeling_dbrx.py DbrxAttention: `Wqkv` of hidden_size + 2 * kv_n_heads * head_dim rows without bias,
 # clamped to attn_config.clip_qkv, then `.split([hidden_size, kv_heads * head_dim, kv_heads * head_dim])`:
 # sequential, GQA (attn_config.kv_n_heads, DbrxAttentionConfig default 1); rotary over the whole head in
-# half order (rotate_half). Experts stored as three stacked matrices per layer (ffn.experts.mlp.w1/v1/w2).
+# half order (rotate_half). norm_attn_norm.norm_1 before attention, norm_2 before the MoE, LayerNorms without bias.
+# The MoE as DBRX's own code computes it, and transformers 4.57's DbrxForCausalLM: a router ffn.router.layer
+# (d_model -> moe_num_experts), softmax, the top moe_top_k divided by their p-norm for p = moe_normalize_expert_weights
+# (1: their sum, litgpt's renormalisation; None: not divided); each expert x.matmul(w1[e].t()) gated by SiLU times
+# x.matmul(v1[e].t()), then .matmul(w2[e]), where w1 / v1 / w2 stack the experts' [ffn_hidden_size, d_model] blocks
+# (MoE.stacked). transformers 5.3's DbrxForCausalLM computes another function: its DbrxExpertGLU multiplies by w1[e]
+# and v1[e] untransposed (x.matmul(expert_w1)), and its router is nn.Linear(ffn_hidden_size, ...), so it runs only
+# where ffn_hidden_size equals d_model; the tests take 4.57's, in llama.cpp's converter environment
+# (fixtures/venv_transformers_model.py), and llama.cpp's runtime, as the oracles.
 DBRX = Family(
     architecture="DbrxForCausalLM",
     model_type="dbrx",
@@ -214,14 +222,17 @@ DBRX = Family(
     biases=NO_BIAS,
     norm_class_name="LayerNorm",
     mlp_class_name="LLaMAMoE",
+    moe=MoE(router="ffn.router.layer", experts="ffn.experts.mlp", expert_tensors={"w1": "fc_1", "v1": "fc_2", "w2": "proj"},
+            n_expert=Read("ffn_config.moe_num_experts", default=4), per_token=Read("ffn_config.moe_top_k", default=1),
+            stacked=True),
+    norm_bias=False,
+    base_model_prefix="transformer",
+    clip_qkv=Read("attn_config.clip_qkv", default=None),
+    flag_defaults={"ffn_config.moe_normalize_expert_weights": 1},
     unsupported=(({}, "LayerNorms without a bias (litgpt's LayerNorm always has one)"),),
-    # dbrx/modeling_dbrx.py DbrxRouter is nn.Linear(ffn_config.ffn_hidden_size, n_experts) and DbrxExperts reshapes
-    # tokens to ffn_hidden_size and computes x @ w1[e] (the stored [ffn, hidden] block untransposed), so transformers
-    # runs only models whose ffn_hidden_size equals d_model (DBRX itself: 10752 vs 6144): no computation of a real
-    # DBRX checkpoint to mirror
     verifiable=True,
-    unverifiable=(({}, "experts as transformers 5.3 computes them (its DbrxRouter and DbrxExperts take "
-                       "ffn_config.ffn_hidden_size-wide input and run only where it equals d_model)"),),
+    unverifiable=(({"ffn_config.moe_normalize_expert_weights": Not(1)},
+                   "the chosen experts' weights divided by other than their sum (moe_normalize_expert_weights not 1)"),),
 )
 
 # persimmon/modeling_persimmon.py PersimmonAttention._split_heads: `fused_qkv.view(batch, seq, num_heads, 3,

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from qkvconv.errors import QkvconvError, UnsupportedFamily
-from qkvconv.formats.hf.families import Block, Family, Fused, Split
+from qkvconv.formats.hf.families import Block, Family, Fused, MoE, Split
 from qkvconv.formats.hf.config import (
     HF_CONFIG,
     _forward_fields,
@@ -96,6 +96,17 @@ def _reorder_steps(src: QKVOrder, dst: QKVOrder, heads: HeadLayout) -> tuple[Ste
     if same_rows(src, dst, heads):
         return (CheckRows(src, heads),)
     return (Reorder(src, dst, heads),)
+
+
+def _stacked_experts(moe: MoE, src: _Names, hf: str, to: str, n_expert: int) -> list[Recipe]:
+    """Each expert's fc_1 / fc_2 / proj weight out of a layer's stacked parameters (MoE.stacked)."""
+    recipes = []
+    for linear, lit in moe.expert_tensors.items():
+        stacked = src.take(f"{hf}.{moe.experts}.{linear}")
+        down = (Transpose(),) if lit == names.EXPERT_LINEARS[2] else ()  # proj: stored [size, d_model]
+        recipes += [Recipe(f"{to}.{names.expert(e, lit)}.weight", (stacked,), (TakeRows(e, n_expert), *down))
+                    for e in range(n_expert)]
+    return recipes
 
 
 class _Names:
@@ -198,6 +209,8 @@ def _plan_from_hf(family: Family, config_json: Mapping[str, Any], lit: dict[str,
                 recipes.append(Recipe(f"{to}.{qkv_out}.{p}", (f"{hf}.{qkv.name}.{p}",), stored + steps))
         for module, lit_module in _layer_modules(family, block, int(lit.get("n_expert", 0))).items():
             copy(f"{hf}.{module}", f"{to}.{lit_module}", conv1d if module in family.conv1d else ())
+        if family.moe is not None and family.moe.stacked:
+            recipes.extend(_stacked_experts(family.moe, src, hf, to, int(lit["n_expert"])))
         for module, lit_modules in family.fused_rows.items():
             for p in src.params(f"{hf}.{module}"):
                 recipes.extend(

@@ -40,7 +40,8 @@ def reference_config_from_hf(config_json: Mapping[str, Any]) -> dict[str, Any]:
         raise refused
     cfg = model_config(family, config_json, litgpt=False)
     act = _read(config_json, family.config.activation)
-    if family.mlp_class_name != "LLaMAMLP":  # a SiLU-gated MLP (Cohere): model_config refused other activations
+    if family.mlp_class_name not in ("LLaMAMLP", "LLaMAMoE"):  # SiLU-gated (Cohere, DBRX): model_config refused
+        # other activations
         if act not in REFERENCE_ACTIVATIONS:
             reason = f"{family.architecture} with the activation {act!r} cannot be verified"
             raise UnsupportedFamily(reason, reason=reason)

@@ -177,11 +177,16 @@ class MoE:
     # where the router's renormalisation over the chosen experts is a setting (Qwen3-MoE norm_topk_prob);
     # None: always on (Mixtral). litgpt always renormalises: off is refused through `unsupported`.
     renormalize: Read | None = None
+    # True: each linear of all the experts in one [n_expert * size, d_model] parameter without a `.weight`
+    # suffix, `{experts}.{linear}` (DBRX's ffn.experts.mlp.w1 / v1 / w2): expert e's rows e * size .. (e + 1) *
+    # size, the down projection's ([size, d_model]) transposed
+    stacked: bool = False
 
     def modules(self, n_expert: int) -> dict[str, str]:
-        """Layer-relative HF module -> litgpt module, for the router and every expert."""
+        """Layer-relative HF module -> litgpt module, for the router and every expert (the router alone where the
+        experts are stacked: see `stacked`)."""
         out = {self.router: names.MOE_ROUTER}
-        for e in range(n_expert):
+        for e in range(n_expert if not self.stacked else 0):
             out.update({f"{self.experts.format(e=e)}.{hf}": names.expert(e, lit) for hf, lit in self.expert_tensors.items()})
         return out
 
