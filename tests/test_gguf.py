@@ -248,6 +248,9 @@ def test_convert_to_gguf_writes_what_llamacpp_writes(made, family_id, tmp_path):
     code, report = run("convert", str(hf), "--to", "gguf", "--out", str(out))
     assert code == 0, report
     assert report["checks"][0].startswith("checked in")  # not skipped
+    if BY_ID[family_id].arch in ("command-r", "gemma"):  # what the file holds, not the litgpt pivot's copy
+        assert f"tied head: token_embd only (llama.cpp's {BY_ID[family_id].arch} takes the head from it)" in \
+            report["actions"] and not any("litgpt" in a for a in report["actions"]), report["actions"]
     mine, theirs = gguf.GGUFReader(out), gguf.GGUFReader(oracle)
     assert mine.fields["general.architecture"].contents() == BY_ID[family_id].arch
     ours = {t.name: np.array(t.data) for t in mine.tensors}

@@ -364,6 +364,11 @@ def plan_litgpt_to_gguf(model: Any, source_json: dict[str, Any] | None, changes:
         notes.append("llama.cpp computes this GELU with the tanh approximation (the file cannot say otherwise): "
                      "its run differs from the source by that approximation")
     notes.append("no tokenizer converted: tokenizer.ggml.model = none")
+    if tied or arch.tied_only:  # the pivot's notes speak of litgpt's lm_head.weight: say what the file holds
+        plan.notes = [n for n in plan.notes if not n.startswith("tied head:")]
+        output = any(r.output == "output.weight" for r in recipes)
+        notes.append("tied head: " + (f"written as output.weight too (llama.cpp's {arch.name} requires it)" if output
+                                      else f"token_embd only (llama.cpp's {arch.name} takes the head from it)"))
     plan.notes = list(dict.fromkeys(plan.notes + notes))
     plan.header = {"arch": arch.name, "keys": header(arch, model.config, file_type)}
     return plan
