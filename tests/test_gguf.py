@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-from gguf_oracle import (BY_ID, FAMILIES, MORE, TOKENIZERS, build_hf, converter_dir, converter_input,  # noqa: E402
+from gguf_oracle import (BY_ID, FAMILIES, MORE, SMALL, TOKENIZERS, build_hf, converter_dir, converter_input,  # noqa: E402
                          llamacpp_convert)
 
 from qkvconv.cli import app  # noqa: E402
@@ -678,6 +678,45 @@ def test_internlm2_with_biases_is_not_written(made, tmp_path):
     code, report = run("convert", str(directory), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
     assert code == 2 and "a bias on the attention output" in report["error"], report
     assert not (tmp_path / "x.gguf").exists()
+
+
+def baichuan_13b(directory: Path, n_layer: int = 40) -> Path:
+    """A tiny Baichuan-13B (ALiBi, no RoPE: llama.cpp's baichuan gives ALiBi to models of 40 layers only): the
+    original layout of a random MHA Llama's tensors, read with --variant baichuan-13b."""
+    from hf_models import saved_random_model
+    from safetensors.torch import load_file
+
+    saved_random_model({"model_type": "llama", **{k: v for k, v in SMALL.items() if k != "num_key_value_heads"},
+                        "num_hidden_layers": n_layer}, directory / "llama")
+    return _baichuan(load_file(directory / "llama" / "model.safetensors"), directory / "hf", n_layer)
+
+
+def test_baichuan_13b_is_written_with_alibi_at_40_layers(tmp_path):
+    """Baichuan-13B: ALiBi (Bloom's slopes, which ggml's for max_bias 8 are) and no RoPE. llama.cpp's baichuan gives
+    ALiBi to a model of 40 layers, RoPE to one of 32 and no positions to any other, from block_count alone: the
+    40-layer file is written without RoPE keys and verifies against its source; read as the 7B (rotary) it
+    computes another function (exit 1); a 13B of other depth is refused (exit 2). llama.cpp's converter cannot
+    make a Baichuan file (test_internlm2_and_baichuan_remote_originals); its runtime ran qkvconv's
+    (benchmarks/results/llamacpp_logits_h200_host.txt)."""
+    hf = baichuan_13b(tmp_path)
+    variant = ("--variant", "baichuan-13b")
+    code, report = run("convert", str(hf), "--to", "gguf", "--out", str(tmp_path / "out.gguf"), *variant)
+    assert code == 0, report
+    keys = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "out.gguf").fields.items() if k.startswith("baichuan.")}
+    assert keys["baichuan.block_count"] == 40 and not any("rope" in k for k in keys), keys
+    assert run("verify", str(hf), str(tmp_path / "out.gguf"), *variant)[0] == 0
+    code, report = run("verify", str(hf), str(tmp_path / "out.gguf"), "--variant", "baichuan-7b")
+    assert code == 1 and "alibi" in report["error"], report
+    short = _baichuan(load_file_of(hf), tmp_path / "short", 2)
+    code, report = run("convert", str(short), "--to", "gguf", "--out", str(tmp_path / "x.gguf"), *variant)
+    assert code == 2 and "ALiBi" in report["error"] and not (tmp_path / "x.gguf").exists(), report
+
+
+def load_file_of(hf: Path) -> dict:
+    """The Llama tensors a Baichuan directory was made of (its twin beside it)."""
+    from safetensors.torch import load_file
+
+    return load_file(hf.parent / "llama" / "model.safetensors")
 
 
 def _w_pack_as_llamacpp_cuts_it(converter: Path, tensors: dict, llama_file: Path) -> None:

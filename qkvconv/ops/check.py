@@ -127,8 +127,9 @@ class SourcePrints:
     def __init__(self, open_source: Callable[[], Any]) -> None:
         self._outcome: tuple[Any, dict[str, Print]] | BaseException | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(open_source,), name="qkvconv-check", daemon=True)
-        self._thread.start()
+        from qkvconv.formats.hf.variants import thread
+
+        self._thread = thread(self._run, open_source)
         atexit.register(self._give_up)
 
     def _give_up(self) -> None:

@@ -13,7 +13,6 @@ target (the target format's `target_plan`): still one plan, each source tensor r
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,12 +231,11 @@ class _ByteCheck:
     from the page cache while the writer makes it durable (fsync waits on the disk, not the CPU)."""
 
     def __init__(self, directory: Path, source_format: str, tmp: Path, to: str, fingerprints: dict[str, Any]) -> None:
+        from qkvconv.formats.hf.variants import thread
         from qkvconv.ops.bitcheck import byte_check
 
         self._verdict: str | None | BaseException = None
-        self._thread = threading.Thread(target=self._run, name="qkvconv-check", daemon=True,
-                                        args=(byte_check, (directory, source_format), (tmp, to), fingerprints))
-        self._thread.start()
+        self._thread = thread(self._run, byte_check, (directory, source_format), (tmp, to), fingerprints)
 
     def _run(self, byte_check: Any, *args: Any) -> None:
         try:

@@ -113,6 +113,7 @@ class GGUFArch:
     alibi: str | None = None
     rotary: bool = True  # False: no RoPE in the graph, whatever rope.dimension_count says
     rotary_layers: tuple[int, ...] = ()  # RoPE only for models of these layer counts (the graph's model-type switch)
+    alibi_layers: tuple[int, ...] = ()  # ALiBi of max bias 8 ("bloom" slopes) and no RoPE for these layer counts
     alibi_key: bool = False  # ALiBi as attention.max_alibi_bias says (0 or absent: none; 8: `alibi`'s slopes)
     ffn_scale: int = 1  # feed_forward_length / the FFN tensors' width (qwen: 2, llama.cpp's n_ff/2)
     logit_scale: bool = False  # the logits times `{arch}.logit_scale` where set and nonzero (command-r)
@@ -308,9 +309,11 @@ INTERNLM2 = replace(
 BAICHUAN = replace(
     LLAMA, name="baichuan", label="Baichuan 7B (GGUF)", converter="BaichuanForCausalLM", qkv_bias="none",
     experts="none", full_rotary=False, heads_span_embd=True, output_required=True, rotary_layers=(32,),
+    alibi_layers=(40,),
     where="conversion/baichuan.py BaichuanModel.modify_tensors cuts W_pack into thirds (attn_q / attn_k / attn_v) "
           "and permutes Q and K half -> pairs (_reverse_hf_permute_part); src/models/baichuan.cpp rotates only a "
-          "model of 32 layers (LLM_TYPE_7B), gives one of 40 ALiBi (13B) and any other no positions at all",
+          "model of 32 layers (LLM_TYPE_7B), gives one of 40 ALiBi (13B: f_max_alibi_bias 8, no key, no RoPE; "
+          "ggml's slopes for max_bias 8 are Baichuan's _get_interleave) and any other no positions at all",
 )
 
 # GPT-2-shaped graphs (src/models/gpt2.cpp, starcoder.cpp, bloom.cpp): LayerNorms with biases, one attn_qkv of
@@ -437,9 +440,12 @@ def rope_of(name: str) -> RopeOrder | None:
 
 
 def for_layers(arch: GGUFArch, n_layer: int) -> GGUFArch:
-    """The entry as llama.cpp builds a model of `n_layer` layers (command-r: per-head q/k norms from 64 layers)."""
+    """The entry as llama.cpp builds a model of `n_layer` layers (command-r: per-head q/k norms from 64 layers;
+    baichuan: ALiBi at 40)."""
     if arch.qk_norm_layers and n_layer >= arch.qk_norm_layers:
         return replace(arch, layer={**arch.layer, **QK_NORMS}, norm_qk="per_head")
+    if n_layer in arch.alibi_layers:  # baichuan's 13B (40 layers): ALiBi instead of RoPE
+        return replace(arch, label=arch.label.replace("7B", "13B"), alibi="bloom", rotary=False, rotary_layers=())
     return arch
 
 

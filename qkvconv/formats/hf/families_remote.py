@@ -91,16 +91,24 @@ PHI_MSFT = Family(
 # 13B ones use ALiBi, with the same config keys; Baichuan 2 normalises the head's rows at run time (NormHead:
 # F.normalize(lm_head.weight), as lmdeploy's Baichuan2Reader also does on reading), Baichuan 1 does not.
 # config.json tells neither apart (vLLM guesses: hidden_size 4096 means rotary, vocab_size 125696 Baichuan 2),
-# so the user names the model (--variant); ALiBi is refused (Llama and litgpt have none).
+# so the user names the model (--variant); ALiBi is refused for litgpt (Llama and litgpt have none). The 13B's ALiBi
+# (modeling_baichuan.py _gen_alibi_mask): slopes _get_interleave(n_head), Bloom's build_alibi_tensor's for any
+# head count, times the key position (Baichuan 2: key minus query position, the same softmax), added to the
+# scores after their 1/sqrt(head_dim) scaling, no RoPE: `verify` computes it (alibi "bloom") and GGUF holds it.
+_BAICHUAN_CONFIG = replace(llama_style_config(head_size=None, intermediate=11008, vocab=64000, positions=4096, eps=1e-6,
+                                              act="silu", tied=False),
+                           block_size=Read("max_position_embeddings", "model_max_length", default=4096),
+                           rope_theta=10000.0)
 BAICHUAN = Family(
     architecture="BaichuanForCausalLM", model_type="baichuan", name="Baichuan / Baichuan 2 (remote code)",
     layer_prefix="model.layers.{i}",
     qkv=Fused("self_attn.W_pack", QKVOrder.SEQUENTIAL, kv_heads=None),
     block=PRE_NORMS,
     layer_tensors=GATED_MLP, embedding="model.embed_tokens", final_norm="model.norm", lm_head="lm_head",
-    config=replace(llama_style_config(head_size=None, intermediate=11008, vocab=64000, positions=4096, eps=1e-6,
-                                      act="silu", tied=False),
-                   block_size=Read("max_position_embeddings", "model_max_length", default=4096), rope_theta=10000.0),
+    config=Choose(({"qkvconv_positions": "alibi"}, replace(_BAICHUAN_CONFIG, rotary_fraction=0.0)),
+                  ({}, _BAICHUAN_CONFIG)),
+    alibi=Choose(({"qkvconv_positions": "alibi"}, "bloom"), ({}, None)),
+    verifiable=True,
     biases=Biases(qkv=False, attn_out=False, mlp=False), norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
     positions=Choose(({"qkvconv_positions": "alibi"}, "ALiBi"), ({"qkvconv_positions": "rotary"}, "rotary, half order"),
                      ({}, "rotary, half order in the 7B models, ALiBi in the 13B ones (config.json does not say "

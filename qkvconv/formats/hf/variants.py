@@ -5,14 +5,16 @@ Baichuan 1 does not), the user names the model and qkvconv reads the flags that 
 
 The name travels as a context variable set around one command (`chosen_variant`), so every place that reads
 a Hugging Face config.json (the format's reader, the weights of a base, an adapter's base) sees the same flags
-without threading an argument through the registry's generic interfaces.
+without threading an argument through the registry's generic interfaces. A thread starts from an empty
+context: the checks that run in threads start through `thread`, which carries the name along.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,14 @@ def chosen_variant(name: str | None) -> Iterator[None]:
         yield
     finally:
         _chosen.reset(token)
+
+
+def thread(target: Callable[..., Any], *args: Any) -> threading.Thread:
+    """A started daemon thread running target(*args) in a copy of this context, so that it reads config.json
+    with the command's --variant (a check in a bare thread would read a 13B Baichuan as a rotary 7B one)."""
+    worker = threading.Thread(target=copy_context().run, args=(target, *args), name="qkvconv-check", daemon=True)
+    worker.start()
+    return worker
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
