@@ -41,9 +41,48 @@ class Family:
     hf_vocab: int | None = None  # vocab_size where the tokenizer needs a larger one than SMALL's
     added_tokens: tuple[str, ...] = ()  # special tokens added to GPT-2's tokenizer.json (a converter asks for them)
     converter_class: str | None = None  # the HF class llama.cpp's converter registers where transformers' differs
-    # built, saved and run by the converter environment's transformers (4.57) where 5.3's computes another function
-    # (DBRX: fixtures/venv_transformers_model.py)
-    venv_built: bool = False
+    # who makes the model: "transformers" (5.3, here); "venv": the converter environment's transformers (4.57), where
+    # 5.3's computes another function (DBRX: fixtures/venv_transformers_model.py); "jais": jais_files, tensors by hand
+    # (remote code, no transformers class; its logits are then the reference pass's)
+    builder: str = "transformers"
+
+
+JAIS_CONFIG = {"architectures": ["JAISLMHeadModel"], "model_type": "jais",
+               "auto_map": {"AutoConfig": "configuration_jais.JAISConfig",
+                            "AutoModelForCausalLM": "modeling_jais.JAISLMHeadModel"},
+               "n_embd": 32, "n_head": 4, "n_layer": 2, "n_inner": 48, "n_positions": 64, "vocab_size": 96,
+               "activation_function": "swiglu", "position_embedding_type": "alibi", "layer_norm_epsilon": 1e-5,
+               "mup_embeddings_scale": 3.5, "mup_output_alpha": 1.5, "mup_width_scale": 0.25,
+               "mup_scale_qk_dot_by_d": True, "tie_word_embeddings": False, "torch_dtype": "float32"}
+
+
+def jais_files(settings: dict[str, Any], directory: Path, slopes_buffer: bool = False) -> None:
+    """A tiny JAIS checkpoint as its remote code saves one (no transformers class computes JAIS): every linear a
+    Conv1D ([in, out]) with a bias, LayerNorms with biases, SwiGLU c_fc / c_fc2; random and nonzero everything
+    (times 0.3, as build_hf). `slopes_buffer`: with the ALiBi slopes buffer relative_pe.slopes, which llama.cpp
+    0.3.36's converter reads with .item() and fails on in its default lazy mode (so the oracle's model has none)."""
+    from safetensors.torch import save_file
+
+    from qkvconv.reference.alibi import slopes
+
+    d, ff, vocab = settings["n_embd"], settings["n_inner"], settings["vocab_size"]
+    shapes = {"transformer.wte.weight": (vocab, d), "transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,),
+              "lm_head.weight": (vocab, d)}
+    for i in range(settings["n_layer"]):
+        p = f"transformer.h.{i}"
+        shapes.update({f"{p}.ln_1.weight": (d,), f"{p}.ln_1.bias": (d,), f"{p}.ln_2.weight": (d,), f"{p}.ln_2.bias": (d,),
+                       f"{p}.attn.c_attn.weight": (d, 3 * d), f"{p}.attn.c_attn.bias": (3 * d,),
+                       f"{p}.attn.c_proj.weight": (d, d), f"{p}.attn.c_proj.bias": (d,),
+                       f"{p}.mlp.c_fc.weight": (d, ff), f"{p}.mlp.c_fc.bias": (ff,),
+                       f"{p}.mlp.c_fc2.weight": (d, ff), f"{p}.mlp.c_fc2.bias": (ff,),
+                       f"{p}.mlp.c_proj.weight": (ff, d), f"{p}.mlp.c_proj.bias": (d,)})
+    torch.manual_seed(0)
+    tensors = {name: torch.randn(shape) * 0.3 for name, shape in shapes.items()}
+    if slopes_buffer:
+        tensors["transformer.relative_pe.slopes"] = slopes("bloom", settings["n_head"]).float()
+    directory.mkdir(parents=True)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(settings, indent=2))
 
 
 FAMILIES = [
@@ -144,7 +183,9 @@ MORE = [
     Family("dbrx", {"model_type": "dbrx", "d_model": 32, "n_heads": 4, "n_layers": 2, "max_seq_len": 64,
                     "attn_config": {"kv_n_heads": 2, "clip_qkv": 0.6, "rope_theta": 10000},
                     "ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2}}, "gpt2", arch="dbrx",
-           hf_vocab=GPT2_VOCAB, venv_built=True),
+           hf_vocab=GPT2_VOCAB, builder="venv"),
+    # JAIS (remote code): ALiBi, SwiGLU, muP scales (embeddings 3.5, logits 1.5 * 0.25, scores by 1/head_size)
+    Family("jais", JAIS_CONFIG, "gpt2", arch="jais", hf_vocab=GPT2_VOCAB, builder="jais"),
 ]
 BY_ID = {f.id: f for f in FAMILIES + MORE}
 
@@ -165,7 +206,9 @@ def build_hf(family: Family, directory: Path, converter: Path, dtype: torch.dtyp
 
     settings = {**family.hf, **({"vocab_size": family.hf_vocab} if family.hf_vocab else {})}
     python = converter / "venv" / "bin" / "python"
-    if family.venv_built:
+    if family.builder == "jais":
+        jais_files(settings, directory)
+    elif family.builder == "venv":
         assert dtype == torch.float32
         subprocess.run([str(python), str(VENV_MODEL), "build", json.dumps(settings), str(directory)], check=True,
                        capture_output=True, timeout=600)

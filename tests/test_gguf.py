@@ -30,7 +30,7 @@ from qkvconv.ops.verify import verify  # noqa: E402
 runner = CliRunner()
 IDS = [f.id for f in FAMILIES + MORE]
 PAIRS_ARCHS = {"llama", "smollm3", "granite", "olmo", "chatglm", "command-r"}  # llama.cpp's NORM rope here
-UNROTATED_ARCHS = {"gpt2", "starcoder", "bloom", "mpt"}  # positions without RoPE: GGUF the only target
+UNROTATED_ARCHS = {"gpt2", "starcoder", "bloom", "mpt", "jais"}  # positions without RoPE: GGUF the only target
 BEYOND_LITGPT = {*UNROTATED_ARCHS, "command-r", "dbrx"}  # learned positions, ALiBi, LayerNorms without bias, a logit scale
 FUSED_ARCHS = {"phi3", "falcon", "gptneox", "dbrx", *UNROTATED_ARCHS}  # one attn_qkv
 

@@ -80,6 +80,7 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
     "mlp_bias": None,  # the MLP's linears have biases; None: as litgpt's `bias` says (CodeGen: MLP only)
     "attention_scale": None,  # scores times this float (MPT softmax_scale); None: 1/sqrt(attention_scores_scalar)
     "logit_scale": 1.0,  # the logits times this float (Cohere's CohereForCausalLM logit_scale)
+    "embedding_scale": 1.0,  # the embeddings (positions added) times this float (JAIS's mup_embeddings_scale)
 }
 ALIBI = ("bloom", "mpt")
 NORM_QK_TYPES = ("default", "olmo2", "per_head")
@@ -156,6 +157,7 @@ class Architecture:
     mlp_activation: str = "gelu"
     mlp_bias: bool = True  # the MLP's linears (proj_bias: the attention output's)
     logit_scale: float = 1.0  # the head's output multiplied by it (CohereForCausalLM `logits * logit_scale`)
+    embedding_scale: float = 1.0  # the embeddings, positions added, multiplied by it (JAIS: `hidden *= scale`)
 
     @property
     def q_per_kv(self) -> int:
@@ -297,6 +299,7 @@ class Architecture:
             mlp_activation=x["mlp_activation"],
             mlp_bias=bool(c["bias"] if x["mlp_bias"] is None else x["mlp_bias"]),
             logit_scale=float(x["logit_scale"]),
+            embedding_scale=float(x["embedding_scale"]),
         )
 
 

@@ -32,7 +32,7 @@ import torch
 from qkvconv.errors import CheckFailed, QkvconvError, UnsupportedFamily
 from qkvconv.model import names as L
 from qkvconv.model.nonfinite import is_finite
-from qkvconv.ops.verify import (DEFAULT_TOLERANCE, Stage, _assumed, _comparable, _stage, _Zeroed, architecture,
+from qkvconv.ops.verify import (DEFAULT_TOLERANCE, Stage, _assumed, _baked, _comparable, _stage, _Zeroed, architecture,
                                 resolve_device)
 from qkvconv.progress import layers, status
 from qkvconv.reference import forward
@@ -161,10 +161,16 @@ def _random_hidden(arch: forward.Architecture, dtype: torch.dtype, device: torch
 def _run_stage(stage: str, archs: tuple, sides: tuple, x: torch.Tensor) -> Iterable[tuple[str, torch.Tensor, torch.Tensor]]:
     """Both sides' outputs of one stage on the same input: (name, a, b) for each comparison."""
     (arch_a, arch_b), (a, b) = archs, sides
-    if stage == "embed":  # table against table, a block of rows at a time (a 150k vocabulary in float32 is GBs)
+    if stage == "embed":  # table against table, a block of rows at a time (a 150k vocabulary in float32 is GBs),
+        # each times its side's embedding scale as forward.embed applies it (a JAIS GGUF holds the scale in its table)
         ta, tb = a(f"{L.EMBEDDING}.weight"), b(f"{L.EMBEDDING}.weight")
-        return ((f"{stage} rows {r}..", ta[r:r + EMBED_ROWS].to(x), tb[r:r + EMBED_ROWS].to(x))
-                for r in range(0, ta.shape[0], EMBED_ROWS))
+
+        def rows(table: torch.Tensor, arch: forward.Architecture, r: int) -> torch.Tensor:
+            block = table[r:r + EMBED_ROWS].to(x)
+            return block if arch.embedding_scale == 1.0 else block * torch.tensor(arch.embedding_scale, dtype=x.dtype,
+                                                                                  device=x.device)
+
+        return ((f"{stage} rows {r}..", rows(ta, arch_a, r), rows(tb, arch_b, r)) for r in range(0, ta.shape[0], EMBED_ROWS))
     if stage == "head":
         return [("logits", forward.head(arch_a, a, x), forward.head(arch_b, b, x))]
     i = int(stage.split()[1])
@@ -199,7 +205,7 @@ def conversion_check(open_sides: Callable[[], tuple[Any, Any]], device: str, sub
                 raise
             return f"check skipped: {e}"
     arch_a, arch_b, _ = _assumed(before, after, arch_a, arch_b)  # a GGUF's GELU, which the file cannot record
-    _comparable(arch_a, arch_b)
+    _comparable(arch_a, arch_b, _baked(before, after))  # a JAIS GGUF's scales, in its weights
     dev = resolve_device(device)
     stored = after.dtype()
     cdtype = torch.float32 if dev.type == "cpu" or stored not in (torch.bfloat16, torch.float16) else stored

@@ -326,10 +326,19 @@ def _storage_tolerance(reference: Any, candidate: Any) -> Any:
     return max(found, key=lambda t: t.rtol, default=None)
 
 
-def _comparable(a: forward.Architecture, b: forward.Architecture) -> None:
-    """Fail (exit 1) when the two configs describe different functions: they cannot be equal."""
+def _baked(reference: Any, candidate: Any) -> frozenset[str]:
+    """Settings a side's weights hold instead of its config (a JAIS GGUF: token_embd and output already
+    multiplied by the embedding and logit scales, as llama.cpp's converter writes them): the two sides compute
+    the same numbers with different values of these, so only the stages compare them."""
+    return frozenset(getattr(reference, "baked", ())) | frozenset(getattr(candidate, "baked", ()))
+
+
+def _comparable(a: forward.Architecture, b: forward.Architecture, baked: frozenset[str] = frozenset()) -> None:
+    """Fail (exit 1) when the two configs describe different functions: they cannot be equal (`baked`: fields
+    a side's weights hold, compared by the stages only)."""
     fa, fb = a.function_fields(), b.function_fields()
-    diffs = [f"{k}: {fa[k]!r} vs {fb[k]!r}" for k in fa if k not in REPRESENTATION_FIELDS and fa[k] != fb[k]]
+    diffs = [f"{k}: {fa[k]!r} vs {fb[k]!r}" for k in fa
+             if k not in REPRESENTATION_FIELDS and k not in baked and fa[k] != fb[k]]
     if diffs:
         raise CheckFailed(f"the two checkpoints have different architectures ({'; '.join(diffs[:3])})")
 
@@ -357,7 +366,11 @@ def verify(
     dev = resolve_device(device)
     arch_a, arch_b = architecture(reference), architecture(candidate)
     arch_a, arch_b, notes = _assumed(reference, candidate, arch_a, arch_b)
-    _comparable(arch_a, arch_b)
+    baked = _baked(reference, candidate)
+    _comparable(arch_a, arch_b, baked)
+    notes += [f"{name} {getattr(arch_a, name)!r} vs {getattr(arch_b, name)!r}: one side's weights hold it (llama.cpp's "
+              "converter multiplies it into token_embd / output); the stages compare the numbers"
+              for name in sorted(baked) if getattr(arch_a, name) != getattr(arch_b, name)]
     tokens = sequence_length(tokens, block_size(reference), block_size(candidate))
     cdtype = compute_dtype(reference, dev, dtype)
     d_atol, d_rtol = DEFAULT_TOLERANCE[cdtype]

@@ -129,6 +129,10 @@ class GGUFArch:
     # least this many layers (command-r: 64, Command R+); 0: none
     qk_norm_layers: int = 0
     clamp_required: bool = False  # llama.cpp requires attention.clamp_kqv (written 0, no clamping, where unset)
+    qk_scale_power: float = 0.5  # Q·K scaled by head_size ** -power (jais: 1, muP's 1/d; windows: Windows says)
+    # the embedding and logit scales a source has are multiplied into token_embd and output, as its converter does
+    # (jais: mup_embeddings_scale, mup_output_alpha * mup_width_scale); the graph applies none
+    baked_scales: bool = False
     norm_bias: str = "required"  # the LayerNorms' bias: "required", "optional" (mpt: MPT's no_bias) or "none"
     # (command-r's build_norm(attn_norm, NULL)): llama.cpp loads the file only so
 
@@ -388,6 +392,20 @@ COMMAND_R = GGUFArch(
           "token_embd (TENSOR_DUPLICATED), the logits times logit_scale where nonzero",
 )
 
+# JAIS (remote code): GPT-2's shape with ALiBi, SwiGLU and muP scales
+JAIS = replace(
+    GPT2, name="jais", label="JAIS (GGUF)", layer=LLAMA_LAYER, mlp_class_name="LLaMAMLP", converter="JAISLMHeadModel",
+    more_global={}, alibi="bloom", alibi_key=True, keys=frozenset({"attention.max_alibi_bias"}), output_required=True,
+    qk_scale_power=1.0, baked_scales=True,
+    where="conversion/jais.py JaisModel (asserts activation_function swiglu and position_embedding_type alibi): the "
+          "Conv1D weights transposed, c_fc to ffn_up and c_fc2 to ffn_gate (gguf-py tensor_mapping.py), token_embd "
+          "multiplied by mup_embeddings_scale and output by mup_output_alpha * mup_width_scale (or width_scale), "
+          "max_alibi_bias from relative_pe.slopes (8 where absent), no head_count_kv, no RoPE keys; "
+          "src/models/jais.cpp: LayerNorms with biases, attn_qkv and attn_output with biases, Q·K scaled by "
+          "1/head_size (muP), ALiBi by attention.max_alibi_bias, ffn_down(silu(ffn_gate(x)) * ffn_up(x)) with "
+          "biases, output required",
+)
+
 # transformers' DbrxForCausalLM (LayerNorms without bias, a mixture of experts stored stacked, QKV clamped)
 DBRX = GGUFArch(
     "dbrx", "DBRX (GGUF)", RopeOrder.HALF, "fused",
@@ -408,7 +426,7 @@ DBRX = GGUFArch(
 ARCHS: dict[str, GGUFArch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, QWEN3MOE, PHI3, FALCON, GPTNEOX, GEMMA,
                                                   GEMMA2, GEMMA3, STABLELM, PHI2, OLMO, OLMO2, STARCODER2, SMOLLM3,
                                                   GRANITE, CHATGLM, GPT2, STARCODER, BLOOM, INTERNLM2, BAICHUAN,
-                                                  MPT, QWEN, COMMAND_R, DBRX)}
+                                                  MPT, QWEN, COMMAND_R, DBRX, JAIS)}
 
 # litgpt's LLaMAMoE router and experts (under transformer.h.{i}) <-> llama.cpp's, whose experts of one layer are
 # stacked in one 3D tensor per linear (expert e: index e of its first dim); src/models/llama.cpp renormalises

@@ -164,6 +164,7 @@ class GGUFWeights:
     recipes: dict[str, Any]
     storage: str = "F32"
     assumed: frozenset[str] = field(default_factory=frozenset)
+    baked: frozenset[str] = field(default_factory=frozenset)  # config fields its weights hold (ops/verify.py _baked)
 
     def __post_init__(self) -> None:
         self._held: dict[str, Any] = {}  # a layer's stacked experts, read once for all its experts
@@ -221,7 +222,8 @@ def gguf_weights(source: Path) -> GGUFWeights:
     # GGUF records no activation: llama.cpp's is ggml's tanh GELU, whichever GELU the source computes
     assumed = frozenset({"gelu_approximate", "mlp_activation"}) if cfg["mlp_class_name"] in ("GptNeoxMLP", "GemmaMLP") \
         else frozenset()
-    return GGUFWeights(str(g.path), cfg, g, {r.output: r for r in plan.recipes}, g.lossiest(), assumed)
+    baked = frozenset({"embedding_scale", "logit_scale"}) if g.arch.baked_scales else frozenset()
+    return GGUFWeights(str(g.path), cfg, g, {r.output: r for r in plan.recipes}, g.lossiest(), assumed, baked)
 
 
 class GGUF(Format):

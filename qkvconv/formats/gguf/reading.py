@@ -297,6 +297,8 @@ def litgpt_config(g: GGUFFile) -> dict[str, Any]:
     }
     if arch.alibi_key:
         cfg.update(positions_by_keys(g, arch))
+    if arch.qk_scale_power != 0.5 and not arch.windows:  # jais: 1/head_size (muP); its scales are in the weights
+        cfg["attention_scale"] = head_size ** -arch.qk_scale_power
     if "attention.clamp_kqv" in arch.keys:  # > 0: QKV clamped to it (llama-graph.cpp build_qkv; MPT, DBRX)
         clamp = float(g.key("attention.clamp_kqv", 0.0))
         cfg["clip_qkv"] = clamp if clamp > 0 else None

@@ -53,8 +53,9 @@ def choose_arch(cfg: dict[str, Any], source_json: dict[str, Any] | None) -> GGUF
     if arch.no_rope_step and arch_obj.n_layer >= arch.no_rope_step:
         problems.append(f"RoPE in every layer ({arch.name} leaves it out of every {arch.no_rope_step}th layer)")
     if arch.windows is None:
-        if abs(arch_obj.attention_scale * arch_obj.head_size ** 0.5 - 1) > 1e-9 and not arch.multipliers:
-            problems.append("attention scores scaled other than by 1/sqrt(head_size)")
+        if abs(arch_obj.attention_scale * arch_obj.head_size ** arch.qk_scale_power - 1) > 1e-9 and not arch.multipliers:
+            problems.append("attention scores scaled other than by " + (
+                "1/sqrt(head_size)" if arch.qk_scale_power == 0.5 else f"head_size ** -{arch.qk_scale_power:g}"))
     if arch_obj.norm_qk != arch.norm_qk:
         has = f"query/key norms of type {arch_obj.norm_qk}" if arch_obj.norm_qk else "no query/key norms"
         loads = f"norms of type {arch.norm_qk}" if arch.norm_qk else "none"
@@ -151,7 +152,10 @@ def _position_problems(arch: GGUFArch, a: Architecture) -> list[str]:
     if a.norm_class_name == "LayerNorm" and a.norm_affine and not bias_fits(arch.norm_bias, a.norm_bias):
         problems.append("LayerNorms without bias" if arch.norm_bias == "required" else
                         f"LayerNorms with a bias ({arch.name}'s have none)")
-    if a.logit_scale != 1.0 and not (arch.logit_scale and a.logit_scale):  # command-r: scaled where nonzero
+    if a.embedding_scale != 1.0 and not arch.baked_scales:
+        problems.append(f"embeddings scaled by {a.embedding_scale:g}")
+    if a.logit_scale != 1.0 and not (arch.logit_scale and a.logit_scale) and not arch.baked_scales:  # command-r:
+        # scaled where nonzero; jais: multiplied into output
         problems.append(f"logits scaled by {a.logit_scale:g}" + (f" ({arch.name} reads a scale of 0 as none)"
                                                                   if arch.logit_scale else ""))
     if a.mlp_activation not in GELUS:
@@ -182,6 +186,27 @@ class Constant(Step):
         import torch
 
         return [((len(self.values),), torch.float32)]
+
+
+@dataclass(frozen=True)
+class Times(Step):
+    """A weight multiplied by a constant in its own dtype, as llama.cpp's converter bakes a scale into it (JAIS's
+    `data_torch * self.embeddings_scale`)."""
+
+    factor: float
+
+    def apply(self, tensors: list[Any]) -> list[Any]:
+        return [tensors[0] * self.factor]
+
+    def describe(self) -> str:
+        return f"times {self.factor:g}"
+
+    def metas(self, inputs: list[Any]) -> list[Any]:
+        return list(inputs)
+
+
+def _times(factor: float) -> tuple[Step, ...]:
+    return (Times(factor),) if factor != 1.0 else ()
 
 
 @dataclass(frozen=True)
@@ -226,7 +251,8 @@ def _gguf_recipes(arch: GGUFArch, cfg: dict[str, Any], outputs: set[str], tied: 
         is_norm = "norm" in module or module == L.FINAL_NORM
         return (AddConstant(arch.norm_offset),) if arch.norm_offset and is_norm else ()
 
-    add("token_embd.weight", (f"{L.EMBEDDING}.weight",))
+    baked = {"token_embd": a.embedding_scale, "output": a.logit_scale} if arch.baked_scales else {}
+    add("token_embd.weight", (f"{L.EMBEDDING}.weight",), _times(baked.get("token_embd", 1.0)))
     for module, target in arch.more_global.items():  # GPT-2's position table, Bloom's embedding norm
         for p in ("weight", "bias"):
             if f"{module}.{p}" in outputs:
@@ -268,7 +294,7 @@ def _gguf_recipes(arch: GGUFArch, cfg: dict[str, Any], outputs: set[str], tied: 
         recipes[0] = Recipe("token_embd.weight", (f"{L.EMBEDDING}.weight", f"{L.HEAD}.weight"), (Tied(),))
     elif not tied or f"{L.HEAD}.bias" in outputs or arch.output_required:  # tied: no output tensor, as
         # llama.cpp's converter writes it, where llama.cpp loads the file without one
-        add("output.weight", (f"{L.HEAD}.weight",))
+        add("output.weight", (f"{L.HEAD}.weight",), _times(baked.get("output", 1.0)))
         if f"{L.HEAD}.bias" in outputs:
             add("output.bias", (f"{L.HEAD}.bias",))
     return recipes

@@ -272,21 +272,41 @@ CHATGLM = Family(
     twin="GlmForCausalLM",
 )
 
-# JAIS (JAISLMHeadModel, model_type jais). llama.cpp conversion/jais.py JaisModel: GPT-2's names and keys (n_embd,
-# n_head, n_positions, n_inner), c_attn a Conv1D transposed on the way (`.c_attn.weight` -> transpose(1, 0)) into
-# ggml's sequential attn_qkv; ALiBi (position_embedding_type "alibi", asserted), SwiGLU (c_fc, c_fc2), embeddings
-# and logits scaled by mup_* settings.
+# JAIS (JAISLMHeadModel, model_type jais), as its modeling_jais.py computes it (read through vLLM's port,
+# models/jais.py, "adapted from inceptionai/jais-30b-chat-v3"): GPT-2's names and keys (n_embd, n_head, n_layer,
+# n_inner, n_positions), every linear a Conv1D ([in, out]) with a bias, LayerNorms with biases; c_attn sequential
+# (`qkv.chunk(3)`), MHA; scores scaled by head_dim ** -1 where mup_scale_qk_dot_by_d (or scale_qk_dot_by_d), else
+# ** -0.5, plus ALiBi of the standard slopes (_get_alibi_slopes: Bloom's) where position_embedding_type is "alibi"
+# (else a learned wpe: refused, llama.cpp's converter asserts ALiBi); SwiGLU `c_fc(x) * silu(c_fc2(x))`, so c_fc2
+# is litgpt's activated fc_1 and c_fc its fc_2; embeddings (plus wpe) times mup_embeddings_scale (or
+# embeddings_scale), logits times width_scale, else mup_output_alpha * mup_width_scale. The relative_pe.slopes
+# buffer some checkpoints hold is skipped: the slopes are computed from the head count.
 JAIS = Family(
     architecture="JAISLMHeadModel", model_type="jais", name="JAIS (remote code)",
     layer_prefix="transformer.h.{i}",
     qkv=Fused("attn.c_attn", QKVOrder.SEQUENTIAL, kv_heads=None, transposed=True),
     block=Block({"ln_1": "norm_1", "ln_2": "norm_2"}, parallel_residual=False),
-    layer_tensors={"attn.c_proj": "attn.proj"}, embedding="transformer.wte", final_norm="transformer.ln_f",
-    lm_head="lm_head",
-    config=_inspect_only(Read("n_embd"), Read("n_layer"), Read("n_head"), None, 1.0),
+    layer_tensors={"attn.c_proj": "attn.proj", "mlp.c_fc2": "mlp.fc_1", "mlp.c_fc": "mlp.fc_2", "mlp.c_proj": "mlp.proj"},
+    conv1d=("attn.c_proj", "mlp.c_fc", "mlp.c_fc2", "mlp.c_proj"),
+    embedding="transformer.wte", final_norm="transformer.ln_f", lm_head="lm_head",
+    config=HFConfig(n_embd=Read("n_embd"), n_layer=Read("n_layer"), n_head=Read("n_head"), head_size=None,
+                    intermediate_size=Read("n_inner", default=None), vocab_size=Read("vocab_size", default=84992),
+                    block_size=Read("n_positions", default=2048), norm_eps=Read("layer_norm_epsilon", default=1e-5),
+                    activation="silu", tie_embeddings=Read("tie_word_embeddings", default=True), rope_theta=10000.0,
+                    rotary_fraction=0.0),
     biases=Biases(qkv=True, attn_out=True, mlp=True), norm_class_name="LayerNorm", mlp_class_name="LLaMAMLP",
     positions="ALiBi",
-    unsupported=(({}, NOT_YET.format("ALiBi and embeddings and logits scaled by its mup_* settings")),),
+    flag_defaults={"position_embedding_type": "learned", "activation_function": "gelu_new"},
+    unsupported=(({}, "ALiBi and embeddings, scores and logits scaled by its mup_* settings"),),
+    verifiable=True,
+    unverifiable=(({"position_embedding_type": Not("alibi")}, "learned absolute positions (position_embedding_type)"),
+                  ({"activation_function": Not("swiglu")}, "an MLP other than SwiGLU (activation_function)")),
+    alibi="bloom",
+    embedding_scale=Read("mup_embeddings_scale", "embeddings_scale", default=1.0),
+    logit_scale=Choose(({"width_scale": SET}, (Read("width_scale"),)),
+                       ({}, (Read("mup_output_alpha", default=1.0), Read("mup_width_scale", default=1.0)))),
+    qk_dot_by_d=Read("mup_scale_qk_dot_by_d", "scale_qk_dot_by_d", default=False),
+    ignored=(*IGNORED_EVERYWHERE, r"relative_pe\.slopes$", r"\.attn\.(masked_)?bias$"),
     remote_code=True,
 )
 

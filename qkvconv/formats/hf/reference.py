@@ -17,7 +17,7 @@ from typing import Any
 from qkvconv.errors import UnsupportedFamily
 from qkvconv.formats.hf.config import _features, _read, litgpt_config_from_hf, model_config, require_family
 from qkvconv.formats.hf.pieces import REFERENCE_ACTIVATIONS
-from qkvconv.formats.hf.table import Family, Fused
+from qkvconv.formats.hf.table import Family, Fused, Read
 from qkvconv.model.architecture import Architecture
 
 
@@ -49,14 +49,20 @@ def reference_config_from_hf(config_json: Mapping[str, Any]) -> dict[str, Any]:
         cfg.update(gelu_approximate=approximate, mlp_activation=activation)
     qkv_bias, out_bias, mlp_bias = (bool(_read(config_json, getattr(family.biases, g))) for g in ("qkv", "attn_out", "mlp"))
     scale = family.config.attention_scale
+    logit_scale = 1.0
+    for factor in (family.logit_scale,) if isinstance(family.logit_scale, Read) else family.logit_scale or ():
+        logit_scale *= float(_read(config_json, factor))
     cfg.update(
         bias=out_bias, attn_bias=qkv_bias and not out_bias, mlp_bias=mlp_bias,
         learned_positions=family.position_embedding is not None, embedding_norm=family.embedding_norm is not None,
         alibi=family.alibi, norm_bias=family.norm_bias,
         clip_qkv=(_read(config_json, family.clip_qkv) or None) if family.clip_qkv is not None else None,
         attention_scale=_read(config_json, scale) if scale is not None else None,
-        logit_scale=float(_read(config_json, family.logit_scale)) if family.logit_scale is not None else 1.0,
+        logit_scale=logit_scale,
+        embedding_scale=float(_read(config_json, family.embedding_scale)) if family.embedding_scale else 1.0,
     )
+    if family.qk_dot_by_d is not None and _read(config_json, family.qk_dot_by_d):
+        cfg["attention_scale"] = 1.0 / Architecture.from_litgpt_config(cfg).head_size
     Architecture.from_litgpt_config(cfg)  # refuses what the pass does not implement, naming it
     return cfg
 

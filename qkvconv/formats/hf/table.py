@@ -296,7 +296,11 @@ class Family:
     alibi: str | None = None  # ALiBi biases with "bloom" or "mpt" slopes (reference/alibi.py)
     norm_bias: bool = True  # False: its LayerNorms have no bias (MPT, DBRX)
     clip_qkv: Read | None = None  # the QKV output clamped to [-c, c] (null or 0: not)
-    logit_scale: Read | None = None  # the logits multiplied by it (Cohere's logit_scale); None: not scaled
+    # the logits multiplied by it, or by the product of several (Cohere's logit_scale; JAIS's mup_output_alpha times
+    # mup_width_scale); None: not scaled
+    logit_scale: Read | tuple[Read, ...] | None = None
+    embedding_scale: Read | None = None  # the embeddings (positions added) multiplied by it (JAIS's mup_embeddings_scale)
+    qk_dot_by_d: Read | None = None  # true: scores scaled by 1 / head_size, not its square root (JAIS's muP)
     conv1d: tuple[str, ...] = ()  # layer modules stored [in, out] like GPT-2's Conv1D (a fused qkv: `transposed`)
     # transformers' base_model_prefix ("transformer"): files saved from the base model hold the names without it
     # (GPT-2's on the Hub: `h.0.attn.c_attn.weight`), which verify reads as transformers loads them
