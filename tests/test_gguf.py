@@ -699,6 +699,8 @@ def test_baichuan_13b_is_written_with_alibi_at_40_layers(tmp_path):
     make a Baichuan file (test_internlm2_and_baichuan_remote_originals); its runtime ran qkvconv's
     (benchmarks/results/llamacpp_logits_h200_host.txt)."""
     hf = baichuan_13b(tmp_path)
+    code, report = run("convert", str(hf), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))  # 7B or 13B? not guessed
+    assert code == 2 and "--variant" in report["error"] and not (tmp_path / "x.gguf").exists(), report
     variant = ("--variant", "baichuan-13b")
     code, report = run("convert", str(hf), "--to", "gguf", "--out", str(tmp_path / "out.gguf"), *variant)
     assert code == 0, report

@@ -376,15 +376,17 @@ def plan_litgpt_to_gguf(model: Any, source_json: dict[str, Any] | None, changes:
     if changes.qkv is not None:
         raise QkvconvError(f"--qkv with --to gguf: llama.cpp's {arch.name} fixes the QKV projection ({arch.qkv})")
     source_rope = model.rope_order
-    model = set_rope(model, arch.rope)
+    if arch.rotary:  # without RoPE (gpt2, baichuan's 13B) the Q/K rows stay in the source's order
+        model = set_rope(model, arch.rope)
     outputs = set(model.outputs())
     tied = _tied(model)
     inner = model.plan
     recipes = _gguf_recipes(arch, model.config, outputs, tied)
     plan = compose(Plan(recipes), inner)
     file_type = 0  # set by the writer from the tensors' dtypes
-    notes = [f"GGUF architecture {arch.name} ({arch.rope.value} rotary in llama.cpp)"]
-    if source_rope is not arch.rope:
+    notes = [f"GGUF architecture {arch.name} (" + (f"{arch.rope.value} rotary in llama.cpp)" if arch.rotary else
+                                                   "no RoPE in llama.cpp)")]
+    if source_rope is not arch.rope and arch.rotary:
         notes.append(f"Q/K rows permuted {source_rope.value} -> {arch.rope.value}, as llama.cpp's converter does")
     if arch.mlp_class_name in ("GptNeoxMLP", "GemmaMLP") and model.config.get("gelu_approximate", "none") != "tanh":
         notes.append("llama.cpp computes this GELU with the tanh approximation (the file cannot say otherwise): "

@@ -185,17 +185,18 @@ def litgpt_config_from_hf(config_json: Mapping[str, Any], *, name: str | None = 
     cfg = config_json
     if not family.convertible:  # inspect-only: refused before any number is read
         raise _refuse(family, _features(family.refused_features(cfg)))
-    if family.variants and VARIANT_KEY not in cfg:  # never guessed
-        reason = (f"{family.architecture}: config.json cannot tell {family.undecided}; name the model with "
-                  f"--variant {' | '.join(family.variants)}")
-        raise UnsupportedFamily(reason, reason=reason)
     return model_config(family, cfg, name=name)
 
 
 def model_config(family: Family, cfg: Mapping[str, Any], *, name: str | None = None, litgpt: bool = True
                  ) -> dict[str, Any]:
     """litgpt_config_from_hf's fields. `litgpt` False (verify's reading, formats/hf/reference.py): what litgpt
-    cannot express is not refused but left for the caller to describe in the reference pass's own fields."""
+    cannot express is not refused but left for the caller to describe in the reference pass's own fields.
+    A family whose config.json cannot tell its models apart is refused without the user's --variant, either way."""
+    if family.variants and VARIANT_KEY not in cfg:  # never guessed
+        reason = (f"{family.architecture}: config.json cannot tell {family.undecided}; name the model with "
+                  f"--variant {' | '.join(family.variants)}")
+        raise UnsupportedFamily(reason, reason=reason)
     n_embd, heads = _heads(family, cfg)
     scale_embeddings, scores_scalar, off_scales = _scales(family, cfg, n_embd, heads.head_size)
     features = family.refused_features(cfg) + off_scales
