@@ -164,13 +164,8 @@ def _run_stage(stage: str, archs: tuple, sides: tuple, x: torch.Tensor) -> Itera
     if stage == "embed":  # table against table, a block of rows at a time (a 150k vocabulary in float32 is GBs),
         # each times its side's embedding scale as forward.embed applies it (a JAIS GGUF holds the scale in its table)
         ta, tb = a(f"{L.EMBEDDING}.weight"), b(f"{L.EMBEDDING}.weight")
-
-        def rows(table: torch.Tensor, arch: forward.Architecture, r: int) -> torch.Tensor:
-            block = table[r:r + EMBED_ROWS].to(x)
-            return block if arch.embedding_scale == 1.0 else block * torch.tensor(arch.embedding_scale, dtype=x.dtype,
-                                                                                  device=x.device)
-
-        return ((f"{stage} rows {r}..", rows(ta, arch_a, r), rows(tb, arch_b, r)) for r in range(0, ta.shape[0], EMBED_ROWS))
+        return ((f"{stage} rows {r}..", forward.scaled_embeddings(arch_a, ta[r:r + EMBED_ROWS].to(x)),
+                 forward.scaled_embeddings(arch_b, tb[r:r + EMBED_ROWS].to(x))) for r in range(0, ta.shape[0], EMBED_ROWS))
     if stage == "head":
         return [("logits", forward.head(arch_a, a, x), forward.head(arch_b, b, x))]
     i = int(stage.split()[1])

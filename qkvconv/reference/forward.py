@@ -263,11 +263,18 @@ def embed(arch: Architecture, get: Getter, tokens: torch.Tensor, *, dtype: torch
     if arch.learned_positions:  # GPT-2: inputs_embeds + wpe(positions 0 .. T-1)
         table = get(f"{names.POSITION_EMBEDDING}.weight")
         x = x + table[: tokens.size(-1)].to(device=x.device, dtype=x.dtype)
-    if arch.embedding_scale != 1.0:  # JAIS: `hidden_states *= torch.tensor(float(embeddings_scale), dtype=...)`
-        x = x * torch.tensor(arch.embedding_scale, dtype=x.dtype, device=x.device)
+    x = scaled_embeddings(arch, x)
     if arch.embedding_norm:  # Bloom: word_embeddings_layernorm
         x = _norm(arch, get, names.EMBEDDING_NORM, x)
     return x
+
+
+def scaled_embeddings(arch: Architecture, x: torch.Tensor) -> torch.Tensor:
+    """x times the embedding scale, in x's dtype (JAIS: `hidden_states *= torch.tensor(float(embeddings_scale),
+    dtype=...)`, positions added); the check compares embedding tables through it too (ops/check.py)."""
+    if arch.embedding_scale == 1.0:
+        return x
+    return x * torch.tensor(arch.embedding_scale, dtype=x.dtype, device=x.device)
 
 
 def block(arch: Architecture, index: int, get: Getter, x: torch.Tensor, *, probe: Probe | None = None) -> torch.Tensor:

@@ -62,7 +62,7 @@ def reference_config_from_hf(config_json: Mapping[str, Any]) -> dict[str, Any]:
         embedding_scale=float(_read(config_json, family.embedding_scale)) if family.embedding_scale else 1.0,
     )
     if family.qk_dot_by_d is not None and _read(config_json, family.qk_dot_by_d):
-        cfg["attention_scale"] = 1.0 / Architecture.from_litgpt_config(cfg).head_size
+        cfg["attention_scale"] = 1.0 / cfg["head_size"]
     Architecture.from_litgpt_config(cfg)  # refuses what the pass does not implement, naming it
     return cfg
 
